@@ -1,0 +1,1 @@
+//! ferrovirt-api
