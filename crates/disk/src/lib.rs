@@ -1,1 +1,3 @@
-//! ferrovirt-disk
+//! ferrovirt-disk: raw and qcow2 disk images with backing chains.
+
+pub mod img_cli;
