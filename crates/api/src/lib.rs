@@ -1,1 +1,27 @@
-//! ferrovirt-api
+//! ferrovirt-api: the types shared by ferrovirtd and the ferrovirt CLI.
+//!
+//! * [`def`]: domain definitions in the native TOML format (documented in docs/api/definition.md)
+//! * [`xml`]: libvirt domain XML import/export for the elements ferrovirt supports
+//! * [`state`]: domain states with reasons, summaries and lifecycle events
+//! * [`error`]: API errors with stable codes
+//! * [`http`]: a minimal HTTP/1.1 framing used over Unix sockets by daemon, CLI and VMM clients
+//! * [`client`]: a typed client for the ferrovirtd /v1 API
+//! * [`host`]: detection of the host's virtualization support (default driver)
+
+pub mod client;
+pub mod def;
+pub mod error;
+pub mod host;
+pub mod http;
+pub mod msg;
+pub mod state;
+pub mod xml;
+
+pub use def::{Action, DomainDef, VirtType};
+pub use error::{ApiError, ErrorCode};
+pub use state::{DomainInfo, DomainState, Event, StateReason};
+
+/// Version string reported by `ferrovirt version` and `GET /v1/version`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// Default path of the daemon's API socket.
+pub const DEFAULT_SOCKET: &str = "/run/ferrovirt/ferrovirtd.sock";

@@ -1,0 +1,377 @@
+//! Typed client for the ferrovirtd /v1 API over its Unix socket.
+
+use std::fmt;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+
+use crate::error::{ApiError, ErrorBody};
+use crate::http::{self, percent_encode};
+use crate::msg::{
+    AutostartRequest, DefineResponse, DisplayInfo, DomainResponse, MemoryRequest, VcpusRequest,
+    VersionInfo, VolumeCreateRequest, VolumeInfo,
+};
+use crate::state::{DomainInfo, Event};
+
+#[derive(Debug)]
+pub enum ClientError {
+    /// The daemon could not be reached.
+    Connect {
+        socket: PathBuf,
+        error: std::io::Error,
+    },
+    /// The daemon answered with an error.
+    Api(ApiError),
+    /// The answer was not understood.
+    Protocol(String),
+}
+
+impl fmt::Display for ClientError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ClientError::Connect { socket, error } => write!(
+                f,
+                "cannot talk to ferrovirtd at {}: {error} (is the daemon running? start it with `ferrovirtd --socket {}`, or pass -c SOCKET / set FERROVIRT_SOCKET)",
+                socket.display(),
+                socket.display()
+            ),
+            ClientError::Api(e) => write!(f, "{e}"),
+            ClientError::Protocol(m) => write!(f, "unexpected answer from ferrovirtd: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for ClientError {}
+
+/// Body formats accepted by define/create.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DefFormat {
+    Json,
+    Toml,
+    Xml,
+}
+
+impl DefFormat {
+    pub fn content_type(self) -> &'static str {
+        match self {
+            DefFormat::Json => "application/json",
+            DefFormat::Toml => "application/toml",
+            DefFormat::Xml => "application/xml",
+        }
+    }
+    /// Guess from file contents: XML starts with '<', JSON with '{', anything else is TOML.
+    pub fn sniff(text: &str) -> Self {
+        match text.trim_start().as_bytes().first() {
+            Some(b'<') => DefFormat::Xml,
+            Some(b'{') => DefFormat::Json,
+            _ => DefFormat::Toml,
+        }
+    }
+}
+
+pub struct Client {
+    socket: PathBuf,
+    timeout: Duration,
+}
+
+impl Client {
+    pub fn new(socket: impl Into<PathBuf>) -> Self {
+        // Long enough for a start that boots firmware; short enough not to hang a script forever.
+        Client {
+            socket: socket.into(),
+            timeout: Duration::from_secs(120),
+        }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        ct: Option<&str>,
+        body: &[u8],
+    ) -> Result<http::Response, ClientError> {
+        let resp = http::unix_request(&self.socket, method, path, ct, body, Some(self.timeout))
+            .map_err(|error| match error.kind() {
+                std::io::ErrorKind::NotFound
+                | std::io::ErrorKind::ConnectionRefused
+                | std::io::ErrorKind::PermissionDenied => ClientError::Connect {
+                    socket: self.socket.clone(),
+                    error,
+                },
+                _ => ClientError::Protocol(error.to_string()),
+            })?;
+        if resp.status >= 400 {
+            return Err(match serde_json::from_slice::<ErrorBody>(&resp.body) {
+                Ok(b) => ClientError::Api(b.error),
+                Err(_) => ClientError::Protocol(format!(
+                    "HTTP {}: {}",
+                    resp.status,
+                    String::from_utf8_lossy(&resp.body)
+                )),
+            });
+        }
+        Ok(resp)
+    }
+
+    fn json<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<String>,
+    ) -> Result<T, ClientError> {
+        let (ct, bytes) = match &body {
+            Some(b) => (Some("application/json"), b.as_bytes()),
+            None => (None, &b""[..]),
+        };
+        let resp = self.raw(method, path, ct, bytes)?;
+        serde_json::from_slice(&resp.body).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    fn dom(name: &str) -> String {
+        format!("/v1/domains/{}", percent_encode(name))
+    }
+
+    pub fn version(&self) -> Result<VersionInfo, ClientError> {
+        self.json("GET", "/v1/version", None)
+    }
+
+    pub fn list(&self, all: bool) -> Result<Vec<DomainInfo>, ClientError> {
+        self.json(
+            "GET",
+            if all {
+                "/v1/domains?all=true"
+            } else {
+                "/v1/domains"
+            },
+            None,
+        )
+    }
+
+    pub fn get(&self, name: &str) -> Result<DomainInfo, ClientError> {
+        self.json("GET", &Self::dom(name), None)
+    }
+
+    /// Define a persistent domain (`transient = false`) or create and start a transient one.
+    pub fn define(
+        &self,
+        text: &str,
+        format: DefFormat,
+        transient: bool,
+    ) -> Result<DefineResponse, ClientError> {
+        let path = if transient {
+            "/v1/domains?create=true"
+        } else {
+            "/v1/domains"
+        };
+        let resp = self.raw("POST", path, Some(format.content_type()), text.as_bytes())?;
+        serde_json::from_slice(&resp.body).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    pub fn undefine(&self, name: &str) -> Result<(), ClientError> {
+        self.raw("DELETE", &Self::dom(name), None, b"").map(|_| ())
+    }
+
+    /// start, shutdown, destroy, reboot, reset, suspend, resume.
+    pub fn action(&self, name: &str, verb: &str) -> Result<DomainInfo, ClientError> {
+        let r: DomainResponse = self.json(
+            "POST",
+            &format!("{}/{verb}", Self::dom(name)),
+            Some(String::new()),
+        )?;
+        Ok(r.domain)
+    }
+
+    pub fn xml(&self, name: &str) -> Result<String, ClientError> {
+        let resp = self.raw("GET", &format!("{}/xml", Self::dom(name)), None, b"")?;
+        String::from_utf8(resp.body).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    pub fn definition_toml(&self, name: &str) -> Result<String, ClientError> {
+        let resp = self.raw(
+            "GET",
+            &format!("{}/definition?format=toml", Self::dom(name)),
+            None,
+            b"",
+        )?;
+        String::from_utf8(resp.body).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    pub fn set_autostart(&self, name: &str, autostart: bool) -> Result<DomainInfo, ClientError> {
+        let body = serde_json::to_string(&AutostartRequest { autostart }).unwrap_or_default();
+        let r: DomainResponse =
+            self.json("PUT", &format!("{}/autostart", Self::dom(name)), Some(body))?;
+        Ok(r.domain)
+    }
+
+    pub fn set_memory(
+        &self,
+        name: &str,
+        memory_mib: u64,
+        config: bool,
+    ) -> Result<DomainInfo, ClientError> {
+        let body = serde_json::to_string(&MemoryRequest { memory_mib, config }).unwrap_or_default();
+        let r: DomainResponse =
+            self.json("PUT", &format!("{}/memory", Self::dom(name)), Some(body))?;
+        Ok(r.domain)
+    }
+
+    pub fn set_vcpus(
+        &self,
+        name: &str,
+        vcpus: u32,
+        config: bool,
+    ) -> Result<DomainInfo, ClientError> {
+        let body = serde_json::to_string(&VcpusRequest { vcpus, config }).unwrap_or_default();
+        let r: DomainResponse =
+            self.json("PUT", &format!("{}/vcpus", Self::dom(name)), Some(body))?;
+        Ok(r.domain)
+    }
+
+    pub fn display(&self, name: &str) -> Result<DisplayInfo, ClientError> {
+        self.json("GET", &format!("{}/display", Self::dom(name)), None)
+    }
+
+    pub fn create_volume(&self, req: &VolumeCreateRequest) -> Result<VolumeInfo, ClientError> {
+        let body = serde_json::to_string(req).unwrap_or_default();
+        self.json("POST", "/v1/pools/default/volumes", Some(body))
+    }
+
+    pub fn network_exists(&self, name: &str) -> Result<bool, ClientError> {
+        match self.raw(
+            "GET",
+            &format!("/v1/networks/{}", percent_encode(name)),
+            None,
+            b"",
+        ) {
+            Ok(_) => Ok(true),
+            Err(ClientError::Api(e)) if e.code == crate::ErrorCode::NoNetwork => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn connect(&self) -> Result<UnixStream, ClientError> {
+        UnixStream::connect(&self.socket).map_err(|error| ClientError::Connect {
+            socket: self.socket.clone(),
+            error,
+        })
+    }
+
+    /// Subscribe to lifecycle events; `on_event` returns false to stop.
+    pub fn events(&self, mut on_event: impl FnMut(Event) -> bool) -> Result<(), ClientError> {
+        let stream = self.connect()?;
+        let mut w = stream
+            .try_clone()
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        http::write_request(
+            &mut w,
+            "GET",
+            "/v1/events",
+            None,
+            b"",
+            &[("Accept", "text/event-stream")],
+        )
+        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let mut r = BufReader::new(stream);
+        let head = read_head(&mut r)?;
+        if head.0 != 200 {
+            return Err(ClientError::Protocol(format!("events: HTTP {}", head.0)));
+        }
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let n = r
+                .read_line(&mut line)
+                .map_err(|e| ClientError::Protocol(e.to_string()))?;
+            if n == 0 {
+                return Ok(());
+            }
+            if let Some(data) = line.trim_end().strip_prefix("data: ") {
+                if let Ok(ev) = serde_json::from_str::<Event>(data) {
+                    if !on_event(ev) {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Attach to the serial console: the returned stream carries raw guest bytes both ways.
+    /// `replay` asks for the recent log first.
+    pub fn console(&self, name: &str, replay: bool) -> Result<BufReader<UnixStream>, ClientError> {
+        let stream = self.connect()?;
+        let mut w = stream
+            .try_clone()
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let path = format!(
+            "{}/console{}",
+            Self::dom(name),
+            if replay { "?replay=true" } else { "" }
+        );
+        http::write_request(
+            &mut w,
+            "POST",
+            &path,
+            None,
+            b"",
+            &[("Upgrade", "console"), ("Connection", "Upgrade")],
+        )
+        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let mut r = BufReader::new(stream);
+        let (status, headers) = read_head(&mut r)?;
+        if status != 101 {
+            let body = {
+                let mut b = Vec::new();
+                if let Some(len) = headers
+                    .iter()
+                    .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+                {
+                    let n: usize = len.1.parse().unwrap_or(0);
+                    b.resize(n.min(http::MAX_BODY), 0);
+                    let _ = std::io::Read::read_exact(&mut r, &mut b);
+                }
+                b
+            };
+            return Err(match serde_json::from_slice::<ErrorBody>(&body) {
+                Ok(b) => ClientError::Api(b.error),
+                Err(_) => ClientError::Protocol(format!("console: HTTP {status}")),
+            });
+        }
+        let _ = w.flush();
+        Ok(r)
+    }
+}
+
+fn read_head(r: &mut BufReader<UnixStream>) -> Result<(u16, Vec<(String, String)>), ClientError> {
+    let mut status_line = String::new();
+    r.read_line(&mut status_line)
+        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+    let status: u16 = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| {
+            ClientError::Protocol(format!("bad status line '{}'", status_line.trim()))
+        })?;
+    let mut headers = Vec::new();
+    loop {
+        let mut line = String::new();
+        let n = r
+            .read_line(&mut line)
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let line = line.trim_end();
+        if n == 0 || line.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':') {
+            headers.push((k.trim().to_string(), v.trim().to_string()));
+        }
+    }
+    Ok((status, headers))
+}

@@ -1,0 +1,466 @@
+//! Domain definitions: the native format (TOML, see docs/api/definition.md) and its validation.
+//!
+//! The same struct is carried as JSON in API bodies and produced from libvirt XML by [`crate::xml`].
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+use crate::error::ApiError;
+
+/// Which hypervisor driver runs the domain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VirtType {
+    /// ferrovmm on /dev/kvm.
+    Kvm,
+    /// qemu-system-x86_64 over QMP (accel kvm or tcg).
+    Qemu,
+    /// In-process simulated hypervisor, for tests of the daemon's logic.
+    Test,
+}
+
+impl VirtType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VirtType::Kvm => "kvm",
+            VirtType::Qemu => "qemu",
+            VirtType::Test => "test",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "kvm" => Some(VirtType::Kvm),
+            "qemu" => Some(VirtType::Qemu),
+            "test" => Some(VirtType::Test),
+            _ => None,
+        }
+    }
+}
+
+/// QEMU accelerator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+/// What to do when the guest powers off, reboots or crashes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// Stop the domain (it becomes shut off).
+    #[default]
+    Destroy,
+    /// Start it again.
+    Restart,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Destroy => "destroy",
+            Action::Restart => "restart",
+        }
+    }
+}
+
+fn default_memory() -> u64 {
+    256
+}
+fn default_vcpus() -> u32 {
+    1
+}
+fn restart() -> Action {
+    Action::Restart
+}
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
+}
+
+/// A domain definition.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DomainDef {
+    pub name: String,
+    /// Assigned by the daemon when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
+    /// Driver; absent means the host's default (kvm, or qemu with TCG on PVM hosts).
+    #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
+    pub virt_type: Option<VirtType>,
+    /// Only for the qemu driver; absent means the host's best.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accel: Option<Accel>,
+    #[serde(default = "default_memory")]
+    pub memory_mib: u64,
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u32,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub os: OsDef,
+    #[serde(default, rename = "disk", skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskDef>,
+    #[serde(default, rename = "interface", skip_serializing_if = "Vec::is_empty")]
+    pub interfaces: Vec<InterfaceDef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub graphics: Option<GraphicsDef>,
+    #[serde(default)]
+    pub on_poweroff: Action,
+    #[serde(default = "restart")]
+    pub on_reboot: Action,
+    #[serde(default)]
+    pub on_crash: Action,
+}
+
+/// Boot configuration: a direct kernel boot, or firmware booting from disk/cdrom.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct OsDef {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmdline: Option<String>,
+    /// Firmware boot order, e.g. ["cdrom", "hd"].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub boot: Vec<BootDev>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BootDev {
+    Hd,
+    Cdrom,
+    Network,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    #[default]
+    Raw,
+    Qcow2,
+}
+
+impl DiskFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskFormat::Raw => "raw",
+            DiskFormat::Qcow2 => "qcow2",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskDevice {
+    #[default]
+    Disk,
+    Cdrom,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskDef {
+    /// Image file on the host.
+    pub path: PathBuf,
+    #[serde(default)]
+    pub format: DiskFormat,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub device: DiskDevice,
+    /// Guest device name (vda, vdb ...); assigned in order when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub readonly: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InterfaceKind {
+    /// A ferrovirt virtual network by name.
+    Network,
+    /// An existing host bridge.
+    Bridge,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InterfaceDef {
+    #[serde(rename = "type")]
+    pub kind: InterfaceKind,
+    /// Network name or bridge name.
+    pub source: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GraphicsKind {
+    Vnc,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GraphicsDef {
+    #[serde(rename = "type")]
+    pub kind: GraphicsKind,
+    /// Listen address; only loopback is offered for now.
+    #[serde(default = "loopback")]
+    pub listen: String,
+}
+
+fn loopback() -> String {
+    "127.0.0.1".to_string()
+}
+
+impl DomainDef {
+    /// A minimal definition, used by `ferrovirt install` and tests.
+    pub fn new(name: &str) -> Self {
+        DomainDef {
+            name: name.to_string(),
+            uuid: None,
+            virt_type: None,
+            accel: None,
+            memory_mib: default_memory(),
+            vcpus: default_vcpus(),
+            os: OsDef::default(),
+            disks: Vec::new(),
+            interfaces: Vec::new(),
+            graphics: None,
+            on_poweroff: Action::Destroy,
+            on_reboot: Action::Restart,
+            on_crash: Action::Destroy,
+        }
+    }
+
+    /// Parse the native TOML format.
+    pub fn from_toml(text: &str) -> Result<Self, ApiError> {
+        toml::from_str(text)
+            .map_err(|e| ApiError::malformed(format!("invalid TOML definition: {}", e.message())))
+    }
+
+    /// Emit the native TOML format.
+    pub fn to_toml(&self) -> String {
+        // Serializing a plain struct of strings/numbers/tables cannot fail.
+        toml::to_string(self).unwrap_or_default()
+    }
+
+    /// Checks that need no host access: name, sizes, combinations.
+    pub fn validate(&self) -> Result<(), ApiError> {
+        validate_name(&self.name)?;
+        if let Some(uuid) = &self.uuid {
+            if !is_uuid(uuid) {
+                return Err(ApiError::invalid(format!(
+                    "uuid '{uuid}' is not of the form xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx (hex digits)"
+                )));
+            }
+        }
+        if self.memory_mib == 0 {
+            return Err(ApiError::invalid("memory must be at least 1 MiB (got 0)"));
+        }
+        if self.memory_mib > 16 * 1024 * 1024 {
+            return Err(ApiError::invalid(format!(
+                "memory {} MiB is more than the 16 TiB ferrovirt supports",
+                self.memory_mib
+            )));
+        }
+        if self.vcpus == 0 || self.vcpus > 255 {
+            return Err(ApiError::invalid(format!(
+                "vcpus must be 1..255 (got {})",
+                self.vcpus
+            )));
+        }
+        if self.os.kernel.is_none() && (self.os.initrd.is_some() || self.os.cmdline.is_some()) {
+            return Err(ApiError::invalid("os.initrd and os.cmdline need os.kernel"));
+        }
+        let bootable = self.os.kernel.is_some() || !self.disks.is_empty();
+        if !bootable {
+            return Err(ApiError::invalid(
+                "nothing to boot: give os.kernel (direct kernel boot) or at least one disk/cdrom",
+            ));
+        }
+        let mut targets = Vec::new();
+        for disk in &self.disks {
+            if disk.path.as_os_str().is_empty() {
+                return Err(ApiError::invalid("a disk has an empty path"));
+            }
+            if let Some(t) = &disk.target {
+                if targets.contains(t) {
+                    return Err(ApiError::invalid(format!(
+                        "disk target '{t}' is used twice"
+                    )));
+                }
+                targets.push(t.clone());
+            }
+        }
+        for nic in &self.interfaces {
+            if nic.source.is_empty() {
+                return Err(ApiError::invalid("an interface has an empty source"));
+            }
+            if let Some(mac) = &nic.mac {
+                if !is_mac(mac) {
+                    return Err(ApiError::invalid(format!(
+                        "interface MAC '{mac}' is not of the form 52:54:00:xx:xx:xx"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every host file the definition names: each must exist before define/start.
+    pub fn host_paths(&self) -> Vec<(&'static str, &Path)> {
+        let mut out = Vec::new();
+        if let Some(k) = &self.os.kernel {
+            out.push(("kernel", k.as_path()));
+        }
+        if let Some(i) = &self.os.initrd {
+            out.push(("initrd", i.as_path()));
+        }
+        for d in &self.disks {
+            out.push((
+                if d.device == DiskDevice::Cdrom {
+                    "cdrom"
+                } else {
+                    "disk"
+                },
+                d.path.as_path(),
+            ));
+        }
+        out
+    }
+
+    /// Check that every named file exists (done by the daemon, which sees the host's files).
+    pub fn check_paths(&self) -> Result<(), ApiError> {
+        for (what, path) in self.host_paths() {
+            if !path.is_file() && !path.exists() {
+                return Err(ApiError::invalid(format!(
+                    "{what} path '{}' does not exist",
+                    path.display()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Guest device name of the n-th disk.
+    pub fn disk_target(&self, index: usize) -> String {
+        if let Some(t) = self.disks.get(index).and_then(|d| d.target.clone()) {
+            return t;
+        }
+        let prefix = match self.disks.get(index).map(|d| d.device) {
+            Some(DiskDevice::Cdrom) => "sd",
+            _ => "vd",
+        };
+        let letter = (b'a' + (index % 26) as u8) as char;
+        format!("{prefix}{letter}")
+    }
+}
+
+/// Domain names: 1..64 chars of letters, digits, `.`, `_`, `-`, `+`; not starting with `.` or `-`.
+pub fn validate_name(name: &str) -> Result<(), ApiError> {
+    if name.is_empty() {
+        return Err(ApiError::invalid("domain name is empty"));
+    }
+    if name.len() > 64 {
+        return Err(ApiError::invalid(format!(
+            "domain name '{name}' is longer than 64 characters"
+        )));
+    }
+    let ok_chars = name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '+'));
+    if !ok_chars || name.starts_with('.') || name.starts_with('-') {
+        return Err(ApiError::invalid(format!(
+            "domain name '{name}' may only use letters, digits, '.', '_', '-', '+' and must not start with '.' or '-'"
+        )));
+    }
+    Ok(())
+}
+
+pub fn is_uuid(s: &str) -> bool {
+    let groups: Vec<&str> = s.split('-').collect();
+    groups.len() == 5
+        && groups
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(g, n)| g.len() == n && g.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+pub fn is_mac(s: &str) -> bool {
+    let parts: Vec<&str> = s.split(':').collect();
+    parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_round_trip() {
+        let text = r#"
+name = "web1"
+type = "qemu"
+memory_mib = 512
+vcpus = 2
+on_crash = "restart"
+[os]
+kernel = "/boot/vmlinuz"
+cmdline = "console=ttyS0"
+[[disk]]
+path = "/var/lib/ferrovirt/images/web1.qcow2"
+format = "qcow2"
+[[interface]]
+type = "bridge"
+source = "br0"
+"#;
+        let def = DomainDef::from_toml(text).expect("parses");
+        assert_eq!(def.memory_mib, 512);
+        assert_eq!(def.virt_type, Some(VirtType::Qemu));
+        assert_eq!(def.on_crash, Action::Restart);
+        assert_eq!(def.on_reboot, Action::Restart);
+        assert_eq!(def.disks[0].format, DiskFormat::Qcow2);
+        let again = DomainDef::from_toml(&def.to_toml()).expect("re-parses");
+        assert_eq!(def, again);
+        def.validate().expect("valid");
+    }
+
+    #[test]
+    fn toml_unknown_key_is_an_error_naming_it() {
+        let err = DomainDef::from_toml("name = \"a\"\nmemroy_mib = 5\n").unwrap_err();
+        assert_eq!(err.code, crate::ErrorCode::MalformedBody);
+        assert!(err.message.contains("memroy_mib"), "{}", err.message);
+    }
+
+    #[test]
+    fn memory_zero_is_rejected() {
+        let mut def = DomainDef::new("a");
+        def.os.kernel = Some("/k".into());
+        def.memory_mib = 0;
+        let err = def.validate().unwrap_err();
+        assert_eq!(err.code, crate::ErrorCode::InvalidDefinition);
+        assert!(err.message.contains("memory"));
+    }
+
+    #[test]
+    fn bad_names_are_rejected() {
+        for name in ["", "-x", "a b", "a/b", ".hidden", &"x".repeat(65)] {
+            assert!(validate_name(name).is_err(), "{name:?} accepted");
+        }
+        validate_name("CentOSVM").expect("ok");
+    }
+
+    #[test]
+    fn missing_kernel_file_is_named() {
+        let mut def = DomainDef::new("a");
+        def.os.kernel = Some("/nonexistent/vmlinuz".into());
+        let err = def.check_paths().unwrap_err();
+        assert!(err.message.contains("/nonexistent/vmlinuz"));
+    }
+}

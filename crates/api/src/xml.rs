@@ -1,0 +1,552 @@
+//! libvirt domain XML: import (define) and export (dumpxml) for the elements ferrovirt supports.
+//!
+//! Supported: `domain/@type`, `name`, `uuid`, `memory`/`currentMemory` (with `unit`), `vcpu`,
+//! `os` (`type`, `kernel`, `initrd`, `cmdline`, `boot/@dev`), `devices` (`disk`, `interface`,
+//! `serial`, `console`, `graphics`), `on_poweroff`, `on_reboot`, `on_crash`.
+//! Any other element produces a warning naming it; nothing is dropped silently.
+
+use roxmltree::{Document, Node};
+
+use crate::def::{
+    Action, BootDev, DiskDef, DiskDevice, DiskFormat, DomainDef, GraphicsDef, GraphicsKind,
+    InterfaceDef, InterfaceKind, VirtType,
+};
+use crate::error::ApiError;
+
+/// A parsed definition and the warnings about what was ignored.
+#[derive(Debug)]
+pub struct Parsed {
+    pub def: DomainDef,
+    pub warnings: Vec<String>,
+}
+
+/// Parse libvirt domain XML.
+pub fn parse(text: &str) -> Result<Parsed, ApiError> {
+    let doc =
+        Document::parse(text).map_err(|e| ApiError::malformed(format!("invalid XML: {e}")))?;
+    let root = doc.root_element();
+    if root.tag_name().name() != "domain" {
+        return Err(ApiError::malformed(format!(
+            "the XML root element is <{}>, expected <domain>",
+            root.tag_name().name()
+        )));
+    }
+    let mut p = Parser {
+        warnings: Vec::new(),
+    };
+    let def = p.domain(root)?;
+    Ok(Parsed {
+        def,
+        warnings: p.warnings,
+    })
+}
+
+struct Parser {
+    warnings: Vec<String>,
+}
+
+fn elements<'a, 'i>(node: Node<'a, 'i>) -> impl Iterator<Item = Node<'a, 'i>> {
+    node.children().filter(|n| n.is_element())
+}
+
+fn text(node: Node) -> String {
+    node.text().unwrap_or("").trim().to_string()
+}
+
+impl Parser {
+    fn ignore(&mut self, path: &str, node: Node) {
+        self.warnings.push(format!(
+            "element <{}> ({path}/{}) is not supported by ferrovirt and was ignored",
+            node.tag_name().name(),
+            node.tag_name().name()
+        ));
+    }
+
+    fn domain(&mut self, root: Node) -> Result<DomainDef, ApiError> {
+        let mut def = DomainDef::new("");
+        def.on_reboot = Action::Restart;
+        def.virt_type = match root.attribute("type") {
+            None => None,
+            Some(t) => Some(VirtType::parse(t).ok_or_else(|| {
+                ApiError::invalid(format!(
+                    "domain type '{t}' is not supported (use kvm, qemu or test)"
+                ))
+            })?),
+        };
+        let mut have_name = false;
+        let mut current_memory = None;
+        for child in elements(root) {
+            match child.tag_name().name() {
+                "name" => {
+                    def.name = text(child);
+                    have_name = true;
+                }
+                "uuid" => def.uuid = Some(text(child).to_ascii_lowercase()),
+                "memory" => def.memory_mib = memory_mib(child)?,
+                "currentMemory" => current_memory = Some(memory_mib(child)?),
+                "vcpu" => {
+                    def.vcpus = text(child).parse().map_err(|_| {
+                        ApiError::invalid(format!("<vcpu> '{}' is not a number", text(child)))
+                    })?
+                }
+                "os" => self.os(child, &mut def)?,
+                "devices" => self.devices(child, &mut def)?,
+                "on_poweroff" => def.on_poweroff = self.action(child)?,
+                "on_reboot" => def.on_reboot = self.action(child)?,
+                "on_crash" => def.on_crash = self.action(child)?,
+                _ => self.ignore("domain", child),
+            }
+        }
+        if !have_name {
+            return Err(ApiError::invalid("the domain XML has no <name>"));
+        }
+        if let Some(cur) = current_memory {
+            if cur != def.memory_mib {
+                self.warnings.push(format!(
+                    "<currentMemory> {cur} MiB differs from <memory> {} MiB; ballooning is not supported, using <memory>",
+                    def.memory_mib
+                ));
+            }
+        }
+        Ok(def)
+    }
+
+    fn action(&mut self, node: Node) -> Result<Action, ApiError> {
+        let tag = node.tag_name().name();
+        match text(node).as_str() {
+            "destroy" => Ok(Action::Destroy),
+            "restart" => Ok(Action::Restart),
+            "preserve" | "coredump-destroy" => {
+                self.warnings.push(format!(
+                    "<{tag}> '{}' is not supported, using 'destroy'",
+                    text(node)
+                ));
+                Ok(Action::Destroy)
+            }
+            "rename-restart" | "coredump-restart" => {
+                self.warnings.push(format!(
+                    "<{tag}> '{}' is not supported, using 'restart'",
+                    text(node)
+                ));
+                Ok(Action::Restart)
+            }
+            other => Err(ApiError::invalid(format!(
+                "<{tag}> '{other}' is not one of destroy, restart"
+            ))),
+        }
+    }
+
+    fn os(&mut self, os: Node, def: &mut DomainDef) -> Result<(), ApiError> {
+        for child in elements(os) {
+            match child.tag_name().name() {
+                "type" => {
+                    let t = text(child);
+                    if t != "hvm" {
+                        return Err(ApiError::invalid(format!(
+                            "<os><type> '{t}' is not supported (only hvm)"
+                        )));
+                    }
+                    if let Some(arch) = child.attribute("arch") {
+                        if arch != "x86_64" {
+                            return Err(ApiError::invalid(format!(
+                                "arch '{arch}' is not supported (only x86_64)"
+                            )));
+                        }
+                    }
+                }
+                "kernel" => def.os.kernel = Some(text(child).into()),
+                "initrd" => def.os.initrd = Some(text(child).into()),
+                "cmdline" => def.os.cmdline = Some(text(child)),
+                "boot" => {
+                    let dev = match child.attribute("dev") {
+                        Some("hd") => BootDev::Hd,
+                        Some("cdrom") => BootDev::Cdrom,
+                        Some("network") => BootDev::Network,
+                        other => {
+                            return Err(ApiError::invalid(format!(
+                                "<boot dev='{}'> is not one of hd, cdrom, network",
+                                other.unwrap_or("")
+                            )))
+                        }
+                    };
+                    def.os.boot.push(dev);
+                }
+                _ => self.ignore("domain/os", child),
+            }
+        }
+        Ok(())
+    }
+
+    fn devices(&mut self, devices: Node, def: &mut DomainDef) -> Result<(), ApiError> {
+        for child in elements(devices) {
+            match child.tag_name().name() {
+                "disk" => {
+                    if let Some(disk) = self.disk(child)? {
+                        def.disks.push(disk);
+                    }
+                }
+                "interface" => def.interfaces.push(self.interface(child)?),
+                // Every ferrovirt VM has one serial console (ttyS0), logged and attachable.
+                "serial" | "console" => {}
+                "graphics" => {
+                    if child.attribute("type") != Some("vnc") {
+                        self.warnings.push(format!(
+                            "<graphics type='{}'> is not supported (only vnc) and was ignored",
+                            child.attribute("type").unwrap_or("")
+                        ));
+                        continue;
+                    }
+                    let listen = child.attribute("listen").unwrap_or("127.0.0.1");
+                    if listen != "127.0.0.1" {
+                        self.warnings.push(format!(
+                            "VNC listen address '{listen}' replaced by 127.0.0.1"
+                        ));
+                    }
+                    def.graphics = Some(GraphicsDef {
+                        kind: GraphicsKind::Vnc,
+                        listen: "127.0.0.1".into(),
+                    });
+                }
+                _ => self.ignore("domain/devices", child),
+            }
+        }
+        Ok(())
+    }
+
+    fn disk(&mut self, disk: Node) -> Result<Option<DiskDef>, ApiError> {
+        let device = match disk.attribute("device").unwrap_or("disk") {
+            "disk" => DiskDevice::Disk,
+            "cdrom" => DiskDevice::Cdrom,
+            other => {
+                self.warnings.push(format!(
+                    "<disk device='{other}'> is not supported and was ignored"
+                ));
+                return Ok(None);
+            }
+        };
+        let mut path = None;
+        let mut format = DiskFormat::Raw;
+        let mut target = None;
+        let mut readonly = false;
+        for child in elements(disk) {
+            match child.tag_name().name() {
+                "source" => {
+                    path = child
+                        .attribute("file")
+                        .or(child.attribute("dev"))
+                        .map(Into::into)
+                }
+                "driver" => {
+                    format = match child.attribute("type").unwrap_or("raw") {
+                        "raw" => DiskFormat::Raw,
+                        "qcow2" => DiskFormat::Qcow2,
+                        other => {
+                            return Err(ApiError::invalid(format!(
+                                "disk format '{other}' is not supported (raw or qcow2)"
+                            )))
+                        }
+                    }
+                }
+                "target" => target = child.attribute("dev").map(str::to_string),
+                "readonly" => readonly = true,
+                _ => self.ignore("domain/devices/disk", child),
+            }
+        }
+        let Some(path) = path else {
+            if device == DiskDevice::Cdrom {
+                self.warnings
+                    .push("an empty <disk device='cdrom'> (no media) was ignored".into());
+                return Ok(None);
+            }
+            return Err(ApiError::invalid("a <disk> has no <source file=...>"));
+        };
+        Ok(Some(DiskDef {
+            path,
+            format,
+            device,
+            target,
+            readonly: readonly || device == DiskDevice::Cdrom,
+        }))
+    }
+
+    fn interface(&mut self, nic: Node) -> Result<InterfaceDef, ApiError> {
+        let kind = match nic.attribute("type") {
+            Some("network") => InterfaceKind::Network,
+            Some("bridge") => InterfaceKind::Bridge,
+            other => {
+                return Err(ApiError::invalid(format!(
+                    "<interface type='{}'> is not supported (network or bridge)",
+                    other.unwrap_or("")
+                )))
+            }
+        };
+        let mut source = String::new();
+        let mut mac = None;
+        for child in elements(nic) {
+            match child.tag_name().name() {
+                "source" => {
+                    source = child
+                        .attribute("network")
+                        .or(child.attribute("bridge"))
+                        .unwrap_or("")
+                        .to_string()
+                }
+                "mac" => mac = child.attribute("address").map(str::to_ascii_lowercase),
+                "model" => {
+                    if child.attribute("type") != Some("virtio") {
+                        self.warnings.push(format!(
+                            "<model type='{}'> replaced by virtio",
+                            child.attribute("type").unwrap_or("")
+                        ));
+                    }
+                }
+                _ => self.ignore("domain/devices/interface", child),
+            }
+        }
+        Ok(InterfaceDef { kind, source, mac })
+    }
+}
+
+fn memory_mib(node: Node) -> Result<u64, ApiError> {
+    let value: u64 = text(node).parse().map_err(|_| {
+        ApiError::invalid(format!(
+            "<{}> '{}' is not a number",
+            node.tag_name().name(),
+            text(node)
+        ))
+    })?;
+    let unit = node.attribute("unit").unwrap_or("KiB");
+    let bytes_per: u64 = match unit {
+        "b" | "bytes" => 1,
+        "KB" => 1000,
+        "k" | "KiB" => 1024,
+        "MB" => 1000 * 1000,
+        "M" | "MiB" => 1 << 20,
+        "GB" => 1000 * 1000 * 1000,
+        "G" | "GiB" => 1 << 30,
+        "TB" => 1000 * 1000 * 1000 * 1000,
+        "T" | "TiB" => 1 << 40,
+        other => {
+            return Err(ApiError::invalid(format!(
+                "memory unit '{other}' is not known"
+            )))
+        }
+    };
+    Ok(value.saturating_mul(bytes_per) / (1 << 20))
+}
+
+fn esc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&apos;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Emit libvirt domain XML; `default_type` fills a definition without a type.
+pub fn emit(def: &DomainDef, default_type: VirtType) -> String {
+    use std::fmt::Write;
+    let mut x = String::new();
+    let ty = def.virt_type.unwrap_or(default_type);
+    let _ = writeln!(x, "<domain type='{}'>", ty.as_str());
+    let _ = writeln!(x, "  <name>{}</name>", esc(&def.name));
+    if let Some(uuid) = &def.uuid {
+        let _ = writeln!(x, "  <uuid>{}</uuid>", esc(uuid));
+    }
+    let kib = def.memory_mib * 1024;
+    let _ = writeln!(x, "  <memory unit='KiB'>{kib}</memory>");
+    let _ = writeln!(x, "  <currentMemory unit='KiB'>{kib}</currentMemory>");
+    let _ = writeln!(x, "  <vcpu placement='static'>{}</vcpu>", def.vcpus);
+    x.push_str("  <os>\n    <type arch='x86_64'>hvm</type>\n");
+    if let Some(k) = &def.os.kernel {
+        let _ = writeln!(x, "    <kernel>{}</kernel>", esc(&k.to_string_lossy()));
+    }
+    if let Some(i) = &def.os.initrd {
+        let _ = writeln!(x, "    <initrd>{}</initrd>", esc(&i.to_string_lossy()));
+    }
+    if let Some(c) = &def.os.cmdline {
+        let _ = writeln!(x, "    <cmdline>{}</cmdline>", esc(c));
+    }
+    for b in &def.os.boot {
+        let dev = match b {
+            BootDev::Hd => "hd",
+            BootDev::Cdrom => "cdrom",
+            BootDev::Network => "network",
+        };
+        let _ = writeln!(x, "    <boot dev='{dev}'/>");
+    }
+    x.push_str("  </os>\n");
+    let _ = writeln!(
+        x,
+        "  <on_poweroff>{}</on_poweroff>",
+        def.on_poweroff.as_str()
+    );
+    let _ = writeln!(x, "  <on_reboot>{}</on_reboot>", def.on_reboot.as_str());
+    let _ = writeln!(x, "  <on_crash>{}</on_crash>", def.on_crash.as_str());
+    x.push_str("  <devices>\n");
+    for (i, d) in def.disks.iter().enumerate() {
+        let device = if d.device == DiskDevice::Cdrom {
+            "cdrom"
+        } else {
+            "disk"
+        };
+        let bus = if d.device == DiskDevice::Cdrom {
+            "sata"
+        } else {
+            "virtio"
+        };
+        let _ = writeln!(x, "    <disk type='file' device='{device}'>");
+        let _ = writeln!(
+            x,
+            "      <driver name='qemu' type='{}'/>",
+            d.format.as_str()
+        );
+        let _ = writeln!(
+            x,
+            "      <source file='{}'/>",
+            esc(&d.path.to_string_lossy())
+        );
+        let _ = writeln!(
+            x,
+            "      <target dev='{}' bus='{bus}'/>",
+            esc(&def.disk_target(i))
+        );
+        if d.readonly {
+            x.push_str("      <readonly/>\n");
+        }
+        x.push_str("    </disk>\n");
+    }
+    for nic in &def.interfaces {
+        let (ty, attr) = match nic.kind {
+            InterfaceKind::Network => ("network", "network"),
+            InterfaceKind::Bridge => ("bridge", "bridge"),
+        };
+        let _ = writeln!(x, "    <interface type='{ty}'>");
+        if let Some(mac) = &nic.mac {
+            let _ = writeln!(x, "      <mac address='{}'/>", esc(mac));
+        }
+        let _ = writeln!(x, "      <source {attr}='{}'/>", esc(&nic.source));
+        x.push_str("      <model type='virtio'/>\n    </interface>\n");
+    }
+    x.push_str("    <serial type='pty'>\n      <target port='0'/>\n    </serial>\n");
+    x.push_str(
+        "    <console type='pty'>\n      <target type='serial' port='0'/>\n    </console>\n",
+    );
+    if let Some(g) = &def.graphics {
+        let _ = writeln!(
+            x,
+            "    <graphics type='vnc' autoport='yes' listen='{}'/>",
+            esc(&g.listen)
+        );
+    }
+    x.push_str("  </devices>\n</domain>\n");
+    x
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIBVIRT_XML: &str = r#"<domain type='kvm'>
+  <name>CentOSVM</name>
+  <uuid>6B0B4A8A-9C3A-4F2E-8E55-0D5D7B1B2C3D</uuid>
+  <metadata><x/></metadata>
+  <memory unit='GiB'>4</memory>
+  <currentMemory unit='KiB'>4194304</currentMemory>
+  <vcpu placement='static'>2</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc-q35-7.2'>hvm</type>
+    <kernel>/boot/vmlinuz</kernel>
+    <cmdline>console=ttyS0 root=/dev/vda</cmdline>
+    <boot dev='hd'/>
+  </os>
+  <features><acpi/><apic/></features>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>restart</on_reboot>
+  <on_crash>coredump-destroy</on_crash>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='/var/lib/libvirt/images/centos.qcow2'/>
+      <target dev='vda' bus='virtio'/>
+      <address type='pci'/>
+    </disk>
+    <interface type='bridge'>
+      <mac address='52:54:00:AA:BB:CC'/>
+      <source bridge='br0'/>
+      <model type='virtio'/>
+    </interface>
+    <serial type='pty'><target port='0'/></serial>
+    <console type='pty'/>
+    <graphics type='vnc' port='-1' autoport='yes'/>
+    <video><model type='vga'/></video>
+  </devices>
+</domain>"#;
+
+    #[test]
+    fn parses_libvirt_xml_and_warns_about_unsupported_elements() {
+        let parsed = parse(LIBVIRT_XML).expect("parses");
+        let d = &parsed.def;
+        assert_eq!(d.name, "CentOSVM");
+        assert_eq!(
+            d.uuid.as_deref(),
+            Some("6b0b4a8a-9c3a-4f2e-8e55-0d5d7b1b2c3d")
+        );
+        assert_eq!(d.memory_mib, 4096);
+        assert_eq!(d.vcpus, 2);
+        assert_eq!(d.virt_type, Some(VirtType::Kvm));
+        assert_eq!(d.os.cmdline.as_deref(), Some("console=ttyS0 root=/dev/vda"));
+        assert_eq!(d.disks.len(), 1);
+        assert_eq!(d.disks[0].format, DiskFormat::Qcow2);
+        assert_eq!(d.interfaces[0].mac.as_deref(), Some("52:54:00:aa:bb:cc"));
+        assert!(d.graphics.is_some());
+        let all = parsed.warnings.join("\n");
+        for name in [
+            "<metadata>",
+            "<features>",
+            "<emulator>",
+            "<video>",
+            "<address>",
+            "coredump-destroy",
+        ] {
+            assert!(all.contains(name), "no warning about {name}: {all}");
+        }
+        d.validate().expect("valid");
+    }
+
+    #[test]
+    fn emit_then_parse_is_identity_without_warnings() {
+        let parsed = parse(LIBVIRT_XML).expect("parses");
+        let xml = emit(&parsed.def, VirtType::Qemu);
+        let again = parse(&xml).expect("re-parses");
+        assert!(again.warnings.is_empty(), "{:?}", again.warnings);
+        let mut expected = parsed.def.clone();
+        expected.disks[0].target = Some("vda".into());
+        assert_eq!(again.def, expected);
+    }
+
+    #[test]
+    fn malformed_xml_is_a_malformed_body_error() {
+        let err = parse("<domain><name>x</domain>").unwrap_err();
+        assert_eq!(err.code, crate::ErrorCode::MalformedBody);
+        let err = parse("<network/>").unwrap_err();
+        assert!(err.message.contains("<network>"));
+    }
+
+    #[test]
+    fn escapes_special_characters() {
+        let mut def = DomainDef::new("a");
+        def.os.kernel = Some("/k".into());
+        def.os.cmdline = Some("a<b & 'c'".into());
+        let again = parse(&emit(&def, VirtType::Test)).expect("parses");
+        assert_eq!(again.def.os.cmdline.as_deref(), Some("a<b & 'c'"));
+    }
+}
