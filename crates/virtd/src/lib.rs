@@ -1,1 +1,10 @@
-//! ferrovirtd
+//! ferrovirtd: the ferrovirt management daemon (our libvirtd).
+
+pub mod console;
+pub mod driver;
+pub mod events;
+pub mod manager;
+pub mod runtime;
+pub mod server;
+pub mod store;
+pub mod volume;

@@ -1,0 +1,258 @@
+//! The `qemu` driver: qemu-system-x86_64 daemonized (it outlives ferrovirtd), controlled over QMP.
+//!
+//! Per VM in its run folder: `pid` (QEMU's pidfile), `qmp.sock` (commands), `qmp-events.sock`
+//! (held by the daemon's monitor thread), `serial.sock` (the console hub's link), `qemu.log`.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use ferrovirt_api::def::{Accel, BootDev, DiskDevice, GraphicsKind, InterfaceKind};
+use ferrovirt_api::{Action, ApiError, DomainDef};
+use serde_json::Value;
+
+use super::qmp::Qmp;
+use super::{Driver, ExitNotifier, Started, VmCtx};
+use crate::console::ConsoleHub;
+use crate::runtime::{kill, pid_alive, pid_has_arg, wait_gone, ExitKind, Runtime};
+
+pub struct QemuDriver {
+    pub binary: PathBuf,
+}
+
+impl QemuDriver {
+    pub fn from_env() -> Self {
+        let binary = std::env::var_os("FERROVIRT_QEMU").map(PathBuf::from).unwrap_or_else(|| "qemu-system-x86_64".into());
+        QemuDriver { binary }
+    }
+
+    fn args(&self, ctx: &VmCtx) -> Vec<String> {
+        let def = ctx.def;
+        let dir = &ctx.vm_dir;
+        let p = |f: &str| dir.join(f).to_string_lossy().into_owned();
+        let accel = match ctx.accel {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        };
+        let mut a: Vec<String> = vec![
+            "-name".into(),
+            format!("guest={},debug-threads=on", def.name),
+            "-uuid".into(),
+            def.uuid.clone().unwrap_or_default(),
+            "-machine".into(),
+            format!("pc,accel={accel}"),
+            "-m".into(),
+            format!("{}M", def.memory_mib),
+            "-smp".into(),
+            def.vcpus.to_string(),
+            "-nodefaults".into(),
+            "-no-user-config".into(),
+            "-daemonize".into(),
+            "-pidfile".into(),
+            p("pid"),
+            "-chardev".into(),
+            format!("socket,id=serial0,path={},server=on,wait=off", p("serial.sock")),
+            "-serial".into(),
+            "chardev:serial0".into(),
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", p("qmp.sock")),
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", p("qmp-events.sock")),
+            // A guest panic becomes a SHUTDOWN event with reason guest-panic.
+            "-device".into(),
+            "pvpanic".into(),
+            "-action".into(),
+            "panic=shutdown".into(),
+        ];
+        if def.on_reboot == Action::Destroy {
+            a.push("-no-reboot".into());
+        }
+        if let Some(k) = &def.os.kernel {
+            a.extend(["-kernel".into(), k.to_string_lossy().into_owned()]);
+            if let Some(i) = &def.os.initrd {
+                a.extend(["-initrd".into(), i.to_string_lossy().into_owned()]);
+            }
+            if let Some(c) = &def.os.cmdline {
+                a.extend(["-append".into(), c.clone()]);
+            }
+        }
+        for (i, d) in def.disks.iter().enumerate() {
+            let file = d.path.to_string_lossy().replace(',', ",,");
+            let drive = match d.device {
+                DiskDevice::Cdrom => format!("file={file},format=raw,media=cdrom,readonly=on,if=ide,index={}", i % 4),
+                DiskDevice::Disk => format!(
+                    "file={file},format={},if=virtio{}",
+                    d.format.as_str(),
+                    if d.readonly { ",readonly=on" } else { "" }
+                ),
+            };
+            a.extend(["-drive".into(), drive]);
+        }
+        if !def.os.boot.is_empty() {
+            let order: String = def
+                .os
+                .boot
+                .iter()
+                .map(|b| match b {
+                    BootDev::Hd => 'c',
+                    BootDev::Cdrom => 'd',
+                    BootDev::Network => 'n',
+                })
+                .collect();
+            a.extend(["-boot".into(), format!("order={order}")]);
+        }
+        for (i, nic) in def.interfaces.iter().enumerate() {
+            if nic.kind == InterfaceKind::Bridge {
+                a.extend(["-netdev".into(), format!("bridge,id=net{i},br={}", nic.source)]);
+                let mac = nic.mac.clone().unwrap_or_default();
+                a.extend(["-device".into(), format!("virtio-net-pci,netdev=net{i},mac={mac}")]);
+            }
+        }
+        match &def.graphics {
+            Some(g) if g.kind == GraphicsKind::Vnc => {
+                // `to=` lets QEMU pick the first free display from 0 up; the port is read back over QMP.
+                a.extend(["-vga".into(), "std".into(), "-vnc".into(), format!("{}:0,to=99", g.listen)]);
+            }
+            _ => a.extend(["-display".into(), "none".into()]),
+        }
+        a
+    }
+
+    fn command(&self, dir: &Path, name: &str, args: Option<Value>) -> Result<Value, ApiError> {
+        let mut qmp = Qmp::connect(&dir.join("qmp.sock"), Duration::from_secs(2))
+            .map_err(|e| ApiError::driver(format!("qemu control socket: {e}")))?;
+        qmp.execute(name, args).map_err(ApiError::driver)
+    }
+
+    /// Watch QMP events until QEMU exits, then report how it ended.
+    fn monitor(dir: &Path, pid: u32, on_exit: ExitNotifier) -> Result<(), String> {
+        let mut qmp = Qmp::connect(&dir.join("qmp-events.sock"), Duration::from_secs(5))?;
+        std::thread::Builder::new()
+            .name("qemu-monitor".into())
+            .spawn(move || {
+                let mut kind = ExitKind::Crash;
+                while let Some(ev) = qmp.next_event() {
+                    if ev.get("event").and_then(Value::as_str) == Some("SHUTDOWN") {
+                        let reason = ev.pointer("/data/reason").and_then(Value::as_str).unwrap_or("");
+                        kind = match reason {
+                            "guest-shutdown" => ExitKind::Poweroff,
+                            "guest-reset" => ExitKind::Reboot,
+                            "guest-panic" => ExitKind::Crash,
+                            _ => ExitKind::Destroyed,
+                        };
+                    }
+                }
+                wait_gone(pid, Duration::from_secs(10));
+                on_exit(kind);
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    fn read_pid(dir: &Path) -> Option<u32> {
+        fs::read_to_string(dir.join("pid")).ok()?.trim().parse().ok()
+    }
+
+    fn vnc_port(&self, dir: &Path) -> Option<u16> {
+        let v = self.command(dir, "query-vnc", None).ok()?;
+        v.get("service").and_then(Value::as_str).and_then(|s| s.parse().ok())
+    }
+}
+
+fn log_tail(path: &Path) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(3)..].join("; ")
+}
+
+impl Driver for QemuDriver {
+    fn check(&self, def: &DomainDef) -> Result<(), ApiError> {
+        if def.interfaces.iter().any(|n| n.kind == InterfaceKind::Network) {
+            return Err(ApiError::not_supported("interfaces on virtual networks are not supported yet"));
+        }
+        Ok(())
+    }
+
+    fn start(&self, ctx: VmCtx) -> Result<Started, ApiError> {
+        let dir = ctx.vm_dir.clone();
+        for f in ["pid", "qmp.sock", "qmp-events.sock", "serial.sock"] {
+            let _ = fs::remove_file(dir.join(f));
+        }
+        let log_path = dir.join("qemu.log");
+        let log = fs::File::create(&log_path).map_err(|e| ApiError::internal(format!("{}: {e}", log_path.display())))?;
+        let log2 = log.try_clone().map_err(|e| ApiError::internal(e.to_string()))?;
+        // With -daemonize QEMU forks, sets up the VM, and its first process exits once the VM is
+        // ready: from then on QEMU is not our child and survives ferrovirtd.
+        let status = Command::new(&self.binary)
+            .args(self.args(&ctx))
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .status()
+            .map_err(|e| {
+                ApiError::driver(format!(
+                    "cannot run {}: {e} (install qemu-system-x86 or set FERROVIRT_QEMU)",
+                    self.binary.display()
+                ))
+            })?;
+        if !status.success() {
+            return Err(ApiError::driver(format!("qemu failed to start: {}", log_tail(&log_path))));
+        }
+        let pid = Self::read_pid(&dir).ok_or_else(|| ApiError::driver("qemu started but wrote no pidfile"))?;
+        let console = match ConsoleHub::start(&dir.join("serial.sock"), ctx.console_log.clone(), Box::new(|| {})) {
+            Ok(c) => c,
+            Err(e) => {
+                kill(pid, libc::SIGKILL);
+                return Err(ApiError::driver(e));
+            }
+        };
+        if let Err(e) = Self::monitor(&dir, pid, ctx.on_exit) {
+            kill(pid, libc::SIGKILL);
+            return Err(ApiError::driver(e));
+        }
+        let vnc_port = if ctx.def.graphics.is_some() { self.vnc_port(&dir) } else { None };
+        Ok(Started { runtime: Runtime { id: ctx.id, pid: Some(pid), vnc_port }, console: Some(console) })
+    }
+
+    fn reattach(&self, ctx: VmCtx, runtime: &Runtime) -> Option<Started> {
+        let pid = runtime.pid?;
+        let uuid = ctx.def.uuid.clone().unwrap_or_default();
+        if !pid_alive(pid) || !pid_has_arg(pid, &uuid) {
+            return None;
+        }
+        let console = ConsoleHub::start(&ctx.vm_dir.join("serial.sock"), ctx.console_log.clone(), Box::new(|| {}));
+        Self::monitor(&ctx.vm_dir, pid, ctx.on_exit).ok()?;
+        Some(Started { runtime: runtime.clone(), console: console.ok() })
+    }
+
+    fn destroy(&self, _def: &DomainDef, dir: &PathBuf, runtime: &Runtime) -> Result<(), ApiError> {
+        let Some(pid) = runtime.pid else { return Ok(()) };
+        if self.command(dir, "quit", None).is_err() {
+            kill(pid, libc::SIGKILL);
+        }
+        if !wait_gone(pid, Duration::from_secs(10)) {
+            kill(pid, libc::SIGKILL);
+            if !wait_gone(pid, Duration::from_secs(5)) {
+                return Err(ApiError::driver(format!("qemu process {pid} does not exit")));
+            }
+        }
+        Ok(())
+    }
+
+    fn shutdown(&self, _def: &DomainDef, dir: &PathBuf, _rt: &Runtime) -> Result<Option<ExitKind>, ApiError> {
+        self.command(dir, "system_powerdown", None).map(|_| None)
+    }
+
+    fn suspend(&self, _def: &DomainDef, dir: &PathBuf, _rt: &Runtime) -> Result<(), ApiError> {
+        self.command(dir, "stop", None).map(|_| ())
+    }
+
+    fn resume(&self, _def: &DomainDef, dir: &PathBuf, _rt: &Runtime) -> Result<(), ApiError> {
+        self.command(dir, "cont", None).map(|_| ())
+    }
+
+    fn reset(&self, _def: &DomainDef, dir: &PathBuf, _rt: &Runtime) -> Result<(), ApiError> {
+        self.command(dir, "system_reset", None).map(|_| ())
+    }
+}

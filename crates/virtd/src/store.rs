@@ -1,0 +1,193 @@
+//! Durable state in SQLite (WAL, synchronous=FULL): every change is committed before the API answers.
+
+use std::path::Path;
+
+use ferrovirt_api::{ApiError, DomainDef, DomainState, StateReason};
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::runtime::Runtime;
+
+/// Schema migrations; index + 1 is the schema version (PRAGMA user_version). Append only.
+const MIGRATIONS: &[&str] = &[
+    // v1: domains with their definition (JSON), flags and last known state.
+    "CREATE TABLE domains (
+        name TEXT PRIMARY KEY,
+        uuid TEXT NOT NULL UNIQUE,
+        definition TEXT NOT NULL,
+        persistent INTEGER NOT NULL,
+        autostart INTEGER NOT NULL DEFAULT 0,
+        state TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        runtime TEXT
+    );
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    INSERT INTO meta (key, value) VALUES ('next_id', '1');",
+];
+
+/// One stored domain.
+#[derive(Debug, Clone)]
+pub struct StoredDomain {
+    pub def: DomainDef,
+    pub persistent: bool,
+    pub autostart: bool,
+    pub state: DomainState,
+    pub reason: StateReason,
+    pub runtime: Option<Runtime>,
+}
+
+pub struct Store {
+    conn: Connection,
+}
+
+fn db_err(e: rusqlite::Error) -> ApiError {
+    ApiError::internal(format!("state database: {e}"))
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Store, String> {
+        let conn = Connection::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(|e| e.to_string())?;
+        conn.pragma_update(None, "synchronous", "FULL").map_err(|e| e.to_string())?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(|e| e.to_string())?;
+        let mut store = Store { conn };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    pub fn schema_version(&self) -> u32 {
+        self.conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap_or(0)
+    }
+
+    fn migrate(&mut self) -> Result<(), String> {
+        let current = self.schema_version() as usize;
+        if current > MIGRATIONS.len() {
+            return Err(format!(
+                "the state database has schema version {current}, newer than this ferrovirtd ({}); use a newer ferrovirtd",
+                MIGRATIONS.len()
+            ));
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
+            let tx = self.conn.transaction().map_err(|e| e.to_string())?;
+            tx.execute_batch(sql).map_err(|e| format!("migration to v{}: {e}", i + 1))?;
+            tx.pragma_update(None, "user_version", (i + 1) as u32).map_err(|e| e.to_string())?;
+            tx.commit().map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    pub fn load_all(&self) -> Result<Vec<StoredDomain>, String> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT definition, persistent, autostart, state, reason, runtime FROM domains ORDER BY name")
+            .map_err(|e| e.to_string())?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, bool>(1)?,
+                    r.get::<_, bool>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, Option<String>>(5)?,
+                ))
+            })
+            .map_err(|e| e.to_string())?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (def, persistent, autostart, state, reason, runtime) = row.map_err(|e| e.to_string())?;
+            let def: DomainDef = serde_json::from_str(&def).map_err(|e| format!("stored definition: {e}"))?;
+            out.push(StoredDomain {
+                def,
+                persistent,
+                autostart,
+                state: DomainState::parse(&state).unwrap_or(DomainState::Shutoff),
+                reason: StateReason::parse(&reason).unwrap_or(StateReason::Unknown),
+                runtime: runtime.and_then(|r| serde_json::from_str(&r).ok()),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Insert or replace a domain row.
+    pub fn put(&self, d: &StoredDomain) -> Result<(), ApiError> {
+        let def = serde_json::to_string(&d.def).map_err(|e| ApiError::internal(e.to_string()))?;
+        let runtime = d.runtime.as_ref().and_then(|r| serde_json::to_string(r).ok());
+        self.conn
+            .execute(
+                "INSERT INTO domains (name, uuid, definition, persistent, autostart, state, reason, runtime)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                 ON CONFLICT(name) DO UPDATE SET uuid=?2, definition=?3, persistent=?4, autostart=?5,
+                   state=?6, reason=?7, runtime=?8",
+                params![
+                    d.def.name,
+                    d.def.uuid.as_deref().unwrap_or(""),
+                    def,
+                    d.persistent,
+                    d.autostart,
+                    d.state.as_str(),
+                    d.reason.as_str(),
+                    runtime
+                ],
+            )
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    pub fn delete(&self, name: &str) -> Result<(), ApiError> {
+        self.conn.execute("DELETE FROM domains WHERE name = ?1", params![name]).map_err(db_err)?;
+        Ok(())
+    }
+
+    /// Next runtime id (virsh's Id column), persisted so ids are not reused after a restart.
+    pub fn next_id(&self) -> Result<u32, ApiError> {
+        let id: Option<String> = self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = 'next_id'", [], |r| r.get(0))
+            .optional()
+            .map_err(db_err)?;
+        let id: u32 = id.and_then(|v| v.parse().ok()).unwrap_or(1);
+        self.conn
+            .execute("UPDATE meta SET value = ?1 WHERE key = 'next_id'", params![(id + 1).to_string()])
+            .map_err(db_err)?;
+        Ok(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrates_and_persists_across_reopen() {
+        let dir = std::env::temp_dir().join(format!("ferrovirt-store-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("state.db");
+        {
+            let store = Store::open(&path).unwrap();
+            assert_eq!(store.schema_version(), MIGRATIONS.len() as u32);
+            let mut def = DomainDef::new("a");
+            def.uuid = Some("00000000-0000-0000-0000-000000000001".into());
+            store
+                .put(&StoredDomain {
+                    def,
+                    persistent: true,
+                    autostart: true,
+                    state: DomainState::Shutoff,
+                    reason: StateReason::Unknown,
+                    runtime: None,
+                })
+                .unwrap();
+            assert_eq!(store.next_id().unwrap(), 1);
+            assert_eq!(store.next_id().unwrap(), 2);
+        }
+        let store = Store::open(&path).unwrap();
+        let all = store.load_all().unwrap();
+        assert_eq!(all.len(), 1);
+        assert!(all[0].autostart);
+        assert_eq!(store.next_id().unwrap(), 3);
+        let mode: String = store.conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+        assert_eq!(mode, "wal");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
