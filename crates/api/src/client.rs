@@ -165,10 +165,22 @@ impl Client {
         format: DefFormat,
         transient: bool,
     ) -> Result<DefineResponse, ClientError> {
-        let path = if transient {
-            "/v1/domains?create=true"
-        } else {
-            "/v1/domains"
+        self.define_opts(text, format, transient, false)
+    }
+
+    /// `dry_run`: the daemon runs every check and stores nothing.
+    pub fn define_opts(
+        &self,
+        text: &str,
+        format: DefFormat,
+        transient: bool,
+        dry_run: bool,
+    ) -> Result<DefineResponse, ClientError> {
+        let path = match (transient, dry_run) {
+            (false, false) => "/v1/domains",
+            (true, false) => "/v1/domains?create=true",
+            (false, true) => "/v1/domains?dry_run=true",
+            (true, true) => "/v1/domains?create=true&dry_run=true",
         };
         let resp = self.raw("POST", path, Some(format.content_type()), text.as_bytes())?;
         serde_json::from_slice(&resp.body).map_err(|e| ClientError::Protocol(e.to_string()))
@@ -241,6 +253,16 @@ impl Client {
     pub fn create_volume(&self, req: &VolumeCreateRequest) -> Result<VolumeInfo, ClientError> {
         let body = serde_json::to_string(req).unwrap_or_default();
         self.json("POST", "/v1/pools/default/volumes", Some(body))
+    }
+
+    pub fn delete_volume(&self, name: &str) -> Result<(), ClientError> {
+        self.raw(
+            "DELETE",
+            &format!("/v1/pools/default/volumes/{}", percent_encode(name)),
+            None,
+            b"",
+        )
+        .map(|_| ())
     }
 
     pub fn network_exists(&self, name: &str) -> Result<bool, ClientError> {

@@ -14,6 +14,8 @@ pub struct VersionInfo {
     /// Why that driver is the default (e.g. "kvm_pvm loaded: nested PVM cannot boot Linux").
     pub default_reason: String,
     pub drivers: Vec<String>,
+    /// The default storage pool's folder (state-dir/images).
+    pub images_dir: String,
 }
 
 /// Answer of define/create: the domain plus warnings about unsupported input that was ignored.

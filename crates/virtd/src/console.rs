@@ -28,14 +28,26 @@ struct CappedLog {
 impl CappedLog {
     fn open(path: &Path) -> Self {
         let file = OpenOptions::new().create(true).append(true).open(path).ok();
-        let size = file.as_ref().and_then(|f| f.metadata().ok()).map(|m| m.len()).unwrap_or(0);
-        CappedLog { path: path.to_path_buf(), file, size }
+        let size = file
+            .as_ref()
+            .and_then(|f| f.metadata().ok())
+            .map(|m| m.len())
+            .unwrap_or(0);
+        CappedLog {
+            path: path.to_path_buf(),
+            file,
+            size,
+        }
     }
 
     fn write(&mut self, data: &[u8]) {
         if self.size + data.len() as u64 > LOG_CAP {
             let _ = fs::rename(&self.path, rotated(&self.path));
-            self.file = OpenOptions::new().create(true).append(true).open(&self.path).ok();
+            self.file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)
+                .ok();
             self.size = 0;
         }
         if let Some(f) = &mut self.file {
@@ -72,13 +84,20 @@ impl ConsoleHub {
             match UnixStream::connect(serial_socket) {
                 Ok(s) => break s,
                 Err(e) if Instant::now() > deadline => {
-                    return Err(format!("cannot connect to serial socket {}: {e}", serial_socket.display()))
+                    return Err(format!(
+                        "cannot connect to serial socket {}: {e}",
+                        serial_socket.display()
+                    ))
                 }
                 Err(_) => std::thread::sleep(Duration::from_millis(5)),
             }
         };
         let reader = stream.try_clone().map_err(|e| e.to_string())?;
-        let hub = Arc::new(ConsoleHub { log_path, clients: Mutex::new(Vec::new()), vm: Mutex::new(Some(stream)) });
+        let hub = Arc::new(ConsoleHub {
+            log_path,
+            clients: Mutex::new(Vec::new()),
+            vm: Mutex::new(Some(stream)),
+        });
         let pump = hub.clone();
         std::thread::Builder::new()
             .name("console".into())
@@ -127,28 +146,32 @@ impl ConsoleHub {
                 let _ = client.write_all(&tail);
             }
         }
-        let Ok(mut input) = client.try_clone() else { return };
+        let Ok(mut input) = client.try_clone() else {
+            return;
+        };
         if let Ok(mut clients) = self.clients.lock() {
             clients.push(client);
         }
         let hub = self.clone();
-        let _ = std::thread::Builder::new().name("console-in".into()).spawn(move || {
-            let mut buf = [0u8; 1024];
-            loop {
-                let n = match input.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => n,
-                };
-                let ok = match hub.vm.lock() {
-                    Ok(mut vm) => vm.as_mut().is_some_and(|s| s.write_all(&buf[..n]).is_ok()),
-                    Err(_) => false,
-                };
-                if !ok {
-                    break;
+        let _ = std::thread::Builder::new()
+            .name("console-in".into())
+            .spawn(move || {
+                let mut buf = [0u8; 1024];
+                loop {
+                    let n = match input.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    let ok = match hub.vm.lock() {
+                        Ok(mut vm) => vm.as_mut().is_some_and(|s| s.write_all(&buf[..n]).is_ok()),
+                        Err(_) => false,
+                    };
+                    if !ok {
+                        break;
+                    }
                 }
-            }
-            let _ = input.shutdown(std::net::Shutdown::Both);
-        });
+                let _ = input.shutdown(std::net::Shutdown::Both);
+            });
     }
 
     pub fn is_connected(&self) -> bool {

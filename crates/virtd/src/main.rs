@@ -28,7 +28,12 @@ fn parse_args() -> Result<Paths, String> {
             Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
             _ => (arg.clone(), None),
         };
-        let mut value = |flag: &str| inline.clone().or_else(|| args.next()).ok_or(format!("{flag} needs a value"));
+        let mut value = |flag: &str| {
+            inline
+                .clone()
+                .or_else(|| args.next())
+                .ok_or(format!("{flag} needs a value"))
+        };
         match flag.as_str() {
             "--socket" => socket = Some(PathBuf::from(value("--socket")?)),
             "--state-dir" => state_dir = PathBuf::from(value("--state-dir")?),
@@ -45,18 +50,27 @@ fn parse_args() -> Result<Paths, String> {
         }
     }
     let socket = socket.unwrap_or_else(|| run_dir.join("ferrovirtd.sock"));
-    Ok(Paths { state_dir, run_dir, socket })
+    Ok(Paths {
+        state_dir,
+        run_dir,
+        socket,
+    })
 }
 
 /// One daemon per state dir: an exclusive lock held for the process's life.
 fn lock_state_dir(paths: &Paths) -> Result<fs::File, String> {
-    fs::create_dir_all(&paths.state_dir).map_err(|e| format!("cannot create {}: {e}", paths.state_dir.display()))?;
+    fs::create_dir_all(&paths.state_dir)
+        .map_err(|e| format!("cannot create {}: {e}", paths.state_dir.display()))?;
     let path = paths.state_dir.join("ferrovirtd.lock");
-    let file = fs::File::create(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let file =
+        fs::File::create(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
     // SAFETY: flock on a valid, open file descriptor.
     let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if rc != 0 {
-        return Err(format!("another ferrovirtd is using state dir {}", paths.state_dir.display()));
+        return Err(format!(
+            "another ferrovirtd is using state dir {}",
+            paths.state_dir.display()
+        ));
     }
     Ok(file)
 }
@@ -67,11 +81,15 @@ fn bind(paths: &Paths) -> Result<UnixListener, String> {
     }
     if paths.socket.exists() {
         if UnixStream::connect(&paths.socket).is_ok() {
-            return Err(format!("another daemon is listening on {}", paths.socket.display()));
+            return Err(format!(
+                "another daemon is listening on {}",
+                paths.socket.display()
+            ));
         }
         let _ = fs::remove_file(&paths.socket);
     }
-    let listener = UnixListener::bind(&paths.socket).map_err(|e| format!("cannot listen on {}: {e}", paths.socket.display()))?;
+    let listener = UnixListener::bind(&paths.socket)
+        .map_err(|e| format!("cannot listen on {}: {e}", paths.socket.display()))?;
     fs::set_permissions(&paths.socket, fs::Permissions::from_mode(0o660))
         .map_err(|e| format!("chmod {}: {e}", paths.socket.display()))?;
     Ok(listener)

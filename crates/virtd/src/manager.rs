@@ -52,7 +52,13 @@ fn mkdir(path: &std::path::Path) -> Result<(), String> {
 impl Manager {
     /// Open the state, reattach to running VMs, mark vanished ones, then autostart.
     pub fn open(paths: Paths) -> Result<Arc<Manager>, String> {
-        for dir in [&paths.state_dir, &paths.run_dir, &paths.images(), &paths.logs(), &paths.run_dir.join("vms")] {
+        for dir in [
+            &paths.state_dir,
+            &paths.run_dir,
+            &paths.images(),
+            &paths.logs(),
+            &paths.run_dir.join("vms"),
+        ] {
             mkdir(dir)?;
         }
         let store = Store::open(&paths.db())?;
@@ -61,7 +67,17 @@ impl Manager {
         let (default_type, default_reason) = host.default_driver();
         let doms = loaded
             .into_iter()
-            .map(|s| (s.def.name.clone(), Dom { stored: s, generation: 0, pending_reboot: false, console: None }))
+            .map(|s| {
+                (
+                    s.def.name.clone(),
+                    Dom {
+                        stored: s,
+                        generation: 0,
+                        pending_reboot: false,
+                        console: None,
+                    },
+                )
+            })
             .collect();
         let mgr = Arc::new_cyclic(|me| Manager {
             inner: Mutex::new(Inner { store, doms }),
@@ -98,7 +114,8 @@ impl Manager {
 
     fn ctx<'a>(&self, def: &'a DomainDef, id: u32, generation: u64) -> Result<VmCtx<'a>, ApiError> {
         let vm_dir = self.paths.vm_dir(&def.name);
-        fs::create_dir_all(&vm_dir).map_err(|e| ApiError::internal(format!("{}: {e}", vm_dir.display())))?;
+        fs::create_dir_all(&vm_dir)
+            .map_err(|e| ApiError::internal(format!("{}: {e}", vm_dir.display())))?;
         let me = self.me.clone();
         let name = def.name.clone();
         Ok(VmCtx {
@@ -119,7 +136,9 @@ impl Manager {
         let mut inner = self.lock();
         let names: Vec<String> = inner.doms.keys().cloned().collect();
         for name in &names {
-            let Some(dom) = inner.doms.get(name) else { continue };
+            let Some(dom) = inner.doms.get(name) else {
+                continue;
+            };
             if !dom.stored.state.is_active() {
                 continue;
             }
@@ -130,12 +149,17 @@ impl Manager {
                 .ctx(&def, runtime.id, generation)
                 .ok()
                 .and_then(|ctx| self.driver(self.vtype(&def)).reattach(ctx, &runtime));
-            let Some(dom) = inner.doms.get_mut(name) else { continue };
+            let Some(dom) = inner.doms.get_mut(name) else {
+                continue;
+            };
             dom.generation = generation;
             match started {
                 Some(s) => {
                     dom.console = s.console;
-                    eprintln!("ferrovirtd: reattached to domain '{name}' (pid {:?})", s.runtime.pid);
+                    eprintln!(
+                        "ferrovirtd: reattached to domain '{name}' (pid {:?})",
+                        s.runtime.pid
+                    );
                 }
                 None => {
                     eprintln!("ferrovirtd: domain '{name}' was running but its VM is gone; marking it shut off");
@@ -148,10 +172,9 @@ impl Manager {
             }
         }
         for name in &names {
-            let autostart = inner
-                .doms
-                .get(name)
-                .is_some_and(|d| d.stored.persistent && d.stored.autostart && !d.stored.state.is_active());
+            let autostart = inner.doms.get(name).is_some_and(|d| {
+                d.stored.persistent && d.stored.autostart && !d.stored.state.is_active()
+            });
             if autostart {
                 if let Err(e) = self.start_locked(&mut inner, name, StateReason::Booted) {
                     eprintln!("ferrovirtd: autostart of '{name}' failed: {e}");
@@ -162,7 +185,9 @@ impl Manager {
 
     /// Write the domain's row, or delete it when it is an inactive transient domain.
     fn persist_or_forget(&self, inner: &mut Inner, name: &str) {
-        let Some(dom) = inner.doms.get(name) else { return };
+        let Some(dom) = inner.doms.get(name) else {
+            return;
+        };
         let result = if !dom.stored.persistent && !dom.stored.state.is_active() {
             let r = inner.store.delete(name);
             inner.doms.remove(name);
@@ -180,7 +205,11 @@ impl Manager {
         let active = s.state.is_active();
         let log = self.paths.console_log(&s.def.name);
         DomainInfo {
-            id: if active { s.runtime.as_ref().map(|r| r.id) } else { None },
+            id: if active {
+                s.runtime.as_ref().map(|r| r.id)
+            } else {
+                None
+            },
             name: s.def.name.clone(),
             uuid: s.def.uuid.clone().unwrap_or_default(),
             virt_type: self.vtype(&s.def),
@@ -190,13 +219,26 @@ impl Manager {
             autostart: s.autostart,
             memory_mib: s.def.memory_mib,
             vcpus: s.def.vcpus,
-            pid: if active { s.runtime.as_ref().and_then(|r| r.pid) } else { None },
+            pid: if active {
+                s.runtime.as_ref().and_then(|r| r.pid)
+            } else {
+                None
+            },
             console_log: log.exists().then(|| log.to_string_lossy().into_owned()),
         }
     }
 
     fn get<'a>(inner: &'a Inner, name: &str) -> Result<&'a Dom, ApiError> {
-        inner.doms.get(name).or_else(|| inner.doms.values().find(|d| d.stored.def.uuid.as_deref() == Some(name))).ok_or_else(|| ApiError::no_domain(name))
+        inner
+            .doms
+            .get(name)
+            .or_else(|| {
+                inner
+                    .doms
+                    .values()
+                    .find(|d| d.stored.def.uuid.as_deref() == Some(name))
+            })
+            .ok_or_else(|| ApiError::no_domain(name))
     }
 
     /// Resolve a name or UUID to the domain's name.
@@ -206,7 +248,12 @@ impl Manager {
 
     pub fn list(&self, all: bool) -> Vec<DomainInfo> {
         let inner = self.lock();
-        inner.doms.values().filter(|d| all || d.stored.state.is_active()).map(|d| self.info(d)).collect()
+        inner
+            .doms
+            .values()
+            .filter(|d| all || d.stored.state.is_active())
+            .map(|d| self.info(d))
+            .collect()
     }
 
     pub fn domain(&self, name: &str) -> Result<DomainInfo, ApiError> {
@@ -220,9 +267,11 @@ impl Manager {
     }
 
     /// Checks every definition must pass before it is stored.
-    fn check_definition(&self, def: &DomainDef) -> Result<(), ApiError> {
+    /// Order matters for the user: what the driver cannot do at all comes before missing files.
+    /// `dry_run` skips files that would be created in the default pool (install checks first).
+    fn check_definition(&self, def: &DomainDef, dry_run: bool) -> Result<(), ApiError> {
         def.validate()?;
-        def.check_paths()?;
+        self.driver(self.vtype(def)).check(def)?;
         for nic in &def.interfaces {
             if nic.kind == InterfaceKind::Network {
                 return Err(ApiError::new(
@@ -233,19 +282,43 @@ impl Manager {
                     ),
                 ));
             }
-            if nic.kind == InterfaceKind::Bridge && !std::path::Path::new("/sys/class/net").join(&nic.source).join("bridge").exists() {
-                return Err(ApiError::invalid(format!("bridge '{}' does not exist on this host", nic.source)));
+            if nic.kind == InterfaceKind::Bridge
+                && !std::path::Path::new("/sys/class/net")
+                    .join(&nic.source)
+                    .join("bridge")
+                    .exists()
+            {
+                return Err(ApiError::invalid(format!(
+                    "bridge '{}' does not exist on this host",
+                    nic.source
+                )));
             }
         }
-        self.driver(self.vtype(def)).check(def)
+        if dry_run {
+            let pool = self.paths.images();
+            let mut planned = def.clone();
+            planned
+                .disks
+                .retain(|d| !(d.path.starts_with(&pool) && !d.path.exists()));
+            planned.check_paths()
+        } else {
+            def.check_paths()
+        }
     }
 
     /// Define a persistent domain, or (transient) create and start one.
-    pub fn define(&self, mut def: DomainDef, warnings: Vec<String>, transient: bool) -> Result<DefineResponse, ApiError> {
+    /// `dry_run`: run every check (including the name and uuid checks) and store nothing.
+    pub fn define(
+        &self,
+        mut def: DomainDef,
+        warnings: Vec<String>,
+        transient: bool,
+        dry_run: bool,
+    ) -> Result<DefineResponse, ApiError> {
         if def.virt_type.is_none() {
             def.virt_type = Some(self.default_type);
         }
-        self.check_definition(&def)?;
+        self.check_definition(&def, dry_run)?;
         for nic in &mut def.interfaces {
             if nic.mac.is_none() {
                 nic.mac = Some(new_mac());
@@ -253,7 +326,11 @@ impl Manager {
         }
         let mut inner = self.lock();
         if let Some(uuid) = &def.uuid {
-            if let Some(other) = inner.doms.values().find(|d| d.stored.def.uuid.as_ref() == Some(uuid) && d.stored.def.name != def.name) {
+            if let Some(other) = inner
+                .doms
+                .values()
+                .find(|d| d.stored.def.uuid.as_ref() == Some(uuid) && d.stored.def.name != def.name)
+            {
                 return Err(ApiError::new(
                     ErrorCode::DomainExists,
                     format!("domain '{}' already has uuid {uuid}", other.stored.def.name),
@@ -276,6 +353,15 @@ impl Manager {
             // Redefinition with the same uuid: the new definition applies at the next start.
             let mut stored = existing.stored.clone();
             stored.def = def;
+            if dry_run {
+                let domain = self.info(&Dom {
+                    stored,
+                    generation: 0,
+                    pending_reboot: false,
+                    console: None,
+                });
+                return Ok(DefineResponse { domain, warnings });
+            }
             inner.store.put(&stored)?;
             let name = stored.def.name.clone();
             if let Some(dom) = inner.doms.get_mut(&name) {
@@ -289,6 +375,25 @@ impl Manager {
             def.uuid = Some(new_uuid());
         }
         let name = def.name.clone();
+        if dry_run {
+            let dom = Dom {
+                stored: StoredDomain {
+                    def,
+                    persistent: !transient,
+                    autostart: false,
+                    state: DomainState::Shutoff,
+                    reason: StateReason::Unknown,
+                    runtime: None,
+                },
+                generation: 0,
+                pending_reboot: false,
+                console: None,
+            };
+            return Ok(DefineResponse {
+                domain: self.info(&dom),
+                warnings,
+            });
+        }
         let stored = StoredDomain {
             def,
             persistent: !transient,
@@ -299,14 +404,30 @@ impl Manager {
         };
         if transient {
             // Nothing is stored unless the VM actually starts.
-            inner.doms.insert(name.clone(), Dom { stored, generation: 0, pending_reboot: false, console: None });
+            inner.doms.insert(
+                name.clone(),
+                Dom {
+                    stored,
+                    generation: 0,
+                    pending_reboot: false,
+                    console: None,
+                },
+            );
             if let Err(e) = self.start_locked(&mut inner, &name, StateReason::Booted) {
                 inner.doms.remove(&name);
                 return Err(e);
             }
         } else {
             inner.store.put(&stored)?;
-            inner.doms.insert(name.clone(), Dom { stored, generation: 0, pending_reboot: false, console: None });
+            inner.doms.insert(
+                name.clone(),
+                Dom {
+                    stored,
+                    generation: 0,
+                    pending_reboot: false,
+                    console: None,
+                },
+            );
             self.events.emit(&name, EventKind::Defined, "added");
         }
         let domain = self.info(Self::get(&inner, &name)?);
@@ -339,8 +460,16 @@ impl Manager {
         Ok(())
     }
 
-    fn start_locked(&self, inner: &mut Inner, name: &str, reason: StateReason) -> Result<(), ApiError> {
-        let dom = inner.doms.get(name).ok_or_else(|| ApiError::no_domain(name))?;
+    fn start_locked(
+        &self,
+        inner: &mut Inner,
+        name: &str,
+        reason: StateReason,
+    ) -> Result<(), ApiError> {
+        let dom = inner
+            .doms
+            .get(name)
+            .ok_or_else(|| ApiError::no_domain(name))?;
         let def = dom.stored.def.clone();
         let generation = dom.generation + 1;
         def.check_paths()?;
@@ -348,7 +477,10 @@ impl Manager {
         rotate_for_boot(&self.paths.console_log(name));
         let ctx = self.ctx(&def, id, generation)?;
         let started = self.driver(self.vtype(&def)).start(ctx)?;
-        let dom = inner.doms.get_mut(name).ok_or_else(|| ApiError::no_domain(name))?;
+        let dom = inner
+            .doms
+            .get_mut(name)
+            .ok_or_else(|| ApiError::no_domain(name))?;
         dom.generation = generation;
         dom.pending_reboot = false;
         dom.console = started.console;
@@ -358,7 +490,11 @@ impl Manager {
         let stored = dom.stored.clone();
         if let Err(e) = inner.store.put(&stored) {
             // Not recorded means not started: take the VM down again rather than lose track of it.
-            let _ = self.driver(self.vtype(&def)).destroy(&def, &self.paths.vm_dir(name), stored.runtime.as_ref().unwrap_or(&Default::default()));
+            let _ = self.driver(self.vtype(&def)).destroy(
+                &def,
+                &self.paths.vm_dir(name),
+                stored.runtime.as_ref().unwrap_or(&Default::default()),
+            );
             if let Some(d) = inner.doms.get_mut(name) {
                 d.generation += 1;
                 d.stored.state = DomainState::Shutoff;
@@ -386,12 +522,18 @@ impl Manager {
             if ok {
                 Ok(())
             } else {
-                Err(ApiError::wrong_state(format!("domain '{name}' is {}: {what}", state.display())))
+                Err(ApiError::wrong_state(format!(
+                    "domain '{name}' is {}: {what}",
+                    state.display()
+                )))
             }
         };
         match verb {
             "start" => {
-                need(!state.is_active(), "it is already active (destroy or shutdown it first)")?;
+                need(
+                    !state.is_active(),
+                    "it is already active (destroy or shutdown it first)",
+                )?;
                 self.start_locked(&mut inner, &name, StateReason::Booted)?;
             }
             "shutdown" | "reboot" => {
@@ -407,7 +549,12 @@ impl Manager {
             "destroy" => {
                 need(state.is_active(), "it is not running")?;
                 driver.destroy(&def, &vm_dir, &runtime)?;
-                self.stopped(&mut inner, &name, DomainState::Shutoff, StateReason::Destroyed);
+                self.stopped(
+                    &mut inner,
+                    &name,
+                    DomainState::Shutoff,
+                    StateReason::Destroyed,
+                );
                 self.events.emit(&name, EventKind::Stopped, "destroyed");
                 self.persist_or_forget(&mut inner, &name);
             }
@@ -416,18 +563,34 @@ impl Manager {
                 driver.reset(&def, &vm_dir, &runtime)?;
             }
             "suspend" => {
-                need(state == DomainState::Running, "only a running domain can be suspended")?;
+                need(
+                    state == DomainState::Running,
+                    "only a running domain can be suspended",
+                )?;
                 driver.suspend(&def, &vm_dir, &runtime)?;
                 self.set_state(&mut inner, &name, DomainState::Paused, StateReason::User)?;
                 self.events.emit(&name, EventKind::Suspended, "paused");
             }
             "resume" => {
-                need(state == DomainState::Paused, "only a paused domain can be resumed")?;
+                need(
+                    state == DomainState::Paused,
+                    "only a paused domain can be resumed",
+                )?;
                 driver.resume(&def, &vm_dir, &runtime)?;
-                self.set_state(&mut inner, &name, DomainState::Running, StateReason::Unpaused)?;
+                self.set_state(
+                    &mut inner,
+                    &name,
+                    DomainState::Running,
+                    StateReason::Unpaused,
+                )?;
                 self.events.emit(&name, EventKind::Resumed, "unpaused");
             }
-            other => return Err(ApiError::new(ErrorCode::NotFound, format!("unknown domain operation '{other}'"))),
+            other => {
+                return Err(ApiError::new(
+                    ErrorCode::NotFound,
+                    format!("unknown domain operation '{other}'"),
+                ))
+            }
         }
         // A transient domain that stopped is gone.
         match inner.doms.get(&name) {
@@ -455,8 +618,17 @@ impl Manager {
         }
     }
 
-    fn set_state(&self, inner: &mut Inner, name: &str, state: DomainState, reason: StateReason) -> Result<(), ApiError> {
-        let dom = inner.doms.get_mut(name).ok_or_else(|| ApiError::no_domain(name))?;
+    fn set_state(
+        &self,
+        inner: &mut Inner,
+        name: &str,
+        state: DomainState,
+        reason: StateReason,
+    ) -> Result<(), ApiError> {
+        let dom = inner
+            .doms
+            .get_mut(name)
+            .ok_or_else(|| ApiError::no_domain(name))?;
         let mut stored = dom.stored.clone();
         stored.state = state;
         stored.reason = reason;
@@ -482,7 +654,11 @@ impl Manager {
     /// A driver's monitor saw the VM end by itself.
     fn vm_exited(&self, name: &str, generation: u64, kind: ExitKind) {
         let mut inner = self.lock();
-        if inner.doms.get(name).is_none_or(|d| d.generation != generation) {
+        if inner
+            .doms
+            .get(name)
+            .is_none_or(|d| d.generation != generation)
+        {
             return;
         }
         self.apply_exit(&mut inner, name, kind);
@@ -490,14 +666,44 @@ impl Manager {
 
     /// Apply on_poweroff / on_reboot / on_crash after the VM ended.
     fn apply_exit(&self, inner: &mut Inner, name: &str, kind: ExitKind) {
-        let Some(dom) = inner.doms.get(name) else { return };
-        let kind = if dom.pending_reboot && kind == ExitKind::Poweroff { ExitKind::Reboot } else { kind };
+        let Some(dom) = inner.doms.get(name) else {
+            return;
+        };
+        let kind = if dom.pending_reboot && kind == ExitKind::Poweroff {
+            ExitKind::Reboot
+        } else {
+            kind
+        };
         let def = &dom.stored.def;
         let (action, state, reason, event, detail) = match kind {
-            ExitKind::Poweroff => (def.on_poweroff, DomainState::Shutoff, StateReason::Shutdown, EventKind::Shutdown, "guest powered off"),
-            ExitKind::Reboot => (def.on_reboot, DomainState::Shutoff, StateReason::Shutdown, EventKind::Shutdown, "guest rebooted"),
-            ExitKind::Crash => (def.on_crash, DomainState::Crashed, StateReason::Crashed, EventKind::Crashed, "guest crashed"),
-            ExitKind::Destroyed => (Action::Destroy, DomainState::Shutoff, StateReason::Destroyed, EventKind::Stopped, "destroyed"),
+            ExitKind::Poweroff => (
+                def.on_poweroff,
+                DomainState::Shutoff,
+                StateReason::Shutdown,
+                EventKind::Shutdown,
+                "guest powered off",
+            ),
+            ExitKind::Reboot => (
+                def.on_reboot,
+                DomainState::Shutoff,
+                StateReason::Shutdown,
+                EventKind::Shutdown,
+                "guest rebooted",
+            ),
+            ExitKind::Crash => (
+                def.on_crash,
+                DomainState::Crashed,
+                StateReason::Crashed,
+                EventKind::Crashed,
+                "guest crashed",
+            ),
+            ExitKind::Destroyed => (
+                Action::Destroy,
+                DomainState::Shutoff,
+                StateReason::Destroyed,
+                EventKind::Stopped,
+                "destroyed",
+            ),
         };
         self.stopped(inner, name, state, reason);
         self.events.emit(name, event, detail);
@@ -520,18 +726,28 @@ impl Manager {
         let name = Self::resolve(&inner, name)?;
         let dom = Self::get(&inner, &name)?;
         if !dom.stored.persistent {
-            return Err(ApiError::wrong_state(format!("domain '{name}' is transient: autostart needs a defined domain")));
+            return Err(ApiError::wrong_state(format!(
+                "domain '{name}' is transient: autostart needs a defined domain"
+            )));
         }
         let mut stored = dom.stored.clone();
         stored.autostart = autostart;
         inner.store.put(&stored)?;
-        let dom = inner.doms.get_mut(&name).ok_or_else(|| ApiError::no_domain(&name))?;
+        let dom = inner
+            .doms
+            .get_mut(&name)
+            .ok_or_else(|| ApiError::no_domain(&name))?;
         dom.stored = stored;
         Ok(self.info(dom))
     }
 
     /// setmem / setvcpus: change the persistent definition (applies at the next start).
-    pub fn update_config(&self, name: &str, config: bool, change: impl FnOnce(&mut DomainDef)) -> Result<DomainInfo, ApiError> {
+    pub fn update_config(
+        &self,
+        name: &str,
+        config: bool,
+        change: impl FnOnce(&mut DomainDef),
+    ) -> Result<DomainInfo, ApiError> {
         let mut inner = self.lock();
         let name = Self::resolve(&inner, name)?;
         let dom = Self::get(&inner, &name)?;
@@ -541,13 +757,18 @@ impl Manager {
             )));
         }
         if !dom.stored.persistent {
-            return Err(ApiError::wrong_state(format!("domain '{name}' is transient: it has no persistent configuration")));
+            return Err(ApiError::wrong_state(format!(
+                "domain '{name}' is transient: it has no persistent configuration"
+            )));
         }
         let mut stored = dom.stored.clone();
         change(&mut stored.def);
         stored.def.validate()?;
         inner.store.put(&stored)?;
-        let dom = inner.doms.get_mut(&name).ok_or_else(|| ApiError::no_domain(&name))?;
+        let dom = inner
+            .doms
+            .get_mut(&name)
+            .ok_or_else(|| ApiError::no_domain(&name))?;
         dom.stored = stored;
         Ok(self.info(dom))
     }
@@ -556,25 +777,56 @@ impl Manager {
         let inner = self.lock();
         let dom = Self::get(&inner, name)?;
         if !dom.stored.state.is_active() {
-            return Err(ApiError::wrong_state(format!("domain '{name}' is not running")));
+            return Err(ApiError::wrong_state(format!(
+                "domain '{name}' is not running"
+            )));
         }
         let port = dom.stored.runtime.as_ref().and_then(|r| r.vnc_port);
-        Ok(DisplayInfo { uri: port.map(|p| format!("vnc://127.0.0.1:{}", p.saturating_sub(5900))) })
+        Ok(DisplayInfo {
+            uri: port.map(|p| format!("vnc://127.0.0.1:{}", p.saturating_sub(5900))),
+        })
     }
 
     pub fn console(&self, name: &str) -> Result<Arc<ConsoleHub>, ApiError> {
         let inner = self.lock();
         let dom = Self::get(&inner, name)?;
         if !dom.stored.state.is_active() {
-            return Err(ApiError::wrong_state(format!("domain '{name}' is not running (start it with `ferrovirt start --console {name}`)")));
+            return Err(ApiError::wrong_state(format!(
+                "domain '{name}' is not running (start it with `ferrovirt start --console {name}`)"
+            )));
         }
-        dom.console.clone().filter(|c| c.is_connected()).ok_or_else(|| {
-            ApiError::not_supported(format!("domain '{name}' has no serial console (the test driver simulates none)"))
-        })
+        dom.console
+            .clone()
+            .filter(|c| c.is_connected())
+            .ok_or_else(|| {
+                ApiError::not_supported(format!(
+                    "domain '{name}' has no serial console (the test driver simulates none)"
+                ))
+            })
     }
 
     pub fn create_volume(&self, req: &VolumeCreateRequest) -> Result<VolumeInfo, ApiError> {
         let _guard = self.lock();
         volume::create(&self.paths.images(), req)
+    }
+
+    /// Delete a volume of the default pool, unless a domain uses it.
+    pub fn delete_volume(&self, name: &str) -> Result<(), ApiError> {
+        let inner = self.lock();
+        let path = self.paths.images().join(name);
+        if let Some(user) = inner
+            .doms
+            .values()
+            .find(|d| d.stored.def.disks.iter().any(|disk| disk.path == path))
+        {
+            return Err(ApiError::new(
+                ErrorCode::StorageError,
+                format!(
+                    "volume '{name}' is used by domain '{}'",
+                    user.stored.def.name
+                ),
+            ));
+        }
+        volume::delete(&self.paths.images(), name)
     }
 }

@@ -60,7 +60,9 @@ impl Paths {
 /// True when the process exists and is not a zombie (orphans are reaped late on these hosts).
 pub fn pid_alive(pid: u32) -> bool {
     match fs::read_to_string(format!("/proc/{pid}/status")) {
-        Ok(status) => !status.lines().any(|l| l.starts_with("State:") && l.contains('Z')),
+        Ok(status) => !status
+            .lines()
+            .any(|l| l.starts_with("State:") && l.contains('Z')),
         Err(_) => false,
     }
 }
@@ -68,7 +70,9 @@ pub fn pid_alive(pid: u32) -> bool {
 /// True when the live process's command line contains `needle` as one argument.
 pub fn pid_has_arg(pid: u32, needle: &str) -> bool {
     match fs::read(format!("/proc/{pid}/cmdline")) {
-        Ok(cmd) => cmd.split(|b| *b == 0).any(|a| a == needle.as_bytes() || contains(a, needle.as_bytes())),
+        Ok(cmd) => cmd
+            .split(|b| *b == 0)
+            .any(|a| a == needle.as_bytes() || contains(a, needle.as_bytes())),
         Err(_) => false,
     }
 }
@@ -105,7 +109,14 @@ pub fn new_uuid() -> String {
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }
 
 /// Random locally administered MAC in QEMU's 52:54:00 range.
@@ -115,5 +126,8 @@ pub fn new_mac() -> String {
 }
 
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }

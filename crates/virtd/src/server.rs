@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use ferrovirt_api::error::ErrorBody;
 use ferrovirt_api::http::{self, percent_decode, Request};
-use ferrovirt_api::msg::{AutostartRequest, DomainResponse, MemoryRequest, VcpusRequest, VersionInfo, VolumeCreateRequest};
+use ferrovirt_api::msg::{
+    AutostartRequest, DomainResponse, MemoryRequest, VcpusRequest, VersionInfo, VolumeCreateRequest,
+};
 use ferrovirt_api::{xml, ApiError, DomainDef, ErrorCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -26,33 +28,46 @@ enum Reply {
 }
 
 fn json<T: Serialize>(status: u16, value: &T) -> Reply {
-    Reply::Json(status, serde_json::to_string(value).unwrap_or_else(|_| "{}".into()))
+    Reply::Json(
+        status,
+        serde_json::to_string(value).unwrap_or_else(|_| "{}".into()),
+    )
 }
 
 pub fn serve(listener: UnixListener, mgr: Arc<Manager>) {
     for conn in listener.incoming() {
         let Ok(stream) = conn else { continue };
         let mgr = mgr.clone();
-        let _ = std::thread::Builder::new().name("api".into()).spawn(move || handle(stream, &mgr));
+        let _ = std::thread::Builder::new()
+            .name("api".into())
+            .spawn(move || handle(stream, &mgr));
     }
 }
 
 fn handle(stream: UnixStream, mgr: &Manager) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
-    let Ok(mut out) = stream.try_clone() else { return };
+    let Ok(mut out) = stream.try_clone() else {
+        return;
+    };
     let mut reader = BufReader::new(stream);
     let req = match http::read_request(&mut reader) {
         Ok(Some(r)) => r,
         Ok(None) => return,
         Err(e) => {
-            let _ = write_error(&mut out, &ApiError::malformed(format!("bad HTTP request: {e}")));
+            let _ = write_error(
+                &mut out,
+                &ApiError::malformed(format!("bad HTTP request: {e}")),
+            );
             return;
         }
     };
     let _ = out.set_read_timeout(None);
-    let reply = route(&req, mgr, &out).unwrap_or_else(|e| Reply::Json(e.code.http_status(), error_json(&e)));
+    let reply = route(&req, mgr, &out)
+        .unwrap_or_else(|e| Reply::Json(e.code.http_status(), error_json(&e)));
     let _ = match reply {
-        Reply::Json(status, body) => http::write_response(&mut out, status, "application/json", body.as_bytes()),
+        Reply::Json(status, body) => {
+            http::write_response(&mut out, status, "application/json", body.as_bytes())
+        }
         Reply::Text(ct, body) => http::write_response(&mut out, 200, ct, body.as_bytes()),
         Reply::Empty => http::write_response(&mut out, 204, "", b""),
         Reply::Taken => Ok(()),
@@ -64,11 +79,17 @@ fn error_json(e: &ApiError) -> String {
 }
 
 fn write_error(out: &mut UnixStream, e: &ApiError) -> std::io::Result<()> {
-    http::write_response(out, e.code.http_status(), "application/json", error_json(e).as_bytes())
+    http::write_response(
+        out,
+        e.code.http_status(),
+        "application/json",
+        error_json(e).as_bytes(),
+    )
 }
 
 fn body<T: DeserializeOwned>(req: &Request) -> Result<T, ApiError> {
-    serde_json::from_slice(&req.body).map_err(|e| ApiError::malformed(format!("invalid JSON body: {e}")))
+    serde_json::from_slice(&req.body)
+        .map_err(|e| ApiError::malformed(format!("invalid JSON body: {e}")))
 }
 
 fn flag(req: &Request, name: &str) -> bool {
@@ -77,9 +98,12 @@ fn flag(req: &Request, name: &str) -> bool {
 
 /// Parse a definition in JSON, libvirt XML or TOML (by Content-Type, else by its first character).
 fn parse_definition(req: &Request) -> Result<(DomainDef, Vec<String>), ApiError> {
-    let text = std::str::from_utf8(&req.body).map_err(|_| ApiError::malformed("the definition is not UTF-8 text"))?;
+    let text = std::str::from_utf8(&req.body)
+        .map_err(|_| ApiError::malformed("the definition is not UTF-8 text"))?;
     if text.trim().is_empty() {
-        return Err(ApiError::malformed("the request body is empty: send a domain definition (JSON, TOML or libvirt XML)"));
+        return Err(ApiError::malformed(
+            "the request body is empty: send a domain definition (JSON, TOML or libvirt XML)",
+        ));
     }
     let ct = req.header("content-type").unwrap_or("");
     let kind = if ct.contains("xml") {
@@ -105,7 +129,12 @@ fn parse_definition(req: &Request) -> Result<(DomainDef, Vec<String>), ApiError>
 }
 
 fn route(req: &Request, mgr: &Manager, conn: &UnixStream) -> Result<Reply, ApiError> {
-    let segments: Vec<String> = req.path.trim_matches('/').split('/').map(percent_decode).collect();
+    let segments: Vec<String> = req
+        .path
+        .trim_matches('/')
+        .split('/')
+        .map(percent_decode)
+        .collect();
     let seg: Vec<&str> = segments.iter().map(String::as_str).collect();
     let method = req.method.as_str();
     match (method, seg.as_slice()) {
@@ -120,13 +149,19 @@ fn route(req: &Request, mgr: &Manager, conn: &UnixStream) -> Result<Reply, ApiEr
                     default_driver: mgr.default_type.as_str().into(),
                     default_reason: mgr.default_reason.clone(),
                     drivers,
+                    images_dir: mgr.paths.images().to_string_lossy().into_owned(),
                 },
             ))
         }
         ("GET", ["v1", "domains"]) => Ok(json(200, &mgr.list(flag(req, "all")))),
         ("POST", ["v1", "domains"]) => {
             let (def, warnings) = parse_definition(req)?;
-            Ok(json(201, &mgr.define(def, warnings, flag(req, "create"))?))
+            let dry_run = flag(req, "dry_run");
+            let status = if dry_run { 200 } else { 201 };
+            Ok(json(
+                status,
+                &mgr.define(def, warnings, flag(req, "create"), dry_run)?,
+            ))
         }
         ("GET", ["v1", "domains", name]) => Ok(json(200, &mgr.domain(name)?)),
         ("DELETE", ["v1", "domains", name]) => {
@@ -135,20 +170,31 @@ fn route(req: &Request, mgr: &Manager, conn: &UnixStream) -> Result<Reply, ApiEr
         }
         ("GET", ["v1", "domains", name, "xml"]) => {
             let def = mgr.definition(name)?;
-            Ok(Reply::Text("application/xml", xml::emit(&def, mgr.default_type)))
+            Ok(Reply::Text(
+                "application/xml",
+                xml::emit(&def, mgr.default_type),
+            ))
         }
         ("GET", ["v1", "domains", name, "definition"]) => {
             let def = mgr.definition(name)?;
             match req.query("format") {
                 Some("toml") => Ok(Reply::Text("application/toml", def.to_toml())),
                 None | Some("json") => Ok(json(200, &def)),
-                Some(other) => Err(ApiError::new(ErrorCode::InvalidArgument, format!("format '{other}' is not json or toml"))),
+                Some(other) => Err(ApiError::new(
+                    ErrorCode::InvalidArgument,
+                    format!("format '{other}' is not json or toml"),
+                )),
             }
         }
         ("GET", ["v1", "domains", name, "display"]) => Ok(json(200, &mgr.display(name)?)),
         ("PUT", ["v1", "domains", name, "autostart"]) => {
             let r: AutostartRequest = body(req)?;
-            Ok(json(200, &DomainResponse { domain: mgr.set_autostart(name, r.autostart)? }))
+            Ok(json(
+                200,
+                &DomainResponse {
+                    domain: mgr.set_autostart(name, r.autostart)?,
+                },
+            ))
         }
         ("PUT", ["v1", "domains", name, "memory"]) => {
             let r: MemoryRequest = body(req)?;
@@ -162,13 +208,20 @@ fn route(req: &Request, mgr: &Manager, conn: &UnixStream) -> Result<Reply, ApiEr
         }
         ("POST", ["v1", "domains", name, "console"]) => {
             let hub = mgr.console(name)?;
-            let mut out = conn.try_clone().map_err(|e| ApiError::internal(e.to_string()))?;
+            let mut out = conn
+                .try_clone()
+                .map_err(|e| ApiError::internal(e.to_string()))?;
             out.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: console\r\nConnection: Upgrade\r\n\r\n")
                 .map_err(|e| ApiError::internal(e.to_string()))?;
             hub.attach(out, flag(req, "replay"));
             Ok(Reply::Taken)
         }
-        ("POST", ["v1", "domains", name, verb]) => Ok(json(200, &DomainResponse { domain: mgr.action(name, verb)? })),
+        ("POST", ["v1", "domains", name, verb]) => Ok(json(
+            200,
+            &DomainResponse {
+                domain: mgr.action(name, verb)?,
+            },
+        )),
         ("GET", ["v1", "events"]) => {
             stream_events(mgr, conn);
             Ok(Reply::Taken)
@@ -181,14 +234,23 @@ fn route(req: &Request, mgr: &Manager, conn: &UnixStream) -> Result<Reply, ApiEr
             let r: VolumeCreateRequest = body(req)?;
             Ok(json(201, &mgr.create_volume(&r)?))
         }
-        _ => Err(ApiError::new(ErrorCode::NotFound, format!("no API route {method} {}", req.path))),
+        ("DELETE", ["v1", "pools", "default", "volumes", name]) => {
+            mgr.delete_volume(name)?;
+            Ok(Reply::Empty)
+        }
+        _ => Err(ApiError::new(
+            ErrorCode::NotFound,
+            format!("no API route {method} {}", req.path),
+        )),
     }
 }
 
 /// Server-sent events: one `event: lifecycle` per domain event, a comment every 15 s as keep-alive.
 fn stream_events(mgr: &Manager, conn: &UnixStream) {
     let rx = mgr.events.subscribe();
-    let Ok(mut out) = conn.try_clone() else { return };
+    let Ok(mut out) = conn.try_clone() else {
+        return;
+    };
     let _ = out.set_write_timeout(Some(Duration::from_secs(10)));
     if out
         .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n: ferrovirtd events\n\n")
@@ -198,11 +260,18 @@ fn stream_events(mgr: &Manager, conn: &UnixStream) {
     }
     loop {
         let chunk = match rx.recv_timeout(Duration::from_secs(15)) {
-            Ok(ev) => format!("event: lifecycle\ndata: {}\n\n", serde_json::to_string(&ev).unwrap_or_default()),
+            Ok(ev) => format!(
+                "event: lifecycle\ndata: {}\n\n",
+                serde_json::to_string(&ev).unwrap_or_default()
+            ),
             Err(RecvTimeoutError::Timeout) => ": keep-alive\n\n".to_string(),
             Err(RecvTimeoutError::Disconnected) => return,
         };
-        if out.write_all(chunk.as_bytes()).and_then(|_| out.flush()).is_err() {
+        if out
+            .write_all(chunk.as_bytes())
+            .and_then(|_| out.flush())
+            .is_err()
+        {
             return;
         }
     }

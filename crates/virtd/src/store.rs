@@ -45,17 +45,23 @@ fn db_err(e: rusqlite::Error) -> ApiError {
 
 impl Store {
     pub fn open(path: &Path) -> Result<Store, String> {
-        let conn = Connection::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(|e| e.to_string())?;
-        conn.pragma_update(None, "synchronous", "FULL").map_err(|e| e.to_string())?;
-        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(|e| e.to_string())?;
+        let conn =
+            Connection::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(|e| e.to_string())?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(|e| e.to_string())?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(|e| e.to_string())?;
         let mut store = Store { conn };
         store.migrate()?;
         Ok(store)
     }
 
     pub fn schema_version(&self) -> u32 {
-        self.conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap_or(0)
+        self.conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap_or(0)
     }
 
     fn migrate(&mut self) -> Result<(), String> {
@@ -68,8 +74,10 @@ impl Store {
         }
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
             let tx = self.conn.transaction().map_err(|e| e.to_string())?;
-            tx.execute_batch(sql).map_err(|e| format!("migration to v{}: {e}", i + 1))?;
-            tx.pragma_update(None, "user_version", (i + 1) as u32).map_err(|e| e.to_string())?;
+            tx.execute_batch(sql)
+                .map_err(|e| format!("migration to v{}: {e}", i + 1))?;
+            tx.pragma_update(None, "user_version", (i + 1) as u32)
+                .map_err(|e| e.to_string())?;
             tx.commit().map_err(|e| e.to_string())?;
         }
         Ok(())
@@ -94,8 +102,10 @@ impl Store {
             .map_err(|e| e.to_string())?;
         let mut out = Vec::new();
         for row in rows {
-            let (def, persistent, autostart, state, reason, runtime) = row.map_err(|e| e.to_string())?;
-            let def: DomainDef = serde_json::from_str(&def).map_err(|e| format!("stored definition: {e}"))?;
+            let (def, persistent, autostart, state, reason, runtime) =
+                row.map_err(|e| e.to_string())?;
+            let def: DomainDef =
+                serde_json::from_str(&def).map_err(|e| format!("stored definition: {e}"))?;
             out.push(StoredDomain {
                 def,
                 persistent,
@@ -111,7 +121,10 @@ impl Store {
     /// Insert or replace a domain row.
     pub fn put(&self, d: &StoredDomain) -> Result<(), ApiError> {
         let def = serde_json::to_string(&d.def).map_err(|e| ApiError::internal(e.to_string()))?;
-        let runtime = d.runtime.as_ref().and_then(|r| serde_json::to_string(r).ok());
+        let runtime = d
+            .runtime
+            .as_ref()
+            .and_then(|r| serde_json::to_string(r).ok());
         self.conn
             .execute(
                 "INSERT INTO domains (name, uuid, definition, persistent, autostart, state, reason, runtime)
@@ -134,7 +147,9 @@ impl Store {
     }
 
     pub fn delete(&self, name: &str) -> Result<(), ApiError> {
-        self.conn.execute("DELETE FROM domains WHERE name = ?1", params![name]).map_err(db_err)?;
+        self.conn
+            .execute("DELETE FROM domains WHERE name = ?1", params![name])
+            .map_err(db_err)?;
         Ok(())
     }
 
@@ -142,12 +157,17 @@ impl Store {
     pub fn next_id(&self) -> Result<u32, ApiError> {
         let id: Option<String> = self
             .conn
-            .query_row("SELECT value FROM meta WHERE key = 'next_id'", [], |r| r.get(0))
+            .query_row("SELECT value FROM meta WHERE key = 'next_id'", [], |r| {
+                r.get(0)
+            })
             .optional()
             .map_err(db_err)?;
         let id: u32 = id.and_then(|v| v.parse().ok()).unwrap_or(1);
         self.conn
-            .execute("UPDATE meta SET value = ?1 WHERE key = 'next_id'", params![(id + 1).to_string()])
+            .execute(
+                "UPDATE meta SET value = ?1 WHERE key = 'next_id'",
+                params![(id + 1).to_string()],
+            )
             .map_err(db_err)?;
         Ok(id)
     }
@@ -186,7 +206,10 @@ mod tests {
         assert_eq!(all.len(), 1);
         assert!(all[0].autostart);
         assert_eq!(store.next_id().unwrap(), 3);
-        let mode: String = store.conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+        let mode: String = store
+            .conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
         assert_eq!(mode, "wal");
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -9,18 +9,33 @@ use ferrovirt_api::{ApiError, ErrorCode};
 
 /// Create a thin image: a qcow2 of any virtual size takes a few hundred KiB until written.
 pub fn create(pool: &Path, req: &VolumeCreateRequest) -> Result<VolumeInfo, ApiError> {
-    validate_name(&req.name).map_err(|e| ApiError::new(ErrorCode::InvalidArgument, e.message.replace("domain name", "volume name")))?;
+    validate_name(&req.name).map_err(|e| {
+        ApiError::new(
+            ErrorCode::InvalidArgument,
+            e.message.replace("domain name", "volume name"),
+        )
+    })?;
     if req.format != "qcow2" && req.format != "raw" {
-        return Err(ApiError::new(ErrorCode::InvalidArgument, format!("volume format '{}' is not qcow2 or raw", req.format)));
+        return Err(ApiError::new(
+            ErrorCode::InvalidArgument,
+            format!("volume format '{}' is not qcow2 or raw", req.format),
+        ));
     }
     if req.capacity_bytes == 0 {
-        return Err(ApiError::new(ErrorCode::InvalidArgument, "volume size must be more than 0"));
+        return Err(ApiError::new(
+            ErrorCode::InvalidArgument,
+            "volume size must be more than 0",
+        ));
     }
     let path = pool.join(&req.name);
     if path.exists() {
         return Err(ApiError::new(
             ErrorCode::StorageError,
-            format!("volume '{}' already exists at {}; remove it or pick another name", req.name, path.display()),
+            format!(
+                "volume '{}' already exists at {}; remove it or pick another name",
+                req.name,
+                path.display()
+            ),
         ));
     }
     create_image(&path, &req.format, req.capacity_bytes)?;
@@ -32,6 +47,26 @@ pub fn create(pool: &Path, req: &VolumeCreateRequest) -> Result<VolumeInfo, ApiE
     })
 }
 
+pub fn delete(pool: &Path, name: &str) -> Result<(), ApiError> {
+    validate_name(name).map_err(|e| {
+        ApiError::new(
+            ErrorCode::InvalidArgument,
+            e.message.replace("domain name", "volume name"),
+        )
+    })?;
+    let path = pool.join(name);
+    std::fs::remove_file(&path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => ApiError::new(
+            ErrorCode::NotFound,
+            format!("volume '{name}' not found in {}", pool.display()),
+        ),
+        _ => ApiError::new(
+            ErrorCode::StorageError,
+            format!("cannot delete {}: {e}", path.display()),
+        ),
+    })
+}
+
 // TODO(disk branch): replace with `ferrovirt_disk::create(path, &CreateOptions { format: Format::Qcow2,
 // size, cluster_size: None, preallocation: Preallocation::Off, backing: None })` once it lands.
 fn create_image(path: &Path, format: &str, size: u64) -> Result<(), ApiError> {
@@ -40,12 +75,20 @@ fn create_image(path: &Path, format: &str, size: u64) -> Result<(), ApiError> {
         .arg(path)
         .arg(size.to_string())
         .output()
-        .map_err(|e| ApiError::new(ErrorCode::StorageError, format!("cannot run qemu-img: {e} (install qemu-utils)")))?;
+        .map_err(|e| {
+            ApiError::new(
+                ErrorCode::StorageError,
+                format!("cannot run qemu-img: {e} (install qemu-utils)"),
+            )
+        })?;
     if !out.status.success() {
         let _ = std::fs::remove_file(path);
         return Err(ApiError::new(
             ErrorCode::StorageError,
-            format!("qemu-img create failed: {}", String::from_utf8_lossy(&out.stderr).trim()),
+            format!(
+                "qemu-img create failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
         ));
     }
     Ok(())

@@ -28,7 +28,9 @@ impl KvmDriver {
         if let Some(p) = std::env::var_os("FERROVIRT_VMM") {
             return KvmDriver { binary: p.into() };
         }
-        let sibling = std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("ferrovmm")));
+        let sibling = std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(|d| d.join("ferrovmm")));
         let binary = match sibling {
             Some(s) if s.is_file() => s,
             _ => "ferrovmm".into(),
@@ -37,8 +39,15 @@ impl KvmDriver {
     }
 
     fn api(&self, dir: &Path, method: &str, path: &str) -> Result<Vec<u8>, ApiError> {
-        let resp = unix_request(&dir.join("api.sock"), method, path, None, b"", Some(Duration::from_secs(10)))
-            .map_err(|e| ApiError::driver(format!("ferrovmm API: {e}")))?;
+        let resp = unix_request(
+            &dir.join("api.sock"),
+            method,
+            path,
+            None,
+            b"",
+            Some(Duration::from_secs(10)),
+        )
+        .map_err(|e| ApiError::driver(format!("ferrovmm API: {e}")))?;
         if resp.status >= 300 {
             return Err(ApiError::driver(format!(
                 "ferrovmm {method} {path}: HTTP {}: {}",
@@ -63,11 +72,20 @@ impl KvmDriver {
         if let Some(c) = &def.os.cmdline {
             a.extend(["--cmdline".into(), c.clone()]);
         }
-        a.extend(["--memory".into(), def.memory_mib.to_string(), "--vcpus".into(), def.vcpus.to_string()]);
+        a.extend([
+            "--memory".into(),
+            def.memory_mib.to_string(),
+            "--vcpus".into(),
+            def.vcpus.to_string(),
+        ]);
         a.extend(["--serial".into(), format!("socket={}", p("serial.sock"))]);
         a.extend(["--api-socket".into(), p("api.sock")]);
         for d in &def.disks {
-            let mut spec = format!("path={},format={}", d.path.to_string_lossy(), d.format.as_str());
+            let mut spec = format!(
+                "path={},format={}",
+                d.path.to_string_lossy(),
+                d.format.as_str()
+            );
             if d.readonly {
                 spec.push_str(",readonly=on");
             }
@@ -133,9 +151,13 @@ impl Driver for KvmDriver {
             let _ = fs::remove_file(dir.join(f));
         }
         let log_path = dir.join("vmm.log");
-        let log = fs::File::create(&log_path).map_err(|e| ApiError::internal(format!("{}: {e}", log_path.display())))?;
+        let log = fs::File::create(&log_path)
+            .map_err(|e| ApiError::internal(format!("{}: {e}", log_path.display())))?;
         let mut cmd = Command::new(&self.binary);
-        cmd.args(self.args(&ctx)).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
+        cmd.args(self.args(&ctx))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
         // SAFETY: setsid() is async-signal-safe; it detaches the VMM from the daemon's session so
         // signals aimed at the daemon's process group do not reach the VM.
         unsafe {
@@ -145,7 +167,10 @@ impl Driver for KvmDriver {
             });
         }
         let mut child = cmd.spawn().map_err(|e| {
-            ApiError::driver(format!("cannot run {}: {e} (build ferrovmm or set FERROVIRT_VMM)", self.binary.display()))
+            ApiError::driver(format!(
+                "cannot run {}: {e} (build ferrovmm or set FERROVIRT_VMM)",
+                self.binary.display()
+            ))
         })?;
         let pid = child.id();
         let _ = fs::write(dir.join("pid"), format!("{pid}\n"));
@@ -164,44 +189,77 @@ impl Driver for KvmDriver {
             if Instant::now() > deadline {
                 kill(pid, libc::SIGKILL);
                 let _ = child.wait();
-                return Err(ApiError::driver(format!("ferrovmm did not answer on its API socket within 10 s: {}", log_tail(&log_path))));
+                return Err(ApiError::driver(format!(
+                    "ferrovmm did not answer on its API socket within 10 s: {}",
+                    log_tail(&log_path)
+                )));
             }
             std::thread::sleep(Duration::from_millis(5));
         }
         // Reap our child while we live; after a daemon restart init reaps it.
-        let _ = std::thread::Builder::new().name("vmm-reaper".into()).spawn(move || {
-            let _ = child.wait();
-        });
+        let _ = std::thread::Builder::new()
+            .name("vmm-reaper".into())
+            .spawn(move || {
+                let _ = child.wait();
+            });
         let on_eof = Self::watch_exit(dir.clone(), pid, ctx.on_exit);
-        let console = ConsoleHub::start(&dir.join("serial.sock"), ctx.console_log.clone(), on_eof).map_err(|e| {
-            kill(pid, libc::SIGKILL);
-            ApiError::driver(e)
-        })?;
-        Ok(Started { runtime: Runtime { id: ctx.id, pid: Some(pid), vnc_port: None }, console: Some(console) })
+        let console = ConsoleHub::start(&dir.join("serial.sock"), ctx.console_log.clone(), on_eof)
+            .map_err(|e| {
+                kill(pid, libc::SIGKILL);
+                ApiError::driver(e)
+            })?;
+        Ok(Started {
+            runtime: Runtime {
+                id: ctx.id,
+                pid: Some(pid),
+                vnc_port: None,
+            },
+            console: Some(console),
+        })
     }
 
     fn reattach(&self, ctx: VmCtx, runtime: &Runtime) -> Option<Started> {
         let pid = runtime.pid?;
-        if !pid_alive(pid) || !pid_has_arg(pid, &ctx.def.name) || self.api(&ctx.vm_dir, "GET", "/vm").is_err() {
+        if !pid_alive(pid)
+            || !pid_has_arg(pid, &ctx.def.name)
+            || self.api(&ctx.vm_dir, "GET", "/vm").is_err()
+        {
             return None;
         }
         let on_eof = Self::watch_exit(ctx.vm_dir.clone(), pid, ctx.on_exit);
-        let console = ConsoleHub::start(&ctx.vm_dir.join("serial.sock"), ctx.console_log.clone(), on_eof).ok()?;
-        Some(Started { runtime: runtime.clone(), console: Some(console) })
+        let console = ConsoleHub::start(
+            &ctx.vm_dir.join("serial.sock"),
+            ctx.console_log.clone(),
+            on_eof,
+        )
+        .ok()?;
+        Some(Started {
+            runtime: runtime.clone(),
+            console: Some(console),
+        })
     }
 
     fn destroy(&self, _def: &DomainDef, dir: &PathBuf, runtime: &Runtime) -> Result<(), ApiError> {
-        let Some(pid) = runtime.pid else { return Ok(()) };
+        let Some(pid) = runtime.pid else {
+            return Ok(());
+        };
         if self.api(dir, "PUT", "/vm/stop").is_err() || !wait_gone(pid, Duration::from_secs(5)) {
             kill(pid, libc::SIGKILL);
             if !wait_gone(pid, Duration::from_secs(5)) {
-                return Err(ApiError::driver(format!("ferrovmm process {pid} does not exit")));
+                return Err(ApiError::driver(format!(
+                    "ferrovmm process {pid} does not exit"
+                )));
             }
         }
         Ok(())
     }
 
-    fn shutdown(&self, _def: &DomainDef, dir: &PathBuf, _rt: &Runtime) -> Result<Option<ExitKind>, ApiError> {
+    fn shutdown(
+        &self,
+        _def: &DomainDef,
+        dir: &PathBuf,
+        _rt: &Runtime,
+    ) -> Result<Option<ExitKind>, ApiError> {
         self.api(dir, "PUT", "/vm/power-button").map(|_| None)
     }
 

@@ -41,10 +41,17 @@ pub trait Driver: Send + Sync {
     /// Reconnect to a VM that was running when the daemon stopped; None when it is gone.
     fn reattach(&self, ctx: VmCtx, runtime: &Runtime) -> Option<Started>;
     /// Force the VM off; returns once the process is gone.
-    fn destroy(&self, def: &DomainDef, vm_dir: &PathBuf, runtime: &Runtime) -> Result<(), ApiError>;
+    fn destroy(&self, def: &DomainDef, vm_dir: &PathBuf, runtime: &Runtime)
+        -> Result<(), ApiError>;
     /// Ask the guest to power off (ACPI power button). Some(kind) when it ended right away.
-    fn shutdown(&self, def: &DomainDef, vm_dir: &PathBuf, runtime: &Runtime) -> Result<Option<ExitKind>, ApiError>;
-    fn suspend(&self, def: &DomainDef, vm_dir: &PathBuf, runtime: &Runtime) -> Result<(), ApiError>;
+    fn shutdown(
+        &self,
+        def: &DomainDef,
+        vm_dir: &PathBuf,
+        runtime: &Runtime,
+    ) -> Result<Option<ExitKind>, ApiError>;
+    fn suspend(&self, def: &DomainDef, vm_dir: &PathBuf, runtime: &Runtime)
+        -> Result<(), ApiError>;
     fn resume(&self, def: &DomainDef, vm_dir: &PathBuf, runtime: &Runtime) -> Result<(), ApiError>;
     /// Hard reset, the VM keeps running.
     fn reset(&self, def: &DomainDef, vm_dir: &PathBuf, runtime: &Runtime) -> Result<(), ApiError>;

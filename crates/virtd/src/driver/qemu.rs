@@ -23,7 +23,9 @@ pub struct QemuDriver {
 
 impl QemuDriver {
     pub fn from_env() -> Self {
-        let binary = std::env::var_os("FERROVIRT_QEMU").map(PathBuf::from).unwrap_or_else(|| "qemu-system-x86_64".into());
+        let binary = std::env::var_os("FERROVIRT_QEMU")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| "qemu-system-x86_64".into());
         QemuDriver { binary }
     }
 
@@ -52,7 +54,10 @@ impl QemuDriver {
             "-pidfile".into(),
             p("pid"),
             "-chardev".into(),
-            format!("socket,id=serial0,path={},server=on,wait=off", p("serial.sock")),
+            format!(
+                "socket,id=serial0,path={},server=on,wait=off",
+                p("serial.sock")
+            ),
             "-serial".into(),
             "chardev:serial0".into(),
             "-qmp".into(),
@@ -80,7 +85,10 @@ impl QemuDriver {
         for (i, d) in def.disks.iter().enumerate() {
             let file = d.path.to_string_lossy().replace(',', ",,");
             let drive = match d.device {
-                DiskDevice::Cdrom => format!("file={file},format=raw,media=cdrom,readonly=on,if=ide,index={}", i % 4),
+                DiskDevice::Cdrom => format!(
+                    "file={file},format=raw,media=cdrom,readonly=on,if=ide,index={}",
+                    i % 4
+                ),
                 DiskDevice::Disk => format!(
                     "file={file},format={},if=virtio{}",
                     d.format.as_str(),
@@ -104,15 +112,26 @@ impl QemuDriver {
         }
         for (i, nic) in def.interfaces.iter().enumerate() {
             if nic.kind == InterfaceKind::Bridge {
-                a.extend(["-netdev".into(), format!("bridge,id=net{i},br={}", nic.source)]);
+                a.extend([
+                    "-netdev".into(),
+                    format!("bridge,id=net{i},br={}", nic.source),
+                ]);
                 let mac = nic.mac.clone().unwrap_or_default();
-                a.extend(["-device".into(), format!("virtio-net-pci,netdev=net{i},mac={mac}")]);
+                a.extend([
+                    "-device".into(),
+                    format!("virtio-net-pci,netdev=net{i},mac={mac}"),
+                ]);
             }
         }
         match &def.graphics {
             Some(g) if g.kind == GraphicsKind::Vnc => {
                 // `to=` lets QEMU pick the first free display from 0 up; the port is read back over QMP.
-                a.extend(["-vga".into(), "std".into(), "-vnc".into(), format!("{}:0,to=99", g.listen)]);
+                a.extend([
+                    "-vga".into(),
+                    "std".into(),
+                    "-vnc".into(),
+                    format!("{}:0,to=99", g.listen),
+                ]);
             }
             _ => a.extend(["-display".into(), "none".into()]),
         }
@@ -134,7 +153,10 @@ impl QemuDriver {
                 let mut kind = ExitKind::Crash;
                 while let Some(ev) = qmp.next_event() {
                     if ev.get("event").and_then(Value::as_str) == Some("SHUTDOWN") {
-                        let reason = ev.pointer("/data/reason").and_then(Value::as_str).unwrap_or("");
+                        let reason = ev
+                            .pointer("/data/reason")
+                            .and_then(Value::as_str)
+                            .unwrap_or("");
                         kind = match reason {
                             "guest-shutdown" => ExitKind::Poweroff,
                             "guest-reset" => ExitKind::Reboot,
@@ -151,12 +173,18 @@ impl QemuDriver {
     }
 
     fn read_pid(dir: &Path) -> Option<u32> {
-        fs::read_to_string(dir.join("pid")).ok()?.trim().parse().ok()
+        fs::read_to_string(dir.join("pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     }
 
     fn vnc_port(&self, dir: &Path) -> Option<u16> {
         let v = self.command(dir, "query-vnc", None).ok()?;
-        v.get("service").and_then(Value::as_str).and_then(|s| s.parse().ok())
+        v.get("service")
+            .and_then(Value::as_str)
+            .and_then(|s| s.parse().ok())
     }
 }
 
@@ -168,8 +196,14 @@ fn log_tail(path: &Path) -> String {
 
 impl Driver for QemuDriver {
     fn check(&self, def: &DomainDef) -> Result<(), ApiError> {
-        if def.interfaces.iter().any(|n| n.kind == InterfaceKind::Network) {
-            return Err(ApiError::not_supported("interfaces on virtual networks are not supported yet"));
+        if def
+            .interfaces
+            .iter()
+            .any(|n| n.kind == InterfaceKind::Network)
+        {
+            return Err(ApiError::not_supported(
+                "interfaces on virtual networks are not supported yet",
+            ));
         }
         Ok(())
     }
@@ -180,8 +214,11 @@ impl Driver for QemuDriver {
             let _ = fs::remove_file(dir.join(f));
         }
         let log_path = dir.join("qemu.log");
-        let log = fs::File::create(&log_path).map_err(|e| ApiError::internal(format!("{}: {e}", log_path.display())))?;
-        let log2 = log.try_clone().map_err(|e| ApiError::internal(e.to_string()))?;
+        let log = fs::File::create(&log_path)
+            .map_err(|e| ApiError::internal(format!("{}: {e}", log_path.display())))?;
+        let log2 = log
+            .try_clone()
+            .map_err(|e| ApiError::internal(e.to_string()))?;
         // With -daemonize QEMU forks, sets up the VM, and its first process exits once the VM is
         // ready: from then on QEMU is not our child and survives ferrovirtd.
         let status = Command::new(&self.binary)
@@ -197,10 +234,18 @@ impl Driver for QemuDriver {
                 ))
             })?;
         if !status.success() {
-            return Err(ApiError::driver(format!("qemu failed to start: {}", log_tail(&log_path))));
+            return Err(ApiError::driver(format!(
+                "qemu failed to start: {}",
+                log_tail(&log_path)
+            )));
         }
-        let pid = Self::read_pid(&dir).ok_or_else(|| ApiError::driver("qemu started but wrote no pidfile"))?;
-        let console = match ConsoleHub::start(&dir.join("serial.sock"), ctx.console_log.clone(), Box::new(|| {})) {
+        let pid = Self::read_pid(&dir)
+            .ok_or_else(|| ApiError::driver("qemu started but wrote no pidfile"))?;
+        let console = match ConsoleHub::start(
+            &dir.join("serial.sock"),
+            ctx.console_log.clone(),
+            Box::new(|| {}),
+        ) {
             Ok(c) => c,
             Err(e) => {
                 kill(pid, libc::SIGKILL);
@@ -211,8 +256,19 @@ impl Driver for QemuDriver {
             kill(pid, libc::SIGKILL);
             return Err(ApiError::driver(e));
         }
-        let vnc_port = if ctx.def.graphics.is_some() { self.vnc_port(&dir) } else { None };
-        Ok(Started { runtime: Runtime { id: ctx.id, pid: Some(pid), vnc_port }, console: Some(console) })
+        let vnc_port = if ctx.def.graphics.is_some() {
+            self.vnc_port(&dir)
+        } else {
+            None
+        };
+        Ok(Started {
+            runtime: Runtime {
+                id: ctx.id,
+                pid: Some(pid),
+                vnc_port,
+            },
+            console: Some(console),
+        })
     }
 
     fn reattach(&self, ctx: VmCtx, runtime: &Runtime) -> Option<Started> {
@@ -221,26 +277,42 @@ impl Driver for QemuDriver {
         if !pid_alive(pid) || !pid_has_arg(pid, &uuid) {
             return None;
         }
-        let console = ConsoleHub::start(&ctx.vm_dir.join("serial.sock"), ctx.console_log.clone(), Box::new(|| {}));
+        let console = ConsoleHub::start(
+            &ctx.vm_dir.join("serial.sock"),
+            ctx.console_log.clone(),
+            Box::new(|| {}),
+        );
         Self::monitor(&ctx.vm_dir, pid, ctx.on_exit).ok()?;
-        Some(Started { runtime: runtime.clone(), console: console.ok() })
+        Some(Started {
+            runtime: runtime.clone(),
+            console: console.ok(),
+        })
     }
 
     fn destroy(&self, _def: &DomainDef, dir: &PathBuf, runtime: &Runtime) -> Result<(), ApiError> {
-        let Some(pid) = runtime.pid else { return Ok(()) };
+        let Some(pid) = runtime.pid else {
+            return Ok(());
+        };
         if self.command(dir, "quit", None).is_err() {
             kill(pid, libc::SIGKILL);
         }
         if !wait_gone(pid, Duration::from_secs(10)) {
             kill(pid, libc::SIGKILL);
             if !wait_gone(pid, Duration::from_secs(5)) {
-                return Err(ApiError::driver(format!("qemu process {pid} does not exit")));
+                return Err(ApiError::driver(format!(
+                    "qemu process {pid} does not exit"
+                )));
             }
         }
         Ok(())
     }
 
-    fn shutdown(&self, _def: &DomainDef, dir: &PathBuf, _rt: &Runtime) -> Result<Option<ExitKind>, ApiError> {
+    fn shutdown(
+        &self,
+        _def: &DomainDef,
+        dir: &PathBuf,
+        _rt: &Runtime,
+    ) -> Result<Option<ExitKind>, ApiError> {
         self.command(dir, "system_powerdown", None).map(|_| None)
     }
 

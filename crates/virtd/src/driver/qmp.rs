@@ -19,13 +19,20 @@ impl Qmp {
         let stream = loop {
             match UnixStream::connect(path) {
                 Ok(s) => break s,
-                Err(e) if Instant::now() >= deadline => return Err(format!("QMP socket {}: {e}", path.display())),
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(format!("QMP socket {}: {e}", path.display()))
+                }
                 Err(_) => std::thread::sleep(Duration::from_millis(5)),
             }
         };
-        stream.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(|e| e.to_string())?;
         let writer = stream.try_clone().map_err(|e| e.to_string())?;
-        let mut qmp = Qmp { reader: BufReader::new(stream), writer };
+        let mut qmp = Qmp {
+            reader: BufReader::new(stream),
+            writer,
+        };
         let greeting = qmp.read_value()?.ok_or("QMP closed before its greeting")?;
         if greeting.get("QMP").is_none() {
             return Err(format!("unexpected QMP greeting {greeting}"));
@@ -38,7 +45,9 @@ impl Qmp {
         let mut line = String::new();
         match self.reader.read_line(&mut line) {
             Ok(0) => Ok(None),
-            Ok(_) => serde_json::from_str(&line).map(Some).map_err(|e| format!("bad QMP line: {e}")),
+            Ok(_) => serde_json::from_str(&line)
+                .map(Some)
+                .map_err(|e| format!("bad QMP line: {e}")),
             Err(e) => Err(format!("QMP read: {e}")),
         }
     }
@@ -51,16 +60,22 @@ impl Qmp {
         }
         let mut line = msg.to_string();
         line.push('\n');
-        self.writer.write_all(line.as_bytes()).map_err(|e| format!("QMP write: {e}"))?;
+        self.writer
+            .write_all(line.as_bytes())
+            .map_err(|e| format!("QMP write: {e}"))?;
         loop {
-            let v = self.read_value()?.ok_or_else(|| format!("QMP closed during '{command}'"))?;
+            let v = self
+                .read_value()?
+                .ok_or_else(|| format!("QMP closed during '{command}'"))?;
             if let Some(r) = v.get("return") {
                 return Ok(r.clone());
             }
             if let Some(err) = v.get("error") {
                 return Err(format!(
                     "QMP '{command}': {}",
-                    err.get("desc").and_then(Value::as_str).unwrap_or("unknown error")
+                    err.get("desc")
+                        .and_then(Value::as_str)
+                        .unwrap_or("unknown error")
                 ));
             }
         }

@@ -12,20 +12,40 @@ pub struct TestDriver;
 
 impl Driver for TestDriver {
     fn start(&self, ctx: VmCtx) -> Result<Started, ApiError> {
-        Ok(Started { runtime: Runtime { id: ctx.id, pid: None, vnc_port: None }, console: None })
+        Ok(Started {
+            runtime: Runtime {
+                id: ctx.id,
+                pid: None,
+                vnc_port: None,
+            },
+            console: None,
+        })
     }
 
     fn reattach(&self, _ctx: VmCtx, runtime: &Runtime) -> Option<Started> {
         // A simulated guest lives in the daemon's memory: it cannot survive a daemon restart,
         // except that the test hypervisor is defined to keep its guests running (like a real one).
-        Some(Started { runtime: runtime.clone(), console: None })
+        Some(Started {
+            runtime: runtime.clone(),
+            console: None,
+        })
     }
 
-    fn destroy(&self, _def: &DomainDef, _vm_dir: &PathBuf, _runtime: &Runtime) -> Result<(), ApiError> {
+    fn destroy(
+        &self,
+        _def: &DomainDef,
+        _vm_dir: &PathBuf,
+        _runtime: &Runtime,
+    ) -> Result<(), ApiError> {
         Ok(())
     }
 
-    fn shutdown(&self, _: &DomainDef, _: &PathBuf, _: &Runtime) -> Result<Option<ExitKind>, ApiError> {
+    fn shutdown(
+        &self,
+        _: &DomainDef,
+        _: &PathBuf,
+        _: &Runtime,
+    ) -> Result<Option<ExitKind>, ApiError> {
         Ok(Some(ExitKind::Poweroff))
     }
 

@@ -1,0 +1,103 @@
+//! Human output in virsh's shapes.
+
+use ferrovirt_api::state::{Event, EventKind};
+use ferrovirt_api::DomainInfo;
+
+/// Active domains first by id, then inactive ones by name (as virsh lists them).
+pub fn sort_like_virsh(doms: &mut [DomainInfo]) {
+    doms.sort_by(|a, b| match (a.id, b.id) {
+        (Some(x), Some(y)) => x.cmp(&y),
+        (Some(_), None) => std::cmp::Ordering::Less,
+        (None, Some(_)) => std::cmp::Ordering::Greater,
+        (None, None) => a.name.cmp(&b.name),
+    });
+}
+
+pub fn list_table(doms: &[DomainInfo]) -> String {
+    let ids: Vec<String> = doms
+        .iter()
+        .map(|d| d.id.map(|i| i.to_string()).unwrap_or("-".into()))
+        .collect();
+    let id_w = ids.iter().map(String::len).max().unwrap_or(0).max(2);
+    let name_w = doms.iter().map(|d| d.name.len()).max().unwrap_or(0).max(4);
+    let mut out = format!(" {:<id_w$}   {:<name_w$}   State\n", "Id", "Name");
+    out.push_str(&"-".repeat(id_w + name_w + 15));
+    out.push('\n');
+    for (d, id) in doms.iter().zip(&ids) {
+        out.push_str(&format!(
+            " {id:<id_w$}   {:<name_w$}   {}\n",
+            d.name,
+            d.state.display()
+        ));
+    }
+    out.push('\n');
+    out
+}
+
+pub fn dominfo(d: &DomainInfo) -> String {
+    let yes = |b: bool| if b { "yes" } else { "no" };
+    let rows = [
+        ("Id", d.id.map(|i| i.to_string()).unwrap_or("-".into())),
+        ("Name", d.name.clone()),
+        ("UUID", d.uuid.clone()),
+        ("OS Type", "hvm".into()),
+        ("Driver", d.virt_type.as_str().into()),
+        ("State", d.state.display().into()),
+        ("State reason", d.reason.as_str().into()),
+        ("CPU(s)", d.vcpus.to_string()),
+        ("Max memory", format!("{} KiB", d.memory_mib * 1024)),
+        ("Used memory", format!("{} KiB", d.memory_mib * 1024)),
+        ("Persistent", yes(d.persistent).into()),
+        (
+            "Autostart",
+            if d.autostart { "enable" } else { "disable" }.into(),
+        ),
+        ("PID", d.pid.map(|p| p.to_string()).unwrap_or("-".into())),
+        ("Console log", d.console_log.clone().unwrap_or("-".into())),
+    ];
+    let mut out = String::new();
+    for (k, v) in rows {
+        out.push_str(&format!("{:<16}{v}\n", format!("{k}:")));
+    }
+    out.push('\n');
+    out
+}
+
+pub fn warnings(ws: &[String]) {
+    for w in ws {
+        eprintln!("warning: {w}");
+    }
+}
+
+pub fn parse_event_kind(s: &str) -> Option<EventKind> {
+    [
+        EventKind::Defined,
+        EventKind::Undefined,
+        EventKind::Started,
+        EventKind::Suspended,
+        EventKind::Resumed,
+        EventKind::Stopped,
+        EventKind::Shutdown,
+        EventKind::Crashed,
+    ]
+    .into_iter()
+    .find(|k| k.as_str() == s)
+}
+
+fn capitalize(s: &str) -> String {
+    let mut c = s.chars();
+    match c.next() {
+        Some(f) => f.to_uppercase().collect::<String>() + c.as_str(),
+        None => String::new(),
+    }
+}
+
+/// virsh: `event 'lifecycle' for domain 'NAME': Started Booted`
+pub fn event_line(ev: &Event) -> String {
+    format!(
+        "event 'lifecycle' for domain '{}': {} {}",
+        ev.domain,
+        capitalize(ev.kind.as_str()),
+        capitalize(&ev.detail)
+    )
+}
