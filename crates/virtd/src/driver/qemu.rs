@@ -195,16 +195,8 @@ fn log_tail(path: &Path) -> String {
 }
 
 impl Driver for QemuDriver {
-    fn check(&self, def: &DomainDef) -> Result<(), ApiError> {
-        if def
-            .interfaces
-            .iter()
-            .any(|n| n.kind == InterfaceKind::Network)
-        {
-            return Err(ApiError::not_supported(
-                "interfaces on virtual networks are not supported yet",
-            ));
-        }
+    fn check(&self, _def: &DomainDef) -> Result<(), ApiError> {
+        // Network existence is checked by the manager; everything else QEMU offers.
         Ok(())
     }
 
