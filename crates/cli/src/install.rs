@@ -230,8 +230,7 @@ pub fn run(client: &Client, a: &InstallArgs, json: bool) -> Result<(), Failure> 
                     .disks
                     .iter()
                     .filter(|d| d.device == DiskDevice::Disk)
-                    .count()
-                    + planned.len();
+                    .count();
                 let vol = if index == 0 {
                     format!("{}.qcow2", a.name)
                 } else {

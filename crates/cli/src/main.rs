@@ -146,7 +146,7 @@ enum Command {
     /// Check the host's virtualization support
     HostValidate,
     /// Create a VM with virt-install's options
-    Install(install::InstallArgs),
+    Install(Box<install::InstallArgs>),
 }
 
 /// Why a command failed; each maps to one clear line on stderr and exit status 1.

@@ -20,9 +20,8 @@ pub fn list_table(doms: &[DomainInfo]) -> String {
         .collect();
     let id_w = ids.iter().map(String::len).max().unwrap_or(0).max(2);
     let name_w = doms.iter().map(|d| d.name.len()).max().unwrap_or(0).max(4);
-    let mut out = format!(" {:<id_w$}   {:<name_w$}   State\n", "Id", "Name");
-    out.push_str(&"-".repeat(id_w + name_w + 15));
-    out.push('\n');
+    let header = format!(" {:<id_w$}   {:<name_w$}   State", "Id", "Name");
+    let mut out = format!("{header}\n{}\n", "-".repeat(header.len()));
     for (d, id) in doms.iter().zip(&ids) {
         out.push_str(&format!(
             " {id:<id_w$}   {:<name_w$}   {}\n",

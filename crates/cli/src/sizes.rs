@@ -33,7 +33,7 @@ pub fn parse_gib(s: &str) -> Result<u64, String> {
     let v: f64 = s
         .parse()
         .map_err(|_| format!("disk size '{s}' is not a number of GiB"))?;
-    if !(v > 0.0) || !v.is_finite() {
+    if v.is_nan() || v <= 0.0 || !v.is_finite() {
         return Err(format!("disk size '{s}' must be more than 0 GiB"));
     }
     let bytes = v * 1024.0 * 1024.0 * 1024.0;
@@ -41,7 +41,7 @@ pub fn parse_gib(s: &str) -> Result<u64, String> {
         return Err(format!("disk size '{s}' GiB is too large"));
     }
     // Round up to whole 512-byte sectors.
-    Ok(((bytes as u64) + 511) / 512 * 512)
+    Ok((bytes as u64).div_ceil(512) * 512)
 }
 
 #[cfg(test)]

@@ -299,7 +299,7 @@ impl Manager {
             let mut planned = def.clone();
             planned
                 .disks
-                .retain(|d| !(d.path.starts_with(&pool) && !d.path.exists()));
+                .retain(|d| !d.path.starts_with(&pool) || d.path.exists());
             planned.check_paths()
         } else {
             def.check_paths()

@@ -239,7 +239,7 @@ impl Driver for KvmDriver {
         })
     }
 
-    fn destroy(&self, _def: &DomainDef, dir: &PathBuf, runtime: &Runtime) -> Result<(), ApiError> {
+    fn destroy(&self, _def: &DomainDef, dir: &Path, runtime: &Runtime) -> Result<(), ApiError> {
         let Some(pid) = runtime.pid else {
             return Ok(());
         };
@@ -257,21 +257,21 @@ impl Driver for KvmDriver {
     fn shutdown(
         &self,
         _def: &DomainDef,
-        dir: &PathBuf,
+        dir: &Path,
         _rt: &Runtime,
     ) -> Result<Option<ExitKind>, ApiError> {
         self.api(dir, "PUT", "/vm/power-button").map(|_| None)
     }
 
-    fn suspend(&self, _def: &DomainDef, dir: &PathBuf, _rt: &Runtime) -> Result<(), ApiError> {
+    fn suspend(&self, _def: &DomainDef, dir: &Path, _rt: &Runtime) -> Result<(), ApiError> {
         self.api(dir, "PUT", "/vm/pause").map(|_| ())
     }
 
-    fn resume(&self, _def: &DomainDef, dir: &PathBuf, _rt: &Runtime) -> Result<(), ApiError> {
+    fn resume(&self, _def: &DomainDef, dir: &Path, _rt: &Runtime) -> Result<(), ApiError> {
         self.api(dir, "PUT", "/vm/resume").map(|_| ())
     }
 
-    fn reset(&self, _def: &DomainDef, _dir: &PathBuf, _rt: &Runtime) -> Result<(), ApiError> {
+    fn reset(&self, _def: &DomainDef, _dir: &Path, _rt: &Runtime) -> Result<(), ApiError> {
         Err(ApiError::not_supported("reset is not supported by the kvm driver yet (ferrovmm has no reset control); use destroy and start"))
     }
 }

@@ -6,7 +6,7 @@ pub mod qemu;
 pub mod qmp;
 pub mod test;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ferrovirt_api::def::Accel;
@@ -41,20 +41,18 @@ pub trait Driver: Send + Sync {
     /// Reconnect to a VM that was running when the daemon stopped; None when it is gone.
     fn reattach(&self, ctx: VmCtx, runtime: &Runtime) -> Option<Started>;
     /// Force the VM off; returns once the process is gone.
-    fn destroy(&self, def: &DomainDef, vm_dir: &PathBuf, runtime: &Runtime)
-        -> Result<(), ApiError>;
+    fn destroy(&self, def: &DomainDef, vm_dir: &Path, runtime: &Runtime) -> Result<(), ApiError>;
     /// Ask the guest to power off (ACPI power button). Some(kind) when it ended right away.
     fn shutdown(
         &self,
         def: &DomainDef,
-        vm_dir: &PathBuf,
+        vm_dir: &Path,
         runtime: &Runtime,
     ) -> Result<Option<ExitKind>, ApiError>;
-    fn suspend(&self, def: &DomainDef, vm_dir: &PathBuf, runtime: &Runtime)
-        -> Result<(), ApiError>;
-    fn resume(&self, def: &DomainDef, vm_dir: &PathBuf, runtime: &Runtime) -> Result<(), ApiError>;
+    fn suspend(&self, def: &DomainDef, vm_dir: &Path, runtime: &Runtime) -> Result<(), ApiError>;
+    fn resume(&self, def: &DomainDef, vm_dir: &Path, runtime: &Runtime) -> Result<(), ApiError>;
     /// Hard reset, the VM keeps running.
-    fn reset(&self, def: &DomainDef, vm_dir: &PathBuf, runtime: &Runtime) -> Result<(), ApiError>;
+    fn reset(&self, def: &DomainDef, vm_dir: &Path, runtime: &Runtime) -> Result<(), ApiError>;
     /// Refuse a definition this driver cannot run, with a clear message (checked at define/start).
     fn check(&self, def: &DomainDef) -> Result<(), ApiError>;
 }

@@ -281,7 +281,7 @@ impl Driver for QemuDriver {
         })
     }
 
-    fn destroy(&self, _def: &DomainDef, dir: &PathBuf, runtime: &Runtime) -> Result<(), ApiError> {
+    fn destroy(&self, _def: &DomainDef, dir: &Path, runtime: &Runtime) -> Result<(), ApiError> {
         let Some(pid) = runtime.pid else {
             return Ok(());
         };
@@ -302,21 +302,21 @@ impl Driver for QemuDriver {
     fn shutdown(
         &self,
         _def: &DomainDef,
-        dir: &PathBuf,
+        dir: &Path,
         _rt: &Runtime,
     ) -> Result<Option<ExitKind>, ApiError> {
         self.command(dir, "system_powerdown", None).map(|_| None)
     }
 
-    fn suspend(&self, _def: &DomainDef, dir: &PathBuf, _rt: &Runtime) -> Result<(), ApiError> {
+    fn suspend(&self, _def: &DomainDef, dir: &Path, _rt: &Runtime) -> Result<(), ApiError> {
         self.command(dir, "stop", None).map(|_| ())
     }
 
-    fn resume(&self, _def: &DomainDef, dir: &PathBuf, _rt: &Runtime) -> Result<(), ApiError> {
+    fn resume(&self, _def: &DomainDef, dir: &Path, _rt: &Runtime) -> Result<(), ApiError> {
         self.command(dir, "cont", None).map(|_| ())
     }
 
-    fn reset(&self, _def: &DomainDef, dir: &PathBuf, _rt: &Runtime) -> Result<(), ApiError> {
+    fn reset(&self, _def: &DomainDef, dir: &Path, _rt: &Runtime) -> Result<(), ApiError> {
         self.command(dir, "system_reset", None).map(|_| ())
     }
 }

@@ -1,7 +1,7 @@
 //! The `test` driver: an in-process simulated hypervisor (like libvirt's test:///default).
 //! Guests "run" instantly and obey shutdown at once, so the daemon's logic can be tested fast.
 
-use std::path::PathBuf;
+use std::path::Path;
 
 use ferrovirt_api::{ApiError, DomainDef};
 
@@ -34,30 +34,25 @@ impl Driver for TestDriver {
     fn destroy(
         &self,
         _def: &DomainDef,
-        _vm_dir: &PathBuf,
+        _vm_dir: &Path,
         _runtime: &Runtime,
     ) -> Result<(), ApiError> {
         Ok(())
     }
 
-    fn shutdown(
-        &self,
-        _: &DomainDef,
-        _: &PathBuf,
-        _: &Runtime,
-    ) -> Result<Option<ExitKind>, ApiError> {
+    fn shutdown(&self, _: &DomainDef, _: &Path, _: &Runtime) -> Result<Option<ExitKind>, ApiError> {
         Ok(Some(ExitKind::Poweroff))
     }
 
-    fn suspend(&self, _: &DomainDef, _: &PathBuf, _: &Runtime) -> Result<(), ApiError> {
+    fn suspend(&self, _: &DomainDef, _: &Path, _: &Runtime) -> Result<(), ApiError> {
         Ok(())
     }
 
-    fn resume(&self, _: &DomainDef, _: &PathBuf, _: &Runtime) -> Result<(), ApiError> {
+    fn resume(&self, _: &DomainDef, _: &Path, _: &Runtime) -> Result<(), ApiError> {
         Ok(())
     }
 
-    fn reset(&self, _: &DomainDef, _: &PathBuf, _: &Runtime) -> Result<(), ApiError> {
+    fn reset(&self, _: &DomainDef, _: &Path, _: &Runtime) -> Result<(), ApiError> {
         Ok(())
     }
 
