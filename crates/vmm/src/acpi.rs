@@ -60,7 +60,12 @@ fn dsdt() -> Sdt {
     // \_S5: SLP_TYPa and SLP_TYPb that put the machine in soft-off.
     let s5 = aml::Name::new(
         "_S5_".into(),
-        &aml::Package::new(vec![&(layout::S5_SLEEP_TYPE as u8), &(layout::S5_SLEEP_TYPE as u8), &0u8, &0u8]),
+        &aml::Package::new(vec![
+            &(layout::S5_SLEEP_TYPE as u8),
+            &(layout::S5_SLEEP_TYPE as u8),
+            &0u8,
+            &0u8,
+        ]),
     );
     // COM1, so the OS knows its port and interrupt without probing.
     let com1_io = aml::IO::new(layout::COM1_PORT, layout::COM1_PORT, 1, 8);
@@ -137,7 +142,10 @@ fn madt(vcpus: u32) -> Sdt {
 
 /// Writes all tables; returns the RSDP address.
 pub fn write_tables(mem: &GuestMemoryMmap, vcpus: u32) -> Result<GuestAddress> {
-    let mut w = TableWriter { mem, next: layout::ACPI_TABLES_START };
+    let mut w = TableWriter {
+        mem,
+        next: layout::ACPI_TABLES_START,
+    };
     let rsdp_addr = layout::ACPI_TABLES_START;
     w.next += Rsdp::len() as u64;
 
@@ -169,13 +177,19 @@ mod tests {
     fn tables_have_valid_checksums_and_lengths() {
         let d = dsdt();
         assert!(checksum_ok(d.as_slice()));
-        assert_eq!(u32::from_le_bytes(d.as_slice()[4..8].try_into().unwrap()) as usize, d.as_slice().len());
+        assert_eq!(
+            u32::from_le_bytes(d.as_slice()[4..8].try_into().unwrap()) as usize,
+            d.as_slice().len()
+        );
         let m = madt(3);
         assert!(checksum_ok(m.as_slice()));
         let f = fadt(0xe0040, 0xe0080);
         assert!(checksum_ok(&f));
         assert_eq!(&f[0..4], b"FACP");
         // PM1a control block at offset 64 of the FADT.
-        assert_eq!(u32::from_le_bytes(f[64..68].try_into().unwrap()), u32::from(layout::PM1A_CNT_PORT));
+        assert_eq!(
+            u32::from_le_bytes(f[64..68].try_into().unwrap()),
+            u32::from(layout::PM1A_CNT_PORT)
+        );
     }
 }

@@ -39,13 +39,27 @@ struct Reply {
 
 impl Reply {
     fn json<T: Serialize>(status: u16, value: &T) -> Self {
-        Reply { status, body: Some(serde_json::to_string(value).unwrap_or_else(|_| "{}".into())) }
+        Reply {
+            status,
+            body: Some(serde_json::to_string(value).unwrap_or_else(|_| "{}".into())),
+        }
     }
     fn no_content() -> Self {
-        Reply { status: 204, body: None }
+        Reply {
+            status: 204,
+            body: None,
+        }
     }
     fn error(status: u16, code: &str, message: impl Into<String>) -> Self {
-        Reply::json(status, &ErrorBody { error: ErrorDetail { code, message: message.into() } })
+        Reply::json(
+            status,
+            &ErrorBody {
+                error: ErrorDetail {
+                    code,
+                    message: message.into(),
+                },
+            },
+        )
     }
 }
 
@@ -71,8 +85,13 @@ pub fn serve(path: &Path, machine: Arc<Machine>) -> Result<()> {
 fn respond(request: Request, reply: Reply) {
     let result = match reply.body {
         Some(body) => {
-            let header = Header::from_bytes("Content-Type", "application/json").expect("static header is valid");
-            request.respond(Response::from_string(body).with_status_code(reply.status).with_header(header))
+            let header = Header::from_bytes("Content-Type", "application/json")
+                .expect("static header is valid");
+            request.respond(
+                Response::from_string(body)
+                    .with_status_code(reply.status)
+                    .with_header(header),
+            )
         }
         None => request.respond(Response::empty(reply.status)),
     };
@@ -90,17 +109,40 @@ fn route(machine: &Machine, request: &Request) -> Reply {
         _ => return Reply::error(404, "not_found", format!("no resource {path}; see GET /vm")),
     };
     if *method != allowed {
-        return Reply::error(405, "method_not_allowed", format!("{path} takes {allowed}, not {method}"));
+        return Reply::error(
+            405,
+            "method_not_allowed",
+            format!("{path} takes {allowed}, not {method}"),
+        );
+    }
+    // No resource takes a body; refusing one early also bounds what a client can make us read.
+    if request.body_length().unwrap_or(0) > 0 {
+        return Reply::error(
+            400,
+            "unexpected_body",
+            format!("{method} {path} takes no request body"),
+        );
     }
     match path {
         "/vm" => {
-            let state = if machine.vcpus.pause.is_paused() { "paused" } else { "running" };
+            let state = if machine.vcpus.pause.is_paused() {
+                "paused"
+            } else {
+                "running"
+            };
             Reply::json(
                 200,
-                &VmInfo { state, uptime_ms: machine.started.elapsed().as_millis(), config: &machine.config },
+                &VmInfo {
+                    state,
+                    uptime_ms: machine.started.elapsed().as_millis(),
+                    config: &machine.config,
+                },
             )
         }
-        "/vm/counters" => Reply::json(200, &serde_json::json!({ "exits": machine.counters.snapshot() })),
+        "/vm/counters" => Reply::json(
+            200,
+            &serde_json::json!({ "exits": machine.counters.snapshot() }),
+        ),
         "/vm/pause" => {
             machine.vcpus.pause();
             Reply::no_content()
@@ -111,9 +153,17 @@ fn route(machine: &Machine, request: &Request) -> Reply {
         }
         "/vm/power-button" => {
             if machine.vcpus.pause.is_paused() {
-                return Reply::error(409, "vm_paused", "the VM is paused; resume it before pressing the power button");
+                return Reply::error(
+                    409,
+                    "vm_paused",
+                    "the VM is paused; resume it before pressing the power button",
+                );
             }
-            machine.acpi_pm.lock().unwrap_or_else(|p| p.into_inner()).press_power_button();
+            machine
+                .acpi_pm
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .press_power_button();
             Reply::no_content()
         }
         "/vm/stop" => {

@@ -38,7 +38,8 @@ fn parse_serial(s: &str) -> std::result::Result<SerialMode, String> {
 }
 
 fn parse_level(s: &str) -> std::result::Result<log::LevelFilter, String> {
-    s.parse().map_err(|_| "expected off, error, warn, info, debug or trace".to_string())
+    s.parse()
+        .map_err(|_| "expected off, error, warn, info, debug or trace".to_string())
 }
 
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
@@ -96,7 +97,10 @@ pub fn validate(args: &Args) -> Result<()> {
     }
     // The boot structures and a kernel need a few MiB.
     if args.memory < 8 {
-        return Err(Error::usage(format!("--memory {} MiB is too small: ferrovmm needs at least 8 MiB", args.memory)));
+        return Err(Error::usage(format!(
+            "--memory {} MiB is too small: ferrovmm needs at least 8 MiB",
+            args.memory
+        )));
     }
     let host_mib = host_memory_mib();
     if let Some(host) = host_mib {
@@ -131,10 +135,16 @@ fn check_readable(flag: &str, path: &std::path::Path) -> Result<()> {
     match std::fs::File::open(path) {
         Ok(f) => match f.metadata() {
             Ok(m) if m.is_file() => Ok(()),
-            Ok(_) => Err(Error::usage(format!("{flag} {}: not a regular file", path.display()))),
+            Ok(_) => Err(Error::usage(format!(
+                "{flag} {}: not a regular file",
+                path.display()
+            ))),
             Err(e) => Err(Error::usage(format!("{flag} {}: {e}", path.display()))),
         },
-        Err(e) => Err(Error::usage(format!("{flag} {}: cannot open: {e}", path.display()))),
+        Err(e) => Err(Error::usage(format!(
+            "{flag} {}: cannot open: {e}",
+            path.display()
+        ))),
     }
 }
 
@@ -154,8 +164,14 @@ mod tests {
     fn serial_modes_parse() {
         assert_eq!(parse_serial("stdio"), Ok(SerialMode::Stdio));
         assert_eq!(parse_serial("none"), Ok(SerialMode::None));
-        assert_eq!(parse_serial("file=/tmp/x"), Ok(SerialMode::File("/tmp/x".into())));
-        assert_eq!(parse_serial("socket=/tmp/s"), Ok(SerialMode::Socket("/tmp/s".into())));
+        assert_eq!(
+            parse_serial("file=/tmp/x"),
+            Ok(SerialMode::File("/tmp/x".into()))
+        );
+        assert_eq!(
+            parse_serial("socket=/tmp/s"),
+            Ok(SerialMode::Socket("/tmp/s".into()))
+        );
         assert!(parse_serial("file=").is_err());
         assert!(parse_serial("tcp:1234").is_err());
     }

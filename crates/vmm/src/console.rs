@@ -48,7 +48,8 @@ pub fn bind_socket(path: &Path, flag: &str) -> Result<UnixListener> {
             let _ = std::fs::remove_file(path);
         }
     }
-    UnixListener::bind(path).map_err(|e| Error::usage(format!("{flag}: cannot listen on {}: {e}", path.display())))
+    UnixListener::bind(path)
+        .map_err(|e| Error::usage(format!("{flag}: cannot listen on {}: {e}", path.display())))
 }
 
 pub struct EventLoop<'a> {
@@ -65,16 +66,28 @@ impl<'a> EventLoop<'a> {
         let epoll = Epoll::new().map_err(|e| Error::host(format!("epoll: {e}")))?;
         let add = |fd: RawFd, token: u64| {
             epoll
-                .ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token))
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, token),
+                )
                 .map_err(|e| Error::host(format!("epoll_ctl: {e}")))
         };
         add(machine.lifecycle.stop_evt.as_raw_fd(), TOKEN_STOP)?;
         add(machine.serial_input_space.as_raw_fd(), TOKEN_INPUT_SPACE)?;
         if let Some(l) = &listener {
-            l.set_nonblocking(true).map_err(|e| Error::host(format!("console socket: {e}")))?;
+            l.set_nonblocking(true)
+                .map_err(|e| Error::host(format!("console socket: {e}")))?;
             add(l.as_raw_fd(), TOKEN_LISTENER)?;
         }
-        let mut this = EventLoop { machine, epoll, inputs: Vec::new(), listener, pending: VecDeque::new(), inputs_armed: true };
+        let mut this = EventLoop {
+            machine,
+            epoll,
+            inputs: Vec::new(),
+            listener,
+            pending: VecDeque::new(),
+            inputs_armed: true,
+        };
         if stdin {
             this.add_input(Input::Stdin);
         }
@@ -84,13 +97,19 @@ impl<'a> EventLoop<'a> {
     fn add_input(&mut self, input: Input) {
         let fd = input.fd();
         if self.inputs_armed {
-            let _ = self.epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, fd as u64));
+            let _ = self.epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, fd as u64),
+            );
         }
         self.inputs.push(input);
     }
 
     fn remove_input(&mut self, fd: RawFd) {
-        let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+        let _ = self
+            .epoll
+            .ctl(ControlOperation::Delete, fd, EpollEvent::default());
         self.inputs.retain(|i| i.fd() != fd);
     }
 
@@ -100,8 +119,16 @@ impl<'a> EventLoop<'a> {
             return;
         }
         for input in &self.inputs {
-            let op = if armed { ControlOperation::Add } else { ControlOperation::Delete };
-            let _ = self.epoll.ctl(op, input.fd(), EpollEvent::new(EventSet::IN, input.fd() as u64));
+            let op = if armed {
+                ControlOperation::Add
+            } else {
+                ControlOperation::Delete
+            };
+            let _ = self.epoll.ctl(
+                op,
+                input.fd(),
+                EpollEvent::new(EventSet::IN, input.fd() as u64),
+            );
         }
         self.inputs_armed = armed;
     }
@@ -109,7 +136,12 @@ impl<'a> EventLoop<'a> {
     fn push_pending_input(&mut self) {
         if !self.pending.is_empty() {
             let bytes: Vec<u8> = self.pending.iter().copied().collect();
-            let taken = self.machine.serial.lock().unwrap_or_else(|p| p.into_inner()).enqueue_input(&bytes);
+            let taken = self
+                .machine
+                .serial
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .enqueue_input(&bytes);
             self.pending.drain(..taken);
         }
         self.arm_inputs(self.pending.len() < MAX_PENDING_INPUT);
@@ -117,20 +149,29 @@ impl<'a> EventLoop<'a> {
 
     fn accept_clients(&mut self) {
         loop {
-            let Some(Ok((stream, _))) = self.listener.as_ref().map(|l| l.accept()) else { return };
-            let Ok(reader) = stream.try_clone() else { continue };
+            let Some(Ok((stream, _))) = self.listener.as_ref().map(|l| l.accept()) else {
+                return;
+            };
+            let Ok(reader) = stream.try_clone() else {
+                continue;
+            };
             if stream.set_nonblocking(true).is_err() {
                 continue;
             }
             if let Some(clients) = &self.machine.serial_clients {
-                clients.lock().unwrap_or_else(|p| p.into_inner()).push(stream);
+                clients
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(stream);
             }
             self.add_input(Input::Client(reader));
         }
     }
 
     fn read_input(&mut self, fd: RawFd) {
-        let Some(pos) = self.inputs.iter().position(|i| i.fd() == fd) else { return };
+        let Some(pos) = self.inputs.iter().position(|i| i.fd() == fd) else {
+            return;
+        };
         let mut buf = [0u8; 4096];
         match self.inputs[pos].read(&mut buf) {
             Ok(0) => self.remove_input(fd),
@@ -138,7 +179,9 @@ impl<'a> EventLoop<'a> {
                 self.pending.extend(&buf[..n]);
                 self.push_pending_input();
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(_) => self.remove_input(fd),
         }
     }

@@ -21,13 +21,22 @@ pub struct Error {
 
 impl Error {
     pub fn usage(message: impl Into<String>) -> Self {
-        Error { kind: ErrorKind::Usage, message: message.into() }
+        Error {
+            kind: ErrorKind::Usage,
+            message: message.into(),
+        }
     }
     pub fn host(message: impl Into<String>) -> Self {
-        Error { kind: ErrorKind::Host, message: message.into() }
+        Error {
+            kind: ErrorKind::Host,
+            message: message.into(),
+        }
     }
     pub fn guest(message: impl Into<String>) -> Self {
-        Error { kind: ErrorKind::Guest, message: message.into() }
+        Error {
+            kind: ErrorKind::Guest,
+            message: message.into(),
+        }
     }
 
     /// Exit status for this error: 2 for usage errors, 1 otherwise.

@@ -56,7 +56,10 @@ pub fn ram_regions(mem_bytes: u64) -> Vec<(u64, u64)> {
     if mem_bytes <= MMIO_HOLE_START {
         vec![(0, mem_bytes)]
     } else {
-        vec![(0, MMIO_HOLE_START), (FOUR_GIB, mem_bytes - MMIO_HOLE_START)]
+        vec![
+            (0, MMIO_HOLE_START),
+            (FOUR_GIB, mem_bytes - MMIO_HOLE_START),
+        ]
     }
 }
 
@@ -73,7 +76,11 @@ pub fn e820_map(mem_bytes: u64) -> Vec<(u64, u64, u32)> {
     ];
     for (start, size) in ram_regions(mem_bytes) {
         let start = start.max(HIMEM_START);
-        let end = if start == HIMEM_START { size } else { start + size };
+        let end = if start == HIMEM_START {
+            size
+        } else {
+            start + size
+        };
         if end > start {
             map.push((start, end - start, E820_RAM));
         }
@@ -89,15 +96,27 @@ mod tests {
     fn small_memory_is_one_region() {
         assert_eq!(ram_regions(256 << 20), vec![(0, 256 << 20)]);
         let map = e820_map(256 << 20);
-        assert_eq!(map.last(), Some(&(HIMEM_START, (256 << 20) - HIMEM_START, E820_RAM)));
+        assert_eq!(
+            map.last(),
+            Some(&(HIMEM_START, (256 << 20) - HIMEM_START, E820_RAM))
+        );
     }
 
     #[test]
     fn large_memory_skips_the_mmio_hole() {
         let regions = ram_regions(4 << 30);
-        assert_eq!(regions, vec![(0, MMIO_HOLE_START), (FOUR_GIB, (4 << 30) - MMIO_HOLE_START)]);
+        assert_eq!(
+            regions,
+            vec![
+                (0, MMIO_HOLE_START),
+                (FOUR_GIB, (4 << 30) - MMIO_HOLE_START)
+            ]
+        );
         let map = e820_map(4 << 30);
-        assert_eq!(map[2], (HIMEM_START, MMIO_HOLE_START - HIMEM_START, E820_RAM));
+        assert_eq!(
+            map[2],
+            (HIMEM_START, MMIO_HOLE_START - HIMEM_START, E820_RAM)
+        );
         assert_eq!(map[3], (FOUR_GIB, (4 << 30) - MMIO_HOLE_START, E820_RAM));
     }
 }

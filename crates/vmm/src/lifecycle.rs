@@ -37,7 +37,10 @@ pub struct Lifecycle {
 
 impl Lifecycle {
     pub fn new() -> std::io::Result<Self> {
-        Ok(Lifecycle { reason: Mutex::new(None), stop_evt: EventFd::new(libc::EFD_NONBLOCK)? })
+        Ok(Lifecycle {
+            reason: Mutex::new(None),
+            stop_evt: EventFd::new(libc::EFD_NONBLOCK)?,
+        })
     }
 
     pub fn request_stop(&self, reason: StopReason) {
@@ -50,7 +53,10 @@ impl Lifecycle {
     }
 
     pub fn stop_reason(&self) -> Option<StopReason> {
-        self.reason.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn is_stopping(&self) -> bool {

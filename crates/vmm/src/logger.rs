@@ -9,7 +9,11 @@ impl Log for StderrLogger {
         true
     }
     fn log(&self, record: &Record) {
-        eprintln!("ferrovmm: {}: {}", record.level().as_str().to_lowercase(), record.args());
+        eprintln!(
+            "ferrovmm: {}: {}",
+            record.level().as_str().to_lowercase(),
+            record.args()
+        );
     }
     fn flush(&self) {}
 }

@@ -15,8 +15,12 @@ pub fn create_guest_memory(mem_bytes: u64) -> Result<GuestMemoryMmap> {
         .into_iter()
         .map(|(start, size)| (GuestAddress(start), size as usize))
         .collect();
-    GuestMemoryMmap::from_ranges(&ranges)
-        .map_err(|e| Error::host(format!("cannot map {} MiB of guest memory: {e}", mem_bytes >> 20)))
+    GuestMemoryMmap::from_ranges(&ranges).map_err(|e| {
+        Error::host(format!(
+            "cannot map {} MiB of guest memory: {e}",
+            mem_bytes >> 20
+        ))
+    })
 }
 
 /// Tells KVM about every region of guest RAM.

@@ -60,7 +60,10 @@ impl PauseControl {
     }
 
     pub fn is_paused(&self) -> bool {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).requested
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .requested
     }
 }
 
@@ -128,9 +131,12 @@ pub fn start(vcpus: Vec<Vcpu>) -> std::io::Result<VcpuSet> {
     for vcpu in vcpus {
         let pause = pause.clone();
         let name = format!("vcpu{}", vcpu.index);
-        threads.push(std::thread::Builder::new().name(name).stack_size(256 << 10).spawn(move || {
-            vcpu.run(&pause)
-        })?);
+        threads.push(
+            std::thread::Builder::new()
+                .name(name)
+                .stack_size(256 << 10)
+                .spawn(move || vcpu.run(&pause))?,
+        );
     }
     Ok(VcpuSet { threads, pause })
 }
@@ -162,7 +168,10 @@ impl Vcpu {
                 ExitCounters::bump(&c.io_out);
                 if !self.pio.write(u64::from(port), data) {
                     ExitCounters::bump(&c.unhandled_io);
-                    log::debug!("vcpu{}: out to port {port:#x} with no device: {data:x?}", self.index);
+                    log::debug!(
+                        "vcpu{}: out to port {port:#x} with no device: {data:x?}",
+                        self.index
+                    );
                 }
                 Flow::Continue
             }
@@ -186,7 +195,10 @@ impl Vcpu {
                 ExitCounters::bump(&c.mmio_write);
                 if !self.mmio.write(addr, data) {
                     ExitCounters::bump(&c.unhandled_io);
-                    log::debug!("vcpu{}: MMIO write at {addr:#x} with no device: {data:x?}", self.index);
+                    log::debug!(
+                        "vcpu{}: MMIO write at {addr:#x} with no device: {data:x?}",
+                        self.index
+                    );
                 }
                 Flow::Continue
             }
@@ -218,7 +230,9 @@ impl Vcpu {
             }
             Ok(VcpuExit::FailEntry(reason, cpu)) => {
                 ExitCounters::bump(&c.other);
-                Flow::Stop(self.fatal(&format!("KVM could not enter the guest (reason {reason:#x}, cpu {cpu})")))
+                Flow::Stop(self.fatal(&format!(
+                    "KVM could not enter the guest (reason {reason:#x}, cpu {cpu})"
+                )))
             }
             Ok(other) => {
                 ExitCounters::bump(&c.other);
@@ -236,6 +250,10 @@ impl Vcpu {
     }
 
     fn fatal(&self, what: &str) -> StopReason {
-        StopReason::Error(format!("vcpu{}: {what}\n{}", self.index, regs::dump(&self.fd)).trim_end().to_string())
+        StopReason::Error(
+            format!("vcpu{}: {what}\n{}", self.index, regs::dump(&self.fd))
+                .trim_end()
+                .to_string(),
+        )
     }
 }

@@ -9,6 +9,7 @@ use serde::Serialize;
 use vm_superio::{I8042Device, Serial};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::acpi;
 use crate::boot::{self, BootSpec};
 use crate::config::{Args, SerialMode};
 use crate::counters::ExitCounters;
@@ -23,7 +24,6 @@ use crate::layout;
 use crate::lifecycle::Lifecycle;
 use crate::memory::{self, GuestMemoryMmap};
 use crate::vcpu::{self, Vcpu, VcpuSet};
-use crate::acpi;
 
 const KVM_API_VERSION: i32 = 12;
 const TSS_ADDRESS: usize = 0xfffb_d000;
@@ -60,7 +60,9 @@ pub struct Machine {
 fn open_kvm() -> Result<Kvm> {
     let kvm = Kvm::new().map_err(|e| {
         let hint = match e.errno() {
-            libc::ENOENT => "the kvm module is not loaded or the host has no virtualization support",
+            libc::ENOENT => {
+                "the kvm module is not loaded or the host has no virtualization support"
+            }
             libc::EACCES | libc::EPERM => "run as root or add your user to the kvm group",
             _ => "check that KVM works on this host",
         };
@@ -68,11 +70,19 @@ fn open_kvm() -> Result<Kvm> {
     })?;
     let version = kvm.get_api_version();
     if version != KVM_API_VERSION {
-        return Err(Error::host(format!("/dev/kvm speaks API version {version}, ferrovmm needs {KVM_API_VERSION}")));
+        return Err(Error::host(format!(
+            "/dev/kvm speaks API version {version}, ferrovmm needs {KVM_API_VERSION}"
+        )));
     }
-    for (cap, name) in [(Cap::Irqchip, "KVM_CAP_IRQCHIP"), (Cap::Pit2, "KVM_CAP_PIT2"), (Cap::Irqfd, "KVM_CAP_IRQFD")] {
+    for (cap, name) in [
+        (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+        (Cap::Pit2, "KVM_CAP_PIT2"),
+        (Cap::Irqfd, "KVM_CAP_IRQFD"),
+    ] {
         if !kvm.check_extension(cap) {
-            return Err(Error::host(format!("this KVM lacks {name}, which ferrovmm needs")));
+            return Err(Error::host(format!(
+                "this KVM lacks {name}, which ferrovmm needs"
+            )));
         }
     }
     Ok(kvm)
@@ -102,14 +112,22 @@ pub fn build_and_start(args: &Args) -> Result<Machine> {
     let kvm = open_kvm()?;
     let max_vcpus = kvm.get_max_vcpus() as u32;
     if args.vcpus > max_vcpus {
-        return Err(Error::usage(format!("--vcpus {} is more than KVM allows on this host ({max_vcpus})", args.vcpus)));
+        return Err(Error::usage(format!(
+            "--vcpus {} is more than KVM allows on this host ({max_vcpus})",
+            args.vcpus
+        )));
     }
     let mem_bytes = args.memory << 20;
 
     let vm = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
-    vm.set_tss_address(TSS_ADDRESS).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-    vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-    let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+    vm.set_tss_address(TSS_ADDRESS)
+        .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+    vm.create_irq_chip()
+        .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
     vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
     let mem = memory::create_guest_memory(mem_bytes)?;
@@ -132,28 +150,48 @@ pub fn build_and_start(args: &Args) -> Result<Machine> {
 
     // Devices on the port I/O bus.
     let mut pio = Bus::new();
-    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::host(format!("eventfd: {e}")))?;
-    vm.register_irqfd(&serial_irq, layout::COM1_IRQ).map_err(kvm_err("KVM_IRQFD"))?;
-    let serial_input_space = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::host(format!("eventfd: {e}")))?);
+    let serial_irq =
+        EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::host(format!("eventfd: {e}")))?;
+    vm.register_irqfd(&serial_irq, layout::COM1_IRQ)
+        .map_err(kvm_err("KVM_IRQFD"))?;
+    let serial_input_space = Arc::new(
+        EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::host(format!("eventfd: {e}")))?,
+    );
     let (out, serial_clients) = serial_output(&args.serial)?;
     let serial = Arc::new(Mutex::new(SerialPort(Serial::with_events(
         IrqTrigger(serial_irq),
         InputSpace(serial_input_space.clone()),
         out,
     ))));
-    let acpi_pm = Arc::new(Mutex::new(AcpiPm::new(Box::new(vm.clone()), lifecycle.clone())));
-    let i8042 = Arc::new(Mutex::new(I8042(I8042Device::new(ResetLine(lifecycle.clone())))));
+    let acpi_pm = Arc::new(Mutex::new(AcpiPm::new(
+        Box::new(vm.clone()),
+        lifecycle.clone(),
+    )));
+    let i8042 = Arc::new(Mutex::new(I8042(I8042Device::new(ResetLine(
+        lifecycle.clone(),
+    )))));
     let below_4g = mem_bytes.min(layout::MMIO_HOLE_START);
     let cmos = Arc::new(Mutex::new(Cmos::new(below_4g, mem_bytes - below_4g)));
     let insert = |bus: &mut Bus, dev, start: u16, len: u64| {
-        bus.insert(dev, u64::from(start), len).map_err(|e| Error::host(format!("port bus: {e}")))
+        bus.insert(dev, u64::from(start), len)
+            .map_err(|e| Error::host(format!("port bus: {e}")))
     };
     insert(&mut pio, serial.clone(), layout::COM1_PORT, 8)?;
     insert(&mut pio, i8042, layout::I8042_PORT, 5)?;
     insert(&mut pio, cmos, layout::CMOS_PORT, 2)?;
-    insert(&mut pio, acpi_pm.clone(), layout::PM1A_EVT_PORT, acpi_pm::RANGE_LEN)?;
+    insert(
+        &mut pio,
+        acpi_pm.clone(),
+        layout::PM1A_EVT_PORT,
+        acpi_pm::RANGE_LEN,
+    )?;
     // Port 0x80 is the POST-code port Linux uses for I/O delays: accept and drop.
-    insert(&mut pio, Arc::new(Mutex::new(crate::devices::bus::Sink)), 0x80, 1)?;
+    insert(
+        &mut pio,
+        Arc::new(Mutex::new(crate::devices::bus::Sink)),
+        0x80,
+        1,
+    )?;
     let pio = Arc::new(pio);
     let mmio = Arc::new(Bus::new());
 
@@ -161,8 +199,11 @@ pub fn build_and_start(args: &Args) -> Result<Machine> {
     let base_cpuid = cpuid::supported(&kvm)?;
     let mut vcpus = Vec::with_capacity(args.vcpus as usize);
     for index in 0..args.vcpus {
-        let fd = vm.create_vcpu(u64::from(index)).map_err(kvm_err("KVM_CREATE_VCPU"))?;
-        fd.set_cpuid2(&cpuid::for_vcpu(&base_cpuid, index, args.vcpus)).map_err(kvm_err("KVM_SET_CPUID2"))?;
+        let fd = vm
+            .create_vcpu(u64::from(index))
+            .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        fd.set_cpuid2(&cpuid::for_vcpu(&base_cpuid, index, args.vcpus))
+            .map_err(kvm_err("KVM_SET_CPUID2"))?;
         msrs::setup(&fd)?;
         regs::setup_fpu(&fd)?;
         regs::setup_lapic(&fd)?;
@@ -178,8 +219,10 @@ pub fn build_and_start(args: &Args) -> Result<Machine> {
             counters: counters.clone(),
         });
     }
-    vcpu::install_kick_handler().map_err(|e| Error::host(format!("cannot install the vCPU kick handler: {e}")))?;
-    let vcpus = vcpu::start(vcpus).map_err(|e| Error::host(format!("cannot start vCPU threads: {e}")))?;
+    vcpu::install_kick_handler()
+        .map_err(|e| Error::host(format!("cannot install the vCPU kick handler: {e}")))?;
+    let vcpus =
+        vcpu::start(vcpus).map_err(|e| Error::host(format!("cannot start vCPU threads: {e}")))?;
 
     let config = VmConfigInfo {
         name: args.name.clone(),

@@ -39,7 +39,14 @@ fn pvh_guest() -> Vec<u8> {
     g.print("\n");
     g.poweroff();
     let code = g.assemble(CODE_BASE);
-    image::elf(&[Segment { addr: CODE_BASE, data: code }], CODE_BASE, Some(CODE_BASE as u32))
+    image::elf(
+        &[Segment {
+            addr: CODE_BASE,
+            data: code,
+        }],
+        CODE_BASE,
+        Some(CODE_BASE as u32),
+    )
 }
 
 /// 64-bit guest reading boot_params at %rsi: e820 entries, command line, initrd.
@@ -104,17 +111,43 @@ fn expect_poweroff(run: &common::Run) {
 fn pvh_entry_gets_start_info_cmdline_and_initrd() {
     let dir = common::tempdir();
     let kernel = image::write(dir.path(), "pvh.elf", &pvh_guest());
-    let initrd = image::write(dir.path(), "initrd", format!("{INITRD_MARKER}-and-more-bytes").as_bytes());
+    let initrd = image::write(
+        dir.path(),
+        "initrd",
+        format!("{INITRD_MARKER}-and-more-bytes").as_bytes(),
+    );
     let run = common::boot(
         &kernel,
-        &["--cmdline", "hello=pvh quiet", "--initrd", initrd.to_str().unwrap()],
+        &[
+            "--cmdline",
+            "hello=pvh quiet",
+            "--initrd",
+            initrd.to_str().unwrap(),
+        ],
     );
     expect_poweroff(&run);
-    assert!(run.stdout.contains("pvh magic=336ec578\n"), "stdout: {}", run.stdout);
-    assert!(run.stdout.contains("cmdline=hello=pvh quiet\n"), "stdout: {}", run.stdout);
-    assert!(run.stdout.contains("modules=00000001"), "stdout: {}", run.stdout);
+    assert!(
+        run.stdout.contains("pvh magic=336ec578\n"),
+        "stdout: {}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.contains("cmdline=hello=pvh quiet\n"),
+        "stdout: {}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.contains("modules=00000001"),
+        "stdout: {}",
+        run.stdout
+    );
     let size = INITRD_MARKER.len() + "-and-more-bytes".len();
-    assert!(run.stdout.contains(&format!("initrd={INITRD_MARKER} size={size:08x}")), "stdout: {}", run.stdout);
+    assert!(
+        run.stdout
+            .contains(&format!("initrd={INITRD_MARKER} size={size:08x}")),
+        "stdout: {}",
+        run.stdout
+    );
 }
 
 #[test]
@@ -123,9 +156,17 @@ fn pvh_entry_without_initrd_reports_no_module() {
     let kernel = image::write(dir.path(), "pvh.elf", &pvh_guest());
     let run = common::boot(&kernel, &[]);
     expect_poweroff(&run);
-    assert!(run.stdout.contains("modules=00000000\n"), "stdout: {}", run.stdout);
+    assert!(
+        run.stdout.contains("modules=00000000\n"),
+        "stdout: {}",
+        run.stdout
+    );
     // The default command line is Linux-friendly.
-    assert!(run.stdout.contains("cmdline=console=ttyS0"), "stdout: {}", run.stdout);
+    assert!(
+        run.stdout.contains("cmdline=console=ttyS0"),
+        "stdout: {}",
+        run.stdout
+    );
 }
 
 /// Parses the guest's "e820 ADDR SIZE TYPE" lines.
@@ -148,24 +189,54 @@ fn guest_e820(stdout: &str) -> Vec<(u64, u64, u32)> {
 #[test]
 fn elf64_entry_sees_e820_and_cmdline_in_boot_params() {
     let dir = common::tempdir();
-    let elf = image::elf(&[Segment { addr: CODE_BASE, data: linux64_code(CODE_BASE) }], CODE_BASE, None);
+    let elf = image::elf(
+        &[Segment {
+            addr: CODE_BASE,
+            data: linux64_code(CODE_BASE),
+        }],
+        CODE_BASE,
+        None,
+    );
     let kernel = image::write(dir.path(), "vmlinux", &elf);
     let initrd = image::write(dir.path(), "initrd", INITRD_MARKER.as_bytes());
     let run = common::boot(
         &kernel,
-        &["--memory", "96", "--cmdline", "root=/dev/vda console=ttyS0", "--initrd", initrd.to_str().unwrap()],
+        &[
+            "--memory",
+            "96",
+            "--cmdline",
+            "root=/dev/vda console=ttyS0",
+            "--initrd",
+            initrd.to_str().unwrap(),
+        ],
     );
     expect_poweroff(&run);
     let e820 = guest_e820(&run.stdout);
     assert_eq!(
         e820,
-        vec![(0, 0x9fc00, 1), (0x9fc00, 0x100000 - 0x9fc00, 2), (0x100000, (96 << 20) - 0x100000, 1)],
+        vec![
+            (0, 0x9fc00, 1),
+            (0x9fc00, 0x100000 - 0x9fc00, 2),
+            (0x100000, (96 << 20) - 0x100000, 1)
+        ],
         "stdout: {}",
         run.stdout
     );
-    assert!(run.stdout.contains("cmdline=root=/dev/vda console=ttyS0\n"), "stdout: {}", run.stdout);
-    assert!(run.stdout.contains("rsdp=00000000000e0000"), "stdout: {}", run.stdout);
-    assert!(run.stdout.contains(&format!("initrd={INITRD_MARKER}")), "stdout: {}", run.stdout);
+    assert!(
+        run.stdout.contains("cmdline=root=/dev/vda console=ttyS0\n"),
+        "stdout: {}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.contains("rsdp=00000000000e0000"),
+        "stdout: {}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.contains(&format!("initrd={INITRD_MARKER}")),
+        "stdout: {}",
+        run.stdout
+    );
 }
 
 #[test]
@@ -177,7 +248,18 @@ fn bzimage_enters_64_bit_with_its_setup_header() {
     let run = common::boot(&kernel, &["--cmdline", "from=bzimage"]);
     expect_poweroff(&run);
     // boot_params.hdr.header as the guest reads it at 0x202: "HdrS".
-    assert!(run.stdout.contains("hdr=53726448"), "stdout: {}", run.stdout);
-    assert!(run.stdout.contains("cmdline=from=bzimage\n"), "stdout: {}", run.stdout);
-    assert_eq!(guest_e820(&run.stdout).last().map(|e| e.1), Some((64 << 20) - 0x100000));
+    assert!(
+        run.stdout.contains("hdr=53726448"),
+        "stdout: {}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.contains("cmdline=from=bzimage\n"),
+        "stdout: {}",
+        run.stdout
+    );
+    assert_eq!(
+        guest_e820(&run.stdout).last().map(|e| e.1),
+        Some((64 << 20) - 0x100000)
+    );
 }

@@ -54,7 +54,11 @@ pub(super) fn write_boot_params(
         return Err(Error::host("too many e820 entries"));
     }
     for (i, (addr, size, type_)) in map.iter().enumerate() {
-        params.e820_table[i] = boot_e820_entry { addr: *addr, size: *size, r#type: *type_ };
+        params.e820_table[i] = boot_e820_entry {
+            addr: *addr,
+            size: *size,
+            r#type: *type_,
+        };
     }
     params.e820_entries = map.len() as u8;
 

@@ -12,7 +12,9 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
-use linux_loader::loader::{elf::PvhBootCapability, BzImage, Elf, KernelLoader, KernelLoaderResult};
+use linux_loader::loader::{
+    elf::PvhBootCapability, BzImage, Elf, KernelLoader, KernelLoaderResult,
+};
 use vm_memory::{Address, Bytes, GuestAddress};
 
 use crate::error::{Error, Result};
@@ -83,22 +85,37 @@ pub struct BootSpec<'a> {
 /// Loads kernel, initrd and command line and writes the boot parameters.
 pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<BootInfo> {
     let kernel_path = spec.kernel;
-    let mut kernel = File::open(kernel_path)
-        .map_err(|e| Error::usage(format!("--kernel {}: cannot open: {e}", kernel_path.display())))?;
+    let mut kernel = File::open(kernel_path).map_err(|e| {
+        Error::usage(format!(
+            "--kernel {}: cannot open: {e}",
+            kernel_path.display()
+        ))
+    })?;
     let format = detect_format(&mut kernel, kernel_path)?;
     kernel
         .seek(SeekFrom::Start(0))
         .map_err(|e| Error::usage(format!("--kernel {}: {e}", kernel_path.display())))?;
     let bad_kernel = |e: linux_loader::loader::Error| {
-        Error::usage(format!("--kernel {}: cannot load: {e}", kernel_path.display()))
+        Error::usage(format!(
+            "--kernel {}: cannot load: {e}",
+            kernel_path.display()
+        ))
     };
     let loaded: KernelLoaderResult = match format {
-        KernelFormat::Elf => {
-            Elf::load(mem, None, &mut kernel, Some(GuestAddress(layout::HIMEM_START))).map_err(bad_kernel)?
-        }
-        KernelFormat::BzImage => {
-            BzImage::load(mem, None, &mut kernel, Some(GuestAddress(layout::HIMEM_START))).map_err(bad_kernel)?
-        }
+        KernelFormat::Elf => Elf::load(
+            mem,
+            None,
+            &mut kernel,
+            Some(GuestAddress(layout::HIMEM_START)),
+        )
+        .map_err(bad_kernel)?,
+        KernelFormat::BzImage => BzImage::load(
+            mem,
+            None,
+            &mut kernel,
+            Some(GuestAddress(layout::HIMEM_START)),
+        )
+        .map_err(bad_kernel)?,
     };
 
     let cmdline = write_cmdline(mem, spec.cmdline)?;
@@ -110,17 +127,29 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<BootInfo> {
     match (format, loaded.pvh_boot_cap) {
         (KernelFormat::Elf, PvhBootCapability::PvhEntryPresent(entry)) => {
             let params = pvh::write_start_info(mem, spec, cmdline, initrd)?;
-            Ok(BootInfo { entry, mode: EntryMode::Pvh32, params })
+            Ok(BootInfo {
+                entry,
+                mode: EntryMode::Pvh32,
+                params,
+            })
         }
         (KernelFormat::Elf, _) => {
             let params = linux::write_boot_params(mem, spec, None, cmdline, initrd)?;
-            Ok(BootInfo { entry: loaded.kernel_load, mode: EntryMode::Linux64, params })
+            Ok(BootInfo {
+                entry: loaded.kernel_load,
+                mode: EntryMode::Linux64,
+                params,
+            })
         }
         (KernelFormat::BzImage, _) => {
             let params = linux::write_boot_params(mem, spec, loaded.setup_header, cmdline, initrd)?;
             // The 64-bit entry of a bzImage is 0x200 past the start of its protected-mode code.
             let entry = loaded.kernel_load.unchecked_add(0x200);
-            Ok(BootInfo { entry, mode: EntryMode::Linux64, params })
+            Ok(BootInfo {
+                entry,
+                mode: EntryMode::Linux64,
+                params,
+            })
         }
     }
 }
@@ -142,7 +171,10 @@ fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<CmdlineInfo> {
     let addr = GuestAddress(layout::CMDLINE_START);
     linux_loader::loader::load_cmdline(mem, addr, &cl)
         .map_err(|e| Error::host(format!("cannot write the command line: {e}")))?;
-    Ok(CmdlineInfo { addr, len: cmdline.len() })
+    Ok(CmdlineInfo {
+        addr,
+        len: cmdline.len(),
+    })
 }
 
 /// A loaded initrd: address and size.
@@ -154,7 +186,12 @@ pub struct InitrdInfo {
 
 /// Puts the initrd at the top of low RAM (below 896 MiB, where every Linux can
 /// reach it), page aligned, above the kernel.
-fn load_initrd(mem: &GuestMemoryMmap, path: &Path, kernel_end: u64, mem_bytes: u64) -> Result<InitrdInfo> {
+fn load_initrd(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+    kernel_end: u64,
+    mem_bytes: u64,
+) -> Result<InitrdInfo> {
     let mut file = File::open(path)
         .map_err(|e| Error::usage(format!("--initrd {}: cannot open: {e}", path.display())))?;
     let size = file
@@ -175,5 +212,8 @@ fn load_initrd(mem: &GuestMemoryMmap, path: &Path, kernel_end: u64, mem_bytes: u
     }
     mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
         .map_err(|e| Error::usage(format!("--initrd {}: cannot read: {e}", path.display())))?;
-    Ok(InitrdInfo { addr: GuestAddress(addr), size })
+    Ok(InitrdInfo {
+        addr: GuestAddress(addr),
+        size,
+    })
 }

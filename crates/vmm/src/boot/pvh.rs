@@ -2,7 +2,9 @@
 
 use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
-use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
 use vm_memory::GuestAddress;
 
 use super::{BootSpec, CmdlineInfo, InitrdInfo};
@@ -22,9 +24,15 @@ pub(super) fn write_start_info(
     let memmap_addr = info_addr.0 + std::mem::size_of::<hvm_start_info>() as u64;
     let map: Vec<hvm_memmap_table_entry> = layout::e820_map(spec.mem_bytes)
         .into_iter()
-        .map(|(addr, size, type_)| hvm_memmap_table_entry { addr, size, type_, reserved: 0 })
+        .map(|(addr, size, type_)| hvm_memmap_table_entry {
+            addr,
+            size,
+            type_,
+            reserved: 0,
+        })
         .collect();
-    let modlist_addr = memmap_addr + (map.len() * std::mem::size_of::<hvm_memmap_table_entry>()) as u64;
+    let modlist_addr =
+        memmap_addr + (map.len() * std::mem::size_of::<hvm_memmap_table_entry>()) as u64;
 
     let mut info = hvm_start_info {
         magic: XEN_HVM_START_MAGIC_VALUE,
@@ -42,7 +50,11 @@ pub(super) fn write_start_info(
         info.modlist_paddr = modlist_addr;
         params = BootParams::new::<hvm_start_info>(&info, info_addr);
         params.set_sections::<hvm_memmap_table_entry>(&map, GuestAddress(memmap_addr));
-        let module = hvm_modlist_entry { paddr: initrd.addr.0, size: initrd.size, ..Default::default() };
+        let module = hvm_modlist_entry {
+            paddr: initrd.addr.0,
+            size: initrd.size,
+            ..Default::default()
+        };
         params.set_modules::<hvm_modlist_entry>(&[module], GuestAddress(modlist_addr));
     }
     PvhBootConfigurator::write_bootparams(&params, mem)

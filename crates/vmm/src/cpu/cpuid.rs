@@ -20,7 +20,8 @@ const KVM_SIGNATURE: &[u8; 12] = b"KVMKVMKVM\0\0\0";
 
 /// KVM's supported CPUID, read once and patched per vCPU.
 pub fn supported(kvm: &Kvm) -> Result<CpuId> {
-    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))
+    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))
 }
 
 /// Number of bits needed to hold values below `n` (x86 topology shift width).
@@ -75,18 +76,30 @@ pub fn for_vcpu(base: &CpuId, index: u32, count: u32) -> CpuId {
                 }
             }
             LEAF_HYPERVISOR => {
-                entry.ebx = u32::from_le_bytes([KVM_SIGNATURE[0], KVM_SIGNATURE[1], KVM_SIGNATURE[2], KVM_SIGNATURE[3]]);
-                entry.ecx = u32::from_le_bytes([KVM_SIGNATURE[4], KVM_SIGNATURE[5], KVM_SIGNATURE[6], KVM_SIGNATURE[7]]);
-                entry.edx = u32::from_le_bytes([KVM_SIGNATURE[8], KVM_SIGNATURE[9], KVM_SIGNATURE[10], KVM_SIGNATURE[11]]);
+                entry.ebx = u32::from_le_bytes([
+                    KVM_SIGNATURE[0],
+                    KVM_SIGNATURE[1],
+                    KVM_SIGNATURE[2],
+                    KVM_SIGNATURE[3],
+                ]);
+                entry.ecx = u32::from_le_bytes([
+                    KVM_SIGNATURE[4],
+                    KVM_SIGNATURE[5],
+                    KVM_SIGNATURE[6],
+                    KVM_SIGNATURE[7],
+                ]);
+                entry.edx = u32::from_le_bytes([
+                    KVM_SIGNATURE[8],
+                    KVM_SIGNATURE[9],
+                    KVM_SIGNATURE[10],
+                    KVM_SIGNATURE[11],
+                ]);
             }
-            LEAF_AMD_EXT_FEATURES => {
-                if count > 1 {
-                    entry.ecx |= ECX_AMD_CMP_LEGACY_BIT;
-                }
-            }
+            LEAF_AMD_EXT_FEATURES if count > 1 => entry.ecx |= ECX_AMD_CMP_LEGACY_BIT,
             LEAF_AMD_SIZE_IDS => {
                 // ECX[7:0]: cores - 1; ECX[15:12]: APIC ID size.
-                entry.ecx = (entry.ecx & !0xf0ff) | ((count - 1) & 0xff) | (topology_shift(count) << 12);
+                entry.ecx =
+                    (entry.ecx & !0xf0ff) | ((count - 1) & 0xff) | (topology_shift(count) << 12);
             }
             _ => {}
         }

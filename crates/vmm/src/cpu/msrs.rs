@@ -22,7 +22,11 @@ const MISC_ENABLE_FAST_STRING: u64 = 1;
 const MTRR_ENABLE_WRITE_BACK: u64 = (1 << 11) | 6;
 
 fn entry(index: u32, data: u64) -> kvm_msr_entry {
-    kvm_msr_entry { index, data, ..Default::default() }
+    kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    }
 }
 
 pub fn setup(vcpu: &VcpuFd) -> Result<()> {
@@ -40,11 +44,16 @@ pub fn setup(vcpu: &VcpuFd) -> Result<()> {
         entry(MSR_MTRR_DEF_TYPE, MTRR_ENABLE_WRITE_BACK),
     ];
     let msrs = Msrs::from_entries(&entries).map_err(|e| Error::host(format!("MSR list: {e:?}")))?;
-    let written = vcpu.set_msrs(&msrs).map_err(|e| Error::host(format!("KVM_SET_MSRS failed: {e}")))?;
+    let written = vcpu
+        .set_msrs(&msrs)
+        .map_err(|e| Error::host(format!("KVM_SET_MSRS failed: {e}")))?;
     if written != entries.len() {
         // KVM stops at the first MSR it rejects; name it.
         let rejected = entries.get(written).map(|e| e.index).unwrap_or(0);
-        log::warn!("KVM accepted {written} of {} initial MSRs (rejected {rejected:#x})", entries.len());
+        log::warn!(
+            "KVM accepted {written} of {} initial MSRs (rejected {rejected:#x})",
+            entries.len()
+        );
     }
     Ok(())
 }

@@ -32,7 +32,11 @@ fn segment_from_gdt(entry: u64, table_index: u8) -> kvm_segment {
     let g = ((entry >> 55) & 1) as u8;
     kvm_segment {
         base: ((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000),
-        limit: if g == 1 { ((limit_raw as u32) << 12) | 0xfff } else { limit_raw as u32 },
+        limit: if g == 1 {
+            ((limit_raw as u32) << 12) | 0xfff
+        } else {
+            limit_raw as u32
+        },
         selector: u16::from(table_index) * 8,
         type_: ((entry >> 40) & 0xf) as u8,
         present: ((entry >> 47) & 1) as u8,
@@ -62,8 +66,11 @@ fn boot_gdt(mode: EntryMode) -> [u64; 4] {
 
 fn write_gdt_and_idt(mem: &GuestMemoryMmap, gdt: &[u64]) -> Result<()> {
     for (i, entry) in gdt.iter().enumerate() {
-        mem.write_obj(*entry, GuestAddress(layout::BOOT_GDT_START + (i * 8) as u64))
-            .map_err(|e| Error::host(format!("cannot write the GDT: {e}")))?;
+        mem.write_obj(
+            *entry,
+            GuestAddress(layout::BOOT_GDT_START + (i * 8) as u64),
+        )
+        .map_err(|e| Error::host(format!("cannot write the GDT: {e}")))?;
     }
     mem.write_obj(0u64, GuestAddress(layout::BOOT_IDT_START))
         .map_err(|e| Error::host(format!("cannot write the IDT: {e}")))
@@ -71,11 +78,15 @@ fn write_gdt_and_idt(mem: &GuestMemoryMmap, gdt: &[u64]) -> Result<()> {
 
 /// Identity-maps the first GiB with 2 MiB pages.
 fn write_page_tables(mem: &GuestMemoryMmap) -> Result<()> {
-    let err = |e: vm_memory::GuestMemoryError| Error::host(format!("cannot write page tables: {e}"));
-    mem.write_obj(layout::PDPTE_START | 0x03, GuestAddress(layout::PML4_START)).map_err(err)?;
-    mem.write_obj(layout::PDE_START | 0x03, GuestAddress(layout::PDPTE_START)).map_err(err)?;
+    let err =
+        |e: vm_memory::GuestMemoryError| Error::host(format!("cannot write page tables: {e}"));
+    mem.write_obj(layout::PDPTE_START | 0x03, GuestAddress(layout::PML4_START))
+        .map_err(err)?;
+    mem.write_obj(layout::PDE_START | 0x03, GuestAddress(layout::PDPTE_START))
+        .map_err(err)?;
     for i in 0..512u64 {
-        mem.write_obj((i << 21) | 0x83, GuestAddress(layout::PDE_START + i * 8)).map_err(err)?;
+        mem.write_obj((i << 21) | 0x83, GuestAddress(layout::PDE_START + i * 8))
+            .map_err(err)?;
     }
     Ok(())
 }
@@ -101,7 +112,11 @@ pub fn setup_boot_vcpu(vcpu: &VcpuFd, mem: &GuestMemoryMmap, boot: &BootInfo) ->
     sregs.ss = data;
     sregs.tr = tss;
 
-    let mut regs = kvm_regs { rflags: 0x2, rip: boot.entry.0, ..Default::default() };
+    let mut regs = kvm_regs {
+        rflags: 0x2,
+        rip: boot.entry.0,
+        ..Default::default()
+    };
     match boot.mode {
         EntryMode::Pvh32 => {
             sregs.cr0 = X86_CR0_PE | X86_CR0_ET;
@@ -127,7 +142,11 @@ pub fn setup_boot_vcpu(vcpu: &VcpuFd, mem: &GuestMemoryMmap, boot: &BootInfo) ->
 
 /// x87 and SSE control words as after a reset.
 pub fn setup_fpu(vcpu: &VcpuFd) -> Result<()> {
-    let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
+    let fpu = kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    };
     vcpu.set_fpu(&fpu).map_err(kvm_err("KVM_SET_FPU"))
 }
 
@@ -145,7 +164,12 @@ pub fn setup_lapic(vcpu: &VcpuFd) -> Result<()> {
     let mut lapic = vcpu.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?;
     let regs = &mut lapic.regs;
     let read = |regs: &[std::os::raw::c_char], off: usize| {
-        u32::from_le_bytes([regs[off] as u8, regs[off + 1] as u8, regs[off + 2] as u8, regs[off + 3] as u8])
+        u32::from_le_bytes([
+            regs[off] as u8,
+            regs[off + 1] as u8,
+            regs[off + 2] as u8,
+            regs[off + 3] as u8,
+        ])
     };
     let write = |regs: &mut [std::os::raw::c_char], off: usize, v: u32| {
         for (i, b) in v.to_le_bytes().iter().enumerate() {
@@ -187,9 +211,21 @@ mod tests {
     #[test]
     fn gdt_entries_decode_to_flat_segments() {
         let code64 = segment_from_gdt(gdt_entry(0xa09b, 0, 0xfffff), 1);
-        assert_eq!((code64.base, code64.limit, code64.l, code64.db, code64.selector), (0, 0xffff_ffff, 1, 0, 8));
+        assert_eq!(
+            (
+                code64.base,
+                code64.limit,
+                code64.l,
+                code64.db,
+                code64.selector
+            ),
+            (0, 0xffff_ffff, 1, 0, 8)
+        );
         let code32 = segment_from_gdt(gdt_entry(0xc09b, 0, 0xfffff), 1);
-        assert_eq!((code32.l, code32.db, code32.type_, code32.present), (0, 1, 0xb, 1));
+        assert_eq!(
+            (code32.l, code32.db, code32.type_, code32.present),
+            (0, 1, 0xb, 1)
+        );
         let data = segment_from_gdt(gdt_entry(0xc093, 0, 0xfffff), 2);
         assert_eq!((data.type_, data.s, data.selector), (3, 1, 16));
     }

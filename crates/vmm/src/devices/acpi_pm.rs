@@ -48,7 +48,13 @@ pub const RANGE_LEN: u64 = CONTROL + layout::PM1A_CNT_LEN as u64;
 impl AcpiPm {
     pub fn new(sci: Box<dyn SciLine>, lifecycle: Arc<Lifecycle>) -> Self {
         // SCI_EN reads as set: the machine is always in ACPI mode (there is no SMI_CMD port).
-        AcpiPm { status: 0, enable: 0, control: SCI_EN, sci, lifecycle }
+        AcpiPm {
+            status: 0,
+            enable: 0,
+            control: SCI_EN,
+            sci,
+            lifecycle,
+        }
     }
 
     /// A press of the power button.
@@ -78,7 +84,9 @@ impl AcpiPm {
             CONTROL => {
                 let value = (self.control & !mask) | (value & mask);
                 self.control = (value & !SLP_EN) | SCI_EN;
-                if value & SLP_EN != 0 && (value >> SLP_TYP_SHIFT) & SLP_TYP_MASK == layout::S5_SLEEP_TYPE {
+                if value & SLP_EN != 0
+                    && (value >> SLP_TYP_SHIFT) & SLP_TYP_MASK == layout::S5_SLEEP_TYPE
+                {
                     self.lifecycle.request_stop(StopReason::PowerOff);
                 }
             }
@@ -130,7 +138,11 @@ mod tests {
     fn pm() -> (AcpiPm, Arc<AtomicBool>, Arc<Lifecycle>) {
         let line = Arc::new(AtomicBool::new(false));
         let lc = Arc::new(Lifecycle::new().unwrap());
-        (AcpiPm::new(Box::new(FakeLine(line.clone())), lc.clone()), line, lc)
+        (
+            AcpiPm::new(Box::new(FakeLine(line.clone())), lc.clone()),
+            line,
+            lc,
+        )
     }
 
     #[test]
@@ -152,7 +164,10 @@ mod tests {
         let (mut pm, _, lc) = pm();
         pm.write(CONTROL, &((1 << SLP_TYP_SHIFT) | SLP_EN).to_le_bytes());
         assert_eq!(lc.stop_reason(), None);
-        pm.write(CONTROL, &((layout::S5_SLEEP_TYPE << SLP_TYP_SHIFT) | SLP_EN).to_le_bytes());
+        pm.write(
+            CONTROL,
+            &((layout::S5_SLEEP_TYPE << SLP_TYP_SHIFT) | SLP_EN).to_le_bytes(),
+        );
         assert_eq!(lc.stop_reason(), Some(StopReason::PowerOff));
     }
 }

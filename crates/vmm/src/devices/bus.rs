@@ -25,11 +25,20 @@ impl Bus {
     }
 
     /// Maps `device` at `[start, start + len)`. Ranges must not overlap.
-    pub fn insert(&mut self, device: Arc<Mutex<dyn BusDevice>>, start: u64, len: u64) -> Result<(), String> {
+    pub fn insert(
+        &mut self,
+        device: Arc<Mutex<dyn BusDevice>>,
+        start: u64,
+        len: u64,
+    ) -> Result<(), String> {
         if len == 0 {
             return Err(format!("empty range at {start:#x}"));
         }
-        if self.mappings.iter().any(|m| start < m.start + m.len && m.start < start + len) {
+        if self
+            .mappings
+            .iter()
+            .any(|m| start < m.start + m.len && m.start < start + len)
+        {
             return Err(format!("range {start:#x}+{len:#x} overlaps another device"));
         }
         self.mappings.push(Mapping { start, len, device });
@@ -47,7 +56,10 @@ impl Bus {
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.find(addr) {
             Some((m, offset)) => {
-                m.device.lock().unwrap_or_else(|p| p.into_inner()).read(offset, data);
+                m.device
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .read(offset, data);
                 true
             }
             None => {
@@ -61,12 +73,25 @@ impl Bus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.find(addr) {
             Some((m, offset)) => {
-                m.device.lock().unwrap_or_else(|p| p.into_inner()).write(offset, data);
+                m.device
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .write(offset, data);
                 true
             }
             None => false,
         }
     }
+}
+
+/// Accepts writes and reads zeros: for ports guests poke but nobody needs to emulate.
+pub struct Sink;
+
+impl BusDevice for Sink {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn write(&mut self, _offset: u64, _data: &[u8]) {}
 }
 
 #[cfg(test)]
@@ -86,7 +111,8 @@ mod tests {
     #[test]
     fn routes_by_range_and_reports_holes() {
         let mut bus = Bus::new();
-        bus.insert(Arc::new(Mutex::new(Echo(10))), 0x100, 8).unwrap();
+        bus.insert(Arc::new(Mutex::new(Echo(10))), 0x100, 8)
+            .unwrap();
         assert!(bus.insert(Arc::new(Mutex::new(Echo(0))), 0x104, 8).is_err());
         let mut b = [0u8; 1];
         assert!(bus.read(0x102, &mut b));
@@ -96,14 +122,4 @@ mod tests {
         assert!(bus.write(0x100, &[1]));
         assert!(!bus.write(0xff, &[1]));
     }
-}
-
-/// Accepts writes and reads zeros: for ports guests poke but nobody needs to emulate.
-pub struct Sink;
-
-impl BusDevice for Sink {
-    fn read(&mut self, _offset: u64, data: &mut [u8]) {
-        data.fill(0);
-    }
-    fn write(&mut self, _offset: u64, _data: &[u8]) {}
 }

@@ -73,7 +73,10 @@ impl Cmos {
     }
 
     fn clock_register(&self, reg: u8) -> Option<u8> {
-        let secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let secs = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         let days = (secs / 86_400) as i64;
         let (year, month, day) = civil_from_days(days);
         let tod = secs % 86_400;
@@ -98,10 +101,14 @@ impl Cmos {
 impl BusDevice for Cmos {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0);
-        let Some(first) = data.first_mut() else { return };
+        let Some(first) = data.first_mut() else {
+            return;
+        };
         *first = match offset {
             0 => self.index,
-            1 => self.clock_register(self.index).unwrap_or(self.ram[self.index as usize]),
+            1 => self
+                .clock_register(self.index)
+                .unwrap_or(self.ram[self.index as usize]),
             _ => 0xff,
         };
     }
@@ -134,7 +141,7 @@ mod tests {
     #[test]
     fn dates_convert() {
         assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(20_418), (2025, 11, 25));
+        assert_eq!(civil_from_days(20_418), (2025, 11, 26));
         assert_eq!(civil_from_days(11_016), (2000, 2, 29));
     }
 

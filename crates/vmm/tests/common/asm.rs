@@ -19,7 +19,10 @@ pub struct Guest {
 
 impl Guest {
     pub fn new(bits: u32) -> Self {
-        Guest { a: CodeAssembler::new(bits).expect("assembler"), bits }
+        Guest {
+            a: CodeAssembler::new(bits).expect("assembler"),
+            bits,
+        }
     }
 
     pub fn label(&mut self) -> CodeLabel {

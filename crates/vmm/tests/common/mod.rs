@@ -4,6 +4,7 @@
 
 pub mod asm;
 pub mod image;
+pub mod live;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -52,7 +53,9 @@ pub fn wait_with_timeout(mut child: Child, timeout: Duration) -> Run {
             let _ = child.wait();
             let stdout = out_t.join().unwrap_or_default();
             let stderr = err_t.join().unwrap_or_default();
-            panic!("ferrovmm did not finish within {timeout:?}\nstdout:\n{stdout}\nstderr:\n{stderr}");
+            panic!(
+                "ferrovmm did not finish within {timeout:?}\nstdout:\n{stdout}\nstderr:\n{stderr}"
+            );
         }
         std::thread::sleep(Duration::from_millis(5));
     };
