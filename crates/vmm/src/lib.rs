@@ -16,6 +16,7 @@ pub mod layout;
 pub mod lifecycle;
 pub mod logger;
 pub mod memory;
+pub mod teardown;
 pub mod vcpu;
 pub mod vm;
 
@@ -41,8 +42,9 @@ pub fn run(args: Args) -> Result<i32> {
     let reason = console::EventLoop::new(&machine, stdin, console_listener)?.run();
 
     let (line, code) = reason.report();
-    eprintln!("{line}");
     cleanup(&args);
+    eprintln!("{line}");
+    teardown::hand_off();
     Ok(code)
 }
 

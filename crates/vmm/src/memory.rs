@@ -26,6 +26,15 @@ pub fn create_guest_memory(mem_bytes: u64) -> Result<GuestMemoryMmap> {
 /// Tells KVM about every region of guest RAM.
 pub fn register_with_kvm(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<()> {
     for (slot, region) in mem.iter().enumerate() {
+        // SAFETY: advice on a mapping we own; MADV_DONTFORK only keeps guest RAM
+        // out of children (see teardown.rs), it does not change its contents.
+        unsafe {
+            libc::madvise(
+                region.as_ptr().cast(),
+                region.len() as usize,
+                libc::MADV_DONTFORK,
+            )
+        };
         let region_desc = kvm_userspace_memory_region {
             slot: slot as u32,
             flags: 0,

@@ -14,7 +14,7 @@ const PT_LOAD: u32 = 1;
 const PT_NOTE: u32 = 4;
 const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
 
-fn push_phdr(out: &mut Vec<u8>, p_type: u32, offset: u64, addr: u64, size: u64) {
+fn push_phdr(out: &mut Vec<u8>, p_type: u32, offset: u64, addr: u64, size: u64, align: u64) {
     out.extend_from_slice(&p_type.to_le_bytes());
     out.extend_from_slice(&5u32.to_le_bytes()); // R+X
     out.extend_from_slice(&offset.to_le_bytes());
@@ -22,7 +22,7 @@ fn push_phdr(out: &mut Vec<u8>, p_type: u32, offset: u64, addr: u64, size: u64) 
     out.extend_from_slice(&addr.to_le_bytes()); // paddr
     out.extend_from_slice(&size.to_le_bytes()); // filesz
     out.extend_from_slice(&size.to_le_bytes()); // memsz
-    out.extend_from_slice(&0x1000u64.to_le_bytes());
+    out.extend_from_slice(&align.to_le_bytes());
 }
 
 /// An ELF64 executable; with `pvh_entry` it carries the Xen PVH entry note.
@@ -30,11 +30,12 @@ pub fn elf(segments: &[Segment], entry: u64, pvh_entry: Option<u32>) -> Vec<u8> 
     let note: Vec<u8> = match pvh_entry {
         Some(e) => {
             let mut n = Vec::new();
+            // As Linux emits it: name "Xen", an 8-byte descriptor holding the entry.
             n.extend_from_slice(&4u32.to_le_bytes());
-            n.extend_from_slice(&4u32.to_le_bytes());
+            n.extend_from_slice(&8u32.to_le_bytes());
             n.extend_from_slice(&XEN_ELFNOTE_PHYS32_ENTRY.to_le_bytes());
             n.extend_from_slice(b"Xen\0");
-            n.extend_from_slice(&e.to_le_bytes());
+            n.extend_from_slice(&u64::from(e).to_le_bytes());
             n
         }
         None => Vec::new(),
@@ -59,11 +60,18 @@ pub fn elf(segments: &[Segment], entry: u64, pvh_entry: Option<u32>) -> Vec<u8> 
     out.extend_from_slice(&0u16.to_le_bytes());
     out.extend_from_slice(&0u16.to_le_bytes());
     for s in segments {
-        push_phdr(&mut out, PT_LOAD, offset, s.addr, s.data.len() as u64);
+        push_phdr(
+            &mut out,
+            PT_LOAD,
+            offset,
+            s.addr,
+            s.data.len() as u64,
+            0x1000,
+        );
         offset += s.data.len() as u64;
     }
     if !note.is_empty() {
-        push_phdr(&mut out, PT_NOTE, offset, 0, note.len() as u64);
+        push_phdr(&mut out, PT_NOTE, offset, 0, note.len() as u64, 4);
     }
     for s in segments {
         out.extend_from_slice(&s.data);
@@ -92,6 +100,7 @@ pub fn bzimage(code64: &[u8]) -> Vec<u8> {
 }
 
 /// Writes `bytes` to `dir/name` and returns the path.
+#[allow(dead_code)]
 pub fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, bytes).expect("write guest image");
