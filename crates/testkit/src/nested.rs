@@ -30,7 +30,8 @@ pub struct Nested {
 #[derive(Debug, Clone)]
 pub struct NestedOutput {
     /// What the payload printed (stdout and stderr, as they reached the console).
-    /// Kernel warnings of the outer VM can appear in between.
+    /// The outer kernel's console log level is lowered to emergencies only while the
+    /// payload runs, so its messages stay out of this (the payload can run `dmesg`).
     pub output: String,
     /// The payload's exit status.
     pub status: i32,
@@ -178,6 +179,7 @@ fn outer_init() -> String {
          {LOAD_MODULES_COMMAND} || fail 'loading kernel modules (irqbypass, kvm, kvm-amd) failed'\n\
          [ -c /dev/kvm ] || fail '/dev/kvm did not appear after loading kvm-amd (no SVM in the outer CPU?)'\n\
          cd /\n\
+         echo 1 >/proc/sys/kernel/printk\n\
          echo {START_MARK}\n\
          sh {payload} </dev/null\n\
          printf '\\n{EXIT_MARK}%d@@\\n' \"$?\"\n\
