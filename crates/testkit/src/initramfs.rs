@@ -328,15 +328,22 @@ fn write_cpio<W: Write>(tree: &BTreeMap<String, Node>, out: W) -> Result<W> {
 /// and devtmpfs, loads any packed modules, prints `marker` on its own line to
 /// `/dev/console` from user space and powers off (`poweroff -f`, i.e. through ACPI).
 pub fn linux_guest_initramfs(marker: &str) -> Initramfs {
-    let quoted = shell_quote(marker);
+    linux_guest_script(&format!("echo {}\n", shell_quote(marker)))
+}
+
+/// An initramfs whose `/init` mounts proc, sysfs and devtmpfs, loads the packed modules
+/// (a failure is printed, and `body` still runs), runs the shell `body` with its output on
+/// `/dev/console`, then powers off.
+pub fn linux_guest_script(body: &str) -> Initramfs {
     Initramfs::new().init_script(&format!(
         "#!/bin/sh\n\
          export PATH=/bin:/sbin:/usr/bin:/usr/sbin\n\
          mount -t proc proc /proc\n\
          mount -t sysfs sysfs /sys\n\
          mount -t devtmpfs devtmpfs /dev\n\
-         {LOAD_MODULES_COMMAND} >/dev/console 2>&1\n\
-         echo {quoted} >/dev/console\n\
+         exec >/dev/console 2>&1 </dev/console\n\
+         {LOAD_MODULES_COMMAND}\n\
+         {body}\n\
          poweroff -f\n"
     ))
 }

@@ -8,6 +8,25 @@
 //! - [`TcgVm`] / [`qemu_tcg_boot`]: boot a kernel in plain QEMU TCG and collect its console.
 //!
 //! Downloads and images are cached under `$FERROVIRT_GUEST_CACHE` (default `target/guest-cache`).
+//!
+//! Booting Linux under ferrovmm on a host whose /dev/kvm is PVM (see [`hardware_kvm`]):
+//!
+//! ```no_run
+//! use ferrovirt_testkit::{guest_kernel, linux_guest_initramfs, scratch_dir, Nested};
+//!
+//! let kernel = guest_kernel()?;
+//! let dir = scratch_dir("my-test")?;
+//! let initrd = linux_guest_initramfs("GUEST-UP").build(dir.join("initrd.cpio.gz"))?;
+//! let ferrovmm = ferrovirt_testkit::repo_root().join("target/release/ferrovmm");
+//! let out = Nested::new()
+//!     .binary(&ferrovmm, "/bin/ferrovmm")
+//!     .file(&kernel.vmlinux, "/guest/vmlinux")
+//!     .file(&initrd, "/guest/initrd")
+//!     .run("ferrovmm --kernel /guest/vmlinux --initrd /guest/initrd --cmdline 'console=ttyS0' --memory 128")?;
+//! assert_eq!(out.status, 0);
+//! assert!(out.output.lines().any(|line| line == "GUEST-UP"));
+//! # Ok::<(), ferrovirt_testkit::Error>(())
+//! ```
 
 mod cache;
 pub mod cpio;
@@ -27,7 +46,8 @@ pub use elf::{elf_notes, pvh_entry, ElfNote, XEN_ELFNOTE_PHYS32_ENTRY};
 pub use error::{Error, Result};
 pub use host::hardware_kvm;
 pub use initramfs::{
-    linux_guest_initramfs, shell_quote, Compression, Initramfs, LOAD_MODULES_COMMAND,
+    linux_guest_initramfs, linux_guest_script, shell_quote, Compression, Initramfs,
+    LOAD_MODULES_COMMAND,
 };
 pub use kernel::{busybox, guest_kernel, GuestKernel};
 pub use libs::shared_libraries;

@@ -169,6 +169,24 @@ mod tests {
     }
 
     #[test]
+    fn xz_compressed_modules_are_unpacked() {
+        let dir = std::env::temp_dir().join(format!("ferrovirt-modxz-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let plain = dir.join("fake.ko");
+        std::fs::write(&plain, b"\x7fELF fake module").unwrap();
+        let status = std::process::Command::new("xz")
+            .arg("-k")
+            .arg(&plain)
+            .status()
+            .expect("xz is needed for this test (apt-get install xz-utils)");
+        assert!(status.success());
+        let packed = dir.join("fake.ko.xz");
+        assert_eq!(module_bytes(&packed).unwrap(), b"\x7fELF fake module");
+        assert_eq!(packed_file_name(&packed), "fake.ko");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn unknown_module_is_a_clear_error() {
         let idx = index("kernel/virtio.ko:\n");
         let err = idx.load_order(&["virtio_nope"]).unwrap_err();

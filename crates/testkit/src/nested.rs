@@ -24,6 +24,7 @@ pub struct Nested {
     timeout: Duration,
     image: Initramfs,
     guest_paths: Vec<String>,
+    qemu_args: Vec<std::ffi::OsString>,
 }
 
 /// The result of [`Nested::run`].
@@ -63,6 +64,7 @@ impl Nested {
                 "kvm_amd",
             ]),
             guest_paths: Vec::new(),
+            qemu_args: Vec::new(),
         }
     }
 
@@ -106,6 +108,12 @@ impl Nested {
         self
     }
 
+    /// An extra QEMU argument for the outer VM (e.g. `-netdev` / `-device` pairs).
+    pub fn qemu_arg(mut self, arg: impl Into<std::ffi::OsString>) -> Self {
+        self.qemu_args.push(arg.into());
+        self
+    }
+
     /// Extra kernel modules for the outer VM (e.g. `tun`), loaded before the payload.
     pub fn modules(mut self, names: &[&str]) -> Self {
         self.image = self.image.modules(names);
@@ -140,14 +148,17 @@ impl Nested {
     }
 
     fn boot(&self, bzimage: &Path, image: &PathBuf) -> Result<NestedOutput> {
-        let run = TcgVm::new(bzimage)
+        let mut vm = TcgVm::new(bzimage)
             .initrd(image)
             .cpu("EPYC,+svm")
             .memory_mib(self.memory_mib)
             .smp(self.smp)
             .append("console=ttyS0 panic=-1 quiet")
-            .timeout(self.timeout)
-            .run(&[INIT_MARK, START_MARK])?;
+            .timeout(self.timeout);
+        for arg in &self.qemu_args {
+            vm = vm.arg(arg.clone());
+        }
+        let run = vm.run(&[INIT_MARK, START_MARK])?;
         let (output, status) = parse_payload(&run.console)?;
         let missing = |what: &str| {
             Error::new(format!(

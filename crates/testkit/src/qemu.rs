@@ -2,6 +2,7 @@
 
 use std::ffi::OsString;
 use std::io::Read;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -149,6 +150,17 @@ impl TcgVm {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        // SAFETY: the closure runs in the forked child before exec and only calls prctl,
+        // which is async-signal-safe. It makes QEMU die with the test process (e.g. on
+        // Ctrl-C) instead of burning a shared CPU until its guest gives up.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
 
         let start = Instant::now();
         let mut child = cmd.spawn().context(|| {

@@ -84,3 +84,46 @@ fn fetching_again_reuses_the_cache() {
         String::from_utf8_lossy(&status.stderr)
     );
 }
+
+#[test]
+fn parallel_fetches_into_an_empty_cache_download_once() {
+    let cache = ferrovirt_testkit::scratch_dir("fresh-cache").unwrap();
+    let script = ferrovirt_testkit::repo_root().join("guest/fetch-kernel.sh");
+    let spawn = || {
+        std::process::Command::new("bash")
+            .arg(&script)
+            .env("FERROVIRT_GUEST_CACHE", &cache)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run fetch-kernel.sh")
+    };
+    let (a, b) = (spawn(), spawn());
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    for out in [&a, &b] {
+        assert!(
+            out.status.success(),
+            "fetch failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(
+        a.stdout, b.stdout,
+        "both fetches must report the same kernel"
+    );
+    let downloads = [&a, &b]
+        .iter()
+        .filter(|out| String::from_utf8_lossy(&out.stderr).contains("fetching "))
+        .count();
+    assert_eq!(
+        downloads, 1,
+        "exactly one of two parallel fetches may download"
+    );
+    let stdout = String::from_utf8_lossy(&a.stdout);
+    let vmlinux = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("vmlinux="))
+        .unwrap();
+    assert!(pvh_entry(std::path::Path::new(vmlinux)).unwrap().is_some());
+    std::fs::remove_dir_all(&cache).unwrap();
+}

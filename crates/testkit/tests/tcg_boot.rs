@@ -3,7 +3,8 @@
 use std::time::{Duration, Instant};
 
 use ferrovirt_testkit::{
-    guest_kernel, linux_guest_initramfs, make_root_disk, scratch_dir, Initramfs, TcgVm,
+    guest_kernel, linux_guest_initramfs, linux_guest_script, make_root_disk, scratch_dir,
+    Initramfs, TcgVm,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -38,26 +39,19 @@ fn virtio_modules_load_and_drive_a_root_disk() {
     let kernel = guest_kernel().expect("guest kernel");
     let dir = scratch_dir("tcg-virtio").unwrap();
     let disk = make_root_disk(&dir.join("root.img"), 16, None).expect("root disk");
-    let initrd = Initramfs::new()
-        .init_script(
-            "#!/bin/sh\n\
-             mount -t proc proc /proc\n\
-             mount -t sysfs sysfs /sys\n\
-             mount -t devtmpfs devtmpfs /dev\n\
-             /bin/ferrovirt-load-modules\n\
-             echo drivers: $(ls /sys/bus/virtio/drivers)\n\
-             mount -t ext4 -o ro /dev/vda /mnt && echo root-init: $(head -c 9 /mnt/sbin/init)\n\
-             poweroff -f\n",
-        )
-        .modules(&[
-            "virtio_pci",
-            "virtio_blk",
-            "virtio_net",
-            "virtio_console",
-            "virtio-rng",
-        ])
-        .build(dir.join("initrd.cpio.gz"))
-        .expect("initramfs");
+    let initrd = linux_guest_script(
+        "echo drivers: $(ls /sys/bus/virtio/drivers)\n\
+         mount -t ext4 -o ro /dev/vda /mnt && echo root-init: $(head -c 9 /mnt/sbin/init)",
+    )
+    .modules(&[
+        "virtio_pci",
+        "virtio_blk",
+        "virtio_net",
+        "virtio_console",
+        "virtio-rng",
+    ])
+    .build(dir.join("initrd.cpio.gz"))
+    .expect("initramfs");
 
     let run = TcgVm::new(&kernel.bzimage)
         .initrd(&initrd)
