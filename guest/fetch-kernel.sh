@@ -54,7 +54,10 @@ extract_vmlinux() {
 }
 
 main() {
-    need_cmd apt-get apt-cache dpkg-deb lz4 od dd busybox
+    need_cmd apt-get apt-cache dpkg-deb lz4 od dd
+    # Before taking the lock: fetch-busybox.sh may take it itself.
+    local busybox
+    busybox="$("$(dirname "$0")/fetch-busybox.sh")"
     lock_cache
 
     # Fast path: a previous run finished (the 'current' link is only set when complete).
@@ -83,7 +86,7 @@ main() {
         cp "$tmp/root/boot/vmlinuz-$version" "$tmp/bzImage"
         extract_vmlinux "$tmp/bzImage" "$tmp/vmlinux"
         # Debian's package ships no modules.dep (the postinst runs depmod); busybox's depmod makes one.
-        busybox depmod -b "$tmp/root" "$version" || die "depmod failed for $version"
+        "$busybox" depmod -b "$tmp/root" "$version" || die "depmod failed for $version"
         [ -s "$tmp/root/lib/modules/$version/modules.dep" ] || die "depmod wrote no modules.dep"
         touch "$tmp/complete"
         mv "$tmp" "$entry"

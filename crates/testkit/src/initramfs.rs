@@ -139,7 +139,9 @@ impl Initramfs {
     pub fn build(&self, out: impl AsRef<Path>) -> Result<PathBuf> {
         let out = out.as_ref();
         let tree = self.tree()?;
-        let tmp = out.with_extension("partial");
+        let mut tmp = out.as_os_str().to_owned();
+        tmp.push(".partial");
+        let tmp = PathBuf::from(tmp);
         let result = write_image(&tree, &tmp, self.compression);
         if let Err(e) = result {
             let _ = std::fs::remove_file(&tmp);
