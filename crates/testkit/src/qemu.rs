@@ -201,6 +201,10 @@ impl TcgVm {
                 self.timeout,
                 stderr.trim()
             ))),
+            Some(status) if !status.success() => Err(Error::new(format!(
+                "QEMU failed ({status}): {}\nconsole:\n{text}",
+                stderr.trim()
+            ))),
             Some(status) => Ok(ConsoleRun {
                 console: text,
                 qemu_status: status.code(),
@@ -208,18 +212,6 @@ impl TcgVm {
                 marks: state.marks,
             }),
         }
-        .and_then(|run| {
-            if run.qemu_status == Some(0) {
-                Ok(run)
-            } else {
-                Err(Error::new(format!(
-                    "QEMU exited with status {:?}: {}\nconsole:\n{}",
-                    run.qemu_status,
-                    stderr.trim(),
-                    run.console
-                )))
-            }
-        })
     }
 }
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 use ferrovirt_testkit::{scratch_dir, Nested};
 
 #[test]
-fn payload_sees_kvm_runs_a_dynamic_binary_and_reads_packed_files() {
+fn payload_sees_kvm_and_extra_modules_runs_a_dynamic_binary_and_reads_packed_files() {
     let dir = scratch_dir("nested-files").unwrap();
     let host_file = dir.join("hello.txt");
     std::fs::write(&host_file, "packed from the host\n").unwrap();
@@ -14,7 +14,9 @@ fn payload_sees_kvm_runs_a_dynamic_binary_and_reads_packed_files() {
         .binary(env!("CARGO_BIN_EXE_kvm-api-version"), "/bin/kvm-api-version")
         .file(&host_file, "/data/hello.txt")
         .bytes("/data/inline.txt", 0o644, "inline bytes\n")
-        .run("test -c /dev/kvm && echo kvm-is-a-char-device; kvm-api-version; cat /data/hello.txt /data/inline.txt")
+        .modules(&["tun"])
+        .run("test -c /dev/kvm && echo kvm-is-a-char-device; test -c /dev/net/tun && echo tun-loaded; \
+             kvm-api-version; cat /data/hello.txt /data/inline.txt")
         .expect("nested run");
     eprintln!(
         "nested: init after {:?}, payload after {:?}, total {:?}",
@@ -23,7 +25,7 @@ fn payload_sees_kvm_runs_a_dynamic_binary_and_reads_packed_files() {
 
     assert_eq!(out.status, 0, "output:\n{}", out.output);
     assert_eq!(
-        out.output, "kvm-is-a-char-device\n12\npacked from the host\ninline bytes\n",
+        out.output, "kvm-is-a-char-device\ntun-loaded\n12\npacked from the host\ninline bytes\n",
         "console:\n{}",
         out.console
     );

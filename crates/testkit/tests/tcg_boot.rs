@@ -101,3 +101,25 @@ fn a_guest_that_never_powers_off_times_out_with_its_console() {
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn qemu_errors_and_missing_files_are_reported() {
+    let kernel = guest_kernel().expect("guest kernel");
+    let err = TcgVm::new(&kernel.bzimage)
+        .arg("-device")
+        .arg("no-such-device")
+        .run(&[])
+        .expect_err("QEMU must refuse an unknown device");
+    assert!(err.message().contains("QEMU failed"), "{err}");
+    assert!(
+        err.message().contains("no-such-device"),
+        "QEMU's own message missing: {err}"
+    );
+
+    let err = TcgVm::new("/nonexistent/bzImage").run(&[]).unwrap_err();
+    assert!(
+        err.message()
+            .contains("kernel /nonexistent/bzImage does not exist"),
+        "{err}"
+    );
+}
