@@ -1,1 +1,59 @@
-//! ferrovmm
+//! ferrovmm: one KVM virtual machine per process.
+//!
+//! `run` builds the machine from the command line, serves the control API and
+//! the console, and returns the exit status when the VM stops.
+
+pub mod acpi;
+pub mod api;
+pub mod boot;
+pub mod config;
+pub mod console;
+pub mod counters;
+pub mod cpu;
+pub mod devices;
+pub mod error;
+pub mod layout;
+pub mod lifecycle;
+pub mod logger;
+pub mod memory;
+pub mod teardown;
+pub mod vcpu;
+pub mod vm;
+
+use std::sync::Arc;
+
+pub use config::Args;
+pub use error::{Error, Result};
+
+/// Runs the VM to its end; returns the process exit status.
+pub fn run(args: Args) -> Result<i32> {
+    config::validate(&args)?;
+    // Bind sockets before the guest runs, so a bad path fails fast and clients
+    // that see the socket can use it at once.
+    let console_listener = match &args.serial {
+        config::SerialMode::Socket(path) => Some(console::bind_socket(path, "--serial socket")?),
+        _ => None,
+    };
+    let machine = Arc::new(vm::build_and_start(&args)?);
+    if let Some(path) = &args.api_socket {
+        api::serve(path, machine.clone())?;
+    }
+    let stdin = args.serial == config::SerialMode::Stdio;
+    let reason = console::EventLoop::new(&machine, stdin, console_listener)?.run();
+
+    let (line, code) = reason.report();
+    cleanup(&args);
+    eprintln!("{line}");
+    teardown::hand_off();
+    Ok(code)
+}
+
+/// Removes the sockets this process created.
+pub fn cleanup(args: &Args) {
+    if let Some(path) = &args.api_socket {
+        let _ = std::fs::remove_file(path);
+    }
+    if let config::SerialMode::Socket(path) = &args.serial {
+        let _ = std::fs::remove_file(path);
+    }
+}

@@ -1,0 +1,5 @@
+//! Per-vCPU architectural setup: CPUID, MSRs, LAPIC and boot registers.
+
+pub mod cpuid;
+pub mod msrs;
+pub mod regs;

@@ -1,0 +1,107 @@
+//! COM1: vm-superio's 16550A with its interrupt on an irqfd and a pluggable output.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+
+use vm_superio::serial::SerialEvents;
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::bus::BusDevice;
+
+/// Raises an interrupt by writing an eventfd that KVM injects as a GSI (irqfd).
+pub struct IrqTrigger(pub EventFd);
+
+impl Trigger for IrqTrigger {
+    type E = io::Error;
+    fn trigger(&self) -> io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// Connected console clients of a `--serial socket=` port.
+pub type SocketClients = Arc<Mutex<Vec<UnixStream>>>;
+
+/// Where the guest's serial output goes.
+pub enum SerialOutput {
+    Stdout,
+    File(File),
+    Socket(SocketClients),
+    Sink,
+}
+
+impl Write for SerialOutput {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            SerialOutput::Stdout => {
+                let mut out = io::stdout().lock();
+                out.write_all(buf)?;
+                out.flush()?;
+            }
+            SerialOutput::File(f) => f.write_all(buf)?,
+            SerialOutput::Socket(clients) => {
+                let mut clients = clients.lock().unwrap_or_else(|p| p.into_inner());
+                // A client that is gone is dropped; one that is slow loses these bytes
+                // rather than stalling the vCPU.
+                clients.retain_mut(|c| match c.write(buf) {
+                    Ok(_) => true,
+                    Err(e) => e.kind() == io::ErrorKind::WouldBlock,
+                });
+            }
+            SerialOutput::Sink => {}
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Tells the event loop when the guest has drained the receive FIFO, so pending
+/// console input can be pushed in.
+pub struct InputSpace(pub Arc<EventFd>);
+
+impl SerialEvents for InputSpace {
+    fn buffer_read(&self) {}
+    fn out_byte(&self) {}
+    fn tx_lost_byte(&self) {}
+    fn in_buffer_empty(&self) {
+        let _ = self.0.write(1);
+    }
+}
+
+pub type SerialDevice = Serial<IrqTrigger, InputSpace, SerialOutput>;
+
+/// The serial port on the bus.
+pub struct SerialPort(pub SerialDevice);
+
+impl BusDevice for SerialPort {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if let (Some(first), Ok(off)) = (data.first_mut(), u8::try_from(offset)) {
+            *first = self.0.read(off);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let (Some(&value), Ok(off)) = (data.first(), u8::try_from(offset)) {
+            if let Err(e) = self.0.write(off, value) {
+                log::debug!("serial write at offset {off}: {e:?}");
+            }
+        }
+    }
+}
+
+impl SerialPort {
+    /// Queues console input for the guest; returns how many bytes fit.
+    pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
+        let room = self.0.fifo_capacity().min(bytes.len());
+        if room == 0 {
+            return 0;
+        }
+        self.0.enqueue_raw_bytes(&bytes[..room]).unwrap_or(0)
+    }
+}

@@ -1,0 +1,65 @@
+//! How the VM ends: the first stop request wins and wakes the main thread.
+
+use std::sync::Mutex;
+
+use vmm_sys_util::eventfd::EventFd;
+
+/// Why the VM stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopReason {
+    /// ACPI S5 written by the guest.
+    PowerOff,
+    /// i8042 reset, triple fault or a KVM reset event.
+    Reset,
+    /// `PUT /vm/stop` on the API.
+    Stopped,
+    /// Something the VMM cannot continue from; the text includes a register dump.
+    Error(String),
+}
+
+impl StopReason {
+    /// The stderr line and the exit status for this reason.
+    pub fn report(&self) -> (String, i32) {
+        match self {
+            StopReason::PowerOff => ("guest powered off".into(), 0),
+            StopReason::Reset => ("guest reset".into(), 0),
+            StopReason::Stopped => ("vm stopped".into(), 0),
+            StopReason::Error(msg) => (msg.clone(), 1),
+        }
+    }
+}
+
+/// Shared by vCPUs, devices and the API: records the first stop request.
+pub struct Lifecycle {
+    reason: Mutex<Option<StopReason>>,
+    pub stop_evt: EventFd,
+}
+
+impl Lifecycle {
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Lifecycle {
+            reason: Mutex::new(None),
+            stop_evt: EventFd::new(libc::EFD_NONBLOCK)?,
+        })
+    }
+
+    pub fn request_stop(&self, reason: StopReason) {
+        let mut slot = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(reason);
+            // A full eventfd counter still wakes the reader, so an error here changes nothing.
+            let _ = self.stop_evt.write(1);
+        }
+    }
+
+    pub fn stop_reason(&self) -> Option<StopReason> {
+        self.reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stop_reason().is_some()
+    }
+}

@@ -1,0 +1,259 @@
+//! One thread per vCPU: runs KVM_RUN and routes exits to the buses.
+
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use crate::counters::ExitCounters;
+use crate::cpu::regs;
+use crate::devices::bus::Bus;
+use crate::lifecycle::{Lifecycle, StopReason};
+
+/// Real-time signal used to kick a vCPU out of KVM_RUN.
+fn kick_signal() -> i32 {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn ignore_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the (empty) handler for the kick signal; KVM_RUN then returns EINTR.
+pub fn install_kick_handler() -> std::io::Result<()> {
+    vmm_sys_util::signal::register_signal_handler(kick_signal(), ignore_signal)
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+}
+
+/// Pause requests from the API and the vCPUs' acknowledgements.
+#[derive(Default)]
+pub struct PauseControl {
+    state: Mutex<PauseState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct PauseState {
+    requested: bool,
+    parked: u32,
+}
+
+impl PauseControl {
+    /// Called by a vCPU before entering the guest: parks while a pause is requested.
+    fn checkpoint(&self, lifecycle: &Lifecycle) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if !st.requested {
+            return;
+        }
+        st.parked += 1;
+        self.changed.notify_all();
+        while st.requested && !lifecycle.is_stopping() {
+            st = self
+                .changed
+                .wait_timeout(st, Duration::from_millis(50))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        st.parked -= 1;
+        self.changed.notify_all();
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .requested
+    }
+}
+
+/// The running vCPU threads, for pause, resume and kicks.
+pub struct VcpuSet {
+    threads: Vec<JoinHandle<()>>,
+    pub pause: Arc<PauseControl>,
+}
+
+impl VcpuSet {
+    fn kick_all(&self) {
+        for t in &self.threads {
+            // SAFETY: the pthread_t belongs to a thread we spawned and never detach or join,
+            // so it stays valid for the life of the process.
+            unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
+        }
+    }
+
+    /// Stops every vCPU at its next exit and waits until all are parked.
+    pub fn pause(&self) {
+        {
+            let mut st = self.pause.state.lock().unwrap_or_else(|p| p.into_inner());
+            if st.requested {
+                return;
+            }
+            st.requested = true;
+        }
+        let count = self.threads.len() as u32;
+        loop {
+            // Kick repeatedly: a signal that lands just before KVM_RUN is not seen by it.
+            self.kick_all();
+            let st = self.pause.state.lock().unwrap_or_else(|p| p.into_inner());
+            let (st, _) = self
+                .pause
+                .changed
+                .wait_timeout_while(st, Duration::from_millis(2), |s| s.parked < count)
+                .unwrap_or_else(|p| p.into_inner());
+            if st.parked >= count {
+                return;
+            }
+        }
+    }
+
+    pub fn resume(&self) {
+        let mut st = self.pause.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.requested = false;
+        self.pause.changed.notify_all();
+    }
+}
+
+/// Everything a vCPU thread needs.
+pub struct Vcpu {
+    pub fd: VcpuFd,
+    pub index: u32,
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub lifecycle: Arc<Lifecycle>,
+    pub counters: Arc<ExitCounters>,
+}
+
+/// Starts one thread per vCPU.
+pub fn start(vcpus: Vec<Vcpu>) -> std::io::Result<VcpuSet> {
+    let pause = Arc::new(PauseControl::default());
+    let mut threads = Vec::with_capacity(vcpus.len());
+    for vcpu in vcpus {
+        let pause = pause.clone();
+        let name = format!("vcpu{}", vcpu.index);
+        threads.push(
+            std::thread::Builder::new()
+                .name(name)
+                .stack_size(256 << 10)
+                .spawn(move || vcpu.run(&pause))?,
+        );
+    }
+    Ok(VcpuSet { threads, pause })
+}
+
+enum Flow {
+    Continue,
+    Stop(StopReason),
+}
+
+impl Vcpu {
+    fn run(mut self, pause: &PauseControl) {
+        loop {
+            if self.lifecycle.is_stopping() {
+                return;
+            }
+            pause.checkpoint(&self.lifecycle);
+            let flow = self.run_once();
+            if let Flow::Stop(reason) = flow {
+                self.lifecycle.request_stop(reason);
+                return;
+            }
+        }
+    }
+
+    fn run_once(&mut self) -> Flow {
+        let c = &self.counters;
+        match self.fd.run() {
+            Ok(VcpuExit::IoOut(port, data)) => {
+                ExitCounters::bump(&c.io_out);
+                if !self.pio.write(u64::from(port), data) {
+                    ExitCounters::bump(&c.unhandled_io);
+                    log::debug!(
+                        "vcpu{}: out to port {port:#x} with no device: {data:x?}",
+                        self.index
+                    );
+                }
+                Flow::Continue
+            }
+            Ok(VcpuExit::IoIn(port, data)) => {
+                ExitCounters::bump(&c.io_in);
+                if !self.pio.read(u64::from(port), data) {
+                    ExitCounters::bump(&c.unhandled_io);
+                    log::debug!("vcpu{}: in from port {port:#x} with no device", self.index);
+                }
+                Flow::Continue
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                ExitCounters::bump(&c.mmio_read);
+                if !self.mmio.read(addr, data) {
+                    ExitCounters::bump(&c.unhandled_io);
+                    log::debug!("vcpu{}: MMIO read at {addr:#x} with no device", self.index);
+                }
+                Flow::Continue
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                ExitCounters::bump(&c.mmio_write);
+                if !self.mmio.write(addr, data) {
+                    ExitCounters::bump(&c.unhandled_io);
+                    log::debug!(
+                        "vcpu{}: MMIO write at {addr:#x} with no device: {data:x?}",
+                        self.index
+                    );
+                }
+                Flow::Continue
+            }
+            Ok(VcpuExit::Hlt) => {
+                ExitCounters::bump(&c.hlt);
+                Flow::Continue
+            }
+            Ok(VcpuExit::Shutdown) => {
+                // A triple fault: a real PC resets.
+                ExitCounters::bump(&c.shutdown);
+                Flow::Stop(StopReason::Reset)
+            }
+            Ok(VcpuExit::SystemEvent(kind, _)) => {
+                ExitCounters::bump(&c.system_event);
+                match kind {
+                    KVM_SYSTEM_EVENT_SHUTDOWN => Flow::Stop(StopReason::PowerOff),
+                    KVM_SYSTEM_EVENT_RESET => Flow::Stop(StopReason::Reset),
+                    KVM_SYSTEM_EVENT_CRASH => Flow::Stop(self.fatal("guest crash reported by KVM")),
+                    other => Flow::Stop(self.fatal(&format!("unknown KVM system event {other}"))),
+                }
+            }
+            Ok(VcpuExit::InternalError) => {
+                ExitCounters::bump(&c.other);
+                let run = self.fd.get_kvm_run();
+                // SAFETY: for KVM_EXIT_INTERNAL_ERROR the kernel fills the `internal` member
+                // of the exit union; it is plain integers.
+                let suberror = unsafe { run.__bindgen_anon_1.internal.suberror };
+                Flow::Stop(self.fatal(&format!("KVM internal error (suberror {suberror})")))
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                ExitCounters::bump(&c.other);
+                Flow::Stop(self.fatal(&format!(
+                    "KVM could not enter the guest (reason {reason:#x}, cpu {cpu})"
+                )))
+            }
+            Ok(other) => {
+                ExitCounters::bump(&c.other);
+                let text = format!("{other:?}");
+                Flow::Stop(self.fatal(&format!("unhandled vCPU exit {text}")))
+            }
+            Err(e) if e.errno() == libc::EINTR => {
+                ExitCounters::bump(&c.interrupted);
+                self.fd.set_kvm_immediate_exit(0);
+                Flow::Continue
+            }
+            Err(e) if e.errno() == libc::EAGAIN => Flow::Continue,
+            Err(e) => Flow::Stop(self.fatal(&format!("KVM_RUN failed: {e}"))),
+        }
+    }
+
+    fn fatal(&self, what: &str) -> StopReason {
+        StopReason::Error(
+            format!("vcpu{}: {what}\n{}", self.index, regs::dump(&self.fd))
+                .trim_end()
+                .to_string(),
+        )
+    }
+}

@@ -1,0 +1,249 @@
+//! Builds the machine: KVM VM, memory, irqchip, devices, ACPI, boot, vCPUs.
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use serde::Serialize;
+use vm_superio::{I8042Device, Serial};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::acpi;
+use crate::boot::{self, BootSpec};
+use crate::config::{Args, SerialMode};
+use crate::counters::ExitCounters;
+use crate::cpu::{cpuid, msrs, regs};
+use crate::devices::acpi_pm::{self, AcpiPm};
+use crate::devices::bus::Bus;
+use crate::devices::cmos::Cmos;
+use crate::devices::i8042::{ResetLine, I8042};
+use crate::devices::serial::{InputSpace, IrqTrigger, SerialOutput, SerialPort, SocketClients};
+use crate::error::{kvm_err, Error, Result};
+use crate::layout;
+use crate::lifecycle::Lifecycle;
+use crate::memory::{self, GuestMemoryMmap};
+use crate::vcpu::{self, Vcpu, VcpuSet};
+
+const KVM_API_VERSION: i32 = 12;
+const TSS_ADDRESS: usize = 0xfffb_d000;
+
+/// The configuration as `GET /vm` reports it.
+#[derive(Serialize, Clone, Debug)]
+pub struct VmConfigInfo {
+    pub name: String,
+    pub memory_mib: u64,
+    pub vcpus: u32,
+    pub kernel: String,
+    pub initrd: Option<String>,
+    pub cmdline: String,
+    pub serial: SerialMode,
+}
+
+/// A running machine.
+pub struct Machine {
+    pub vm: Arc<VmFd>,
+    pub mem: GuestMemoryMmap,
+    pub lifecycle: Arc<Lifecycle>,
+    pub counters: Arc<ExitCounters>,
+    pub vcpus: VcpuSet,
+    pub acpi_pm: Arc<Mutex<AcpiPm>>,
+    pub serial: Arc<Mutex<SerialPort>>,
+    /// Signalled when the guest drains the serial receive FIFO.
+    pub serial_input_space: Arc<EventFd>,
+    pub serial_clients: Option<SocketClients>,
+    pub started: Instant,
+    pub config: VmConfigInfo,
+}
+
+/// Opens /dev/kvm and checks it is usable.
+fn open_kvm() -> Result<Kvm> {
+    let kvm = Kvm::new().map_err(|e| {
+        let hint = match e.errno() {
+            libc::ENOENT => {
+                "the kvm module is not loaded or the host has no virtualization support"
+            }
+            libc::EACCES | libc::EPERM => "run as root or add your user to the kvm group",
+            _ => "check that KVM works on this host",
+        };
+        Error::host(format!("cannot open /dev/kvm: {e} ({hint})"))
+    })?;
+    let version = kvm.get_api_version();
+    if version != KVM_API_VERSION {
+        return Err(Error::host(format!(
+            "/dev/kvm speaks API version {version}, ferrovmm needs {KVM_API_VERSION}"
+        )));
+    }
+    for (cap, name) in [
+        (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+        (Cap::Pit2, "KVM_CAP_PIT2"),
+        (Cap::Irqfd, "KVM_CAP_IRQFD"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(Error::host(format!(
+                "this KVM lacks {name}, which ferrovmm needs"
+            )));
+        }
+    }
+    Ok(kvm)
+}
+
+fn serial_output(mode: &SerialMode) -> Result<(SerialOutput, Option<SocketClients>)> {
+    Ok(match mode {
+        SerialMode::Stdio => (SerialOutput::Stdout, None),
+        SerialMode::None => (SerialOutput::Sink, None),
+        SerialMode::File(path) => {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| Error::usage(format!("--serial file={}: {e}", path.display())))?;
+            (SerialOutput::File(f), None)
+        }
+        SerialMode::Socket(_) => {
+            let clients: SocketClients = Arc::default();
+            (SerialOutput::Socket(clients.clone()), Some(clients))
+        }
+    })
+}
+
+/// Builds the VM described by `args` and starts its vCPUs.
+pub fn build_and_start(args: &Args) -> Result<Machine> {
+    let kvm = open_kvm()?;
+    let max_vcpus = kvm.get_max_vcpus() as u32;
+    if args.vcpus > max_vcpus {
+        return Err(Error::usage(format!(
+            "--vcpus {} is more than KVM allows on this host ({max_vcpus})",
+            args.vcpus
+        )));
+    }
+    let mem_bytes = args.memory << 20;
+
+    let vm = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
+    vm.set_tss_address(TSS_ADDRESS)
+        .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+    vm.create_irq_chip()
+        .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+
+    let mem = memory::create_guest_memory(mem_bytes)?;
+    memory::register_with_kvm(&vm, &mem)?;
+
+    let rsdp = acpi::write_tables(&mem, args.vcpus)?;
+    let boot_info = boot::load(
+        &mem,
+        &BootSpec {
+            kernel: &args.kernel,
+            initrd: args.initrd.as_deref(),
+            cmdline: &args.cmdline,
+            mem_bytes,
+            rsdp,
+        },
+    )?;
+
+    let lifecycle = Arc::new(Lifecycle::new().map_err(|e| Error::host(format!("eventfd: {e}")))?);
+    let counters = Arc::new(ExitCounters::default());
+
+    // Devices on the port I/O bus.
+    let mut pio = Bus::new();
+    let serial_irq =
+        EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::host(format!("eventfd: {e}")))?;
+    vm.register_irqfd(&serial_irq, layout::COM1_IRQ)
+        .map_err(kvm_err("KVM_IRQFD"))?;
+    let serial_input_space = Arc::new(
+        EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::host(format!("eventfd: {e}")))?,
+    );
+    let (out, serial_clients) = serial_output(&args.serial)?;
+    let serial = Arc::new(Mutex::new(SerialPort(Serial::with_events(
+        IrqTrigger(serial_irq),
+        InputSpace(serial_input_space.clone()),
+        out,
+    ))));
+    let acpi_pm = Arc::new(Mutex::new(AcpiPm::new(
+        Box::new(vm.clone()),
+        lifecycle.clone(),
+    )));
+    let i8042 = Arc::new(Mutex::new(I8042(I8042Device::new(ResetLine(
+        lifecycle.clone(),
+    )))));
+    let below_4g = mem_bytes.min(layout::MMIO_HOLE_START);
+    let cmos = Arc::new(Mutex::new(Cmos::new(below_4g, mem_bytes - below_4g)));
+    let insert = |bus: &mut Bus, dev, start: u16, len: u64| {
+        bus.insert(dev, u64::from(start), len)
+            .map_err(|e| Error::host(format!("port bus: {e}")))
+    };
+    insert(&mut pio, serial.clone(), layout::COM1_PORT, 8)?;
+    insert(&mut pio, i8042, layout::I8042_PORT, 5)?;
+    insert(&mut pio, cmos, layout::CMOS_PORT, 2)?;
+    insert(
+        &mut pio,
+        acpi_pm.clone(),
+        layout::PM1A_EVT_PORT,
+        acpi_pm::RANGE_LEN,
+    )?;
+    // Port 0x80 is the POST-code port Linux uses for I/O delays: accept and drop.
+    insert(
+        &mut pio,
+        Arc::new(Mutex::new(crate::devices::bus::Sink)),
+        0x80,
+        1,
+    )?;
+    let pio = Arc::new(pio);
+    let mmio = Arc::new(Bus::new());
+
+    // vCPUs: CPUID, MSRs, FPU and LAPIC on each; registers only on the boot vCPU.
+    let base_cpuid = cpuid::supported(&kvm)?;
+    let mut vcpus = Vec::with_capacity(args.vcpus as usize);
+    for index in 0..args.vcpus {
+        let fd = vm
+            .create_vcpu(u64::from(index))
+            .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        fd.set_cpuid2(&cpuid::for_vcpu(&base_cpuid, index, args.vcpus))
+            .map_err(kvm_err("KVM_SET_CPUID2"))?;
+        msrs::setup(&fd)?;
+        regs::setup_fpu(&fd)?;
+        regs::setup_lapic(&fd)?;
+        if index == 0 {
+            regs::setup_boot_vcpu(&fd, &mem, &boot_info)?;
+        }
+        vcpus.push(Vcpu {
+            fd,
+            index,
+            pio: pio.clone(),
+            mmio: mmio.clone(),
+            lifecycle: lifecycle.clone(),
+            counters: counters.clone(),
+        });
+    }
+    vcpu::install_kick_handler()
+        .map_err(|e| Error::host(format!("cannot install the vCPU kick handler: {e}")))?;
+    let vcpus =
+        vcpu::start(vcpus).map_err(|e| Error::host(format!("cannot start vCPU threads: {e}")))?;
+
+    let config = VmConfigInfo {
+        name: args.name.clone(),
+        memory_mib: args.memory,
+        vcpus: args.vcpus,
+        kernel: args.kernel.display().to_string(),
+        initrd: args.initrd.as_ref().map(|p| p.display().to_string()),
+        cmdline: args.cmdline.clone(),
+        serial: args.serial.clone(),
+    };
+    Ok(Machine {
+        vm,
+        mem,
+        lifecycle,
+        counters,
+        vcpus,
+        acpi_pm,
+        serial,
+        serial_input_space,
+        serial_clients,
+        started: Instant::now(),
+        config,
+    })
+}

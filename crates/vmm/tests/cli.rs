@@ -1,0 +1,266 @@
+//! The command line: --help, serial back ends, and one clear line with the right
+//! exit status for every bad input.
+
+mod common;
+
+use std::io::Read;
+use std::os::unix::net::UnixStream;
+use std::process::Command;
+use std::time::Duration;
+
+use common::asm::{Guest, CODE_BASE};
+use common::image::{self, Segment};
+
+fn hello_kernel(dir: &std::path::Path) -> std::path::PathBuf {
+    let mut g = Guest::new(32);
+    g.print("hello from the guest\n");
+    g.poweroff();
+    let code = g.assemble(CODE_BASE);
+    image::write(
+        dir,
+        "hello.elf",
+        &image::elf(
+            &[Segment {
+                addr: CODE_BASE,
+                data: code,
+            }],
+            CODE_BASE,
+            Some(CODE_BASE as u32),
+        ),
+    )
+}
+
+/// Asserts a usage or runtime error: no output, one line on stderr mentioning `needle`.
+fn assert_error(run: &common::Run, status: i32, needle: &str) {
+    assert_eq!(run.status, status, "stderr: {}", run.stderr);
+    assert!(
+        run.stderr.contains(needle),
+        "stderr should mention {needle:?}: {}",
+        run.stderr
+    );
+    assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
+    assert!(run.stdout.is_empty(), "stdout: {}", run.stdout);
+}
+
+fn one_line(run: &common::Run) {
+    assert_eq!(
+        run.stderr.trim_end().lines().count(),
+        1,
+        "want one line: {}",
+        run.stderr
+    );
+}
+
+#[test]
+fn help_documents_every_flag() {
+    let run = common::run(&["--help"]);
+    assert_eq!(run.status, 0);
+    for flag in [
+        "--kernel",
+        "--initrd",
+        "--cmdline",
+        "--memory",
+        "--vcpus",
+        "--serial",
+        "--api-socket",
+        "--name",
+    ] {
+        assert!(
+            run.stdout.contains(flag),
+            "--help lacks {flag}:\n{}",
+            run.stdout
+        );
+    }
+    assert!(run.stdout.contains("[default: 256]"), "{}", run.stdout);
+}
+
+#[test]
+fn missing_or_unreadable_kernels_are_usage_errors() {
+    let dir = common::tempdir();
+    let run = common::run(&["--kernel", "/nonexistent/vmlinux"]);
+    assert_error(&run, 2, "/nonexistent/vmlinux");
+    one_line(&run);
+
+    let run = common::run(&["--kernel", dir.path().to_str().unwrap()]);
+    assert_error(&run, 2, "not a regular file");
+    one_line(&run);
+
+    let junk = image::write(dir.path(), "junk", &[0x42; 4096]);
+    let run = common::run(&["--kernel", junk.to_str().unwrap()]);
+    assert_error(&run, 2, "not a kernel image");
+    one_line(&run);
+
+    // An ELF whose segment lies outside guest memory.
+    let far = image::elf(
+        &[Segment {
+            addr: 0x4000_0000,
+            data: vec![0x90; 16],
+        }],
+        0x4000_0000,
+        None,
+    );
+    let far = image::write(dir.path(), "far.elf", &far);
+    let run = common::run(&["--kernel", far.to_str().unwrap(), "--memory", "32"]);
+    assert_error(&run, 2, "cannot load");
+    one_line(&run);
+
+    let run = common::run(&[
+        "--kernel",
+        hello_kernel(dir.path()).to_str().unwrap(),
+        "--initrd",
+        "/nonexistent/initrd",
+    ]);
+    assert_error(&run, 2, "--initrd /nonexistent/initrd");
+}
+
+#[test]
+fn impossible_memory_and_vcpu_counts_are_usage_errors() {
+    let dir = common::tempdir();
+    let k = hello_kernel(dir.path());
+    let k = k.to_str().unwrap();
+    let run = common::run(&["--kernel", k, "--memory", "0"]);
+    assert_error(&run, 2, "--memory");
+    one_line(&run);
+    let run = common::run(&["--kernel", k, "--memory", "100000000"]);
+    assert_error(&run, 2, "more than this host has");
+    one_line(&run);
+    let run = common::run(&["--kernel", k, "--vcpus", "0"]);
+    assert_error(&run, 2, "--vcpus");
+    let run = common::run(&["--kernel", k, "--vcpus", "100000"]);
+    assert_error(&run, 2, "more than KVM allows");
+    one_line(&run);
+    let run = common::run(&["--kernel", k, "--memory", "lots"]);
+    assert_error(&run, 2, "--memory");
+    let run = common::run(&["--kernel", k, "--serial", "tcp:1"]);
+    assert_error(&run, 2, "--serial");
+    let run = common::run(&["--kernel", k, "--serial", "file=/nonexistent/dir/log"]);
+    assert_error(&run, 2, "/nonexistent/dir/log");
+    let run = common::run(&["--memory", "64"]);
+    assert_error(&run, 2, "--kernel");
+}
+
+#[test]
+fn no_dev_kvm_is_a_runtime_error() {
+    let dir = common::tempdir();
+    let k = hello_kernel(dir.path());
+    // A private mount namespace with an empty /dev: /dev/kvm does not exist there.
+    let out = Command::new("unshare")
+        .args([
+            "-m",
+            "sh",
+            "-c",
+            "mount -t tmpfs none /dev && exec \"$0\" --kernel \"$1\"",
+        ])
+        .arg(common::ferrovmm_bin())
+        .arg(&k)
+        .output()
+        .expect("unshare (util-linux)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert!(stderr.contains("cannot open /dev/kvm"), "{stderr}");
+    assert!(stderr.contains("kvm module"), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+}
+
+#[test]
+fn no_permission_on_dev_kvm_is_a_runtime_error() {
+    let dir = common::tempdir();
+    let k = hello_kernel(dir.path());
+    // Copy the binary where an unprivileged user can run it.
+    let bin = dir.path().join("ferrovmm");
+    std::fs::copy(common::ferrovmm_bin(), &bin).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&bin)
+        .arg("--kernel")
+        .arg(&k)
+        .output()
+        .expect("setpriv (util-linux)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert!(
+        stderr.contains("cannot open /dev/kvm: Permission denied"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("kvm group"), "{stderr}");
+}
+
+#[test]
+fn serial_to_a_file() {
+    let dir = common::tempdir();
+    let k = hello_kernel(dir.path());
+    let log = dir.path().join("console.log");
+    let run = common::run(&[
+        "--kernel",
+        k.to_str().unwrap(),
+        "--serial",
+        &format!("file={}", log.display()),
+    ]);
+    assert_eq!(run.status, 0, "{}", run.stderr);
+    assert!(run.stdout.is_empty());
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "hello from the guest\n"
+    );
+}
+
+#[test]
+fn serial_on_a_socket_reaches_a_connected_client() {
+    // The guest waits for a byte of input, then greets and powers off.
+    let mut g = Guest::new(32);
+    let mut poll = g.label();
+    g.set(&mut poll);
+    g.a.mov(iced_x86::code_asm::dx, 0x3fd).unwrap();
+    g.a.in_(iced_x86::code_asm::al, iced_x86::code_asm::dx)
+        .unwrap();
+    g.a.test(iced_x86::code_asm::al, 1).unwrap();
+    g.a.jz(poll).unwrap();
+    g.print("hello socket\n");
+    g.poweroff();
+    let dir = common::tempdir();
+    let code = g.assemble(CODE_BASE);
+    let k = image::write(
+        dir.path(),
+        "wait.elf",
+        &image::elf(
+            &[Segment {
+                addr: CODE_BASE,
+                data: code,
+            }],
+            CODE_BASE,
+            Some(CODE_BASE as u32),
+        ),
+    );
+    let sock = dir.path().join("console.sock");
+    let child = common::spawn(&[
+        "--kernel",
+        k.to_str().unwrap(),
+        "--serial",
+        &format!("socket={}", sock.display()),
+    ]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut client = loop {
+        if let Ok(c) = UnixStream::connect(&sock) {
+            break c;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "console socket never appeared"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    use std::io::Write;
+    client.write_all(b"x").unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut got = String::new();
+    let _ = client.read_to_string(&mut got);
+    let run = common::wait_with_timeout(child, Duration::from_secs(10));
+    assert_eq!(run.status, 0, "{}", run.stderr);
+    assert_eq!(got, "hello socket\n");
+    assert!(!sock.exists(), "console socket removed at exit");
+}

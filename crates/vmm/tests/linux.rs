@@ -1,0 +1,134 @@
+//! Real Linux (Debian's cloud kernel) on ferrovmm: as a PVH vmlinux and as a bzImage,
+//! with a busybox initramfs whose init prints from user space and powers off through
+//! ACPI. On this kind of host (/dev/kvm is PVM) the runs happen inside the nested
+//! harness, a real KVM host in QEMU TCG; with vmx/svm they run directly.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use ferrovirt_testkit::{guest_kernel, hardware_kvm, linux_guest_script, scratch_dir, Nested};
+
+/// User-space output long enough that it only gets through with the UART interrupt.
+const BODY: &str = "echo CPUS=$(grep -c ^processor /proc/cpuinfo)\n\
+                    echo MEM=$(grep MemTotal /proc/meminfo | tr -s ' ')\n\
+                    echo CMDLINE=$(cat /proc/cmdline)\n\
+                    seq 1 400 | tr '\\n' ' '; echo\n\
+                    echo LINUX-ON-FERROVMM-UP";
+
+struct Boot {
+    status: i32,
+    output: String,
+}
+
+fn boot_linux(kernel_kind: &str, vcpus: u32) -> Boot {
+    let kernel = guest_kernel().expect("guest kernel (guest/fetch-kernel.sh)");
+    let dir = scratch_dir("ferrovmm-linux").unwrap();
+    let initrd = linux_guest_script(BODY)
+        .build(dir.join("initrd.cpio.gz"))
+        .expect("initramfs");
+    let image: &Path = if kernel_kind == "bzImage" {
+        &kernel.bzimage
+    } else {
+        &kernel.vmlinux
+    };
+    let args = format!(
+        "--name linux --kernel /guest/kernel --initrd /guest/initrd --memory 256 --vcpus {vcpus} \
+         --cmdline 'console=ttyS0 panic=-1 quiet ferrovirt.test=1'"
+    );
+    let boot = if hardware_kvm() {
+        let out = Command::new(env!("CARGO_BIN_EXE_ferrovmm"))
+            .args(shell_words(
+                &args
+                    .replace("/guest/kernel", image.to_str().unwrap())
+                    .replace("/guest/initrd", initrd.to_str().unwrap()),
+            ))
+            .output()
+            .expect("run ferrovmm");
+        Boot {
+            status: out.status.code().unwrap_or(-1),
+            output: format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        }
+    } else {
+        let out = Nested::new()
+            .timeout(Duration::from_secs(300))
+            .binary(env!("CARGO_BIN_EXE_ferrovmm"), "/bin/ferrovmm")
+            .file(image, "/guest/kernel")
+            .file(&initrd, "/guest/initrd")
+            .run(&format!("ferrovmm {args} 2>&1"))
+            .expect("nested harness");
+        eprintln!(
+            "nested: outer init {:?}, total {:?}",
+            out.time_to_init, out.total
+        );
+        Boot {
+            status: out.status,
+            output: out.output,
+        }
+    };
+    let _ = std::fs::remove_dir_all(dir);
+    boot
+}
+
+fn shell_words(s: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    for c in s.chars() {
+        match c {
+            '\'' => quoted = !quoted,
+            ' ' if !quoted => {
+                if !cur.is_empty() {
+                    words.push(std::mem::take(&mut cur));
+                }
+            }
+            c => cur.push(c),
+        }
+    }
+    if !cur.is_empty() {
+        words.push(cur);
+    }
+    words
+}
+
+fn check(boot: &Boot, vcpus: u32) {
+    let out = &boot.output;
+    assert_eq!(boot.status, 0, "ferrovmm output:\n{out}");
+    assert!(
+        out.lines().any(|l| l == "LINUX-ON-FERROVMM-UP"),
+        "no marker:\n{out}"
+    );
+    assert!(
+        out.lines().any(|l| l == format!("CPUS={vcpus}")),
+        "vCPU count:\n{out}"
+    );
+    assert!(
+        out.contains("CMDLINE=console=ttyS0 panic=-1 quiet ferrovirt.test=1"),
+        "cmdline:\n{out}"
+    );
+    let numbers: String = (1..=400).map(|n| format!("{n} ")).collect();
+    assert!(
+        out.contains(numbers.trim_end()),
+        "user-space output was cut short:\n{out}"
+    );
+    assert!(
+        out.trim_end().ends_with("guest powered off"),
+        "no ACPI poweroff:\n{out}"
+    );
+}
+
+#[test]
+fn linux_vmlinux_boots_through_pvh_with_two_vcpus() {
+    let boot = boot_linux("vmlinux", 2);
+    check(&boot, 2);
+}
+
+#[test]
+fn linux_bzimage_boots_through_the_64_bit_protocol() {
+    let boot = boot_linux("bzImage", 1);
+    check(&boot, 1);
+}
