@@ -132,11 +132,11 @@ fn virsh_verbs_and_output_shapes() {
     );
     assert_eq!(
         e.ok(&["list"]),
-        " Id   Name   State\n------------------\n\n"
+        " Id   Name   State\n--------------------\n\n"
     );
     assert_eq!(
         e.ok(&["list", "--all"]),
-        " Id   Name   State\n------------------\n -    web    shut off\n\n"
+        " Id   Name   State\n-----------------------\n -    web    shut off\n\n"
     );
     assert_eq!(e.ok(&["start", "web"]), "Domain 'web' started\n\n");
     assert_eq!(e.ok(&["domstate", "web"]), "running\n\n");
