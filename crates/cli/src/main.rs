@@ -21,9 +21,9 @@ use ferrovirt_api::state::EventKind;
     about = "Manage ferrovirt virtual machines, networks and disk images"
 )]
 struct Cli {
-    /// ferrovirtd API socket
+    /// ferrovirtd API socket, or tcp://HOST:PORT (with FERROVIRT_TOKEN)
     #[arg(short = 'c', long = "connect", global = true, env = "FERROVIRT_SOCKET", default_value = ferrovirt_api::DEFAULT_SOCKET)]
-    connect: PathBuf,
+    connect: String,
     /// Machine-readable JSON output
     #[arg(long, global = true)]
     json: bool,
@@ -171,7 +171,8 @@ fn print_json<T: serde::Serialize>(v: &T) {
 }
 
 fn run(cli: Cli) -> Result<(), Failure> {
-    let client = Client::new(&cli.connect);
+    let token = std::env::var("FERROVIRT_TOKEN").ok();
+    let client = Client::from_uri(&cli.connect, token.as_deref()).map_err(Failure::Usage)?;
     let json = cli.json;
     let done = |info: &ferrovirt_api::DomainInfo, msg: String| {
         if json {

@@ -15,13 +15,19 @@ const USAGE: &str = "usage: ferrovirtd [--socket PATH] [--state-dir DIR] [--run-
   --socket PATH     API socket (default RUN_DIR/ferrovirtd.sock, i.e. /run/ferrovirt/ferrovirtd.sock)
   --state-dir DIR   database, console logs and disk images (default /var/lib/ferrovirt)
   --run-dir DIR     VM sockets and pidfiles (default /run/ferrovirt)
+  --listen-tcp ADDR also serve the API on TCP (e.g. 127.0.0.1:16509); needs --token-file.
+                    Plain HTTP (no TLS yet): keep it on loopback or a trusted network.
+  --token-file FILE bearer token for the TCP listener (16+ characters, file mode 0600)
 
 Environment: FERROVIRT_QEMU (qemu binary), FERROVIRT_VMM (ferrovmm binary).";
 
-fn parse_args() -> Result<Paths, String> {
+/// Command line: paths, and the optional TCP listener with its token file.
+fn parse_args() -> Result<(Paths, Option<(String, PathBuf)>), String> {
     let mut socket = None;
     let mut state_dir = PathBuf::from("/var/lib/ferrovirt");
     let mut run_dir = PathBuf::from("/run/ferrovirt");
+    let mut tcp = None;
+    let mut token_file = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let (flag, inline) = match arg.split_once('=') {
@@ -38,6 +44,8 @@ fn parse_args() -> Result<Paths, String> {
             "--socket" => socket = Some(PathBuf::from(value("--socket")?)),
             "--state-dir" => state_dir = PathBuf::from(value("--state-dir")?),
             "--run-dir" => run_dir = PathBuf::from(value("--run-dir")?),
+            "--listen-tcp" => tcp = Some(value("--listen-tcp")?),
+            "--token-file" => token_file = Some(PathBuf::from(value("--token-file")?)),
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -50,11 +58,41 @@ fn parse_args() -> Result<Paths, String> {
         }
     }
     let socket = socket.unwrap_or_else(|| run_dir.join("ferrovirtd.sock"));
-    Ok(Paths {
-        state_dir,
-        run_dir,
-        socket,
-    })
+    let tcp = match (tcp, token_file) {
+        (None, None) => None,
+        (Some(addr), Some(file)) => Some((addr, file)),
+        (Some(_), None) => return Err("--listen-tcp needs --token-file: the TCP listener only serves requests with a bearer token".into()),
+        (None, Some(_)) => return Err("--token-file is only used with --listen-tcp".into()),
+    };
+    Ok((
+        Paths {
+            state_dir,
+            run_dir,
+            socket,
+        },
+        tcp,
+    ))
+}
+
+/// The TCP listener's token: long enough, and not readable by other users.
+fn read_token(path: &PathBuf) -> Result<String, String> {
+    let meta = fs::metadata(path).map_err(|e| format!("token file {}: {e}", path.display()))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        return Err(format!(
+            "token file {} is readable by other users: chmod 600 it",
+            path.display()
+        ));
+    }
+    let token =
+        fs::read_to_string(path).map_err(|e| format!("token file {}: {e}", path.display()))?;
+    let token = token.trim().to_string();
+    if token.len() < 16 || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "token file {} must hold one token of at least 16 printable characters without spaces",
+            path.display()
+        ));
+    }
+    Ok(token)
 }
 
 /// One daemon per state dir: an exclusive lock held for the process's life.
@@ -97,10 +135,31 @@ fn bind(paths: &Paths) -> Result<UnixListener, String> {
 
 fn main() -> ExitCode {
     let run = || -> Result<(), String> {
-        let paths = parse_args()?;
+        let (paths, tcp) = parse_args()?;
+        let tcp = match tcp {
+            Some((addr, file)) => Some((addr, read_token(&file)?)),
+            None => None,
+        };
         let _lock = lock_state_dir(&paths)?;
         let mgr = Manager::open(paths.clone())?;
         let listener = bind(&paths)?;
+        if let Some((addr, token)) = tcp {
+            let tcp_listener = std::net::TcpListener::bind(&addr)
+                .map_err(|e| format!("cannot listen on TCP {addr}: {e}"))?;
+            let bound = tcp_listener
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or(addr);
+            eprintln!(
+                "ferrovirtd: also listening on tcp://{bound} (bearer token required, no TLS)"
+            );
+            let mgr = mgr.clone();
+            let token = std::sync::Arc::new(token);
+            std::thread::Builder::new()
+                .name("tcp-accept".into())
+                .spawn(move || ferrovirtd::server::serve_tcp(tcp_listener, mgr, token))
+                .map_err(|e| e.to_string())?;
+        }
         eprintln!(
             "ferrovirtd {} listening on {} (state {}, default driver {}: {})",
             ferrovirt_api::VERSION,
@@ -109,7 +168,7 @@ fn main() -> ExitCode {
             mgr.default_type.as_str(),
             mgr.default_reason
         );
-        ferrovirtd::server::serve(listener, mgr);
+        ferrovirtd::server::serve_unix(listener, mgr);
         Ok(())
     };
     match run() {

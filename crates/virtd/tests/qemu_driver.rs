@@ -45,9 +45,8 @@ fn pid_alive(pid: u32) -> bool {
 /// Type a shell command on the live console and wait for `expect` in the output.
 fn console_roundtrip(c: &Client, name: &str, command: &str, expect: &str) {
     let mut conn = c.console(name, false).expect("attach console");
-    let stream = conn.get_mut();
-    stream
-        .set_read_timeout(Some(Duration::from_millis(500)))
+    conn.get_mut()
+        .set_timeouts(Some(Duration::from_millis(500)), None)
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut seen = String::new();
