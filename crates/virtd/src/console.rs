@@ -180,3 +180,27 @@ impl ConsoleHub {
         self.vm.lock().map(|v| v.is_some()).unwrap_or(false)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_is_capped_and_rotated() {
+        let dir = std::env::temp_dir().join(format!("fv-caplog-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("vm.log");
+        let mut log = CappedLog::open(&path);
+        let chunk = vec![b'x'; 64 * 1024];
+        for _ in 0..40 {
+            log.write(&chunk);
+        }
+        // 40 writes of 64 KiB with a 1 MiB cap: files of 16, 16 and 8 writes; the oldest is gone.
+        assert_eq!(fs::metadata(&path).unwrap().len(), 8 * 64 * 1024);
+        assert_eq!(fs::metadata(rotated(&path)).unwrap().len(), LOG_CAP);
+        rotate_for_boot(&path);
+        assert!(!path.exists() && rotated(&path).exists());
+        let _ = fs::remove_dir_all(&dir);
+    }
+}
