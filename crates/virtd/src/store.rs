@@ -213,4 +213,22 @@ mod tests {
         assert_eq!(mode, "wal");
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    #[test]
+    fn a_database_from_a_newer_ferrovirtd_is_refused() {
+        let dir = std::env::temp_dir().join(format!("ferrovirt-store-new-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("state.db");
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", 99)
+            .unwrap();
+        let err = Store::open(&path).err().expect("refused");
+        assert!(
+            err.contains("schema version 99") && err.contains("newer"),
+            "{err}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
