@@ -80,6 +80,12 @@ enum Target {
         addr: String,
         token: String,
     },
+    /// TLS to host:port, trusting the given roots, with the bearer token.
+    Tls {
+        addr: String,
+        token: String,
+        config: std::sync::Arc<rustls::ClientConfig>,
+    },
 }
 
 pub struct Client {
@@ -109,19 +115,47 @@ impl Client {
         }
     }
 
-    /// From `-c`: a socket path, or `tcp://HOST:PORT` (then `token` is required).
-    pub fn from_uri(uri: &str, token: Option<&str>) -> Result<Self, String> {
-        match uri.strip_prefix("tcp://") {
-            None => Ok(Self::new(uri)),
-            Some(addr) => match token {
-                Some(t) if !t.trim().is_empty() => {
-                    Ok(Self::tcp(addr.trim_end_matches('/'), t.trim()))
-                }
-                _ => Err(format!(
-                    "connecting to {uri} needs the daemon's bearer token: set FERROVIRT_TOKEN"
-                )),
+    /// TLS to a daemon's TCP listener, trusting the PEM certificates in `ca`.
+    pub fn tls(addr: &str, token: &str, ca: &std::path::Path) -> Result<Self, String> {
+        let config = crate::tls::client_config(ca)?;
+        Ok(Client {
+            target: Target::Tls {
+                addr: addr.to_string(),
+                token: token.to_string(),
+                config,
             },
+            timeout: Self::TIMEOUT,
+        })
+    }
+
+    /// From `-c`: a socket path, `tcp://HOST:PORT` or `tls://HOST:PORT`; the network forms need
+    /// the bearer token, TLS also the certificate to trust (`ca`).
+    pub fn from_uri(
+        uri: &str,
+        token: Option<&str>,
+        ca: Option<&std::path::Path>,
+    ) -> Result<Self, String> {
+        let (tls, addr) = match (uri.strip_prefix("tcp://"), uri.strip_prefix("tls://")) {
+            (Some(a), _) => (false, a),
+            (_, Some(a)) => (true, a),
+            _ => return Ok(Self::new(uri)),
+        };
+        let addr = addr.trim_end_matches('/');
+        let token = match token {
+            Some(t) if !t.trim().is_empty() => t.trim(),
+            _ => {
+                return Err(format!(
+                    "connecting to {uri} needs the daemon's bearer token: set FERROVIRT_TOKEN"
+                ))
+            }
+        };
+        if !tls {
+            return Ok(Self::tcp(addr, token));
         }
+        let ca = ca.ok_or_else(|| {
+            format!("connecting to {uri} needs the certificate to trust: set FERROVIRT_CA_CERT to a PEM file")
+        })?;
+        Self::tls(addr, token, ca)
     }
 
     /// The socket path or tcp:// address, for messages.
@@ -129,6 +163,7 @@ impl Client {
         match &self.target {
             Target::Unix(p) => p.display().to_string(),
             Target::Tcp { addr, .. } => format!("tcp://{addr}"),
+            Target::Tls { addr, .. } => format!("tls://{addr}"),
         }
     }
 
@@ -137,6 +172,16 @@ impl Client {
             Target::Unix(p) => UnixStream::connect(p).map(|s| Box::new(s) as Box<dyn Stream>),
             Target::Tcp { addr, .. } => {
                 TcpStream::connect(addr).map(|s| Box::new(s) as Box<dyn Stream>)
+            }
+            Target::Tls { addr, config, .. } => {
+                let host = addr
+                    .rsplit_once(':')
+                    .map(|(h, _)| h)
+                    .unwrap_or(addr)
+                    .trim_matches(['[', ']']);
+                TcpStream::connect(addr)
+                    .and_then(|tcp| crate::tls::connect(config.clone(), host, tcp))
+                    .map(|s| Box::new(s) as Box<dyn Stream>)
             }
         };
         connected.map_err(|error| ClientError::Connect {
@@ -147,7 +192,9 @@ impl Client {
 
     fn auth_header(&self) -> Option<String> {
         match &self.target {
-            Target::Tcp { token, .. } => Some(format!("Bearer {token}")),
+            Target::Tcp { token, .. } | Target::Tls { token, .. } => {
+                Some(format!("Bearer {token}"))
+            }
             Target::Unix(_) => None,
         }
     }

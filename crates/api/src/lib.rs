@@ -15,6 +15,7 @@ pub mod host;
 pub mod http;
 pub mod msg;
 pub mod state;
+pub mod tls;
 pub mod xml;
 
 pub use def::{Action, DomainDef, VirtType};

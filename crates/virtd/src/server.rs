@@ -46,15 +46,28 @@ pub fn serve_unix(listener: UnixListener, mgr: Arc<Manager>) {
     }
 }
 
-/// Serve the API on TCP: every request must carry `Authorization: Bearer TOKEN`.
-pub fn serve_tcp(listener: TcpListener, mgr: Arc<Manager>, token: Arc<String>) {
+/// Serve the API on TCP (in TLS when configured): every request must carry
+/// `Authorization: Bearer TOKEN`.
+pub fn serve_tcp(
+    listener: TcpListener,
+    mgr: Arc<Manager>,
+    token: Arc<String>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) {
     for conn in listener.incoming() {
         let Ok(stream) = conn else { continue };
+        let stream: Box<dyn Stream> = match &tls {
+            None => Box::new(stream),
+            Some(config) => match ferrovirt_api::tls::accept(config.clone(), stream) {
+                Ok(plain) => Box::new(plain),
+                Err(_) => continue,
+            },
+        };
         let mgr = mgr.clone();
         let token = token.clone();
         let _ = std::thread::Builder::new()
             .name("api-tcp".into())
-            .spawn(move || handle(Box::new(stream), &mgr, Some(token.as_str())));
+            .spawn(move || handle(stream, &mgr, Some(token.as_str())));
     }
 }
 
