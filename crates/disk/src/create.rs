@@ -83,6 +83,8 @@ fn create_raw(path: &Path, size: u64, opts: &CreateOptions) -> Result<(), DiskEr
             "preallocation=metadata applies to qcow2 images only; use off, falloc or full".into(),
         ));
     }
+    // Disks are made of 512-byte sectors, as with qemu-img.
+    let size = size.div_ceil(512) * 512;
     let f = ImageFile::create(path)?;
     f.set_len(size)?;
     match opts.preallocation {

@@ -319,7 +319,13 @@ impl Header {
     }
 
     /// The whole header cluster as written to offset 0 (header, extensions, backing name).
+    /// The feature-name table is optional and left out when the cluster is too small.
     pub fn serialize(&self) -> Result<Vec<u8>, String> {
+        self.serialize_with(true)
+            .or_else(|_| self.serialize_with(false))
+    }
+
+    fn serialize_with(&self, feature_table: bool) -> Result<Vec<u8>, String> {
         let cs = self.cluster_size() as usize;
         let mut b = vec![0u8; V3_HEADER_LEN as usize];
         let v3 = self.version == 3;
@@ -355,7 +361,7 @@ impl Header {
         if let Some(f) = &self.backing_format {
             push_ext(&mut b, EXT_BACKING_FORMAT, f.as_bytes());
         }
-        if v3 {
+        if v3 && feature_table {
             let mut table = Vec::new();
             for (ty, bit, name) in [
                 (0u8, 0u8, "dirty bit"),
