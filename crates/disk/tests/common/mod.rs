@@ -151,9 +151,25 @@ pub fn img_bin() -> PathBuf {
         .and_then(|p| p.parent())
         .map(|p| p.join("examples").join("ferrovirt-img"))
         .expect("target dir");
+    static BUILT: std::sync::Once = std::sync::Once::new();
+    BUILT.call_once(|| {
+        // `cargo test --test NAME` does not build examples: build it (cheap when fresh).
+        let st = Command::new(env!("CARGO"))
+            .args([
+                "build",
+                "-q",
+                "-p",
+                "ferrovirt-disk",
+                "--example",
+                "ferrovirt-img",
+            ])
+            .status()
+            .expect("run cargo");
+        assert!(st.success(), "building examples/ferrovirt-img failed");
+    });
     assert!(
         bin.exists(),
-        "{} is missing: run the tests through cargo test",
+        "{} is missing after building it",
         bin.display()
     );
     bin
