@@ -21,6 +21,12 @@ fn fault_limit() -> Option<u64> {
     *LIMIT.get_or_init(|| std::env::var(FAULT_ENV).ok()?.parse().ok())
 }
 
+/// Writes counted so far by the fault hook (only counted while FAULT_ENV is set).
+#[doc(hidden)]
+pub fn fault_write_count() -> u64 {
+    WRITE_COUNT.load(Ordering::SeqCst)
+}
+
 fn count_write() {
     if let Some(limit) = fault_limit() {
         if WRITE_COUNT.fetch_add(1, Ordering::SeqCst) + 1 >= limit {

@@ -16,7 +16,7 @@ mod raw;
 
 pub use create::{create, CreateOptions, Preallocation};
 pub use error::DiskError;
-pub use file::FAULT_ENV;
+pub use file::{fault_write_count, FAULT_ENV};
 pub use info::{info, FormatSpecific, ImageInfo, Qcow2Specific};
 
 use std::path::Path;

@@ -302,6 +302,7 @@ fn repair_refcounts(
         }
     }
     meta.writeback(f)?;
+    f.sync()?;
     meta.drop_caches();
     Ok((leaks, corr))
 }

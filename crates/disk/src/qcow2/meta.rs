@@ -531,9 +531,6 @@ impl Meta {
         if !self.has_dirty() {
             return Ok(());
         }
-        let cs = self.geo.cluster_size;
-        // Data written to new clusters must be durable before tables point at it.
-        f.sync()?;
         let mut blocks: Vec<u64> = self
             .rb
             .iter()
@@ -548,6 +545,7 @@ impl Meta {
             }
         }
         if self.rt_dirty {
+            // New refcount blocks are durable before the table points at them.
             f.sync()?;
             f.write_at(&to_be_bytes(&self.rt), self.header.refcount_table_offset)?;
             if self.rt_moved {
@@ -560,6 +558,8 @@ impl Meta {
             }
             self.rt_dirty = false;
         }
+        // One barrier: refcounts and the data of new clusters are durable before any
+        // table points at them.
         f.sync()?;
         let mut tables: Vec<u64> = self
             .l2
@@ -584,8 +584,8 @@ impl Meta {
                 self.header.l1_table_offset + first as u64 * 8,
             )?;
         }
-        let _ = cs;
-        f.sync()
+        // Callers that promise durability (flush) sync after this; eviction needs only the order.
+        Ok(())
     }
 
     /// Drops the references queued by `free_later`; call only after `writeback`, with
@@ -594,6 +594,8 @@ impl Meta {
         if self.pending_free.is_empty() {
             return Ok(());
         }
+        // The tables that dropped these clusters must be durable first.
+        f.sync()?;
         let mut frees = std::mem::take(&mut self.pending_free);
         frees.sort_unstable();
         let mut released = Vec::new();
@@ -640,6 +642,7 @@ impl Meta {
             let mut bytes = to_be_bytes(&self.l1);
             bytes.resize((need_clusters * cs) as usize, 0);
             self.writeback(f)?;
+            f.sync()?;
             f.write_at(&bytes, first << self.geo.cluster_bits)?;
             f.sync()?;
             let old = self.header.l1_table_offset >> self.geo.cluster_bits;
@@ -654,6 +657,7 @@ impl Meta {
             self.header.l1_table_offset = first << self.geo.cluster_bits;
         } else {
             self.writeback(f)?;
+            f.sync()?;
             let mut bytes = to_be_bytes(&self.l1);
             bytes.resize((need_clusters * cs) as usize, 0);
             f.write_at(&bytes, self.header.l1_table_offset)?;

@@ -417,6 +417,7 @@ impl Qcow2 {
             meta.grow_l1(&self.file, entries)?;
         }
         meta.writeback(&self.file)?;
+        self.file.sync()?;
         self.file.write_at(&new_size.to_be_bytes(), 24)?;
         self.file.sync()?;
         meta.header.size = new_size;
