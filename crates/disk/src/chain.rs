@@ -31,7 +31,7 @@ pub(crate) fn resolve_backing(overlay: &Path, name: &str) -> Result<PathBuf, Dis
                 .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
         {
             return Err(chain_err(format!(
-                "backing file '{name}' names a protocol ({proto}:); only local files are supported"
+                "backing file '{name}' names a protocol ({proto}:), which is not supported; only local files are"
             )));
         }
     }

@@ -39,7 +39,7 @@ pub enum LayerStatus {
 pub(crate) fn read_header(file: &ImageFile) -> Result<Header, DiskError> {
     let len = file.len()?;
     let want = (2u64 << 20).min(len) as usize;
-    let mut b = vec![0u8; want.max(header::V2_HEADER_LEN)];
+    let mut b = vec![0u8; want];
     file.read_at(&mut b, 0)?;
     // Parse once to learn the cluster size, then only the first cluster counts.
     let h = Header::parse(file.path(), &b, len)?;
