@@ -42,7 +42,6 @@ pub(crate) struct ImageFile {
     file: File,
     /// A second descriptor opened with O_DIRECT (cache=none); used for aligned data I/O.
     direct: Option<File>,
-    writable: bool,
 }
 
 impl ImageFile {
@@ -76,7 +75,6 @@ impl ImageFile {
             path: path.to_path_buf(),
             file,
             direct,
-            writable,
         })
     }
 
@@ -92,16 +90,11 @@ impl ImageFile {
             path: path.to_path_buf(),
             file,
             direct: None,
-            writable: true,
         })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
-    }
-
-    pub fn writable(&self) -> bool {
-        self.writable
     }
 
     pub fn raw_fd(&self) -> std::os::unix::io::RawFd {
@@ -133,7 +126,9 @@ impl ImageFile {
     }
 
     fn aligned(buf_ptr: usize, len: usize, offset: u64) -> bool {
-        buf_ptr % DIRECT_ALIGN == 0 && len % DIRECT_ALIGN == 0 && offset % DIRECT_ALIGN as u64 == 0
+        buf_ptr.is_multiple_of(DIRECT_ALIGN)
+            && len.is_multiple_of(DIRECT_ALIGN)
+            && offset.is_multiple_of(DIRECT_ALIGN as u64)
     }
 
     /// Reads exactly `buf.len()` bytes; bytes past the end of the file read as zeros.

@@ -73,6 +73,8 @@ pub trait BlockBackend: Send + Sync {
 }
 
 /// One opened layer of a chain.
+// Layers always live in an Arc, so the variants' size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Image {
     Raw(raw::Raw),
     Qcow2(qcow2::Qcow2),

@@ -151,7 +151,7 @@ fn check_qcow2(q: &Qcow2, path: &Path) -> Result<(CheckReport, Mismatches), Disk
         if off == 0 {
             continue;
         }
-        if off % cs != 0 {
+        if !off.is_multiple_of(cs) {
             r.corruptions += 1;
             r.messages.push(format!(
                 "ERROR refcount block {i} is not cluster aligned; refcount table corrupted"
@@ -168,7 +168,7 @@ fn check_qcow2(q: &Qcow2, path: &Path) -> Result<(CheckReport, Mismatches), Disk
         if l2_off == 0 {
             continue;
         }
-        if l2_off % cs != 0 || l2_off >= file_len {
+        if !l2_off.is_multiple_of(cs) || l2_off >= file_len {
             r.corruptions += 1;
             r.messages.push(format!(
                 "ERROR L2 table {i} at offset {l2_off:#x} is unaligned or past the end of the file"

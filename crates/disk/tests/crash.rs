@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use ferrovirt_disk::{open, BlockBackend, OpenOptions, FAULT_ENV};
+use ferrovirt_disk::{open, OpenOptions, FAULT_ENV};
 use std::path::Path;
 use std::process::Command;
 

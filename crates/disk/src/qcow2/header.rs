@@ -420,7 +420,7 @@ fn check_region(
     cluster_size: u64,
     file_len: u64,
 ) -> Result<(), DiskError> {
-    if off % cluster_size != 0 {
+    if !off.is_multiple_of(cluster_size) {
         return Err(DiskError::invalid_qcow2(
             path,
             format!("{what} offset {off:#x} is not cluster aligned"),

@@ -40,7 +40,7 @@ impl Geometry {
             cluster_size: cs,
             l2_entries: cs / 8,
             refcount_order: h.refcount_order,
-            rc_per_block: cs * 8 >> h.refcount_order,
+            rc_per_block: (cs * 8) >> h.refcount_order,
         }
     }
 
@@ -217,7 +217,7 @@ impl Meta {
     /// A metadata or data cluster offset read from a table must be aligned, past the
     /// header, and inside the file.
     pub fn check_host(&self, f: &ImageFile, what: &str, host: u64) -> Result<(), DiskError> {
-        if host % self.geo.cluster_size != 0 || host < self.geo.cluster_size {
+        if !host.is_multiple_of(self.geo.cluster_size) || host < self.geo.cluster_size {
             return Err(self.corrupt(
                 f,
                 format!("{what} offset {host:#x} is unaligned or points into the header"),
@@ -684,7 +684,6 @@ impl Meta {
             self.end = end;
             self.fresh_from = self.fresh_from.max(end);
         }
-        self.free_hint = self.free_hint.max(0);
     }
 
     pub fn set_free_hint(&mut self, hint: u64) {

@@ -6,7 +6,9 @@ pub mod meta;
 
 use crate::file::ImageFile;
 use crate::{BlockBackend, DiskError, Image};
-use header::{Compression, Header, INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
+use header::{
+    Compression, Header, INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY,
+};
 use meta::{Mapping, Meta, COPIED, ZERO};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
@@ -60,6 +62,14 @@ impl Qcow2 {
         let mut header = read_header(&file)?;
         let path = file.path().to_path_buf();
         let known_incompat = INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_COMPRESSION;
+        if header.incompatible_features & INCOMPAT_DATA_FILE != 0 {
+            return Err(DiskError::Unsupported {
+                path,
+                feature:
+                    "external data files (convert the image to a standalone qcow2 with qemu-img)"
+                        .into(),
+            });
+        }
         let unknown = header.incompatible_features & !known_incompat;
         if unknown != 0 {
             let bit = unknown.trailing_zeros() as u8;
