@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use ferrovirt_disk::{open, ops, BlockBackend, DiskError, OpenOptions};
+use ferrovirt_disk::{open, ops, DiskError, OpenOptions};
 use std::path::{Path, PathBuf};
 
 fn opts(read_only: bool) -> OpenOptions {
