@@ -45,6 +45,8 @@ impl BusDevice for BarMapping {
 pub struct PciRoot {
     slots: Vec<Option<Arc<Mutex<dyn PciDevice>>>>,
     mmio: Arc<Bus>,
+    /// Where each slot's BARs are mapped on the MMIO bus now.
+    mapped: Mutex<Vec<[u64; NUM_BARS]>>,
 }
 
 impl PciRoot {
@@ -61,7 +63,7 @@ impl PciRoot {
         }));
         let mut slots: Vec<Option<Arc<Mutex<dyn PciDevice>>>> = vec![None; NUM_SLOTS];
         slots[0] = Some(Arc::new(Mutex::new(bridge)));
-        PciRoot { slots, mmio }
+        PciRoot { slots, mmio, mapped: Mutex::new(vec![[0; NUM_BARS]; NUM_SLOTS]) }
     }
 
     /// Plugs a device into the next free slot and maps its BARs; returns the slot.
@@ -75,6 +77,7 @@ impl PciRoot {
         };
         for (bar, addr, size) in bars {
             self.mmio.insert(Arc::new(Mutex::new(BarMapping { device: device.clone(), bar })), addr, size)?;
+            self.mapped.lock().unwrap_or_else(|p| p.into_inner())[slot][bar] = addr;
         }
         self.slots[slot] = Some(device);
         Ok(slot)
@@ -99,13 +102,13 @@ impl PciRoot {
         let mut moves = Vec::new();
         {
             let mut d = device.lock().unwrap_or_else(|p| p.into_inner());
-            let before: Vec<u64> = (0..NUM_BARS).map(|i| d.config().bar_address(i)).collect();
             d.config_mut().write_reg(reg, offset, data);
-            for (i, old) in before.iter().enumerate() {
+            let mapped = self.mapped.lock().unwrap_or_else(|p| p.into_inner())[usize::from(slot)];
+            for (i, old) in mapped.iter().enumerate() {
                 let new = d.config().bar_address(i);
                 if let Some(bar) = d.config().bar(i) {
                     // The all-ones sizing probe is not a move; the OS writes the address back.
-                    if new != *old && !d.config().bar_is_sizing(i) {
+                    if new != *old && new != 0 && !d.config().bar_is_sizing(i) {
                         moves.push((i, *old, new, bar.size));
                     }
                 }
@@ -116,10 +119,12 @@ impl PciRoot {
         for (bar, old, new, size) in moves {
             self.mmio.remove(old);
             let mapping = Arc::new(Mutex::new(BarMapping { device: device.clone(), bar }));
+            self.mapped.lock().unwrap_or_else(|p| p.into_inner())[usize::from(slot)][bar] = 0;
             if let Err(e) = self.mmio.insert(mapping, new, size) {
                 log::warn!("PCI {slot:02x}.0 BAR{bar} moved to {new:#x}: {e}; it stays unmapped");
                 continue;
             }
+            self.mapped.lock().unwrap_or_else(|p| p.into_inner())[usize::from(slot)][bar] = new;
             device.lock().unwrap_or_else(|p| p.into_inner()).bar_moved(bar, old, new);
         }
     }
