@@ -107,7 +107,10 @@ fn pci_host_bridge() -> Vec<u8> {
     let uid = aml::Name::new("_UID".into(), &aml::ZERO);
     let bbn = aml::Name::new("_BBN".into(), &aml::ZERO);
     let crs = aml::Name::new("_CRS".into(), &crs);
-    aml_bytes(&aml::Device::new("_SB_.PCI0".into(), vec![&hid, &cid, &adr, &seg, &uid, &bbn, &crs]))
+    aml_bytes(&aml::Device::new(
+        "_SB_.PCI0".into(),
+        vec![&hid, &cid, &adr, &seg, &uid, &bbn, &crs],
+    ))
 }
 
 /// MCFG: where ECAM lives (segment 0, bus 0).

@@ -53,12 +53,20 @@ pub struct DiskSpec {
 }
 
 /// Splits "k=v,k=v" into pairs, refusing keys not in `known`.
-fn key_values<'a>(s: &'a str, known: &[&str]) -> std::result::Result<Vec<(&'a str, &'a str)>, String> {
+fn key_values<'a>(
+    s: &'a str,
+    known: &[&str],
+) -> std::result::Result<Vec<(&'a str, &'a str)>, String> {
     let mut out = Vec::new();
     for part in s.split(',') {
-        let (k, v) = part.split_once('=').ok_or_else(|| format!("'{part}' is not key=value"))?;
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| format!("'{part}' is not key=value"))?;
         if !known.contains(&k) {
-            return Err(format!("unknown option '{k}' (known: {})", known.join(", ")));
+            return Err(format!(
+                "unknown option '{k}' (known: {})",
+                known.join(", ")
+            ));
         }
         if out.iter().any(|(seen, _)| *seen == k) {
             return Err(format!("'{k}' given twice"));
@@ -77,13 +85,23 @@ fn on_off(key: &str, v: &str) -> std::result::Result<bool, String> {
 }
 
 fn parse_disk(s: &str) -> std::result::Result<DiskSpec, String> {
-    let mut spec = DiskSpec { path: PathBuf::new(), format: None, read_only: false, serial: None, direct: false };
+    let mut spec = DiskSpec {
+        path: PathBuf::new(),
+        format: None,
+        read_only: false,
+        serial: None,
+        direct: false,
+    };
     for (k, v) in key_values(s, &["path", "format", "readonly", "serial", "cache"])? {
         match k {
             "path" if !v.is_empty() => spec.path = PathBuf::from(v),
             "format" => match v {
                 "raw" | "qcow2" => spec.format = Some(v.to_string()),
-                _ => return Err(format!("format={v}: unknown image format; use raw or qcow2")),
+                _ => {
+                    return Err(format!(
+                        "format={v}: unknown image format; use raw or qcow2"
+                    ))
+                }
             },
             "readonly" => spec.read_only = on_off(k, v)?,
             "serial" => {
@@ -115,16 +133,29 @@ pub struct NetSpec {
 }
 
 fn parse_net(s: &str) -> std::result::Result<NetSpec, String> {
-    let mut spec = NetSpec { tap: None, fd: None, mac: None };
+    let mut spec = NetSpec {
+        tap: None,
+        fd: None,
+        mac: None,
+    };
     for (k, v) in key_values(s, &["tap", "fd", "mac"])? {
         match k {
             "tap" => {
                 if !crate::virtio::tap::valid_name(v) {
-                    return Err(format!("tap={v}: not a valid interface name (1-15 characters, no '/' or ':')"));
+                    return Err(format!(
+                        "tap={v}: not a valid interface name (1-15 characters, no '/' or ':')"
+                    ));
                 }
                 spec.tap = Some(v.to_string());
             }
-            "fd" => spec.fd = Some(v.parse().ok().filter(|n: &i32| *n >= 3).ok_or(format!("fd={v}: expected a descriptor number of 3 or more"))?),
+            "fd" => {
+                spec.fd = Some(
+                    v.parse()
+                        .ok()
+                        .filter(|n: &i32| *n >= 3)
+                        .ok_or(format!("fd={v}: expected a descriptor number of 3 or more"))?,
+                )
+            }
             _ => spec.mac = Some(crate::virtio::net::parse_mac(v)?),
         }
     }
@@ -252,7 +283,9 @@ pub fn validate(args: &Args) -> Result<()> {
         )));
     }
     if args.serial == SerialMode::Stdio && args.console == ConsoleMode::On(SerialMode::Stdio) {
-        return Err(Error::usage("--serial stdio and --console stdio cannot share the terminal; send one elsewhere"));
+        return Err(Error::usage(
+            "--serial stdio and --console stdio cannot share the terminal; send one elsewhere",
+        ));
     }
     check_readable("--kernel", &args.kernel)?;
     if let Some(initrd) = &args.initrd {
@@ -314,8 +347,12 @@ mod tests {
         assert!(d.read_only && d.direct);
         assert_eq!(d.serial.as_deref(), Some("disk0"));
         assert!(parse_disk("format=raw").unwrap_err().contains("path=FILE"));
-        assert!(parse_disk("path=/a,format=vmdk").unwrap_err().contains("unknown image format"));
-        assert!(parse_disk("path=/a,speed=fast").unwrap_err().contains("unknown option"));
+        assert!(parse_disk("path=/a,format=vmdk")
+            .unwrap_err()
+            .contains("unknown image format"));
+        assert!(parse_disk("path=/a,speed=fast")
+            .unwrap_err()
+            .contains("unknown option"));
         assert!(parse_disk("path=/a,serial=this-serial-is-way-too-long").is_err());
     }
 

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{
-    kvm_irq_routing_entry, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
-    KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
+    kvm_irq_routing_entry, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
 };
 use kvm_ioctls::VmFd;
 
@@ -36,7 +36,11 @@ struct RouterState {
 }
 
 fn irqchip_entry(gsi: u32, chip: u32, pin: u32) -> kvm_irq_routing_entry {
-    let mut e = kvm_irq_routing_entry { gsi, type_: KVM_IRQ_ROUTING_IRQCHIP, ..Default::default() };
+    let mut e = kvm_irq_routing_entry {
+        gsi,
+        type_: KVM_IRQ_ROUTING_IRQCHIP,
+        ..Default::default()
+    };
     e.u.irqchip.irqchip = chip;
     e.u.irqchip.pin = pin;
     e
@@ -44,7 +48,13 @@ fn irqchip_entry(gsi: u32, chip: u32, pin: u32) -> kvm_irq_routing_entry {
 
 impl KvmGsiRouter {
     pub fn new(vm: Arc<VmFd>) -> Self {
-        KvmGsiRouter { vm, state: Mutex::new(RouterState { msi: BTreeMap::new(), next_gsi: FIRST_MSI_GSI }) }
+        KvmGsiRouter {
+            vm,
+            state: Mutex::new(RouterState {
+                msi: BTreeMap::new(),
+                next_gsi: FIRST_MSI_GSI,
+            }),
+        }
     }
 
     fn legacy_routes() -> Vec<kvm_irq_routing_entry> {
@@ -84,13 +94,21 @@ impl MsiRouter for KvmGsiRouter {
 
     fn set_msi(&self, gsi: u32, address: u64, data: u32) -> Result<()> {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let mut e = kvm_irq_routing_entry { gsi, type_: KVM_IRQ_ROUTING_MSI, ..Default::default() };
+        let mut e = kvm_irq_routing_entry {
+            gsi,
+            type_: KVM_IRQ_ROUTING_MSI,
+            ..Default::default()
+        };
         e.u.msi.address_lo = address as u32;
         e.u.msi.address_hi = (address >> 32) as u32;
         e.u.msi.data = data;
         let unchanged = st.msi.get(&gsi).is_some_and(|old| {
             // SAFETY: every entry in `msi` was written through the `msi` member.
-            unsafe { old.u.msi.address_lo == e.u.msi.address_lo && old.u.msi.address_hi == e.u.msi.address_hi && old.u.msi.data == data }
+            unsafe {
+                old.u.msi.address_lo == e.u.msi.address_lo
+                    && old.u.msi.address_hi == e.u.msi.address_hi
+                    && old.u.msi.data == data
+            }
         });
         if unchanged {
             return Ok(());

@@ -106,7 +106,10 @@ mod tests {
         assert_eq!(ram_regions(256 << 20), vec![(0, 256 << 20)]);
         let map = e820_map(256 << 20);
         assert_eq!(map[2], (HIMEM_START, (256 << 20) - HIMEM_START, E820_RAM));
-        assert_eq!(map.last(), Some(&(PCI_ECAM_START, PCI_ECAM_SIZE, E820_RESERVED)));
+        assert_eq!(
+            map.last(),
+            Some(&(PCI_ECAM_START, PCI_ECAM_SIZE, E820_RESERVED))
+        );
     }
 
     #[test]

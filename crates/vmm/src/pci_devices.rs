@@ -28,7 +28,9 @@ pub fn open_disk(spec: &DiskSpec) -> Result<Block> {
     let shown = path.display();
     let meta = std::fs::metadata(path).map_err(|e| Error::usage(format!("--disk {shown}: {e}")))?;
     if meta.is_dir() {
-        return Err(Error::usage(format!("--disk {shown}: is a directory, not a disk image")));
+        return Err(Error::usage(format!(
+            "--disk {shown}: is a directory, not a disk image"
+        )));
     }
     if !spec.read_only && meta.permissions().mode() & 0o222 == 0 {
         return Err(Error::usage(format!(
@@ -37,12 +39,26 @@ pub fn open_disk(spec: &DiskSpec) -> Result<Block> {
         )));
     }
     let format = match &spec.format {
-        Some(f) => Some(ferrovirt_disk::Format::parse(f).map_err(|e| Error::usage(format!("--disk {shown}: {e}")))?),
+        Some(f) => Some(
+            ferrovirt_disk::Format::parse(f)
+                .map_err(|e| Error::usage(format!("--disk {shown}: {e}")))?,
+        ),
         None => None,
     };
-    let opts = ferrovirt_disk::OpenOptions { format, read_only: spec.read_only, direct: spec.direct };
-    let backend = ferrovirt_disk::open(path, &opts).map_err(|e| Error::usage(format!("--disk {shown}: {e}")))?;
-    Ok(Block::new(backend, BlockOptions { read_only: spec.read_only, serial: spec.serial.clone().unwrap_or_default() }))
+    let opts = ferrovirt_disk::OpenOptions {
+        format,
+        read_only: spec.read_only,
+        direct: spec.direct,
+    };
+    let backend = ferrovirt_disk::open(path, &opts)
+        .map_err(|e| Error::usage(format!("--disk {shown}: {e}")))?;
+    Ok(Block::new(
+        backend,
+        BlockOptions {
+            read_only: spec.read_only,
+            serial: spec.serial.clone().unwrap_or_default(),
+        },
+    ))
 }
 
 fn random_mac() -> [u8; 6] {
@@ -50,7 +66,10 @@ fn random_mac() -> [u8; 6] {
     // SAFETY: getrandom writes at most 3 bytes into our buffer.
     let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
     if n != 3 {
-        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
         b = [(t >> 16) as u8, (t >> 8) as u8, t as u8];
     }
     [0x52, 0x54, 0x00, b[0], b[1], b[2]]
@@ -100,7 +119,13 @@ pub fn open_devices(args: &Args) -> Result<Vec<Box<dyn VirtioDevice>>> {
 }
 
 /// Builds bus 0 with `devices`, maps config access (ports and ECAM) and starts the device thread.
-pub fn attach(vm: &Arc<VmFd>, mem: &GuestMem, pio: &Bus, mmio: &Arc<Bus>, devices: Vec<Box<dyn VirtioDevice>>) -> Result<()> {
+pub fn attach(
+    vm: &Arc<VmFd>,
+    mem: &GuestMem,
+    pio: &Bus,
+    mmio: &Arc<Bus>,
+    devices: Vec<Box<dyn VirtioDevice>>,
+) -> Result<()> {
     let router: Arc<dyn MsiRouter> = Arc::new(KvmGsiRouter::new(vm.clone()));
     let event_loop = EventLoop::new().map_err(|e| Error::host(format!("epoll: {e}")))?;
     let mut root = PciRoot::new(mmio.clone());
@@ -110,11 +135,18 @@ pub fn attach(vm: &Arc<VmFd>, mem: &GuestMem, pio: &Bus, mmio: &Arc<Bus>, device
         let gsi_base = router.allocate(u32::from(vectors))?;
         let mut irqfds = Vec::with_capacity(usize::from(vectors));
         for v in 0..u32::from(vectors) {
-            let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::host(format!("eventfd: {e}")))?;
-            vm.register_irqfd(&fd, gsi_base + v).map_err(|e| Error::host(format!("KVM_IRQFD: {e}")))?;
+            let fd = EventFd::new(libc::EFD_NONBLOCK)
+                .map_err(|e| Error::host(format!("eventfd: {e}")))?;
+            vm.register_irqfd(&fd, gsi_base + v)
+                .map_err(|e| Error::host(format!("KVM_IRQFD: {e}")))?;
             irqfds.push(fd);
         }
-        let msix = MsixTable::new(vectors, gsi_base, router.clone(), Arc::new(IrqfdSink { irqfds }));
+        let msix = MsixTable::new(
+            vectors,
+            gsi_base,
+            router.clone(),
+            Arc::new(IrqfdSink { irqfds }),
+        );
         if next_bar + u64::from(BAR_SIZE) > layout::PCI_MMIO_END {
             return Err(Error::usage("too many devices for the PCI memory window"));
         }
@@ -127,14 +159,25 @@ pub fn attach(vm: &Arc<VmFd>, mem: &GuestMem, pio: &Bus, mmio: &Arc<Bus>, device
             Some(Box::new(vm.clone())),
         )
         .map_err(Error::host)?;
-        root.add_device(Arc::new(Mutex::new(transport))).map_err(Error::usage)?;
+        root.add_device(Arc::new(Mutex::new(transport)))
+            .map_err(Error::usage)?;
         next_bar += u64::from(BAR_SIZE);
     }
     let root = Arc::new(root);
-    pio.insert(Arc::new(Mutex::new(PciConfigIo::new(root.clone()))), u64::from(CONFIG_ADDRESS_PORT), CONFIG_PORTS_LEN)
-        .map_err(Error::host)?;
-    mmio.insert(Arc::new(Mutex::new(PciEcam::new(root))), layout::PCI_ECAM_START, layout::PCI_ECAM_SIZE)
-        .map_err(Error::host)?;
-    event_loop.spawn().map_err(|e| Error::host(format!("cannot start the device thread: {e}")))?;
+    pio.insert(
+        Arc::new(Mutex::new(PciConfigIo::new(root.clone()))),
+        u64::from(CONFIG_ADDRESS_PORT),
+        CONFIG_PORTS_LEN,
+    )
+    .map_err(Error::host)?;
+    mmio.insert(
+        Arc::new(Mutex::new(PciEcam::new(root))),
+        layout::PCI_ECAM_START,
+        layout::PCI_ECAM_SIZE,
+    )
+    .map_err(Error::host)?;
+    event_loop
+        .spawn()
+        .map_err(|e| Error::host(format!("cannot start the device thread: {e}")))?;
     Ok(())
 }

@@ -6,9 +6,17 @@
 use std::process::Command;
 use std::time::Duration;
 
-use ferrovirt_testkit::{guest_kernel, hardware_kvm, linux_guest_script, make_root_disk, scratch_dir, Nested};
+use ferrovirt_testkit::{
+    guest_kernel, hardware_kvm, linux_guest_script, make_root_disk, scratch_dir, Nested,
+};
 
-const MODULES: &[&str] = &["virtio_pci", "virtio_blk", "virtio_net", "virtio_console", "virtio-rng"];
+const MODULES: &[&str] = &[
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_net",
+    "virtio_console",
+    "virtio-rng",
+];
 
 fn nested() -> Nested {
     Nested::new()
@@ -38,10 +46,12 @@ fn root_on_virtio_blk_ext4_keeps_a_synced_file_and_stays_clean() {
     )
     .unwrap();
     let root = make_root_disk(&dir.join("root.img"), 64, Some(&init)).expect("root disk");
-    let initrd = linux_guest_script("mkdir -p /newroot\nmount -t ext4 /dev/vda /newroot\nexec switch_root /newroot /sbin/init")
-        .modules(MODULES)
-        .build(dir.join("initrd.cpio.gz"))
-        .unwrap();
+    let initrd = linux_guest_script(
+        "mkdir -p /newroot\nmount -t ext4 /dev/vda /newroot\nexec switch_root /newroot /sbin/init",
+    )
+    .modules(MODULES)
+    .build(dir.join("initrd.cpio.gz"))
+    .unwrap();
     let out = nested()
         .binary("/usr/sbin/e2fsck", "/bin/e2fsck")
         .binary("/usr/sbin/debugfs", "/bin/debugfs")
@@ -58,17 +68,26 @@ fn root_on_virtio_blk_ext4_keeps_a_synced_file_and_stays_clean() {
         .expect("nested run");
     let o = &out.output;
     assert_eq!(out.status, 0, "{o}");
-    assert!(o.contains("ROOT=/dev/vda ext4"), "root is not the virtio disk:\n{o}");
+    assert!(
+        o.contains("ROOT=/dev/vda ext4"),
+        "root is not the virtio disk:\n{o}"
+    );
     assert!(o.contains("DISK-INIT-DONE"), "{o}");
     assert!(o.contains("guest powered off"), "{o}");
     assert!(o.contains("VMM-EXIT=0"), "{o}");
     assert!(o.contains("FSCK=0"), "e2fsck -fn found problems:\n{o}");
-    assert!(o.contains("FILE=written-by-the-guest"), "the synced file is not on the image:\n{o}");
+    assert!(
+        o.contains("FILE=written-by-the-guest"),
+        "the synced file is not on the image:\n{o}"
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
 
 fn qemu_img(args: &[&str]) {
-    let st = Command::new("qemu-img").args(args).status().expect("qemu-img (qemu-utils)");
+    let st = Command::new("qemu-img")
+        .args(args)
+        .status()
+        .expect("qemu-img (qemu-utils)");
     assert!(st.success(), "qemu-img {args:?}");
 }
 
@@ -97,7 +116,10 @@ fn two_disks_two_nics_network_rng_and_hvc0_work() {
         echo READ=$(dd if=/dev/vdb bs=64k count=32 2>/dev/null | md5sum | cut -d' ' -f1)\n\
         echo RNG=$(dd if=/dev/hwrng bs=32 count=1 2>/dev/null | wc -c)\n\
         echo hvc-hello > /dev/hvc0\n";
-    let initrd = linux_guest_script(body).modules(MODULES).build(dir.join("initrd.cpio.gz")).unwrap();
+    let initrd = linux_guest_script(body)
+        .modules(MODULES)
+        .build(dir.join("initrd.cpio.gz"))
+        .unwrap();
     let out = nested()
         .modules(&["tun"])
         .binary("/usr/bin/qemu-img", "/bin/qemu-img")
@@ -129,16 +151,26 @@ fn two_disks_two_nics_network_rng_and_hvc0_work() {
     assert!(o.contains("SERIAL=disk-a"), "{o}");
     assert!(o.contains("MAC=52:54:00:aa:bb:01"), "{o}");
     assert!(o.contains("PING=ok"), "no ping through the TAP:\n{o}");
-    assert!(o.contains("GOT=tcp-payload-4242"), "TCP payload did not arrive on the host side:\n{o}");
+    assert!(
+        o.contains("GOT=tcp-payload-4242"),
+        "TCP payload did not arrive on the host side:\n{o}"
+    );
     assert!(o.contains("RNG=32"), "{o}");
     assert!(o.contains("HVC=hvc-hello"), "{o}");
     assert!(o.contains("QCOW2-CHECK=ok"), "{o}");
     let field = |name: &str| {
-        o.lines().find_map(|l| l.strip_prefix(name)).map(str::to_owned).unwrap_or_else(|| panic!("no {name} in:\n{o}"))
+        o.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::to_owned)
+            .unwrap_or_else(|| panic!("no {name} in:\n{o}"))
     };
     let wrote = field("WROTE=");
     assert_eq!(field("READ="), wrote, "the guest read back other data");
-    assert_eq!(field("IMAGE="), wrote, "the qcow2 image on the host holds other data");
+    assert_eq!(
+        field("IMAGE="),
+        wrote,
+        "the qcow2 image on the host holds other data"
+    );
     assert!(o.contains("VMM-EXIT=0"), "{o}");
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -27,12 +27,20 @@ impl Bus {
     }
 
     /// Maps `device` at `[start, start + len)`. Ranges must not overlap.
-    pub fn insert(&self, device: Arc<Mutex<dyn BusDevice>>, start: u64, len: u64) -> Result<(), String> {
+    pub fn insert(
+        &self,
+        device: Arc<Mutex<dyn BusDevice>>,
+        start: u64,
+        len: u64,
+    ) -> Result<(), String> {
         if len == 0 || start.checked_add(len).is_none() {
             return Err(format!("invalid range {start:#x}+{len:#x}"));
         }
         let mut mappings = self.mappings.write().unwrap_or_else(|p| p.into_inner());
-        if mappings.iter().any(|m| start < m.start + m.len && m.start < start + len) {
+        if mappings
+            .iter()
+            .any(|m| start < m.start + m.len && m.start < start + len)
+        {
             return Err(format!("range {start:#x}+{len:#x} overlaps another device"));
         }
         mappings.push(Mapping { start, len, device });
@@ -59,7 +67,10 @@ impl Bus {
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.find(addr) {
             Some((device, offset)) => {
-                device.lock().unwrap_or_else(|p| p.into_inner()).read(offset, data);
+                device
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .read(offset, data);
                 true
             }
             None => {
@@ -73,7 +84,10 @@ impl Bus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.find(addr) {
             Some((device, offset)) => {
-                device.lock().unwrap_or_else(|p| p.into_inner()).write(offset, data);
+                device
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .write(offset, data);
                 true
             }
             None => false,

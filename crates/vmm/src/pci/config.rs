@@ -60,10 +60,14 @@ impl PciConfiguration {
 
     /// Adds a 32-bit memory BAR at `addr` of `size` bytes (a power of two, at least 16).
     pub fn add_mem32_bar(&mut self, index: usize, addr: u32, size: u32) {
-        assert!(index < NUM_BARS && size.is_power_of_two() && size >= 16 && addr % size == 0);
+        assert!(
+            index < NUM_BARS && size.is_power_of_two() && size >= 16 && addr.is_multiple_of(size)
+        );
         self.regs[BAR0_REG + index] = addr;
         self.wmask[BAR0_REG + index] = !(size - 1);
-        self.bars[index] = Some(BarRegion { size: u64::from(size) });
+        self.bars[index] = Some(BarRegion {
+            size: u64::from(size),
+        });
     }
 
     pub fn bar(&self, index: usize) -> Option<BarRegion> {
@@ -92,12 +96,16 @@ impl PciConfiguration {
     pub fn add_capability(&mut self, id: u8, body: &[u8], wmask: &[u32]) -> usize {
         let offset = self.next_cap;
         let len = (2 + body.len() + 3) & !3;
-        assert!(offset + len <= 256, "capabilities must fit in the first 256 bytes");
+        assert!(
+            offset + len <= 256,
+            "capabilities must fit in the first 256 bytes"
+        );
         let mut bytes = vec![0u8; len];
         bytes[0] = id;
         bytes[2..2 + body.len()].copy_from_slice(body);
         for (i, chunk) in bytes.chunks(4).enumerate() {
-            self.regs[offset / 4 + i] = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+            self.regs[offset / 4 + i] =
+                u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
             self.wmask[offset / 4 + i] = wmask.get(i).copied().unwrap_or(0);
         }
         match self.last_cap {
@@ -149,7 +157,16 @@ mod tests {
     use super::*;
 
     fn ids() -> PciIds {
-        PciIds { vendor: 0x1af4, device: 0x1042, class: 1, subclass: 0x80, prog_if: 0, revision: 1, subsystem_vendor: 0x1af4, subsystem: 0x40 }
+        PciIds {
+            vendor: 0x1af4,
+            device: 0x1042,
+            class: 1,
+            subclass: 0x80,
+            prog_if: 0,
+            revision: 1,
+            subsystem_vendor: 0x1af4,
+            subsystem: 0x40,
+        }
     }
 
     #[test]

@@ -51,9 +51,20 @@ pub struct MsixTable {
 }
 
 impl MsixTable {
-    pub fn new(vectors: u16, gsi_base: u32, router: Arc<dyn MsiRouter>, sink: Arc<dyn VectorSink>) -> Self {
+    pub fn new(
+        vectors: u16,
+        gsi_base: u32,
+        router: Arc<dyn MsiRouter>,
+        sink: Arc<dyn VectorSink>,
+    ) -> Self {
         MsixTable {
-            entries: vec![Entry { ctrl: CTRL_MASKED, ..Default::default() }; usize::from(vectors)],
+            entries: vec![
+                Entry {
+                    ctrl: CTRL_MASKED,
+                    ..Default::default()
+                };
+                usize::from(vectors)
+            ],
             pending: vec![false; usize::from(vectors)],
             enabled: false,
             function_masked: false,

@@ -35,10 +35,16 @@ struct BarMapping {
 
 impl BusDevice for BarMapping {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        self.device.lock().unwrap_or_else(|p| p.into_inner()).bar_read(self.bar, offset, data);
+        self.device
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .bar_read(self.bar, offset, data);
     }
     fn write(&mut self, offset: u64, data: &[u8]) {
-        self.device.lock().unwrap_or_else(|p| p.into_inner()).bar_write(self.bar, offset, data);
+        self.device
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .bar_write(self.bar, offset, data);
     }
 }
 
@@ -63,20 +69,39 @@ impl PciRoot {
         }));
         let mut slots: Vec<Option<Arc<Mutex<dyn PciDevice>>>> = vec![None; NUM_SLOTS];
         slots[0] = Some(Arc::new(Mutex::new(bridge)));
-        PciRoot { slots, mmio, mapped: Mutex::new(vec![[0; NUM_BARS]; NUM_SLOTS]) }
+        PciRoot {
+            slots,
+            mmio,
+            mapped: Mutex::new(vec![[0; NUM_BARS]; NUM_SLOTS]),
+        }
     }
 
     /// Plugs a device into the next free slot and maps its BARs; returns the slot.
     pub fn add_device(&mut self, device: Arc<Mutex<dyn PciDevice>>) -> Result<usize, String> {
-        let slot = self.slots.iter().position(|s| s.is_none()).ok_or("no free PCI slot (32 per bus)")?;
+        let slot = self
+            .slots
+            .iter()
+            .position(|s| s.is_none())
+            .ok_or("no free PCI slot (32 per bus)")?;
         let bars: Vec<(usize, u64, u64)> = {
             let d = device.lock().unwrap_or_else(|p| p.into_inner());
             (0..NUM_BARS)
-                .filter_map(|i| d.config().bar(i).map(|b| (i, d.config().bar_address(i), b.size)))
+                .filter_map(|i| {
+                    d.config()
+                        .bar(i)
+                        .map(|b| (i, d.config().bar_address(i), b.size))
+                })
                 .collect()
         };
         for (bar, addr, size) in bars {
-            self.mmio.insert(Arc::new(Mutex::new(BarMapping { device: device.clone(), bar })), addr, size)?;
+            self.mmio.insert(
+                Arc::new(Mutex::new(BarMapping {
+                    device: device.clone(),
+                    bar,
+                })),
+                addr,
+                size,
+            )?;
             self.mapped.lock().unwrap_or_else(|p| p.into_inner())[slot][bar] = addr;
         }
         self.slots[slot] = Some(device);
@@ -92,13 +117,27 @@ impl PciRoot {
 
     pub fn config_read(&self, bus: u8, slot: u8, function: u8, reg: usize) -> u32 {
         match self.device(bus, slot, function) {
-            Some(d) => d.lock().unwrap_or_else(|p| p.into_inner()).config().read_reg(reg),
+            Some(d) => d
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .config()
+                .read_reg(reg),
             None => 0xffff_ffff,
         }
     }
 
-    pub fn config_write(&self, bus: u8, slot: u8, function: u8, reg: usize, offset: usize, data: &[u8]) {
-        let Some(device) = self.device(bus, slot, function) else { return };
+    pub fn config_write(
+        &self,
+        bus: u8,
+        slot: u8,
+        function: u8,
+        reg: usize,
+        offset: usize,
+        data: &[u8],
+    ) {
+        let Some(device) = self.device(bus, slot, function) else {
+            return;
+        };
         let mut moves = Vec::new();
         {
             let mut d = device.lock().unwrap_or_else(|p| p.into_inner());
@@ -118,14 +157,20 @@ impl PciRoot {
         // Remap outside the device lock: the MMIO bus may be in use by other vCPUs.
         for (bar, old, new, size) in moves {
             self.mmio.remove(old);
-            let mapping = Arc::new(Mutex::new(BarMapping { device: device.clone(), bar }));
+            let mapping = Arc::new(Mutex::new(BarMapping {
+                device: device.clone(),
+                bar,
+            }));
             self.mapped.lock().unwrap_or_else(|p| p.into_inner())[usize::from(slot)][bar] = 0;
             if let Err(e) = self.mmio.insert(mapping, new, size) {
                 log::warn!("PCI {slot:02x}.0 BAR{bar} moved to {new:#x}: {e}; it stays unmapped");
                 continue;
             }
             self.mapped.lock().unwrap_or_else(|p| p.into_inner())[usize::from(slot)][bar] = new;
-            device.lock().unwrap_or_else(|p| p.into_inner()).bar_moved(bar, old, new);
+            device
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .bar_moved(bar, old, new);
         }
     }
 }
@@ -170,10 +215,13 @@ impl BusDevice for PciConfigIo {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         match offset {
-            0 if data.len() == 4 => self.address = u32::from_le_bytes([data[0], data[1], data[2], data[3]]),
+            0 if data.len() == 4 => {
+                self.address = u32::from_le_bytes([data[0], data[1], data[2], data[3]])
+            }
             4..=7 => {
                 if let Some((b, s, f, r)) = self.target() {
-                    self.root.config_write(b, s, f, r, (offset - 4) as usize, data);
+                    self.root
+                        .config_write(b, s, f, r, (offset - 4) as usize, data);
                 }
             }
             _ => {}

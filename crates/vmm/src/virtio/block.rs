@@ -12,7 +12,9 @@ use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{Address, Bytes, GuestAddress};
 
 use super::event_loop::Token;
-use super::{queue, ActivateContext, EventLoop, GuestMem, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
+use super::{
+    queue, ActivateContext, EventLoop, GuestMem, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+};
 
 pub const SECTOR_SIZE: u64 = 512;
 const QUEUE_SIZE: u16 = 256;
@@ -67,7 +69,11 @@ struct Request {
 
 impl Block {
     pub fn new(backend: Arc<dyn BlockBackend>, opts: BlockOptions) -> Self {
-        Block { backend, opts, active: None }
+        Block {
+            backend,
+            opts,
+            active: None,
+        }
     }
 
     fn capacity_sectors(&self) -> u64 {
@@ -95,9 +101,12 @@ fn parse(chain: &mut DescriptorChain<GuestMem>, mem: &GuestMem) -> Result<Reques
     if header.is_write_only() || header.len() < 16 {
         return Err("request header is not a 16-byte readable buffer");
     }
-    let kind: u32 = mem.read_obj(header.addr()).map_err(|_| "request header outside guest memory")?;
-    let sector: u64 =
-        mem.read_obj(header.addr().unchecked_add(8)).map_err(|_| "request header outside guest memory")?;
+    let kind: u32 = mem
+        .read_obj(header.addr())
+        .map_err(|_| "request header outside guest memory")?;
+    let sector: u64 = mem
+        .read_obj(header.addr().unchecked_add(8))
+        .map_err(|_| "request header outside guest memory")?;
     let mut descs: Vec<_> = chain.collect();
     let status = descs.pop().ok_or("no status buffer")?;
     if !status.is_write_only() || status.len() < 1 {
@@ -108,7 +117,12 @@ fn parse(chain: &mut DescriptorChain<GuestMem>, mem: &GuestMem) -> Result<Reques
     if descs.iter().any(|d| d.is_write_only() != wants_write) {
         return Err("data buffer has the wrong direction for the request");
     }
-    Ok(Request { kind, sector, data, status: status.addr() })
+    Ok(Request {
+        kind,
+        sector,
+        data,
+        status: status.addr(),
+    })
 }
 
 /// A page-aligned scratch buffer, reused across requests by one worker.
@@ -122,7 +136,10 @@ unsafe impl Send for AlignedBuf {}
 
 impl AlignedBuf {
     fn new() -> Self {
-        AlignedBuf { ptr: std::ptr::null_mut(), cap: 0 }
+        AlignedBuf {
+            ptr: std::ptr::null_mut(),
+            cap: 0,
+        }
     }
 
     fn get(&mut self, len: usize) -> &mut [u8] {
@@ -144,7 +161,12 @@ impl AlignedBuf {
     fn free(&mut self) {
         if !self.ptr.is_null() {
             // SAFETY: ptr was allocated with this layout in get().
-            unsafe { dealloc(self.ptr, Layout::from_size_align_unchecked(self.cap, BUFFER_ALIGN)) };
+            unsafe {
+                dealloc(
+                    self.ptr,
+                    Layout::from_size_align_unchecked(self.cap, BUFFER_ALIGN),
+                )
+            };
             self.ptr = std::ptr::null_mut();
             self.cap = 0;
         }
@@ -172,11 +194,16 @@ impl Worker {
         let io_err = (VIRTIO_BLK_S_IOERR as u8, 0);
         match req.kind {
             VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
-                if total > MAX_REQUEST_BYTES || total % SECTOR_SIZE != 0 {
+                if total > MAX_REQUEST_BYTES || !total.is_multiple_of(SECTOR_SIZE) {
                     return io_err;
                 }
-                let Some(start) = req.sector.checked_mul(SECTOR_SIZE) else { return io_err };
-                if start.checked_add(total).is_none_or(|end| end > self.capacity) {
+                let Some(start) = req.sector.checked_mul(SECTOR_SIZE) else {
+                    return io_err;
+                };
+                if start
+                    .checked_add(total)
+                    .is_none_or(|end| end > self.capacity)
+                {
                     return io_err;
                 }
                 if req.kind == VIRTIO_BLK_T_OUT && self.opts.read_only {
@@ -200,7 +227,11 @@ impl Worker {
                     let mut off = 0usize;
                     for (addr, len) in &req.data {
                         let len = *len as usize;
-                        if self.mem.read_slice(&mut buf[off..off + len], *addr).is_err() {
+                        if self
+                            .mem
+                            .read_slice(&mut buf[off..off + len], *addr)
+                            .is_err()
+                        {
                             return io_err;
                         }
                         off += len;
@@ -220,7 +251,9 @@ impl Worker {
                 let serial = self.opts.serial.as_bytes();
                 let n = serial.len().min(SERIAL_LEN);
                 id[..n].copy_from_slice(&serial[..n]);
-                let Some((addr, len)) = req.data.first() else { return io_err };
+                let Some((addr, len)) = req.data.first() else {
+                    return io_err;
+                };
                 let n = (*len as usize).min(SERIAL_LEN);
                 match self.mem.write_slice(&id[..n], *addr) {
                     Ok(()) => (VIRTIO_BLK_S_OK as u8, n as u32),
@@ -260,7 +293,10 @@ impl Worker {
             return io_err;
         }
         for (sector, num, flags) in segments {
-            let (Some(start), len) = (sector.checked_mul(SECTOR_SIZE), u64::from(num) * SECTOR_SIZE) else {
+            let (Some(start), len) = (
+                sector.checked_mul(SECTOR_SIZE),
+                u64::from(num) * SECTOR_SIZE,
+            ) else {
                 return io_err;
             };
             if start.checked_add(len).is_none_or(|end| end > self.capacity) {
@@ -269,7 +305,11 @@ impl Worker {
             let result = if req.kind == VIRTIO_BLK_T_DISCARD {
                 self.backend.discard(start, len)
             } else {
-                self.backend.write_zeroes(start, len, flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0)
+                self.backend.write_zeroes(
+                    start,
+                    len,
+                    flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0,
+                )
             };
             if result.is_err() {
                 return io_err;
@@ -294,7 +334,10 @@ fn run_worker(
                 Err(_) => return, // device reset or VM gone
             }
         };
-        let Job { mut chain, queue_index } = job;
+        let Job {
+            mut chain,
+            queue_index,
+        } = job;
         let head = chain.head_index();
         let mem = worker.mem.clone();
         let used_len = match parse(&mut chain, &mem) {
@@ -345,7 +388,11 @@ impl VirtioDevice for Block {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), String> {
-        let dq = ctx.queues.into_iter().next().ok_or("the driver enabled no request queue")?;
+        let dq = ctx
+            .queues
+            .into_iter()
+            .next()
+            .ok_or("the driver enabled no request queue")?;
         let (tx, rx) = channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
         let inflight = Arc::new(Inflight::default());
@@ -357,28 +404,48 @@ impl VirtioDevice for Block {
                 mem: ctx.mem.clone(),
                 buf: AlignedBuf::new(),
             };
-            let (rx, q, irq, inf) = (rx.clone(), dq.queue.clone(), ctx.interrupt.clone(), inflight.clone());
+            let (rx, q, irq, inf) = (
+                rx.clone(),
+                dq.queue.clone(),
+                ctx.interrupt.clone(),
+                inflight.clone(),
+            );
             std::thread::Builder::new()
                 .name(format!("blk-io{i}"))
                 .stack_size(256 << 10)
                 .spawn(move || run_worker(worker, rx, q, irq, inf))
                 .map_err(|e| format!("cannot start I/O worker: {e}"))?;
         }
-        let (queue, mem, index, kick, jobs, inf) =
-            (dq.queue.clone(), ctx.mem.clone(), dq.index, dq.kick, tx.clone(), inflight.clone());
+        let (queue, mem, index, kick, jobs, inf, irq) = (
+            dq.queue.clone(),
+            ctx.mem.clone(),
+            dq.index,
+            dq.kick,
+            tx.clone(),
+            inflight.clone(),
+            ctx.interrupt.clone(),
+        );
         let fd = std::os::fd::AsRawFd::as_raw_fd(&kick);
         let handler = Box::new(move |_| {
             let _ = kick.read();
-            for chain in queue::pop_all(&queue, &mem) {
+            for chain in queue::pop_all(&queue, &mem, &irq) {
                 *inf.count.lock().unwrap_or_else(|p| p.into_inner()) += 1;
-                let _ = jobs.send(Job { chain, queue_index: index });
+                let _ = jobs.send(Job {
+                    chain,
+                    queue_index: index,
+                });
             }
         });
         let token = ctx
             .event_loop
             .add(fd, vmm_sys_util::epoll::EventSet::IN, handler)
             .map_err(|e| format!("event loop: {e}"))?;
-        self.active = Some(Active { event_loop: ctx.event_loop, token, inflight, _sender: tx });
+        self.active = Some(Active {
+            event_loop: ctx.event_loop,
+            token,
+            inflight,
+            _sender: tx,
+        });
         Ok(())
     }
 
@@ -386,9 +453,17 @@ impl VirtioDevice for Block {
         if let Some(active) = self.active.take() {
             active.event_loop.remove(active.token);
             // The guest may reuse the rings after reset: let requests in flight finish first.
-            let mut n = active.inflight.count.lock().unwrap_or_else(|p| p.into_inner());
+            let mut n = active
+                .inflight
+                .count
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             while *n > 0 {
-                n = active.inflight.done.wait(n).unwrap_or_else(|p| p.into_inner());
+                n = active
+                    .inflight
+                    .done
+                    .wait(n)
+                    .unwrap_or_else(|p| p.into_inner());
             }
         }
     }

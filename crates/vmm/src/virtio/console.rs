@@ -10,7 +10,9 @@ use vm_memory::Bytes;
 use vmm_sys_util::epoll::EventSet;
 
 use super::event_loop::Token;
-use super::{queue, ActivateContext, EventLoop, GuestMem, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
+use super::{
+    queue, ActivateContext, EventLoop, GuestMem, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+};
 use crate::devices::serial::SerialOutput;
 
 const QUEUE_SIZE: u16 = 128;
@@ -27,7 +29,11 @@ pub struct Console {
 
 impl Console {
     pub fn new(output: SerialOutput, stdin: bool) -> Self {
-        Console { output: Arc::new(Mutex::new(output)), stdin, active: None }
+        Console {
+            output: Arc::new(Mutex::new(output)),
+            stdin,
+            active: None,
+        }
     }
 }
 
@@ -91,11 +97,15 @@ impl VirtioDevice for Console {
             let kick = dq.kick;
             let fd = std::os::fd::AsRawFd::as_raw_fd(&kick);
             if dq.index == TX {
-                let (queue, mem, interrupt, out) =
-                    (dq.queue.clone(), ctx.mem.clone(), ctx.interrupt.clone(), self.output.clone());
+                let (queue, mem, interrupt, out) = (
+                    dq.queue.clone(),
+                    ctx.mem.clone(),
+                    ctx.interrupt.clone(),
+                    self.output.clone(),
+                );
                 let handler = Box::new(move |_| {
                     let _ = kick.read();
-                    for chain in queue::pop_all(&queue, &mem) {
+                    for chain in queue::pop_all(&queue, &mem, &interrupt) {
                         let head = chain.head_index();
                         let mut bytes = Vec::new();
                         for desc in chain.readable() {
@@ -107,11 +117,17 @@ impl VirtioDevice for Console {
                                 break;
                             }
                         }
-                        let _ = out.lock().unwrap_or_else(|p| p.into_inner()).write_all(&bytes);
+                        let _ = out
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .write_all(&bytes);
                         queue::complete(&queue, &mem, &interrupt, TX, head, 0);
                     }
                 });
-                tokens.push(el.add(fd, EventSet::IN, handler).map_err(|e| format!("event loop: {e}"))?);
+                tokens.push(
+                    el.add(fd, EventSet::IN, handler)
+                        .map_err(|e| format!("event loop: {e}"))?,
+                );
             } else if dq.index == RX {
                 let input = Arc::new(Mutex::new(Input {
                     queue: dq.queue.clone(),
@@ -124,7 +140,10 @@ impl VirtioDevice for Console {
                     let _ = kick.read();
                     i.lock().unwrap_or_else(|p| p.into_inner()).deliver();
                 });
-                tokens.push(el.add(fd, EventSet::IN, handler).map_err(|e| format!("event loop: {e}"))?);
+                tokens.push(
+                    el.add(fd, EventSet::IN, handler)
+                        .map_err(|e| format!("event loop: {e}"))?,
+                );
                 rx = Some(input);
             }
         }
@@ -132,7 +151,8 @@ impl VirtioDevice for Console {
             let handler = Box::new(move |_| {
                 let mut buf = [0u8; 1024];
                 // SAFETY: read from stdin into a buffer we own.
-                let n = unsafe { libc::read(libc::STDIN_FILENO, buf.as_mut_ptr().cast(), buf.len()) };
+                let n =
+                    unsafe { libc::read(libc::STDIN_FILENO, buf.as_mut_ptr().cast(), buf.len()) };
                 if n > 0 {
                     let mut inp = input.lock().unwrap_or_else(|p| p.into_inner());
                     if inp.pending.len() < 64 * 1024 {

@@ -23,22 +23,38 @@ pub struct Token(u64);
 
 impl EventLoop {
     pub fn new() -> std::io::Result<Arc<Self>> {
-        Ok(Arc::new(EventLoop { epoll: Epoll::new()?, handlers: Mutex::new(HashMap::new()), next_token: AtomicU64::new(1) }))
+        Ok(Arc::new(EventLoop {
+            epoll: Epoll::new()?,
+            handlers: Mutex::new(HashMap::new()),
+            next_token: AtomicU64::new(1),
+        }))
     }
 
     /// Starts the loop on its own thread.
     pub fn spawn(self: &Arc<Self>) -> std::io::Result<()> {
         let this = self.clone();
-        std::thread::Builder::new().name("devices".into()).stack_size(512 << 10).spawn(move || this.run())?;
+        std::thread::Builder::new()
+            .name("devices".into())
+            .stack_size(512 << 10)
+            .spawn(move || this.run())?;
         Ok(())
     }
 
     /// Calls `handler` whenever `fd` has `events` (level triggered).
     pub fn add(&self, fd: RawFd, events: EventSet, handler: Handler) -> std::io::Result<Token> {
         let token = self.next_token.fetch_add(1, Ordering::Relaxed);
-        self.handlers.lock().unwrap_or_else(|p| p.into_inner()).insert(token, (fd, Some(handler)));
-        if let Err(e) = self.epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(events, token)) {
-            self.handlers.lock().unwrap_or_else(|p| p.into_inner()).remove(&token);
+        self.handlers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(token, (fd, Some(handler)));
+        if let Err(e) = self
+            .epoll
+            .ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))
+        {
+            self.handlers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&token);
             return Err(e);
         }
         Ok(Token(token))
@@ -46,16 +62,31 @@ impl EventLoop {
 
     /// Changes the events watched for a registration (e.g. stop reading a TAP while the guest has no buffers).
     pub fn modify(&self, token: Token, events: EventSet) {
-        let fd = self.handlers.lock().unwrap_or_else(|p| p.into_inner()).get(&token.0).map(|h| h.0);
+        let fd = self
+            .handlers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&token.0)
+            .map(|h| h.0);
         if let Some(fd) = fd {
-            let _ = self.epoll.ctl(ControlOperation::Modify, fd, EpollEvent::new(events, token.0));
+            let _ = self.epoll.ctl(
+                ControlOperation::Modify,
+                fd,
+                EpollEvent::new(events, token.0),
+            );
         }
     }
 
     pub fn remove(&self, token: Token) {
-        let entry = self.handlers.lock().unwrap_or_else(|p| p.into_inner()).remove(&token.0);
+        let entry = self
+            .handlers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&token.0);
         if let Some((fd, _)) = entry {
-            let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+            let _ = self
+                .epoll
+                .ctl(ControlOperation::Delete, fd, EpollEvent::default());
         }
     }
 

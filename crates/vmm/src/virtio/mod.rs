@@ -32,6 +32,8 @@ pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_
 pub trait VirtioInterrupt: Send + Sync {
     fn signal_used_queue(&self, queue_index: u16);
     fn signal_config_change(&self);
+    /// The driver broke the queue protocol: set DEVICE_NEEDS_RESET and tell it.
+    fn device_error(&self, why: &str);
 }
 
 /// One queue as a device sees it after activation.
@@ -69,7 +71,9 @@ pub trait VirtioDevice: Send {
 /// Copies `src` (a device's config structure) into a config read at `offset`.
 pub fn read_config_bytes(src: &[u8], offset: u64, data: &mut [u8]) {
     data.fill(0);
-    let Ok(start) = usize::try_from(offset) else { return };
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
     if start < src.len() {
         let n = data.len().min(src.len() - start);
         data[..n].copy_from_slice(&src[start..start + n]);

@@ -11,7 +11,9 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::event_loop::Token;
 use super::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN};
-use super::{queue, ActivateContext, EventLoop, GuestMem, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
+use super::{
+    queue, ActivateContext, EventLoop, GuestMem, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+};
 
 const QUEUE_SIZE: u16 = 256;
 const RX: usize = 0;
@@ -27,7 +29,11 @@ pub struct Net {
 
 impl Net {
     pub fn new(tap: Tap, mac: [u8; 6]) -> Self {
-        Net { tap: Arc::new(tap), mac, active: None }
+        Net {
+            tap: Arc::new(tap),
+            mac,
+            active: None,
+        }
     }
 }
 
@@ -70,7 +76,9 @@ impl Rx {
                 match self.tap.read(&mut self.frame) {
                     Ok(0) => return,
                     Ok(n) => self.pending = n,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return self.watch_tap(true),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        return self.watch_tap(true)
+                    }
                     Err(e) => {
                         log::warn!("TAP {}: read failed: {e}", self.tap.name);
                         return;
@@ -94,22 +102,36 @@ impl Rx {
                 0
             });
             self.pending = 0;
-            queue::complete(&self.queue, &self.mem, &self.interrupt, RX as u16, head, len);
+            queue::complete(
+                &self.queue,
+                &self.mem,
+                &self.interrupt,
+                RX as u16,
+                head,
+                len,
+            );
         }
     }
 
     fn watch_tap(&mut self, on: bool) {
         if self.tap_watched != on {
             if let Some(t) = self.tap_token {
-                self.event_loop.modify(t, if on { EventSet::IN } else { EventSet::empty() });
+                self.event_loop
+                    .modify(t, if on { EventSet::IN } else { EventSet::empty() });
             }
             self.tap_watched = on;
         }
     }
 }
 
-fn transmit(tap: &Tap, queue: &Mutex<Queue>, mem: &GuestMem, interrupt: &Arc<dyn VirtioInterrupt>, buf: &mut Vec<u8>) {
-    for chain in queue::pop_all(queue, mem) {
+fn transmit(
+    tap: &Tap,
+    queue: &Mutex<Queue>,
+    mem: &GuestMem,
+    interrupt: &Arc<dyn VirtioInterrupt>,
+    buf: &mut Vec<u8>,
+) {
+    for chain in queue::pop_all(queue, mem, interrupt) {
         let head = chain.head_index();
         buf.clear();
         let mut ok = true;
@@ -198,7 +220,11 @@ impl VirtioDevice for Net {
         let mut tokens = Vec::new();
         let rx_tap = rx.clone();
         let tap_token = el
-            .add(self.tap.raw_fd(), EventSet::IN, Box::new(move |_| rx_tap.lock().unwrap_or_else(|p| p.into_inner()).process()))
+            .add(
+                self.tap.raw_fd(),
+                EventSet::IN,
+                Box::new(move |_| rx_tap.lock().unwrap_or_else(|p| p.into_inner()).process()),
+            )
             .map_err(|e| format!("event loop: {e}"))?;
         rx.lock().unwrap_or_else(|p| p.into_inner()).tap_token = Some(tap_token);
         tokens.push(tap_token);
@@ -218,7 +244,12 @@ impl VirtioDevice for Net {
             .map_err(|e| format!("event loop: {e}"))?,
         );
 
-        let (tap, queue, mem, interrupt) = (self.tap.clone(), txq.queue.clone(), ctx.mem.clone(), ctx.interrupt.clone());
+        let (tap, queue, mem, interrupt) = (
+            self.tap.clone(),
+            txq.queue.clone(),
+            ctx.mem.clone(),
+            ctx.interrupt.clone(),
+        );
         let kick = txq.kick;
         let fd = std::os::fd::AsRawFd::as_raw_fd(&kick);
         let mut buf = Vec::with_capacity(MAX_FRAME);
@@ -249,7 +280,11 @@ impl VirtioDevice for Net {
 /// Parses a MAC address "52:54:00:12:34:56".
 pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
     let parts: Vec<&str> = s.split(':').collect();
-    let bad = || format!("'{s}' is not a MAC address (six hex bytes separated by ':', e.g. 52:54:00:12:34:56)");
+    let bad = || {
+        format!(
+            "'{s}' is not a MAC address (six hex bytes separated by ':', e.g. 52:54:00:12:34:56)"
+        )
+    };
     if parts.len() != 6 {
         return Err(bad());
     }
@@ -261,7 +296,9 @@ pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
         mac[i] = u8::from_str_radix(p, 16).map_err(|_| bad())?;
     }
     if mac[0] & 1 != 0 {
-        return Err(format!("'{s}' is a multicast address; a NIC needs a unicast MAC (first byte even)"));
+        return Err(format!(
+            "'{s}' is a multicast address; a NIC needs a unicast MAC (first byte even)"
+        ));
     }
     Ok(mac)
 }
@@ -272,7 +309,10 @@ mod tests {
 
     #[test]
     fn macs_parse_and_bad_ones_are_refused() {
-        assert_eq!(parse_mac("52:54:00:aB:00:ff"), Ok([0x52, 0x54, 0, 0xab, 0, 0xff]));
+        assert_eq!(
+            parse_mac("52:54:00:aB:00:ff"),
+            Ok([0x52, 0x54, 0, 0xab, 0, 0xff])
+        );
         assert!(parse_mac("52:54:00:ab:00").is_err());
         assert!(parse_mac("52-54-00-ab-00-ff").is_err());
         assert!(parse_mac("52:54:00:ab:00:fg").is_err());

@@ -4,8 +4,8 @@ use std::sync::{Arc, Mutex};
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
-use super::VirtioInterrupt;
 use super::GuestMem;
+use super::VirtioInterrupt;
 use crate::memory::GuestMemoryMmap;
 
 /// Puts `head` on the used ring with `len` bytes written and interrupts the
@@ -33,12 +33,22 @@ pub fn complete(
 }
 
 /// Takes every available chain off the queue (the lock is held only for that).
-pub fn pop_all(queue: &Mutex<Queue>, mem: &GuestMem) -> Vec<virtio_queue::DescriptorChain<GuestMem>> {
+/// An available index the driver could not have written puts the device in
+/// DEVICE_NEEDS_RESET.
+pub fn pop_all(
+    queue: &Mutex<Queue>,
+    mem: &GuestMem,
+    interrupt: &Arc<dyn VirtioInterrupt>,
+) -> Vec<virtio_queue::DescriptorChain<GuestMem>> {
     let mut q = queue.lock().unwrap_or_else(|p| p.into_inner());
     let mut chains = Vec::new();
     match q.iter(mem.clone()) {
         Ok(iter) => chains.extend(iter),
-        Err(e) => log::warn!("virtio queue: bad available ring: {e}"),
+        Err(e) => {
+            // Stop serving this queue until the driver resets the device.
+            q.set_ready(false);
+            interrupt.device_error(&format!("bad available ring: {e}"));
+        }
     }
     chains
 }

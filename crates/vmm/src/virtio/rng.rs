@@ -77,7 +77,7 @@ impl VirtioDevice for Rng {
             let fd = std::os::fd::AsRawFd::as_raw_fd(&kick);
             let handler = Box::new(move |_| {
                 let _ = kick.read();
-                for chain in queue::pop_all(&q, &mem) {
+                for chain in queue::pop_all(&q, &mem, &interrupt) {
                     let head = chain.head_index();
                     let len = fill(chain, &mem);
                     queue::complete(&q, &mem, &interrupt, dq.index, head, len);

@@ -32,7 +32,11 @@ pub struct Tap {
 }
 
 fn ifreq(name: &str, flags: i16) -> IfReq {
-    let mut req = IfReq { name: [0; IFNAMSIZ], flags, _pad: [0; 22] };
+    let mut req = IfReq {
+        name: [0; IFNAMSIZ],
+        flags,
+        _pad: [0; 22],
+    };
     req.name[..name.len()].copy_from_slice(name.as_bytes());
     req
 }
@@ -43,14 +47,18 @@ pub fn valid_name(name: &str) -> bool {
         && name.len() < IFNAMSIZ
         && name != "."
         && name != ".."
-        && name.bytes().all(|b| b.is_ascii_graphic() && b != b'/' && b != b':')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':')
 }
 
 impl Tap {
     /// Attaches to the existing TAP interface `name`.
     pub fn open(name: &str) -> Result<Tap, String> {
         if !valid_name(name) {
-            return Err(format!("'{name}' is not a valid interface name (1-15 characters, no '/' or ':')"));
+            return Err(format!(
+                "'{name}' is not a valid interface name (1-15 characters, no '/' or ':')"
+            ));
         }
         if !std::path::Path::new("/sys/class/net").join(name).exists() {
             return Err(format!(
@@ -68,7 +76,10 @@ impl Tap {
             let e = io::Error::last_os_error();
             return Err(format!("cannot attach to TAP device {name}: {e} (is it a TAP, owned by this user, and not in use?)"));
         }
-        let tap = Tap { fd: file.into(), name: name.to_string() };
+        let tap = Tap {
+            fd: file.into(),
+            name: name.to_string(),
+        };
         tap.setup()?;
         Ok(tap)
     }
@@ -85,12 +96,17 @@ impl Tap {
             return Err(format!("file descriptor {fd} is not a TAP device"));
         }
         if req.flags & IFF_TAP == 0 || req.flags & IFF_VNET_HDR == 0 {
-            return Err(format!("file descriptor {fd} is not a TAP opened with IFF_VNET_HDR"));
+            return Err(format!(
+                "file descriptor {fd} is not a TAP opened with IFF_VNET_HDR"
+            ));
         }
         let name_len = req.name.iter().position(|b| *b == 0).unwrap_or(IFNAMSIZ);
         let name = String::from_utf8_lossy(&req.name[..name_len]).into_owned();
         // SAFETY: the caller gave us this descriptor to own from now on.
-        let tap = Tap { fd: unsafe { OwnedFd::from_raw_fd(fd) }, name };
+        let tap = Tap {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            name,
+        };
         tap.setup()?;
         Ok(tap)
     }
@@ -99,7 +115,11 @@ impl Tap {
         let hdr = VNET_HDR_LEN as libc::c_int;
         // SAFETY: TUNSETVNETHDRSZ reads an int we own.
         if unsafe { libc::ioctl(self.fd.as_raw_fd(), TUNSETVNETHDRSZ, &hdr) } < 0 {
-            return Err(format!("TAP {}: cannot set the vnet header size: {}", self.name, io::Error::last_os_error()));
+            return Err(format!(
+                "TAP {}: cannot set the vnet header size: {}",
+                self.name,
+                io::Error::last_os_error()
+            ));
         }
         // SAFETY: plain fcntl on our descriptor.
         unsafe {
@@ -113,7 +133,11 @@ impl Tap {
     pub fn set_offload(&self, flags: u32) -> Result<(), String> {
         // SAFETY: TUNSETOFFLOAD takes the flags by value.
         if unsafe { libc::ioctl(self.fd.as_raw_fd(), TUNSETOFFLOAD, flags as libc::c_ulong) } < 0 {
-            return Err(format!("TAP {}: cannot set offloads: {}", self.name, io::Error::last_os_error()));
+            return Err(format!(
+                "TAP {}: cannot set offloads: {}",
+                self.name,
+                io::Error::last_os_error()
+            ));
         }
         Ok(())
     }

@@ -9,7 +9,10 @@ use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{ActivateContext, DeviceQueue, EventLoop, GuestMem, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
+use super::{
+    ActivateContext, DeviceQueue, EventLoop, GuestMem, VirtioDevice, VirtioInterrupt,
+    VIRTIO_F_VERSION_1,
+};
 use crate::pci::config::PciIds;
 use crate::pci::msix::{MsixTable, MSIX_CAP_ID};
 use crate::pci::{PciConfiguration, PciDevice};
@@ -49,6 +52,8 @@ struct QueueSlot {
 struct PciInterrupt {
     msix: Arc<Mutex<MsixTable>>,
     isr: Arc<AtomicU8>,
+    /// Set by the device side when the driver broke the protocol; folded into the status.
+    needs_reset: std::sync::atomic::AtomicBool,
     vectors: Mutex<Vec<u16>>,
     config_vector: Mutex<u16>,
 }
@@ -56,17 +61,34 @@ struct PciInterrupt {
 impl VirtioInterrupt for PciInterrupt {
     fn signal_used_queue(&self, queue_index: u16) {
         self.isr.fetch_or(ISR_QUEUE, Ordering::SeqCst);
-        let v = self.vectors.lock().unwrap_or_else(|p| p.into_inner()).get(usize::from(queue_index)).copied();
+        let v = self
+            .vectors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(usize::from(queue_index))
+            .copied();
         if let Some(v) = v.filter(|v| *v != VIRTIO_MSI_NO_VECTOR) {
-            self.msix.lock().unwrap_or_else(|p| p.into_inner()).trigger(v);
+            self.msix
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .trigger(v);
         }
+    }
+
+    fn device_error(&self, why: &str) {
+        log::warn!("virtio: {why}; the device needs a reset");
+        self.needs_reset.store(true, Ordering::SeqCst);
+        self.signal_config_change();
     }
 
     fn signal_config_change(&self) {
         self.isr.fetch_or(ISR_CONFIG, Ordering::SeqCst);
         let v = *self.config_vector.lock().unwrap_or_else(|p| p.into_inner());
         if v != VIRTIO_MSI_NO_VECTOR {
-            self.msix.lock().unwrap_or_else(|p| p.into_inner()).trigger(v);
+            self.msix
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .trigger(v);
         }
     }
 }
@@ -144,31 +166,59 @@ impl VirtioPciDevice {
             body
         };
         let queue_sizes = device.queue_max_sizes();
-        config.add_capability(VIRTIO_PCI_CAP_VNDR, &cap(CAP_COMMON_CFG, COMMON_OFFSET, COMMON_LEN, None), &[]);
-        config.add_capability(VIRTIO_PCI_CAP_VNDR, &cap(CAP_ISR_CFG, ISR_OFFSET, 1, None), &[]);
-        config.add_capability(VIRTIO_PCI_CAP_VNDR, &cap(CAP_DEVICE_CFG, DEVICE_CFG_OFFSET, DEVICE_CFG_LEN, None), &[]);
+        config.add_capability(
+            VIRTIO_PCI_CAP_VNDR,
+            &cap(CAP_COMMON_CFG, COMMON_OFFSET, COMMON_LEN, None),
+            &[],
+        );
+        config.add_capability(
+            VIRTIO_PCI_CAP_VNDR,
+            &cap(CAP_ISR_CFG, ISR_OFFSET, 1, None),
+            &[],
+        );
+        config.add_capability(
+            VIRTIO_PCI_CAP_VNDR,
+            &cap(CAP_DEVICE_CFG, DEVICE_CFG_OFFSET, DEVICE_CFG_LEN, None),
+            &[],
+        );
         let notify_len = (queue_sizes.len() as u64 * u64::from(NOTIFY_OFF_MULTIPLIER)).max(4);
         config.add_capability(
             VIRTIO_PCI_CAP_VNDR,
-            &cap(CAP_NOTIFY_CFG, NOTIFY_OFFSET, notify_len, Some(NOTIFY_OFF_MULTIPLIER)),
+            &cap(
+                CAP_NOTIFY_CFG,
+                NOTIFY_OFFSET,
+                notify_len,
+                Some(NOTIFY_OFF_MULTIPLIER),
+            ),
             &[],
         );
         let msix_body = msix.capability_body(0, MSIX_TABLE_OFFSET as u32, MSIX_PBA_OFFSET as u32);
-        let msix_cap_offset = config.add_capability(MSIX_CAP_ID, &msix_body, &[MsixTable::CAPABILITY_WMASK]);
+        let msix_cap_offset =
+            config.add_capability(MSIX_CAP_ID, &msix_body, &[MsixTable::CAPABILITY_WMASK]);
 
         let mut queues = Vec::with_capacity(queue_sizes.len());
         for (i, size) in queue_sizes.iter().enumerate() {
             let queue = Queue::new(*size).map_err(|e| format!("queue {i}: {e}"))?;
             let kick = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
             if let Some(r) = &registrar {
-                r.register(&kick, u64::from(bar_addr) + NOTIFY_OFFSET + i as u64 * u64::from(NOTIFY_OFF_MULTIPLIER))?;
+                r.register(
+                    &kick,
+                    u64::from(bar_addr)
+                        + NOTIFY_OFFSET
+                        + i as u64 * u64::from(NOTIFY_OFF_MULTIPLIER),
+                )?;
             }
-            queues.push(QueueSlot { queue, vector: VIRTIO_MSI_NO_VECTOR, kick });
+            queues.push(QueueSlot {
+                queue,
+                vector: VIRTIO_MSI_NO_VECTOR,
+                kick,
+            });
         }
         let msix = Arc::new(Mutex::new(msix));
         let interrupt = Arc::new(PciInterrupt {
             msix: msix.clone(),
             isr: Arc::new(AtomicU8::new(0)),
+            needs_reset: std::sync::atomic::AtomicBool::new(false),
             vectors: Mutex::new(vec![VIRTIO_MSI_NO_VECTOR; queues.len()]),
             config_vector: Mutex::new(VIRTIO_MSI_NO_VECTOR),
         });
@@ -216,21 +266,29 @@ impl VirtioPciDevice {
             q.vector = VIRTIO_MSI_NO_VECTOR;
         }
         self.sync_vectors();
-        *self.interrupt.config_vector.lock().unwrap_or_else(|p| p.into_inner()) = VIRTIO_MSI_NO_VECTOR;
+        *self
+            .interrupt
+            .config_vector
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = VIRTIO_MSI_NO_VECTOR;
         self.interrupt.isr.store(0, Ordering::SeqCst);
+        self.interrupt.needs_reset.store(false, Ordering::SeqCst);
     }
 
     fn sync_vectors(&self) {
-        let mut v = self.interrupt.vectors.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v = self
+            .interrupt
+            .vectors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         for (i, q) in self.queues.iter().enumerate() {
             v[i] = q.vector;
         }
     }
 
     fn fail(&mut self, why: &str) {
-        log::warn!("virtio device {}: {why}; it needs a reset", self.device.device_type());
-        self.status |= STATUS_NEEDS_RESET;
-        self.interrupt.signal_config_change();
+        self.interrupt
+            .device_error(&format!("device type {}: {why}", self.device.device_type()));
     }
 
     fn set_status(&mut self, value: u8) {
@@ -242,7 +300,9 @@ impl VirtioPciDevice {
         if value & STATUS_FEATURES_OK != 0 && self.status & STATUS_FEATURES_OK == 0 {
             let offered = self.device.features();
             // Refuse features we never offered, and legacy drivers.
-            if self.driver_features & !offered != 0 || self.driver_features & VIRTIO_F_VERSION_1 == 0 {
+            if self.driver_features & !offered != 0
+                || self.driver_features & VIRTIO_F_VERSION_1 == 0
+            {
                 value &= !STATUS_FEATURES_OK;
             }
         }
@@ -262,7 +322,9 @@ impl VirtioPciDevice {
                 continue;
             }
             if !slot.queue.is_valid(self.mem.as_ref()) {
-                return self.fail(&format!("queue {i} lies outside guest memory or is misaligned"));
+                return self.fail(&format!(
+                    "queue {i} lies outside guest memory or is misaligned"
+                ));
             }
             let kick = match slot.kick.try_clone() {
                 Ok(k) => k,
@@ -272,7 +334,11 @@ impl VirtioPciDevice {
                 Ok(q) => q,
                 Err(e) => return self.fail(&format!("queue {i}: {e}")),
             };
-            device_queues.push(DeviceQueue { index: i as u16, queue: Arc::new(Mutex::new(queue)), kick });
+            device_queues.push(DeviceQueue {
+                index: i as u16,
+                queue: Arc::new(Mutex::new(queue)),
+                kick,
+            });
         }
         self.sync_vectors();
         let ctx = ActivateContext {
@@ -303,21 +369,40 @@ impl VirtioPciDevice {
                 1 => (self.driver_features >> 32) as u32,
                 _ => 0,
             },
-            0x10 => u32::from(*self.interrupt.config_vector.lock().unwrap_or_else(|p| p.into_inner())),
+            0x10 => u32::from(
+                *self
+                    .interrupt
+                    .config_vector
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()),
+            ),
             0x12 => self.queues.len() as u32,
-            0x14 => u32::from(self.status),
+            0x14 => {
+                if self.interrupt.needs_reset.load(Ordering::SeqCst) {
+                    self.status |= STATUS_NEEDS_RESET;
+                }
+                u32::from(self.status)
+            }
             0x15 => u32::from(self.config_generation),
             0x16 => u32::from(self.queue_select),
             0x18 => self.selected().map_or(0, |q| u32::from(q.queue.size())),
-            0x1a => self.selected().map_or(u32::from(VIRTIO_MSI_NO_VECTOR), |q| u32::from(q.vector)),
+            0x1a => self
+                .selected()
+                .map_or(u32::from(VIRTIO_MSI_NO_VECTOR), |q| u32::from(q.vector)),
             0x1c => self.selected().map_or(0, |q| u32::from(q.queue.ready())),
             0x1e => u32::from(self.queue_select),
             0x20 => self.selected().map_or(0, |q| q.queue.desc_table() as u32),
-            0x24 => self.selected().map_or(0, |q| (q.queue.desc_table() >> 32) as u32),
+            0x24 => self
+                .selected()
+                .map_or(0, |q| (q.queue.desc_table() >> 32) as u32),
             0x28 => self.selected().map_or(0, |q| q.queue.avail_ring() as u32),
-            0x2c => self.selected().map_or(0, |q| (q.queue.avail_ring() >> 32) as u32),
+            0x2c => self
+                .selected()
+                .map_or(0, |q| (q.queue.avail_ring() >> 32) as u32),
             0x30 => self.selected().map_or(0, |q| q.queue.used_ring() as u32),
-            0x34 => self.selected().map_or(0, |q| (q.queue.used_ring() >> 32) as u32),
+            0x34 => self
+                .selected()
+                .map_or(0, |q| (q.queue.used_ring() >> 32) as u32),
             0x38 => u32::from(self.queue_select),
             _ => 0,
         }
@@ -326,18 +411,31 @@ impl VirtioPciDevice {
     fn common_write(&mut self, offset: u64, value: u32) {
         // Queue registers may only change while the driver sets up, not while the device runs.
         let queue_locked = self.activated;
-        let vectors = self.msix.lock().unwrap_or_else(|p| p.into_inner()).vectors();
+        let vectors = self
+            .msix
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .vectors();
         let valid_vector = |v: u16| if v < vectors { v } else { VIRTIO_MSI_NO_VECTOR };
         match offset {
             0x00 => self.device_feature_select = value,
             0x08 => self.driver_feature_select = value,
             0x0c if self.status & STATUS_FEATURES_OK == 0 => match self.driver_feature_select {
-                0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(value),
-                1 => self.driver_features = (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32),
+                0 => {
+                    self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(value)
+                }
+                1 => {
+                    self.driver_features =
+                        (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32)
+                }
                 _ => {}
             },
             0x10 => {
-                *self.interrupt.config_vector.lock().unwrap_or_else(|p| p.into_inner()) = valid_vector(value as u16)
+                *self
+                    .interrupt
+                    .config_vector
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = valid_vector(value as u16)
             }
             0x14 => self.set_status(value as u8),
             0x16 => self.queue_select = value as u16,
@@ -358,12 +456,30 @@ impl VirtioPciDevice {
                     q.queue.set_ready(value == 1);
                 }
             }
-            0x20 if !queue_locked => self.selected().into_iter().for_each(|q| q.queue.set_desc_table_address(Some(value), None)),
-            0x24 if !queue_locked => self.selected().into_iter().for_each(|q| q.queue.set_desc_table_address(None, Some(value))),
-            0x28 if !queue_locked => self.selected().into_iter().for_each(|q| q.queue.set_avail_ring_address(Some(value), None)),
-            0x2c if !queue_locked => self.selected().into_iter().for_each(|q| q.queue.set_avail_ring_address(None, Some(value))),
-            0x30 if !queue_locked => self.selected().into_iter().for_each(|q| q.queue.set_used_ring_address(Some(value), None)),
-            0x34 if !queue_locked => self.selected().into_iter().for_each(|q| q.queue.set_used_ring_address(None, Some(value))),
+            0x20 if !queue_locked => self
+                .selected()
+                .into_iter()
+                .for_each(|q| q.queue.set_desc_table_address(Some(value), None)),
+            0x24 if !queue_locked => self
+                .selected()
+                .into_iter()
+                .for_each(|q| q.queue.set_desc_table_address(None, Some(value))),
+            0x28 if !queue_locked => self
+                .selected()
+                .into_iter()
+                .for_each(|q| q.queue.set_avail_ring_address(Some(value), None)),
+            0x2c if !queue_locked => self
+                .selected()
+                .into_iter()
+                .for_each(|q| q.queue.set_avail_ring_address(None, Some(value))),
+            0x30 if !queue_locked => self
+                .selected()
+                .into_iter()
+                .for_each(|q| q.queue.set_used_ring_address(Some(value), None)),
+            0x34 if !queue_locked => self
+                .selected()
+                .into_iter()
+                .for_each(|q| q.queue.set_used_ring_address(None, Some(value))),
             _ => {}
         }
     }
@@ -388,7 +504,10 @@ impl PciDevice for VirtioPciDevice {
     fn config_written(&mut self, reg: usize) {
         if reg == self.msix_cap_offset / 4 {
             let ctrl = self.config.read_u16(self.msix_cap_offset + 2);
-            self.msix.lock().unwrap_or_else(|p| p.into_inner()).set_message_control(ctrl);
+            self.msix
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .set_message_control(ctrl);
         }
     }
 
@@ -408,12 +527,16 @@ impl PciDevice for VirtioPciDevice {
             o if (DEVICE_CFG_OFFSET..DEVICE_CFG_OFFSET + DEVICE_CFG_LEN).contains(&o) => {
                 self.device.read_config(o - DEVICE_CFG_OFFSET, data)
             }
-            o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o) => {
-                self.msix.lock().unwrap_or_else(|p| p.into_inner()).table_read(o - MSIX_TABLE_OFFSET, data)
-            }
-            o if (MSIX_PBA_OFFSET..u64::from(BAR_SIZE)).contains(&o) => {
-                self.msix.lock().unwrap_or_else(|p| p.into_inner()).pba_read(o - MSIX_PBA_OFFSET, data)
-            }
+            o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o) => self
+                .msix
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .table_read(o - MSIX_TABLE_OFFSET, data),
+            o if (MSIX_PBA_OFFSET..u64::from(BAR_SIZE)).contains(&o) => self
+                .msix
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pba_read(o - MSIX_PBA_OFFSET, data),
             _ => {}
         }
     }
@@ -442,9 +565,11 @@ impl PciDevice for VirtioPciDevice {
                     let _ = slot.kick.write(1);
                 }
             }
-            o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o) => {
-                self.msix.lock().unwrap_or_else(|p| p.into_inner()).table_write(o - MSIX_TABLE_OFFSET, data)
-            }
+            o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o) => self
+                .msix
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .table_write(o - MSIX_TABLE_OFFSET, data),
             _ => {}
         }
     }
