@@ -36,8 +36,8 @@ pub struct IrqCounter {
 
 impl VectorSink for IrqCounter {
     fn fire(&self, _vector: u16) {
-        self.count.fetch_add(1, Ordering::SeqCst);
         let _g = self.lock.lock().unwrap();
+        self.count.fetch_add(1, Ordering::SeqCst);
         self.cond.notify_all();
     }
 }
