@@ -20,7 +20,9 @@ const SLOT: u64 = 0x4_0000; // per in-flight request: header, status, 128 KiB bu
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.len() < 5 {
-        eprintln!("usage: blkbench FILE randread4k|seqread128k|seqwrite128k QUEUE_DEPTH SECONDS [direct]");
+        eprintln!(
+            "usage: blkbench FILE randread4k|seqread128k|seqwrite128k QUEUE_DEPTH SECONDS [direct]"
+        );
         std::process::exit(2);
     }
     let (path, mode) = (&args[1], args[2].as_str());
@@ -33,10 +35,23 @@ fn main() {
         "seqwrite128k" => (131_072, true, false),
         _ => panic!("unknown mode {mode}"),
     };
-    let opts = ferrovirt_disk::OpenOptions { format: Some(ferrovirt_disk::Format::Raw), read_only: false, direct };
+    let opts = ferrovirt_disk::OpenOptions {
+        format: Some(ferrovirt_disk::Format::Raw),
+        read_only: false,
+        direct,
+    };
     let backend = ferrovirt_disk::open(std::path::Path::new(path), &opts).expect("open image");
     let sectors = backend.size() / 512;
-    let mut d = Driver::new(Box::new(Block::new(backend, BlockOptions { read_only: false, serial: String::new() })), 256);
+    let mut d = Driver::new(
+        Box::new(Block::new(
+            backend,
+            BlockOptions {
+                read_only: false,
+                serial: String::new(),
+            },
+        )),
+        256,
+    );
     d.init(None, 256);
 
     let mut rng: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -58,14 +73,28 @@ fn main() {
     let mut started = vec![Instant::now(); usize::from(depth)];
     let submit = |d: &mut Driver, slot: u16, sector: u64| {
         let base = DATA_BASE + u64::from(slot) * SLOT;
-        d.mem.write_obj(u32::from(write), GuestAddress(base)).unwrap();
+        d.mem
+            .write_obj(u32::from(write), GuestAddress(base))
+            .unwrap();
         d.mem.write_obj(0u32, GuestAddress(base + 4)).unwrap();
         d.mem.write_obj(sector, GuestAddress(base + 8)).unwrap();
         let first = slot * 3;
         d.set_desc(0, first, base, 16, vdriver::VIRTQ_DESC_F_NEXT, first + 1);
-        let data_flags = vdriver::VIRTQ_DESC_F_NEXT | if write { 0 } else { vdriver::VIRTQ_DESC_F_WRITE };
+        let data_flags = vdriver::VIRTQ_DESC_F_NEXT
+            | if write {
+                0
+            } else {
+                vdriver::VIRTQ_DESC_F_WRITE
+            };
         d.set_desc(0, first + 1, base + 0x1000, bs, data_flags, first + 2);
-        d.set_desc(0, first + 2, base + 0x100, 1, vdriver::VIRTQ_DESC_F_WRITE, 0);
+        d.set_desc(
+            0,
+            first + 2,
+            base + 0x100,
+            1,
+            vdriver::VIRTQ_DESC_F_WRITE,
+            0,
+        );
         d.publish(0, first);
     };
     for slot in 0..depth {
@@ -81,7 +110,10 @@ fn main() {
         for (id, _len) in d.wait_used(0, 1, Duration::from_secs(30)) {
             let slot = (id / 3) as u16;
             latencies.push(started[usize::from(slot)].elapsed());
-            let st: u8 = d.mem.read_obj(GuestAddress(DATA_BASE + u64::from(slot) * SLOT + 0x100)).unwrap();
+            let st: u8 = d
+                .mem
+                .read_obj(GuestAddress(DATA_BASE + u64::from(slot) * SLOT + 0x100))
+                .unwrap();
             assert_eq!(st, 0, "request failed");
             done += 1;
             let s = pick(&mut rng);

@@ -324,3 +324,71 @@ fn rng_fills_buffers_and_survives_bad_ones() {
     d.kick(0);
     assert_eq!(d.wait_used(0, 1, T)[0].1, 0);
 }
+
+/// A loop device over a file: a real block device as the backend.
+struct Loop(String);
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &self.0])
+            .status();
+    }
+}
+
+#[test]
+fn block_devices_work_as_disks() {
+    let dir = common::tempdir();
+    let file = dir.path().join("backing");
+    std::fs::write(&file, vec![7u8; 8 << 20]).unwrap();
+    let out = std::process::Command::new("losetup")
+        .args(["-f", "--show"])
+        .arg(&file)
+        .output()
+        .expect("losetup");
+    assert!(
+        out.status.success(),
+        "losetup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dev = Loop(String::from_utf8_lossy(&out.stdout).trim().to_string());
+    let backend = ferrovirt_disk::open(
+        std::path::Path::new(&dev.0),
+        &ferrovirt_disk::OpenOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(backend.size(), 8 << 20);
+    let mut d = Driver::new(
+        Box::new(Block::new(
+            backend,
+            BlockOptions {
+                read_only: false,
+                serial: String::new(),
+            },
+        )),
+        64,
+    );
+    d.init(None, 64);
+    assert_eq!(d.read(0x2000, 4), (8 << 20) / 512);
+    d.mem.write_slice(&[0x42; 4096], GuestAddress(BUF)).unwrap();
+    assert_eq!(
+        request(&mut d, VIRTIO_BLK_T_OUT, 16, &[(BUF, 4096, false)]).0,
+        S_OK
+    );
+    assert_eq!(request(&mut d, VIRTIO_BLK_T_FLUSH, 0, &[]).0, S_OK);
+    assert_eq!(
+        request(&mut d, VIRTIO_BLK_T_IN, 15, &[(BUF + 8192, 1024, true)]).0,
+        S_OK
+    );
+    let mut got = [0u8; 1024];
+    d.mem
+        .read_slice(&mut got, GuestAddress(BUF + 8192))
+        .unwrap();
+    assert!(got[..512].iter().all(|b| *b == 7) && got[512..].iter().all(|b| *b == 0x42));
+    drop(d);
+    drop(dev);
+    let file = std::fs::read(&file).unwrap();
+    assert!(
+        file[8192..12288].iter().all(|b| *b == 0x42),
+        "written through to the backing file"
+    );
+}
