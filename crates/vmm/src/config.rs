@@ -235,8 +235,8 @@ pub struct Args {
     #[arg(long, value_name = "MODE", default_value = "off", value_parser = parse_console)]
     pub console: ConsoleMode,
 
-    /// Add a virtio-rng device fed from the host's getrandom() (on by default; --rng=false removes it).
-    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    /// Add a virtio-rng device (/dev/hwrng in the guest) fed from the host's getrandom().
+    #[arg(long)]
     pub rng: bool,
 
     /// Serve the control API (HTTP/1.1 + JSON) on this Unix socket.

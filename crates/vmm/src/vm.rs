@@ -133,7 +133,16 @@ pub fn build_and_start(args: &Args) -> Result<Machine> {
     // Open disks and TAPs first: a bad --disk or --net fails before any guest setup.
     let devices = crate::pci_devices::open_devices(args)?;
     let mem = memory::create_guest_memory(mem_bytes)?;
-    memory::register_with_kvm(&vm, &mem)?;
+    // Registering memory is a slow ioctl on some hosts (milliseconds under nested
+    // virtualization); it runs while the kernel is loaded and the vCPUs are set up.
+    let slots = memory::slots(&mem);
+    let registration = {
+        let vm = vm.clone();
+        std::thread::Builder::new()
+            .name("memslots".into())
+            .spawn(move || memory::register_slots(&vm, &slots))
+            .map_err(|e| Error::host(format!("cannot start a thread: {e}")))?
+    };
 
     let rsdp = acpi::write_tables(&mem, args.vcpus)?;
     let boot_info = boot::load(
@@ -223,6 +232,9 @@ pub fn build_and_start(args: &Args) -> Result<Machine> {
             counters: counters.clone(),
         });
     }
+    registration
+        .join()
+        .map_err(|_| Error::host("memory registration thread panicked"))??;
     vcpu::install_kick_handler()
         .map_err(|e| Error::host(format!("cannot install the vCPU kick handler: {e}")))?;
     let vcpus =

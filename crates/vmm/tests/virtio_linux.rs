@@ -131,7 +131,7 @@ fn two_disks_two_nics_network_rng_and_hvc0_work() {
             "tunctl -t tap0 >/dev/null && ip link set tap0 up && ip addr add 10.0.2.1/24 dev tap0\n\
              tunctl -t tap1 >/dev/null && ip link set tap1 up\n\
              nc -l -p 7777 > /got.txt &\n\
-             ferrovmm --kernel /guest/kernel --initrd /guest/initrd --memory 256 \
+             ferrovmm --kernel /guest/kernel --initrd /guest/initrd --memory 256 --rng \
                --disk path=/guest/a.raw,serial=disk-a --disk path=/guest/b.qcow2,format=qcow2 \
                --net tap=tap0,mac=52:54:00:aa:bb:01 --net tap=tap1 --console file=/hvc.log \
                --cmdline 'console=ttyS0 quiet panic=-1' 2>&1\n\
