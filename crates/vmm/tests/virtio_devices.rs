@@ -392,3 +392,132 @@ fn block_devices_work_as_disks() {
         "written through to the backing file"
     );
 }
+
+/// Runs `f` on a thread inside a fresh network namespace (the host's networking is untouched).
+fn in_new_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::spawn(move || {
+        // SAFETY: unshare only changes this thread's network namespace.
+        assert_eq!(
+            unsafe { libc::unshare(libc::CLONE_NEWNET) },
+            0,
+            "unshare(CLONE_NEWNET) needs root"
+        );
+        f()
+    })
+    .join()
+    .unwrap()
+}
+
+fn ip(args: &str) {
+    let st = std::process::Command::new("ip")
+        .args(args.split(' '))
+        .status()
+        .expect("ip (iproute2)");
+    assert!(st.success(), "ip {args}");
+}
+
+/// Opens a TAP with a virtio-net header, as a management daemon would before passing it on.
+fn open_tap(name: &str) -> i32 {
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; 16],
+        flags: i16,
+        _pad: [u8; 22],
+    }
+    let fd = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR) };
+    assert!(fd >= 0, "/dev/net/tun");
+    let mut req = IfReq {
+        name: [0; 16],
+        flags: 0x0002 | 0x1000 | 0x4000,
+        _pad: [0; 22],
+    };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    assert_eq!(
+        unsafe { libc::ioctl(fd, 0x4004_54ca, &mut req) },
+        0,
+        "TUNSETIFF"
+    );
+    fd
+}
+
+fn tap_rx_packets(name: &str) -> u64 {
+    let out = std::process::Command::new("ip")
+        .args(["-s", "-j", "link", "show", name])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v[0]["stats64"]["rx"]["packets"].as_u64().unwrap()
+}
+
+#[test]
+fn net_moves_frames_between_tap_and_rings_and_survives_bad_chains() {
+    in_new_netns(|| {
+        ip("link set lo up");
+        let fd = open_tap("ftap0");
+        ip("addr add 10.9.0.1/24 dev ftap0");
+        // No IPv6 chatter: the first frame the host sends is then our ARP request.
+        std::fs::write("/proc/sys/net/ipv6/conf/ftap0/disable_ipv6", "1").unwrap();
+        ip("link set ftap0 up");
+        let tap = ferrovmm::virtio::tap::Tap::from_fd(fd).expect("tap from fd");
+        let net = ferrovmm::virtio::net::Net::new(tap, [0x52, 0x54, 0, 1, 2, 3]);
+        let mut d = Driver::new(Box::new(net), 64);
+        d.init(None, 64);
+        let mut mac = [0u8; 6];
+        for (i, b) in mac.iter_mut().enumerate() {
+            *b = d.read(0x2000 + i as u64, 1) as u8;
+        }
+        assert_eq!(mac, [0x52, 0x54, 0, 1, 2, 3]);
+
+        // Receive: the host ARPs for 10.9.0.2; the request lands in a guest buffer.
+        for i in 0..4u64 {
+            d.post(0, &[(BUF + i * 0x1_0000, 0x1_0000, true)]);
+        }
+        d.kick(0);
+        // A datagram to a neighbour that does not exist makes the host ARP for it.
+        let sock = std::net::UdpSocket::bind("10.9.0.1:0").unwrap();
+        let _ = sock.send_to(b"hello", "10.9.0.2:9");
+        let used = d.wait_used(0, 1, T);
+        let len = used[0].1 as u64;
+        assert!(
+            len >= 12 + 42,
+            "a whole ARP frame after the 12-byte header, got {len}"
+        );
+        let frame_at = BUF + u64::from(used[0].0) * 0x1_0000; // one descriptor per chain: head == slot
+        let ethertype: u16 =
+            u16::from_be(d.mem.read_obj(GuestAddress(frame_at + 12 + 12)).unwrap());
+        assert_eq!(ethertype, 0x0806, "an ARP request");
+
+        // Transmit: a minimal frame to ff:ff:ff:ff:ff:ff reaches the host's TAP counters.
+        let before = tap_rx_packets("ftap0");
+        let mut frame = vec![0u8; 12]; // virtio-net header: no offloads
+        frame.extend_from_slice(&[0xff; 6]);
+        frame.extend_from_slice(&[0x52, 0x54, 0, 1, 2, 3]);
+        frame.extend_from_slice(&[0x88, 0xb5]); // local experimental ethertype
+        frame.extend_from_slice(&[0u8; 46]);
+        d.mem
+            .write_slice(&frame, GuestAddress(DATA_BASE + 0x80_0000))
+            .unwrap();
+        d.post(1, &[(DATA_BASE + 0x80_0000, frame.len() as u32, false)]);
+        // Hostile chains on the transmit queue: a writable buffer, memory past RAM, an over-long frame.
+        d.post(1, &[(DATA_BASE + 0x80_0000, 64, true)]);
+        d.post(1, &[(0xffff_0000_0000, 64, false)]);
+        d.post(1, &[(DATA_BASE, 70_000, false), (DATA_BASE, 70_000, false)]);
+        d.kick(1);
+        let used = d.wait_used(1, 4, T);
+        assert!(used.iter().all(|(_, len)| *len == 0));
+        let deadline = std::time::Instant::now() + T;
+        while tap_rx_packets("ftap0") < before + 1 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the frame never reached the TAP"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(
+            tap_rx_packets("ftap0"),
+            before + 1,
+            "only the valid frame was sent"
+        );
+        assert_eq!(d.status() & STATUS_NEEDS_RESET, 0);
+    });
+}
