@@ -424,6 +424,7 @@ fn open_tap(name: &str) -> i32 {
         flags: i16,
         _pad: [u8; 22],
     }
+    // SAFETY: open(2) on a constant NUL-terminated path.
     let fd = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR) };
     assert!(fd >= 0, "/dev/net/tun");
     let mut req = IfReq {
