@@ -108,6 +108,17 @@ fn block_reads_writes_flushes_and_reports_its_id_and_size() {
     let mut id = [0u8; 20];
     d.mem.read_slice(&mut id, GuestAddress(BUF)).unwrap();
     assert_eq!(&id[..10], b"serial-123");
+    // A page-aligned, page-sized buffer goes straight to guest memory (no bounce buffer).
+    let (st, len) = request(&mut d, VIRTIO_BLK_T_IN, 16, &[(BUF + 0x1_0000, 8192, true)]);
+    assert_eq!((st, len), (S_OK, 8193));
+    let mut got = vec![0u8; 8192];
+    d.mem
+        .read_slice(&mut got, GuestAddress(BUF + 0x1_0000))
+        .unwrap();
+    assert!(got
+        .chunks(512)
+        .enumerate()
+        .all(|(i, c)| c.iter().all(|b| *b == 16 + i as u8)));
     // Unknown request type.
     assert_eq!(request(&mut d, 99, 0, &[]).0, S_UNSUPP);
     assert_eq!(
