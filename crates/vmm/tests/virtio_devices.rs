@@ -123,7 +123,7 @@ fn block_reads_writes_flushes_and_reports_its_id_and_size() {
     assert_eq!(request(&mut d, 99, 0, &[]).0, S_UNSUPP);
     assert_eq!(
         d.irq.count.load(std::sync::atomic::Ordering::SeqCst),
-        5,
+        6,
         "one interrupt per completion"
     );
 }
