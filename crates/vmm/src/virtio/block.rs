@@ -189,6 +189,8 @@ struct Worker {
 
 /// The guest pages behind a single page-aligned data buffer, for I/O straight into
 /// guest memory (no bounce copy; page alignment also satisfies O_DIRECT).
+// Guest memory is shared memory that is mutable through `&` by nature (the guest writes it too).
+#[allow(clippy::mut_from_ref)]
 fn guest_pages(mem: &GuestMem, addr: GuestAddress, len: usize) -> Option<&mut [u8]> {
     if addr.0 % BUFFER_ALIGN as u64 != 0 || len % BUFFER_ALIGN != 0 || len == 0 {
         return None;
