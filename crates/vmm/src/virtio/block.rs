@@ -192,7 +192,8 @@ struct Worker {
 // Guest memory is shared memory that is mutable through `&` by nature (the guest writes it too).
 #[allow(clippy::mut_from_ref)]
 fn guest_pages(mem: &GuestMem, addr: GuestAddress, len: usize) -> Option<&mut [u8]> {
-    if addr.0 % BUFFER_ALIGN as u64 != 0 || len % BUFFER_ALIGN != 0 || len == 0 {
+    if !addr.0.is_multiple_of(BUFFER_ALIGN as u64) || !len.is_multiple_of(BUFFER_ALIGN) || len == 0
+    {
         return None;
     }
     use vm_memory::GuestMemoryBackend;
