@@ -132,6 +132,8 @@ pub struct Meta {
     rt_moved: bool,
     rb: HashMap<u64, Block>,
     pub pending_free: Vec<u64>,
+    /// Guest clusters whose allocating write is filling its new host cluster.
+    pub inflight: std::collections::HashSet<u64>,
     free_hint: u64,
     /// First cluster index past everything in the file or allocated so far.
     pub end: u64,
@@ -201,6 +203,7 @@ impl Meta {
             rt_moved: false,
             rb: HashMap::new(),
             pending_free: Vec::new(),
+            inflight: std::collections::HashSet::new(),
             free_hint: 0,
             end,
             fresh_from: end,

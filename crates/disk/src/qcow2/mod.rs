@@ -10,7 +10,7 @@ use header::{
     Compression, Header, INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY,
 };
 use meta::{Mapping, Meta, COPIED, ZERO};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 
 pub struct Qcow2 {
     file: ImageFile,
@@ -21,6 +21,8 @@ pub struct Qcow2 {
     backing: Option<Arc<Image>>,
     compression: Compression,
     meta: Mutex<Meta>,
+    /// Signalled when an allocating write has mapped its cluster.
+    alloc_done: Condvar,
     /// Data I/O holds this shared; making freed clusters reusable holds it exclusively,
     /// so no request in flight can land in a cluster that was handed to another one.
     gate: RwLock<()>,
@@ -124,6 +126,7 @@ impl Qcow2 {
             read_only,
             backing,
             meta: Mutex::new(meta),
+            alloc_done: Condvar::new(),
             file,
             gate: RwLock::new(()),
         })
@@ -269,28 +272,22 @@ impl Qcow2 {
     }
 
     /// A write into a cluster that is not yet a plain data cluster of this image:
-    /// allocate, copy the old contents around the new bytes, then map it.
+    /// reserve a host cluster, fill it (copying the old contents around the new bytes)
+    /// without holding the metadata lock, then map it. Other writers to the same guest
+    /// cluster wait until it is mapped.
     fn allocating_write(
         &self,
-        meta: &mut Meta,
+        mut meta: MutexGuard<'_, Meta>,
         guest_cluster: u64,
         in_cluster: u64,
         data: &[u8],
         m: Mapping,
     ) -> Result<(), DiskError> {
-        let cs = self.cluster_size;
-        let cluster_start = guest_cluster * cs;
-        let valid = (self.size - cluster_start).min(cs);
-        let full = in_cluster == 0 && data.len() as u64 >= valid;
         let (host, fresh) = match m {
-            Mapping::Zero { host: Some(h) } => {
-                let copied = meta.l2_entry(&self.file, guest_cluster)? & COPIED != 0;
-                if copied {
-                    (h, false)
-                } else {
-                    let (i, fr) = meta.alloc(&self.file, 1)?;
-                    (i << self.cluster_bits, fr)
-                }
+            Mapping::Zero { host: Some(h) }
+                if meta.l2_entry(&self.file, guest_cluster)? & COPIED != 0 =>
+            {
+                (h, false)
             }
             Mapping::Data { copied: false, .. } => {
                 return Err(DiskError::Unsupported {
@@ -303,31 +300,69 @@ impl Qcow2 {
                 (i << self.cluster_bits, fr)
             }
         };
-        self.ensure_not_metadata(meta, host)?;
+        self.ensure_not_metadata(&meta, host)?;
+        meta.inflight.insert(guest_cluster);
+        drop(meta);
+        let filled = self.fill_cluster(guest_cluster, in_cluster, data, m, host, fresh);
+        let mut meta = self.lock();
+        meta.inflight.remove(&guest_cluster);
+        let mapped = filled.and_then(|()| {
+            if let Mapping::Compressed { .. } = m {
+                if let Some((first, n)) = m.host_clusters(&meta.geo) {
+                    meta.free_later(first, n);
+                }
+            }
+            // On failure the reserved cluster stays counted but unused: a leak, not corruption.
+            meta.set_l2_entry(&self.file, guest_cluster, host | COPIED)
+        });
+        drop(meta);
+        self.alloc_done.notify_all();
+        mapped
+    }
+
+    /// Writes a newly reserved host cluster: the new bytes plus the old contents.
+    fn fill_cluster(
+        &self,
+        guest_cluster: u64,
+        in_cluster: u64,
+        data: &[u8],
+        m: Mapping,
+        host: u64,
+        fresh: bool,
+    ) -> Result<(), DiskError> {
+        let cs = self.cluster_size;
+        let valid = (self.size - guest_cluster * cs).min(cs);
+        let full = in_cluster == 0 && data.len() as u64 >= valid;
         let old = if full {
             None
         } else {
             self.cluster_contents(m, guest_cluster)?
         };
         match old {
-            None if full || fresh => self.file.write_at(data, host + in_cluster)?,
+            None if full || fresh => self.file.write_at(data, host + in_cluster),
             None => {
                 let mut b = vec![0u8; valid as usize];
                 b[in_cluster as usize..in_cluster as usize + data.len()].copy_from_slice(data);
-                self.file.write_at(&b, host)?;
+                self.file.write_at(&b, host)
             }
             Some(mut b) => {
                 b.truncate(valid as usize);
                 b[in_cluster as usize..in_cluster as usize + data.len()].copy_from_slice(data);
-                self.file.write_at(&b, host)?;
+                self.file.write_at(&b, host)
             }
         }
-        if let Mapping::Compressed { .. } = m {
-            if let Some((first, n)) = m.host_clusters(&meta.geo) {
-                meta.free_later(first, n);
-            }
+    }
+
+    /// The metadata lock, once no allocating write to `guest_cluster` is in flight.
+    fn lock_settled(&self, guest_cluster: u64) -> MutexGuard<'_, Meta> {
+        let mut meta = self.lock();
+        while meta.inflight.contains(&guest_cluster) {
+            meta = self
+                .alloc_done
+                .wait(meta)
+                .unwrap_or_else(|p| p.into_inner());
         }
-        meta.set_l2_entry(&self.file, guest_cluster, host | COPIED)
+        meta
     }
 
     /// Splits [offset, offset+len) into per-cluster pieces: (guest cluster, offset in cluster, length).
@@ -463,7 +498,7 @@ impl Qcow2 {
             let valid = (self.size - gc * cs).min(cs);
             let whole = in_c == 0 && n >= valid;
             let _g = self.gate.read().unwrap_or_else(|p| p.into_inner());
-            let mut meta = self.lock();
+            let mut meta = self.lock_settled(gc);
             let m = meta.lookup(&self.file, gc)?;
             let reads_zero = matches!(m, Mapping::Zero { .. })
                 || (m == Mapping::Unallocated && self.backing.is_none());
@@ -559,7 +594,7 @@ impl BlockBackend for Qcow2 {
         for (gc, in_c, n) in self.pieces(offset, buf.len() as u64) {
             let data = &buf[done..done + n as usize];
             done += n as usize;
-            let mut meta = self.lock();
+            let mut meta = self.lock_settled(gc);
             let m = meta.lookup(&self.file, gc)?;
             if let Mapping::Data { host, copied: true } = m {
                 self.ensure_not_metadata(&meta, host)?;
@@ -567,7 +602,7 @@ impl BlockBackend for Qcow2 {
                 self.file.write_at(data, host + in_c)?;
                 continue;
             }
-            self.allocating_write(&mut meta, gc, in_c, data, m)?;
+            self.allocating_write(meta, gc, in_c, data, m)?;
         }
         Ok(())
     }
