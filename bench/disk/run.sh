@@ -6,12 +6,13 @@
 # qemu-img bench has no random mode: request i goes to (i * step) mod size, so the
 # 4 KiB cases use a step of 1 MiB + 4 KiB to scatter requests over the image.
 #
-# Usage: bench/disk/run.sh [reps]      (env: BENCH_DIR, IMG_SIZE, DEPTH)
+# Usage: bench/disk/run.sh [reps]      (env: BENCH_DIR, IMG_SIZE, DEPTH, CACHE=writeback|none)
 set -euo pipefail
 
 REPS=${1:-5}
 SIZE=${IMG_SIZE:-256M}
 DEPTH=${DEPTH:-16}
+CACHE=${CACHE:-writeback}   # or none (O_DIRECT)
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 WORK=${BENCH_DIR:-$(mktemp -d /tmp/ferrovirt-diskbench.XXXXXX)}
 mkdir -p "$WORK"
@@ -48,9 +49,9 @@ for template in fresh full ov-fresh ov-full; do
     q=(); o=()
     for ((r = 0; r < REPS; r++)); do
       cp --reflink=auto "$template.qcow2" work.qcow2
-      q+=("$(qemu-img bench -f qcow2 -t writeback -d "$DEPTH" "${opts[@]}" work.qcow2 | secs)")
+      q+=("$(qemu-img bench -f qcow2 -t "$CACHE" --pattern=0xa5 -d "$DEPTH" "${opts[@]}" work.qcow2 | secs)")
       cp --reflink=auto "$template.qcow2" work.qcow2
-      o+=("$("$OURS" -f qcow2 -t writeback -d "$DEPTH" "${opts[@]}" work.qcow2 | secs)")
+      o+=("$("$OURS" -f qcow2 -t "$CACHE" -d "$DEPTH" "${opts[@]}" work.qcow2 | secs)")
     done
     qm=$(printf '%s\n' "${q[@]}" | median)
     om=$(printf '%s\n' "${o[@]}" | median)
@@ -58,4 +59,4 @@ for template in fresh full ov-fresh ov-full; do
       printf "%-34s %10.3f %10.3f %11.0f %11.0f %6.2fx\n", c, q, o, n / q, n / o, q / o }'
   done
 done
-echo "ratio = ours throughput / qemu-img bench throughput (median of $REPS runs each, depth $DEPTH)"
+echo "ratio = ours throughput / qemu-img bench throughput (median of $REPS runs each, depth $DEPTH, cache=$CACHE)"

@@ -67,13 +67,27 @@ fn parse() -> Result<Args, String> {
     Ok(a)
 }
 
-/// A page-aligned buffer so that O_DIRECT (-t none) can use it as is.
-fn aligned_buf(len: usize) -> Vec<u8> {
-    let mut v = vec![0u8; len + 4096];
-    let skew = v.as_ptr().align_offset(4096);
-    v.drain(..skew);
-    v.truncate(len);
-    v
+/// Backing storage with a page-aligned window, so that O_DIRECT (-t none) can use it as is.
+struct AlignedBuf {
+    storage: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    fn new(len: usize) -> AlignedBuf {
+        let storage = vec![0u8; len + 4096];
+        let start = storage.as_ptr().align_offset(4096);
+        AlignedBuf {
+            storage,
+            start,
+            len,
+        }
+    }
+
+    fn as_mut(&mut self) -> &mut [u8] {
+        &mut self.storage[self.start..self.start + self.len]
+    }
 }
 
 fn main() {
@@ -117,7 +131,8 @@ fn main() {
             let next = next.clone();
             let (count, size, offset, write) = (a.count, a.size, a.offset, a.write);
             std::thread::spawn(move || -> Result<(), String> {
-                let mut buf = aligned_buf(size as usize);
+                let mut storage = AlignedBuf::new(size as usize);
+                let buf = storage.as_mut();
                 buf.fill(if write { 0xa5 } else { 0 });
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
@@ -126,9 +141,9 @@ fn main() {
                     }
                     let off = (offset + i.wrapping_mul(step)) % image_size.max(1);
                     let r = if write {
-                        img.write_at(&buf, off)
+                        img.write_at(buf, off)
                     } else {
-                        img.read_at(&mut buf, off)
+                        img.read_at(buf, off)
                     };
                     r.map_err(|e| e.to_string())?;
                 }

@@ -63,6 +63,7 @@ struct Walk {
     top: PathBuf,
     direct: bool,
     follow_backing: bool,
+    repairing: bool,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -73,6 +74,8 @@ pub(crate) struct ChainOpts {
     pub backing_writable: bool,
     /// Open only the named image, not its backing files (info, check, resize, rebase -u).
     pub top_only: bool,
+    /// Open a dirty or corrupt-marked image read-write to repair it (check -r).
+    pub repairing: bool,
 }
 
 pub(crate) fn open_chain_with(
@@ -86,6 +89,7 @@ pub(crate) fn open_chain_with(
         top: path.to_path_buf(),
         direct: o.direct,
         follow_backing: !o.top_only,
+        repairing: o.repairing,
     };
     open_layer(&mut w, path, format, o.read_only, o.backing_writable)
 }
@@ -171,7 +175,7 @@ fn open_layer(
                 }
                 _ => None,
             };
-            Image::Qcow2(Qcow2::open(file, backing, read_only)?)
+            Image::Qcow2(Qcow2::open(file, backing, read_only, w.repairing)?)
         }
     };
     Ok(Arc::new(img))

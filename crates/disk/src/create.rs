@@ -156,7 +156,7 @@ fn create_qcow2(path: &Path, size: u64, opts: &CreateOptions) -> Result<(), Disk
     drop(f);
     if used > per_block || opts.preallocation != Preallocation::Off {
         let f = ImageFile::open(path, true, false)?;
-        let q = Qcow2::open(f, None, false)?;
+        let q = Qcow2::open(f, None, false, false)?;
         q.finish_create(per_block.min(used), used, opts.preallocation)?;
         q.flush()?;
     }

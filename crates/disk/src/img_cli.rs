@@ -453,3 +453,21 @@ fn execute(cmd: Cmd) -> Result<i32, DiskError> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse_like_qemu_img() {
+        assert_eq!(parse_size("1024").unwrap(), 1024);
+        assert_eq!(parse_size("512M").unwrap(), 512 << 20);
+        assert_eq!(parse_size("16G").unwrap(), 16 << 30);
+        assert_eq!(parse_size("16g").unwrap(), 16 << 30);
+        assert_eq!(parse_size("1.5G").unwrap(), 3 << 29);
+        assert_eq!(parse_size("64KiB").unwrap(), 64 << 10);
+        for bad in ["", "G", "12Q", "-1", "1.2.3G", "99999999999E", "0.3"] {
+            assert!(parse_size(bad).is_err(), "{bad} accepted");
+        }
+    }
+}

@@ -70,6 +70,7 @@ pub fn check(path: &Path, repair: Option<Repair>) -> Result<CheckReport, DiskErr
         ChainOpts {
             read_only: repair.is_none(),
             top_only: true,
+            repairing: repair.is_some(),
             ..Default::default()
         },
     )?;
@@ -88,6 +89,9 @@ pub fn check(path: &Path, repair: Option<Repair>) -> Result<CheckReport, DiskErr
         after
             .messages
             .splice(0..0, std::mem::take(&mut report.messages));
+        if after.corruptions == 0 && after.check_errors == 0 {
+            q.clear_repair_bits()?;
+        }
         report = after;
     }
     Ok(report)

@@ -266,6 +266,21 @@ fn header_flags_and_garbage() {
     img.read_at(&mut b, 0).unwrap();
     assert_eq!(b, [0xaa; 16]);
 
+    // The dirty bit: read-write open is refused until `check -r all` repairs the image.
+    let p = sample(&d, "dirty.qcow2");
+    patch(&p, 72, &1u64.to_be_bytes());
+    let e = open(&p, &opts(false))
+        .err()
+        .expect("dirty image opened read-write")
+        .to_string();
+    assert!(e.contains("dirty") && e.contains("check -r all"), "{e}");
+    img_ok(&["check", "-r", "all", &s(&p)]);
+    assert!(
+        open(&p, &opts(false)).is_ok(),
+        "repaired image opens read-write"
+    );
+    assert_clean(&p);
+
     let p = d.path("short.qcow2");
     std::fs::write(&p, b"QFI\xfb\x00\x00\x00\x03").unwrap();
     assert!(open_err(&p).contains("too short"));

@@ -697,3 +697,36 @@ impl Meta {
         &self.rt
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{rc_get, rc_set};
+
+    #[test]
+    fn refcounts_of_every_width_round_trip() {
+        for order in 0..=6u32 {
+            let bits = 1u32 << order;
+            let max = if bits == 64 {
+                u64::MAX
+            } else {
+                (1u64 << bits) - 1
+            };
+            let mut block = vec![0u8; 512];
+            let entries = 512 * 8 / bits as u64;
+            for i in 0..entries {
+                rc_set(&mut block, i, order, (i * 7 + 1) & max);
+            }
+            for i in 0..entries {
+                assert_eq!(
+                    rc_get(&block, i, order),
+                    (i * 7 + 1) & max,
+                    "order {order} entry {i}"
+                );
+            }
+        }
+        // 16-bit refcounts are big-endian, as the qcow2 specification says.
+        let mut b = vec![0u8; 4];
+        rc_set(&mut b, 1, 4, 0x0102);
+        assert_eq!(b, [0, 0, 1, 2]);
+    }
+}

@@ -60,6 +60,7 @@ impl Qcow2 {
         file: ImageFile,
         backing: Option<Arc<Image>>,
         read_only: bool,
+        repairing: bool,
     ) -> Result<Qcow2, DiskError> {
         let mut header = read_header(&file)?;
         let path = file.path().to_path_buf();
@@ -80,7 +81,7 @@ impl Qcow2 {
                 feature: header.incompatible_name(bit),
             });
         }
-        if !read_only {
+        if !read_only && !repairing {
             if header.incompatible_features & INCOMPAT_CORRUPT != 0 {
                 return Err(DiskError::Corrupt {
                     path,
@@ -688,6 +689,25 @@ impl Qcow2 {
         }
         if self.file.len()? < end {
             self.file.set_len(end)?;
+        }
+        Ok(())
+    }
+}
+
+impl Qcow2 {
+    /// Clears the dirty and corrupt bits after a successful repair.
+    pub(crate) fn clear_repair_bits(&self) -> Result<(), DiskError> {
+        self.check_writable()?;
+        let mut meta = self.lock();
+        if meta.header.version < 3 {
+            return Ok(());
+        }
+        let bits = meta.header.incompatible_features & !(INCOMPAT_DIRTY | INCOMPAT_CORRUPT);
+        if bits != meta.header.incompatible_features {
+            self.file.sync()?;
+            self.file.write_at(&bits.to_be_bytes(), 72)?;
+            self.file.sync()?;
+            meta.header.incompatible_features = bits;
         }
         Ok(())
     }
