@@ -4,6 +4,7 @@ use crate::info::human_info;
 use crate::ops::{self, Repair};
 use crate::{create, info, CreateOptions, DiskError, Format, Preallocation};
 use clap::{Parser, Subcommand, ValueEnum};
+use serde::Serialize;
 use std::ffi::OsString;
 use std::path::PathBuf;
 
@@ -201,8 +202,15 @@ fn opt_format(f: &Option<String>) -> Result<Option<Format>, DiskError> {
     f.as_deref().map(Format::parse).transpose()
 }
 
+/// Pretty JSON indented like qemu-img's (four spaces).
 fn json<T: serde::Serialize>(v: &T) -> String {
-    serde_json::to_string_pretty(v).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+    let mut out = Vec::new();
+    let fmt = serde_json::ser::PrettyFormatter::with_indent(b"    ");
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, fmt);
+    match v.serialize(&mut ser) {
+        Ok(()) => String::from_utf8_lossy(&out).into_owned(),
+        Err(e) => format!("{{\"error\": \"{e}\"}}"),
+    }
 }
 
 /// Runs `ferrovirt img` with the arguments that follow `img`; returns the process exit code.

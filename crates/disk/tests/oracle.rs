@@ -376,3 +376,49 @@ fn compressed_and_backed_images_read_back_identically() {
     );
     assert_reads_like_qemu(&d, &ov);
 }
+
+#[test]
+fn preallocated_images_are_valid() {
+    let d = Scratch::new("prealloc");
+    for (mode, cluster) in [
+        (Preallocation::Metadata, 65536u32),
+        (Preallocation::Metadata, 4096),
+        (Preallocation::Falloc, 65536),
+        (Preallocation::Full, 65536),
+    ] {
+        let p = d.path(&format!("{mode:?}-{cluster}.qcow2"));
+        let mut o = qcow2_opts(20 * MIB, Some(cluster));
+        o.preallocation = mode;
+        create(&p, &o).unwrap();
+        assert_clean(&p);
+        // Every cluster is allocated up front, and reads as zeros.
+        let m: serde_json::Value =
+            serde_json::from_str(&qemu_img_ok(&["map", "--output=json", &s(&p)])).unwrap();
+        let unallocated: u64 = m
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["present"] != true)
+            .map(|e| e["length"].as_u64().unwrap())
+            .sum();
+        assert_eq!(unallocated, 0, "{mode:?}: {m}");
+        let img = rw(&p);
+        assert!(read_all(&*img).iter().all(|&b| b == 0));
+        img.write_at(&[9u8; 3000], 5 * MIB + 100).unwrap();
+        img.flush().unwrap();
+        drop(img);
+        assert_clean(&p);
+        qemu_io(
+            &p,
+            "qcow2",
+            &["read -P 9 5242980 3000".into(), "read -P 0 0 5M".into()],
+        );
+        if mode == Preallocation::Full {
+            let j = qemu_info_json(&p, false);
+            assert!(
+                j["actual-size"].as_u64().unwrap() >= 20 * MIB,
+                "full preallocation allocates host blocks: {j}"
+            );
+        }
+    }
+}

@@ -23,6 +23,19 @@ pub const ZERO: u64 = 1;
 /// Upper bound for the bytes kept in each metadata cache before write-back and eviction.
 const CACHE_BYTES: u64 = 32 << 20;
 
+/// Test hook: a smaller cache limit, so that tests exercise eviction.
+pub const CACHE_ENV: &str = "FERROVIRT_DISK_CACHE_BYTES";
+
+fn cache_bytes() -> u64 {
+    static LIMIT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *LIMIT.get_or_init(|| {
+        std::env::var(CACHE_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(CACHE_BYTES)
+    })
+}
+
 #[derive(Clone, Copy, Debug)]
 pub struct Geometry {
     pub cluster_bits: u32,
@@ -515,7 +528,7 @@ impl Meta {
     }
 
     fn maybe_evict(&mut self, f: &ImageFile) -> Result<(), DiskError> {
-        let limit = (CACHE_BYTES / self.geo.cluster_size).max(16) as usize;
+        let limit = (cache_bytes() / self.geo.cluster_size).max(16) as usize;
         if self.l2.len() < limit && self.rb.len() < limit {
             return Ok(());
         }
