@@ -4,7 +4,6 @@ use crate::info::human_info;
 use crate::ops::{self, Repair};
 use crate::{create, info, CreateOptions, DiskError, Format, Preallocation};
 use clap::{Parser, Subcommand, ValueEnum};
-use serde::Serialize;
 use std::ffi::OsString;
 use std::path::PathBuf;
 
