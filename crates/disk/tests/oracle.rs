@@ -24,15 +24,19 @@ fn qcow2_opts(size: u64, cluster: Option<u32>) -> CreateOptions {
 }
 
 fn rw(path: &Path) -> Arc<dyn BlockBackend> {
+    rw_mode(path, false)
+}
+
+fn rw_mode(path: &Path, direct: bool) -> Arc<dyn BlockBackend> {
     open(
         path,
         &OpenOptions {
             format: None,
             read_only: false,
-            direct: false,
+            direct,
         },
     )
-    .expect("open read-write")
+    .unwrap_or_else(|e| panic!("open read-write (direct={direct}): {e}"))
 }
 
 fn ro(path: &Path) -> Arc<dyn BlockBackend> {
@@ -173,10 +177,13 @@ fn workload(img: &dyn BlockBackend, model: &mut [u8], seed: u64, ops: usize) {
         let (o, l) = (off as usize, len as usize);
         match kind {
             0..=5 => {
-                let mut buf = vec![0u8; l];
-                rng.fill(&mut buf);
-                img.write_at(&buf, off).unwrap();
-                model[o..o + l].copy_from_slice(&buf);
+                // Page-aligned buffers, so that cache=none really uses O_DIRECT.
+                let mut storage = vec![0u8; l + 4096];
+                let start = storage.as_ptr().align_offset(4096);
+                let buf = &mut storage[start..start + l];
+                rng.fill(buf);
+                img.write_at(buf, off).unwrap();
+                model[o..o + l].copy_from_slice(buf);
             }
             6 | 7 => {
                 img.write_zeroes(off, len, kind == 7).unwrap();
@@ -192,14 +199,27 @@ fn workload(img: &dyn BlockBackend, model: &mut [u8], seed: u64, ops: usize) {
 }
 
 fn read_all(img: &dyn BlockBackend) -> Vec<u8> {
-    let mut v = vec![0u8; img.size() as usize];
+    let size = img.size() as usize;
+    let mut storage = vec![0u8; size + 4096];
+    let start = storage.as_ptr().align_offset(4096);
+    let v = &mut storage[start..start + size];
     for (i, c) in v.chunks_mut(MIB as usize).enumerate() {
         img.read_at(c, i as u64 * MIB).unwrap();
     }
-    v
+    v.to_vec()
 }
 
 fn random_workload_case(name: &str, backing: Option<Format>, cluster: Option<u32>, seed: u64) {
+    random_workload_mode(name, backing, cluster, seed, false)
+}
+
+fn random_workload_mode(
+    name: &str,
+    backing: Option<Format>,
+    cluster: Option<u32>,
+    seed: u64,
+    direct: bool,
+) {
     let d = Scratch::new(name);
     let size = 24 * MIB;
     let top = d.path("top.qcow2");
@@ -225,7 +245,7 @@ fn random_workload_case(name: &str, backing: Option<Format>, cluster: Option<u32
     }
     create(&top, &o).unwrap();
     {
-        let img = rw(&top);
+        let img = rw_mode(&top, direct);
         workload(&*img, &mut model, seed, 400);
         img.flush().unwrap();
         assert!(read_all(&*img) == model, "our reads differ from the model");
@@ -260,6 +280,12 @@ fn random_workload_small_clusters() {
 #[test]
 fn random_workload_qcow2_backing() {
     random_workload_case("wl-qb", Some(Format::Qcow2), None, 3);
+}
+
+/// cache=none: aligned requests go through O_DIRECT, the others through the page cache.
+#[test]
+fn random_workload_direct_io() {
+    random_workload_mode("wl-direct", Some(Format::Qcow2), None, 5, true);
 }
 
 #[test]

@@ -4,7 +4,7 @@
 pub mod header;
 pub mod meta;
 
-use crate::file::ImageFile;
+use crate::file::{AlignedBuf, ImageFile};
 use crate::{BlockBackend, DiskError, Image};
 use header::{
     Compression, Header, INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY,
@@ -234,21 +234,25 @@ impl Qcow2 {
         &self,
         m: Mapping,
         guest_cluster: u64,
-    ) -> Result<Option<Vec<u8>>, DiskError> {
-        let cs = self.cluster_size;
+    ) -> Result<Option<AlignedBuf>, DiskError> {
+        let cs = self.cluster_size as usize;
         Ok(match m {
             Mapping::Zero { .. } => None,
             Mapping::Unallocated if self.backing.is_none() => None,
             Mapping::Unallocated => {
-                let mut b = vec![0u8; cs as usize];
-                let start = guest_cluster * cs;
-                let n = (self.size - start).min(cs) as usize;
+                let mut b = AlignedBuf::zeroed(cs);
+                let start = guest_cluster * self.cluster_size;
+                let n = (self.size - start).min(self.cluster_size) as usize;
                 self.read_backing(&mut b[..n], start)?;
                 Some(b)
             }
-            Mapping::Compressed { host, len } => Some(self.decompress(host, len)?),
+            Mapping::Compressed { host, len } => {
+                let mut b = AlignedBuf::zeroed(cs);
+                b.copy_from_slice(&self.decompress(host, len)?);
+                Some(b)
+            }
             Mapping::Data { host, .. } => {
-                let mut b = vec![0u8; cs as usize];
+                let mut b = AlignedBuf::zeroed(cs);
                 self.file.read_at(&mut b, host)?;
                 Some(b)
             }
@@ -334,6 +338,11 @@ impl Qcow2 {
         let cs = self.cluster_size;
         let valid = (self.size - guest_cluster * cs).min(cs);
         let full = in_cluster == 0 && data.len() as u64 >= valid;
+        if fresh {
+            // O_DIRECT writes that extend the file are slow (the file system serialises
+            // them); reserving the cluster first makes the data write an overwrite.
+            self.file.reserve_for_direct(host, cs)?;
+        }
         let old = if full {
             None
         } else {
@@ -342,14 +351,13 @@ impl Qcow2 {
         match old {
             None if full || fresh => self.file.write_at(data, host + in_cluster),
             None => {
-                let mut b = vec![0u8; valid as usize];
+                let mut b = AlignedBuf::zeroed(cs as usize);
                 b[in_cluster as usize..in_cluster as usize + data.len()].copy_from_slice(data);
-                self.file.write_at(&b, host)
+                self.file.write_at(&b[..valid as usize], host)
             }
             Some(mut b) => {
-                b.truncate(valid as usize);
                 b[in_cluster as usize..in_cluster as usize + data.len()].copy_from_slice(data);
-                self.file.write_at(&b, host)
+                self.file.write_at(&b[..valid as usize], host)
             }
         }
     }
