@@ -395,7 +395,6 @@ impl Qcow2 {
     /// Status of the run of guest bytes starting at `offset` in this layer only
     /// (runs are merged across clusters with the same status and contiguous host offsets).
     pub fn layer_status(&self, offset: u64, max_len: u64) -> Result<(LayerStatus, u64), DiskError> {
-        let cs = self.cluster_size;
         let max_len = max_len.min(self.size.saturating_sub(offset));
         let mut meta = self.lock();
         let mut first: Option<LayerStatus> = None;
@@ -435,7 +434,6 @@ impl Qcow2 {
                 }
             }
             len += n;
-            let _ = cs;
         }
         Ok((first.unwrap_or(LayerStatus::Zero), len))
     }
