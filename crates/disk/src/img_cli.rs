@@ -321,6 +321,17 @@ fn execute(cmd: Cmd) -> Result<i32, DiskError> {
                 RepairArg::Leaks => Repair::Leaks,
                 RepairArg::All => Repair::All,
             });
+            if info(&file, false)?
+                .first()
+                .is_some_and(|i| i.format == "raw")
+            {
+                // qemu-img's exit code for "this format does not support checks".
+                eprintln!(
+                    "ferrovirt img: {}: raw images have no metadata to check",
+                    file.display()
+                );
+                return Ok(63);
+            }
             let r = ops::check(&file, repair)?;
             if output == Output::Json {
                 println!("{}", json(&r));

@@ -295,6 +295,13 @@ fn check_reports_and_repairs_leaks() {
     let (code, out, _) = img(&["check", "-r", "all", &s(&p)]);
     assert_eq!(code, 0, "{out}");
     assert_clean(&p);
+    let raw = d.path("r.raw");
+    img_ok(&["create", "-f", "raw", &s(&raw), "1M"]);
+    let (code, _, err) = img(&["check", &s(&raw)]);
+    assert_eq!(
+        code, 63,
+        "qemu-img's code for a format without checks: {err}"
+    );
     let (code, out, _) = img(&["check", "--output=json", &s(&p)]);
     assert_eq!(code, 0);
     let j: serde_json::Value = serde_json::from_str(&out).unwrap();
