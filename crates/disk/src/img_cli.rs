@@ -212,6 +212,21 @@ fn json<T: serde::Serialize>(v: &T) -> String {
     }
 }
 
+/// One map entry on one line, spaced like qemu-img's `map --output=json`.
+fn map_json_line(e: &ops::MapEntry) -> String {
+    let mut s = format!(
+        "{{ \"start\": {}, \"length\": {}, \"depth\": {}, \"present\": {}, \"zero\": {}, \"data\": {}",
+        e.start, e.length, e.depth, e.present, e.zero, e.data
+    );
+    if e.compressed {
+        s += ", \"compressed\": true";
+    }
+    if let Some(off) = e.offset {
+        s += &format!(", \"offset\": {off}");
+    }
+    s + "}"
+}
+
 /// Runs `ferrovirt img` with the arguments that follow `img`; returns the process exit code.
 pub fn run(args: Vec<OsString>) -> i32 {
     let argv = std::iter::once(OsString::from("ferrovirt img")).chain(args);
@@ -449,10 +464,7 @@ fn execute(cmd: Cmd) -> Result<i32, DiskError> {
             let entries = ops::map(&file)?;
             match output {
                 Output::Json => {
-                    let lines: Vec<String> = entries
-                        .iter()
-                        .map(|e| serde_json::to_string(e).unwrap_or_default())
-                        .collect();
+                    let lines: Vec<String> = entries.iter().map(map_json_line).collect();
                     println!("[{}]", lines.join(",\n"));
                 }
                 Output::Human => {
