@@ -126,7 +126,7 @@ fn check_qcow2(q: &Qcow2, path: &Path) -> Result<(CheckReport, Mismatches), Disk
         total_clusters: h.size.div_ceil(cs),
         ..Default::default()
     };
-    let mut refs = vec![0u32; file_clusters as usize];
+    let mut refs = vec![0u16; file_clusters as usize];
     let mut inc = |r: &mut CheckReport, first: u64, n: u64, what: &str| {
         for c in first..first + n {
             match refs.get_mut(c as usize) {

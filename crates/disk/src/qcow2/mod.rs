@@ -597,19 +597,44 @@ impl BlockBackend for Qcow2 {
         self.check_writable()?;
         self.check_range(offset, buf.len() as u64)?;
         let _g = self.gate.read().unwrap_or_else(|p| p.into_inner());
+        let cs = self.cluster_size;
         let mut done = 0usize;
-        for (gc, in_c, n) in self.pieces(offset, buf.len() as u64) {
-            let data = &buf[done..done + n as usize];
-            done += n as usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let gc = pos >> self.cluster_bits;
+            let in_c = pos & (cs - 1);
+            let remaining = (buf.len() - done) as u64;
+            let first = (cs - in_c).min(remaining);
             let mut meta = self.lock_settled(gc);
             let m = meta.lookup(&self.file, gc)?;
             if let Mapping::Data { host, copied: true } = m {
                 self.ensure_not_metadata(&meta, host)?;
+                // Extend over following clusters that are mapped right after this one.
+                let mut n = first;
+                while n < remaining {
+                    let next = (pos + n) >> self.cluster_bits;
+                    if meta.inflight.contains(&next) {
+                        break;
+                    }
+                    match meta.lookup(&self.file, next)? {
+                        Mapping::Data {
+                            host: h,
+                            copied: true,
+                        } if h == host + in_c + n => {
+                            self.ensure_not_metadata(&meta, h)?;
+                            n += cs.min(remaining - n);
+                        }
+                        _ => break,
+                    }
+                }
                 drop(meta);
-                self.file.write_at(data, host + in_c)?;
+                self.file
+                    .write_at(&buf[done..done + n as usize], host + in_c)?;
+                done += n as usize;
                 continue;
             }
-            self.allocating_write(meta, gc, in_c, data, m)?;
+            self.allocating_write(meta, gc, in_c, &buf[done..done + first as usize], m)?;
+            done += first as usize;
         }
         Ok(())
     }
