@@ -6,7 +6,7 @@ use crate::qcow2::{read_header, Qcow2};
 use crate::raw::Raw;
 use crate::{DiskError, Format, Image, MAX_BACKING_DEPTH};
 use std::collections::HashSet;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -134,9 +134,17 @@ fn open_layer(
             }
         }
     })?;
-    if md.is_dir() {
+    // Only regular files and block devices: opening a FIFO would block, and character
+    // devices (/dev/zero, ...) are not disks.
+    let ft = md.file_type();
+    if !(ft.is_file() || ft.is_block_device()) {
+        let what = if ft.is_dir() {
+            "a directory"
+        } else {
+            "not a regular file or block device"
+        };
         return Err(DiskError::InvalidArgument(format!(
-            "{} is a directory, not a disk image",
+            "{} is {what}, not a disk image",
             path.display()
         )));
     }

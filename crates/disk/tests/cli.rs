@@ -223,6 +223,30 @@ fn commit_rebase_resize() {
     let (code, _, err) = img(&["resize", &s(&base), "1G"]);
     assert_eq!(code, 1);
     assert!(err.contains("shrinking"), "{err}");
+    // With 4 KiB clusters one L1 cluster maps 1 GiB: growing to 4 GiB moves the L1 table.
+    let small = d.path("small.qcow2");
+    img_ok(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        &s(&small),
+        "512M",
+    ]);
+    qemu_io(&small, "qcow2", &["write -P 5 100M 1M".into()]);
+    img_ok(&["resize", &s(&small), "4G"]);
+    assert_clean(&small);
+    qemu_io(
+        &small,
+        "qcow2",
+        &[
+            "read -P 5 100M 1M".into(),
+            "write -P 6 4095M 1M".into(),
+            "read -P 6 4095M 1M".into(),
+        ],
+    );
+    assert_clean(&small);
     let r = d.path("r.raw");
     img_ok(&["create", "-f", "raw", &s(&r), "1M"]);
     img_ok(&["resize", &s(&r), "+1M"]);

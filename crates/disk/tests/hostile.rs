@@ -226,6 +226,20 @@ fn backing_loops_depth_and_protocols() {
         let e = open_err(&p);
         assert!(e.contains("not supported"), "{name}: {e}");
     }
+    // Backing names that are not disks: a FIFO would block an open, /dev/zero is no disk.
+    let fifo = d.path("fifo");
+    let st = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("run mkfifo");
+    assert!(st.success());
+    for target in [s(&fifo), "/dev/zero".to_string(), s(&d.dir)] {
+        let p = d.path("odd.qcow2");
+        qemu_img_ok(&["create", "-f", "qcow2", &s(&p), "1M"]);
+        qemu_img_ok(&["rebase", "-u", "-b", &target, "-F", "raw", &s(&p)]);
+        let e = open_err(&p);
+        assert!(e.contains("not a disk image"), "{target}: {e}");
+    }
     let p = d.path("missing.qcow2");
     qemu_img_ok(&[
         "create",
