@@ -167,6 +167,7 @@ fn check_qcow2(q: &Qcow2, path: &Path) -> Result<(CheckReport, Mismatches), Disk
     // Guest mappings, plus the OFLAG_COPIED expectations to verify afterwards.
     let mut copied_checks: Vec<(u64, bool, String)> = Vec::new();
     let mut last_host = None;
+    let mut seen_l2 = std::collections::HashSet::new();
     for (i, &l1e) in meta.l1.clone().iter().enumerate() {
         let l2_off = l1e & L1_OFFSET_MASK;
         if l2_off == 0 {
@@ -180,6 +181,11 @@ fn check_qcow2(q: &Qcow2, path: &Path) -> Result<(CheckReport, Mismatches), Disk
             continue;
         }
         inc(&mut r, l2_off / cs, 1, "L2 table");
+        if !seen_l2.insert(l2_off) {
+            // Shared L2 tables are already flagged by their refcount; scanning them
+            // again would only multiply the work a hostile image can cause.
+            continue;
+        }
         copied_checks.push((
             l2_off / cs,
             l1e & crate::qcow2::meta::COPIED != 0,
@@ -434,8 +440,13 @@ fn copy_data(
     let mut buf = vec![0u8; CHUNK as usize];
     let mut pos = 0;
     while pos < size {
-        let e = chain_status(src, pos, (size - pos).min(CHUNK))?;
-        let n = e.length;
+        let e = chain_status(src, pos, size - pos)?;
+        // Runs without data are skipped whole; data is copied a chunk at a time.
+        let n = if e.data {
+            e.length.min(CHUNK)
+        } else {
+            e.length
+        };
         if e.data && want(&e) {
             let b = &mut buf[..n as usize];
             src.read_at(b, pos)?;
@@ -489,7 +500,12 @@ pub fn commit(path: &Path) -> Result<(), DiskError> {
     let mut buf = vec![0u8; 1 << 20];
     let mut pos = 0;
     while pos < size {
-        let (st, n) = top.layer_status(pos, (size - pos).min(buf.len() as u64))?;
+        let (st, n) = top.layer_status(pos, size - pos)?;
+        let n = if matches!(st, LayerStatus::Data { .. }) {
+            n.min(buf.len() as u64)
+        } else {
+            n
+        };
         match st {
             LayerStatus::Unallocated => {}
             LayerStatus::Zero => base.write_zeroes(pos, n, false)?,
@@ -583,23 +599,44 @@ pub fn rebase(
     let mut new = vec![0u8; cs as usize];
     let mut pos = 0;
     while pos < size {
-        let (st, n) = top.layer_status(pos, (size - pos).min(cs))?;
-        if st == LayerStatus::Unallocated {
-            let o = &mut old[..n as usize];
+        let (st, n) = top.layer_status(pos, size - pos)?;
+        if st != LayerStatus::Unallocated {
+            pos += n;
+            continue;
+        }
+        // Inside a run the image does not map itself: compare what the old chain and
+        // the new backing file show, skipping stretches where both read as zeros.
+        let run_end = pos + n;
+        while pos < run_end {
+            let old_e = chain_status(&top, pos, run_end - pos)?;
+            let (new_data, new_len) = match &new_base {
+                Some(b) if pos < b.size() => {
+                    let e = chain_status(b, pos, run_end - pos)?;
+                    (e.data, e.length)
+                }
+                _ => (false, run_end - pos),
+            };
+            let m = old_e.length.min(new_len).max(1);
+            if !old_e.data && !new_data {
+                pos += m;
+                continue;
+            }
+            let k = m.min(cs - pos % cs);
+            let o = &mut old[..k as usize];
             top.read_at(o, pos)?;
-            let nb = &mut new[..n as usize];
+            let nb = &mut new[..k as usize];
             nb.fill(0);
             if let Some(b) = &new_base {
                 if pos < b.size() {
-                    let k = (b.size() - pos).min(n) as usize;
-                    b.read_at(&mut nb[..k], pos)?;
+                    let avail = (b.size() - pos).min(k) as usize;
+                    b.read_at(&mut nb[..avail], pos)?;
                 }
             }
             if o != nb {
                 top.write_at(o, pos)?;
             }
+            pos += k;
         }
-        pos += n;
     }
     top.flush()?;
     q.set_backing(new_name, fmt.map(|f| f.name().to_string()))

@@ -281,6 +281,12 @@ impl Meta {
         Ok(self.l2_table(f, l2_off)?.entries[idx])
     }
 
+    /// Whether the L1 table points at an L2 table for this guest cluster.
+    pub fn l2_entry_exists(&self, guest_cluster: u64) -> bool {
+        let l1_idx = (guest_cluster / self.geo.l2_entries) as usize;
+        self.l1.get(l1_idx).is_some_and(|e| e & L1_OFFSET_MASK != 0)
+    }
+
     pub fn lookup(&mut self, f: &ImageFile, guest_cluster: u64) -> Result<Mapping, DiskError> {
         let e = self.l2_entry(f, guest_cluster)?;
         let m = Mapping::decode(e, &self.geo);

@@ -395,22 +395,34 @@ impl Qcow2 {
     /// Status of the run of guest bytes starting at `offset` in this layer only
     /// (runs are merged across clusters with the same status and contiguous host offsets).
     pub fn layer_status(&self, offset: u64, max_len: u64) -> Result<(LayerStatus, u64), DiskError> {
+        let cs = self.cluster_size;
         let max_len = max_len.min(self.size.saturating_sub(offset));
+        let end = offset + max_len;
+        let span = cs * (cs / 8); // guest bytes mapped by one L2 table
         let mut meta = self.lock();
         let mut first: Option<LayerStatus> = None;
         let mut len = 0;
-        for (gc, in_c, n) in self.pieces(offset, max_len) {
-            let st = match meta.lookup(&self.file, gc)? {
-                Mapping::Unallocated => LayerStatus::Unallocated,
-                Mapping::Zero { .. } => LayerStatus::Zero,
-                Mapping::Data { host, .. } => LayerStatus::Data {
-                    host: Some(host + in_c),
-                    compressed: false,
-                },
-                Mapping::Compressed { .. } => LayerStatus::Data {
-                    host: None,
-                    compressed: true,
-                },
+        while offset + len < end {
+            let pos = offset + len;
+            let gc = pos >> self.cluster_bits;
+            let in_c = pos & (cs - 1);
+            let (st, n) = if meta.l2_entry_exists(gc) {
+                let st = match meta.lookup(&self.file, gc)? {
+                    Mapping::Unallocated => LayerStatus::Unallocated,
+                    Mapping::Zero { .. } => LayerStatus::Zero,
+                    Mapping::Data { host, .. } => LayerStatus::Data {
+                        host: Some(host + in_c),
+                        compressed: false,
+                    },
+                    Mapping::Compressed { .. } => LayerStatus::Data {
+                        host: None,
+                        compressed: true,
+                    },
+                };
+                (st, (cs - in_c).min(end - pos))
+            } else {
+                // No L2 table: the whole range it would map is unallocated.
+                (LayerStatus::Unallocated, (span - pos % span).min(end - pos))
             };
             match first {
                 None => first = Some(st),
@@ -445,7 +457,15 @@ impl Qcow2 {
             let _g = self.gate.write().unwrap_or_else(|p| p.into_inner());
             let mut meta = self.lock();
             let clusters = self.size.div_ceil(self.cluster_size);
-            for gc in 0..clusters {
+            let per = meta.geo.l2_entries;
+            // Only the ranges that have an L2 table can hold mappings.
+            let mapped: Vec<u64> = (0..meta.l1_len() as u64)
+                .filter(|&i| meta.l2_entry_exists(i * per))
+                .collect();
+            for gc in mapped
+                .into_iter()
+                .flat_map(|i| i * per..((i + 1) * per).min(clusters))
+            {
                 let m = meta.lookup(&self.file, gc)?;
                 if m == Mapping::Unallocated {
                     continue;
