@@ -244,6 +244,16 @@ fn random_workload_mode(
         o.backing = Some(("base.img".into(), bf));
     }
     create(&top, &o).unwrap();
+    // A raw copy of the starting contents gets the same workload through the raw driver.
+    let raw_copy = d.path("copy.raw");
+    std::fs::write(&raw_copy, &model).unwrap();
+    {
+        let raw = rw_mode(&raw_copy, direct);
+        let mut scratch_model = model.clone();
+        workload(&*raw, &mut scratch_model, seed, 400);
+        workload(&*raw, &mut scratch_model, seed ^ 0x5555, 200);
+        raw.flush().unwrap();
+    }
     {
         let img = rw_mode(&top, direct);
         workload(&*img, &mut model, seed, 400);
@@ -265,6 +275,7 @@ fn random_workload_mode(
     let reference = d.path("model.raw");
     std::fs::write(&reference, &model).unwrap();
     assert_identical(&top, "qcow2", &reference, "raw");
+    assert_identical(&top, "qcow2", &raw_copy, "raw");
 }
 
 #[test]
