@@ -319,6 +319,12 @@ fn assert_reads_like_qemu(d: &Scratch, img: &Path) {
     );
 }
 
+/// Our `check` agrees with qemu-img's on images qemu-img considers clean.
+fn assert_our_check_is_clean(p: &Path) {
+    let r = ferrovirt_disk::ops::check(p, None).unwrap();
+    assert_eq!(r.exit_code(), 0, "{}: {:?}", p.display(), r.messages);
+}
+
 fn pattern_cmds() -> Vec<String> {
     vec![
         "write -P 0x11 0 4096".into(),
@@ -354,6 +360,7 @@ fn qemu_made_images_read_back_identically() {
         qemu_img_ok(&args);
         qemu_io(&p, "qcow2", &pattern_cmds());
         assert_reads_like_qemu(&d, &p);
+        assert_our_check_is_clean(&p);
         // Writing through us keeps it valid for qemu-img.
         let img = rw(&p);
         img.write_at(&[0x5a; 10000], 65000).unwrap();
@@ -383,6 +390,7 @@ fn compressed_and_backed_images_read_back_identically() {
             &s(&c),
         ]);
         assert_reads_like_qemu(&d, &c);
+        assert_our_check_is_clean(&c);
         // Overwriting part of a compressed cluster decompresses it (copy-on-write).
         let img = rw(&c);
         img.write_at(&[0x77; 100], 1_048_600).unwrap();
