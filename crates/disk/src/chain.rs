@@ -2,6 +2,7 @@
 //! a depth limit and loop detection. Only the files named by the chain are opened.
 
 use crate::file::ImageFile;
+use crate::lock::LockMode;
 use crate::qcow2::{read_header, Qcow2};
 use crate::raw::Raw;
 use crate::{DiskError, Format, Image, MAX_BACKING_DEPTH};
@@ -64,6 +65,7 @@ struct Walk {
     direct: bool,
     follow_backing: bool,
     repairing: bool,
+    locking: bool,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -76,6 +78,8 @@ pub(crate) struct ChainOpts {
     pub top_only: bool,
     /// Open a dirty or corrupt-marked image read-write to repair it (check -r).
     pub repairing: bool,
+    /// Take no image locks (reports such as info and map on images in use).
+    pub no_locks: bool,
 }
 
 pub(crate) fn open_chain_with(
@@ -90,6 +94,7 @@ pub(crate) fn open_chain_with(
         direct: o.direct,
         follow_backing: !o.top_only,
         repairing: o.repairing,
+        locking: !o.no_locks,
     };
     open_layer(&mut w, path, format, o.read_only, o.backing_writable)
 }
@@ -158,6 +163,14 @@ fn open_layer(
         });
     }
     let file = ImageFile::open(path, !read_only, w.direct)?;
+    if w.locking {
+        let mode = if read_only {
+            LockMode::Shared
+        } else {
+            LockMode::Exclusive
+        };
+        crate::lock::lock(file.raw_fd(), path, mode)?;
+    }
     let format = match format {
         Some(f) => f,
         None => probe(&file)?,

@@ -71,6 +71,8 @@ pub fn check(path: &Path, repair: Option<Repair>) -> Result<CheckReport, DiskErr
             read_only: repair.is_none(),
             top_only: true,
             repairing: repair.is_some(),
+            // A plain check only reads metadata; it may run on an image in use.
+            no_locks: repair.is_none(),
             ..Default::default()
         },
     )?;
@@ -374,7 +376,15 @@ fn chain_status(top: &Arc<Image>, pos: u64, max_len: u64) -> Result<MapEntry, Di
 
 /// Allocation map of the whole chain, merged into runs like qemu-img map.
 pub fn map(path: &Path) -> Result<Vec<MapEntry>, DiskError> {
-    let top = open_chain(path, None, true, false)?;
+    let top = open_chain_with(
+        path,
+        None,
+        ChainOpts {
+            read_only: true,
+            no_locks: true,
+            ..Default::default()
+        },
+    )?;
     let size = top.size();
     let mut out: Vec<MapEntry> = Vec::new();
     let mut pos = 0;
