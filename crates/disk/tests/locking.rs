@@ -37,6 +37,9 @@ fn qemu_io_holding(p: &Path) -> Child {
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+    let mut child = child;
+    let _ = child.kill();
+    let _ = child.wait();
     panic!("qemu-io did not lock {} within 5 s", p.display());
 }
 
