@@ -9,7 +9,7 @@
 # Usage: bench/disk/run.sh [reps]      (env: BENCH_DIR, IMG_SIZE, DEPTH, CACHE=writeback|none)
 set -euo pipefail
 
-REPS=${1:-5}
+REPS=${1:-7}
 SIZE=${IMG_SIZE:-256M}
 DEPTH=${DEPTH:-16}
 CACHE=${CACHE:-writeback}   # or none (O_DIRECT)

@@ -118,6 +118,15 @@ fn overlapping_metadata() {
     let e = img.write_at(&[1u8; 512], 0).unwrap_err().to_string();
     assert!(e.contains("overlaps the image's metadata"), "{e}");
     drop(img);
+    // Like QEMU, the image is now marked corrupt: no more read-write opens.
+    let info: serde_json::Value =
+        serde_json::from_str(&qemu_img_ok(&["info", "--output=json", &s(&p)])).unwrap();
+    assert_eq!(info["format-specific"]["data"]["corrupt"], true, "{info}");
+    let e = open(&p, &opts(false))
+        .err()
+        .expect("read-write open of a corrupt image")
+        .to_string();
+    assert!(e.contains("corrupt bit"), "{e}");
     let r = ops::check(&p, None).unwrap();
     assert!(r.corruptions > 0, "check must flag the shared cluster");
 }
