@@ -83,14 +83,26 @@ impl ImageFile {
         })
     }
 
+    /// Creates or empties a file for a new image. An existing image that another
+    /// process (e.g. a running VM) has open is refused, not truncated.
     pub fn create(path: &Path) -> Result<Self, DiskError> {
+        if let Ok(md) = std::fs::metadata(path) {
+            if !md.is_file() {
+                return Err(DiskError::InvalidArgument(format!(
+                    "{} exists and is not a regular file; images are created as regular files only",
+                    path.display()
+                )));
+            }
+        }
         let file = FsOpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
-            .truncate(true)
+            .truncate(false)
             .open(path)
             .map_err(|e| DiskError::io(path, e))?;
+        crate::lock::lock(file.as_raw_fd(), path, crate::lock::LockMode::Exclusive)?;
+        file.set_len(0).map_err(|e| DiskError::io(path, e))?;
         Ok(ImageFile {
             path: path.to_path_buf(),
             file,

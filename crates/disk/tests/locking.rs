@@ -82,6 +82,12 @@ fn a_disk_qemu_writes_is_refused_to_us() {
         ferrovirt_disk::info(&p, false).unwrap()[0].virtual_size,
         1 << 20
     );
+    // Creating an image over it is refused and leaves it intact.
+    let len = std::fs::metadata(&p).unwrap().len();
+    let (code, _, err) = img(&["create", "-f", "raw", &s(&p), "4M"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("in use"), "{err}");
+    assert_eq!(std::fs::metadata(&p).unwrap().len(), len);
     let (code, _, err) = img(&["resize", &s(&p), "2M"]);
     assert_eq!(code, 1);
     assert!(err.contains("in use") && err.lines().count() == 1, "{err}");
