@@ -2,11 +2,12 @@
 //! a depth limit and loop detection. Only the files named by the chain are opened.
 
 use crate::file::ImageFile;
+use crate::lock::LockMode;
 use crate::qcow2::{read_header, Qcow2};
 use crate::raw::Raw;
 use crate::{DiskError, Format, Image, MAX_BACKING_DEPTH};
 use std::collections::HashSet;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -63,6 +64,8 @@ struct Walk {
     top: PathBuf,
     direct: bool,
     follow_backing: bool,
+    repairing: bool,
+    locking: bool,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -73,6 +76,10 @@ pub(crate) struct ChainOpts {
     pub backing_writable: bool,
     /// Open only the named image, not its backing files (info, check, resize, rebase -u).
     pub top_only: bool,
+    /// Open a dirty or corrupt-marked image read-write to repair it (check -r).
+    pub repairing: bool,
+    /// Take no image locks (reports such as info and map on images in use).
+    pub no_locks: bool,
 }
 
 pub(crate) fn open_chain_with(
@@ -86,6 +93,8 @@ pub(crate) fn open_chain_with(
         top: path.to_path_buf(),
         direct: o.direct,
         follow_backing: !o.top_only,
+        repairing: o.repairing,
+        locking: !o.no_locks,
     };
     open_layer(&mut w, path, format, o.read_only, o.backing_writable)
 }
@@ -130,9 +139,17 @@ fn open_layer(
             }
         }
     })?;
-    if md.is_dir() {
+    // Only regular files and block devices: opening a FIFO would block, and character
+    // devices (/dev/zero, ...) are not disks.
+    let ft = md.file_type();
+    if !(ft.is_file() || ft.is_block_device()) {
+        let what = if ft.is_dir() {
+            "a directory"
+        } else {
+            "not a regular file or block device"
+        };
         return Err(DiskError::InvalidArgument(format!(
-            "{} is a directory, not a disk image",
+            "{} is {what}, not a disk image",
             path.display()
         )));
     }
@@ -146,6 +163,14 @@ fn open_layer(
         });
     }
     let file = ImageFile::open(path, !read_only, w.direct)?;
+    if w.locking {
+        let mode = if read_only {
+            LockMode::Shared
+        } else {
+            LockMode::Exclusive
+        };
+        crate::lock::lock(file.raw_fd(), path, mode)?;
+    }
     let format = match format {
         Some(f) => f,
         None => probe(&file)?,
@@ -171,7 +196,7 @@ fn open_layer(
                 }
                 _ => None,
             };
-            Image::Qcow2(Qcow2::open(file, backing, read_only)?)
+            Image::Qcow2(Qcow2::open(file, backing, read_only, w.repairing)?)
         }
     };
     Ok(Arc::new(img))

@@ -1,6 +1,6 @@
 //! Creating raw and qcow2 images.
 
-use crate::chain::{open_chain, resolve_backing};
+use crate::chain::{open_chain_with, resolve_backing, ChainOpts};
 use crate::file::ImageFile;
 use crate::qcow2::header::{Compression, Header, V3_HEADER_LEN};
 use crate::qcow2::Qcow2;
@@ -57,11 +57,16 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<(), DiskError> {
             ));
         }
         let bpath = resolve_backing(path, name)?;
-        let b =
-            open_chain(&bpath, Some(*fmt), true, false).map_err(|e| DiskError::BackingChain {
-                path: path.into(),
-                reason: format!("cannot open backing file {}: {e}", bpath.display()),
-            })?;
+        // Only the size is read: no locks, so overlays can be made of images in use.
+        let ro = ChainOpts {
+            read_only: true,
+            no_locks: true,
+            ..Default::default()
+        };
+        let b = open_chain_with(&bpath, Some(*fmt), ro).map_err(|e| DiskError::BackingChain {
+            path: path.into(),
+            reason: format!("cannot open backing file {}: {e}", bpath.display()),
+        })?;
         if size == 0 {
             size = b.size();
         }
@@ -156,7 +161,7 @@ fn create_qcow2(path: &Path, size: u64, opts: &CreateOptions) -> Result<(), Disk
     drop(f);
     if used > per_block || opts.preallocation != Preallocation::Off {
         let f = ImageFile::open(path, true, false)?;
-        let q = Qcow2::open(f, None, false)?;
+        let q = Qcow2::open(f, None, false, false)?;
         q.finish_create(per_block.min(used), used, opts.preallocation)?;
         q.flush()?;
     }

@@ -24,6 +24,8 @@ pub enum DiskError {
     Corrupt { path: PathBuf, reason: String },
     #[error("{path}: image is opened read-only; writes are refused")]
     ReadOnly { path: PathBuf },
+    #[error("{path}: image is in use: {reason}; stop that process (e.g. the VM using it) first")]
+    InUse { path: PathBuf, reason: String },
     #[error("request out of range: offset {offset} length {len} is beyond the disk size {size}")]
     OutOfRange { offset: u64, len: u64, size: u64 },
     #[error("backing chain of {path}: {reason}")]

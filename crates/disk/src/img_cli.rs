@@ -201,8 +201,30 @@ fn opt_format(f: &Option<String>) -> Result<Option<Format>, DiskError> {
     f.as_deref().map(Format::parse).transpose()
 }
 
+/// Pretty JSON indented like qemu-img's (four spaces).
 fn json<T: serde::Serialize>(v: &T) -> String {
-    serde_json::to_string_pretty(v).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+    let mut out = Vec::new();
+    let fmt = serde_json::ser::PrettyFormatter::with_indent(b"    ");
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, fmt);
+    match v.serialize(&mut ser) {
+        Ok(()) => String::from_utf8_lossy(&out).into_owned(),
+        Err(e) => format!("{{\"error\": \"{e}\"}}"),
+    }
+}
+
+/// One map entry on one line, spaced like qemu-img's `map --output=json`.
+fn map_json_line(e: &ops::MapEntry) -> String {
+    let mut s = format!(
+        "{{ \"start\": {}, \"length\": {}, \"depth\": {}, \"present\": {}, \"zero\": {}, \"data\": {}",
+        e.start, e.length, e.depth, e.present, e.zero, e.data
+    );
+    if e.compressed {
+        s += ", \"compressed\": true";
+    }
+    if let Some(off) = e.offset {
+        s += &format!(", \"offset\": {off}");
+    }
+    s + "}"
 }
 
 /// Runs `ferrovirt img` with the arguments that follow `img`; returns the process exit code.
@@ -314,6 +336,17 @@ fn execute(cmd: Cmd) -> Result<i32, DiskError> {
                 RepairArg::Leaks => Repair::Leaks,
                 RepairArg::All => Repair::All,
             });
+            if info(&file, false)?
+                .first()
+                .is_some_and(|i| i.format == "raw")
+            {
+                // qemu-img's exit code for "this format does not support checks".
+                eprintln!(
+                    "ferrovirt img: {}: raw images have no metadata to check",
+                    file.display()
+                );
+                return Ok(63);
+            }
             let r = ops::check(&file, repair)?;
             if output == Output::Json {
                 println!("{}", json(&r));
@@ -431,10 +464,7 @@ fn execute(cmd: Cmd) -> Result<i32, DiskError> {
             let entries = ops::map(&file)?;
             match output {
                 Output::Json => {
-                    let lines: Vec<String> = entries
-                        .iter()
-                        .map(|e| serde_json::to_string(e).unwrap_or_default())
-                        .collect();
+                    let lines: Vec<String> = entries.iter().map(map_json_line).collect();
                     println!("[{}]", lines.join(",\n"));
                 }
                 Output::Human => {
@@ -450,6 +480,24 @@ fn execute(cmd: Cmd) -> Result<i32, DiskError> {
                 }
             }
             Ok(0)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse_like_qemu_img() {
+        assert_eq!(parse_size("1024").unwrap(), 1024);
+        assert_eq!(parse_size("512M").unwrap(), 512 << 20);
+        assert_eq!(parse_size("16G").unwrap(), 16 << 30);
+        assert_eq!(parse_size("16g").unwrap(), 16 << 30);
+        assert_eq!(parse_size("1.5G").unwrap(), 3 << 29);
+        assert_eq!(parse_size("64KiB").unwrap(), 64 << 10);
+        for bad in ["", "G", "12Q", "-1", "1.2.3G", "99999999999E", "0.3"] {
+            assert!(parse_size(bad).is_err(), "{bad} accepted");
         }
     }
 }

@@ -104,6 +104,7 @@ pub fn info(path: &Path, backing_chain: bool) -> Result<Vec<ImageInfo>, DiskErro
         ChainOpts {
             read_only: true,
             top_only: !backing_chain,
+            no_locks: true,
             ..Default::default()
         },
     )?;

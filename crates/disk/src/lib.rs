@@ -10,6 +10,7 @@ mod error;
 mod file;
 pub mod img_cli;
 mod info;
+mod lock;
 pub mod ops;
 mod qcow2;
 mod raw;

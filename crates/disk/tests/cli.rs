@@ -223,6 +223,30 @@ fn commit_rebase_resize() {
     let (code, _, err) = img(&["resize", &s(&base), "1G"]);
     assert_eq!(code, 1);
     assert!(err.contains("shrinking"), "{err}");
+    // With 4 KiB clusters one L1 cluster maps 1 GiB: growing to 4 GiB moves the L1 table.
+    let small = d.path("small.qcow2");
+    img_ok(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        &s(&small),
+        "512M",
+    ]);
+    qemu_io(&small, "qcow2", &["write -P 5 100M 1M".into()]);
+    img_ok(&["resize", &s(&small), "4G"]);
+    assert_clean(&small);
+    qemu_io(
+        &small,
+        "qcow2",
+        &[
+            "read -P 5 100M 1M".into(),
+            "write -P 6 4095M 1M".into(),
+            "read -P 6 4095M 1M".into(),
+        ],
+    );
+    assert_clean(&small);
     let r = d.path("r.raw");
     img_ok(&["create", "-f", "raw", &s(&r), "1M"]);
     img_ok(&["resize", &s(&r), "+1M"]);
@@ -295,9 +319,116 @@ fn check_reports_and_repairs_leaks() {
     let (code, out, _) = img(&["check", "-r", "all", &s(&p)]);
     assert_eq!(code, 0, "{out}");
     assert_clean(&p);
+    let raw = d.path("r.raw");
+    img_ok(&["create", "-f", "raw", &s(&raw), "1M"]);
+    let (code, _, err) = img(&["check", &s(&raw)]);
+    assert_eq!(
+        code, 63,
+        "qemu-img's code for a format without checks: {err}"
+    );
     let (code, out, _) = img(&["check", "--output=json", &s(&p)]);
     assert_eq!(code, 0);
     let j: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(j["check-errors"], 0);
     assert_eq!(j["format"], "qcow2");
+}
+
+#[test]
+fn safe_rebase_keeps_the_view_when_the_new_backing_has_data() {
+    let d = Scratch::new("cli-rebase");
+    let a = d.path("a.qcow2");
+    let b = d.path("b.qcow2");
+    let ov = d.path("ov.qcow2");
+    img_ok(&["create", "-f", "qcow2", &s(&a), "8M"]);
+    img_ok(&["create", "-f", "qcow2", &s(&b), "8M"]);
+    qemu_io(&a, "qcow2", &["write -P 1 0 1M".into()]);
+    qemu_io(
+        &b,
+        "qcow2",
+        &["write -P 2 512k 2M".into(), "write -P 3 7M 4k".into()],
+    );
+    img_ok(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        "a.qcow2",
+        "-F",
+        "qcow2",
+        &s(&ov),
+    ]);
+    qemu_io(&ov, "qcow2", &["write -P 4 6M 64k".into()]);
+    let view = d.path("view.raw");
+    qemu_img_ok(&["convert", "-O", "raw", &s(&ov), &s(&view)]);
+    img_ok(&["rebase", "-b", "b.qcow2", "-F", "qcow2", &s(&ov)]);
+    assert_identical(&ov, "qcow2", &view, "raw");
+    assert_clean(&ov);
+    // Removing the backing file altogether keeps the view too.
+    img_ok(&["rebase", "-b", "", &s(&ov)]);
+    assert_identical(&ov, "qcow2", &view, "raw");
+    let j: serde_json::Value =
+        serde_json::from_str(&qemu_img_ok(&["info", "--output=json", &s(&ov)])).unwrap();
+    assert!(j.get("backing-filename").is_none(), "{j}");
+}
+
+/// A petabyte of virtual size with almost nothing allocated: map, convert, commit and
+/// check take time in proportion to what is allocated, not to the virtual size.
+#[test]
+fn huge_sparse_images_are_handled_quickly() {
+    let d = Scratch::new("cli-huge");
+    let base = d.path("base.qcow2");
+    let ov = d.path("ov.qcow2");
+    img_ok(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=2M",
+        &s(&base),
+        "1P",
+    ]);
+    img_ok(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=2M",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        &s(&ov),
+    ]);
+    qemu_io(&ov, "qcow2", &["write -P 7 1T 64k".into()]);
+    let start = std::time::Instant::now();
+    let m: serde_json::Value =
+        serde_json::from_str(&img_ok(&["map", "--output=json", &s(&ov)])).unwrap();
+    assert_eq!(
+        m.as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["data"] == true)
+            .count(),
+        1,
+        "{m}"
+    );
+    let out = d.path("flat.qcow2");
+    img_ok(&[
+        "convert",
+        "-O",
+        "qcow2",
+        "-o",
+        "cluster_size=2M",
+        &s(&ov),
+        &s(&out),
+    ]);
+    qemu_io(
+        &out,
+        "qcow2",
+        &["read -P 7 1T 64k".into(), "read -P 0 0 1M".into()],
+    );
+    img_ok(&["commit", &s(&ov)]);
+    qemu_io(&base, "qcow2", &["read -P 7 1T 64k".into()]);
+    img_ok(&["check", &s(&base)]);
+    assert!(start.elapsed().as_secs() < 20, "took {:?}", start.elapsed());
 }

@@ -194,7 +194,14 @@ fn case(with_backing: bool) {
         }
         let completed = run_child(&run, n);
         assert_eq!(completed, n > total, "fault after {n} of {total} writes");
-        assert_no_corruption(&img_path);
+        let qemu_code = assert_no_corruption(&img_path);
+        let ours = ferrovirt_disk::ops::check(&img_path, None).unwrap();
+        assert_eq!(
+            ours.exit_code(),
+            qemu_code,
+            "our check disagrees with qemu-img: {:?}",
+            ours.messages
+        );
         // Flushed state: the model up to the last completed flush.
         let flushed: usize = std::fs::read_to_string(run.join("flushed"))
             .ok()

@@ -118,6 +118,15 @@ fn overlapping_metadata() {
     let e = img.write_at(&[1u8; 512], 0).unwrap_err().to_string();
     assert!(e.contains("overlaps the image's metadata"), "{e}");
     drop(img);
+    // Like QEMU, the image is now marked corrupt: no more read-write opens.
+    let info: serde_json::Value =
+        serde_json::from_str(&qemu_img_ok(&["info", "--output=json", &s(&p)])).unwrap();
+    assert_eq!(info["format-specific"]["data"]["corrupt"], true, "{info}");
+    let e = open(&p, &opts(false))
+        .err()
+        .expect("read-write open of a corrupt image")
+        .to_string();
+    assert!(e.contains("corrupt bit"), "{e}");
     let r = ops::check(&p, None).unwrap();
     assert!(r.corruptions > 0, "check must flag the shared cluster");
 }
@@ -226,6 +235,20 @@ fn backing_loops_depth_and_protocols() {
         let e = open_err(&p);
         assert!(e.contains("not supported"), "{name}: {e}");
     }
+    // Backing names that are not disks: a FIFO would block an open, /dev/zero is no disk.
+    let fifo = d.path("fifo");
+    let st = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("run mkfifo");
+    assert!(st.success());
+    for target in [s(&fifo), "/dev/zero".to_string(), s(&d.dir)] {
+        let p = d.path("odd.qcow2");
+        qemu_img_ok(&["create", "-f", "qcow2", &s(&p), "1M"]);
+        qemu_img_ok(&["rebase", "-u", "-b", &target, "-F", "raw", &s(&p)]);
+        let e = open_err(&p);
+        assert!(e.contains("not a disk image"), "{target}: {e}");
+    }
     let p = d.path("missing.qcow2");
     qemu_img_ok(&[
         "create",
@@ -265,6 +288,21 @@ fn header_flags_and_garbage() {
     let mut b = [0u8; 16];
     img.read_at(&mut b, 0).unwrap();
     assert_eq!(b, [0xaa; 16]);
+
+    // The dirty bit: read-write open is refused until `check -r all` repairs the image.
+    let p = sample(&d, "dirty.qcow2");
+    patch(&p, 72, &1u64.to_be_bytes());
+    let e = open(&p, &opts(false))
+        .err()
+        .expect("dirty image opened read-write")
+        .to_string();
+    assert!(e.contains("dirty") && e.contains("check -r all"), "{e}");
+    img_ok(&["check", "-r", "all", &s(&p)]);
+    assert!(
+        open(&p, &opts(false)).is_ok(),
+        "repaired image opens read-write"
+    );
+    assert_clean(&p);
 
     let p = d.path("short.qcow2");
     std::fs::write(&p, b"QFI\xfb\x00\x00\x00\x03").unwrap();

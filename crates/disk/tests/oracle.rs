@@ -24,15 +24,19 @@ fn qcow2_opts(size: u64, cluster: Option<u32>) -> CreateOptions {
 }
 
 fn rw(path: &Path) -> Arc<dyn BlockBackend> {
+    rw_mode(path, false)
+}
+
+fn rw_mode(path: &Path, direct: bool) -> Arc<dyn BlockBackend> {
     open(
         path,
         &OpenOptions {
             format: None,
             read_only: false,
-            direct: false,
+            direct,
         },
     )
-    .expect("open read-write")
+    .unwrap_or_else(|e| panic!("open read-write (direct={direct}): {e}"))
 }
 
 fn ro(path: &Path) -> Arc<dyn BlockBackend> {
@@ -173,10 +177,13 @@ fn workload(img: &dyn BlockBackend, model: &mut [u8], seed: u64, ops: usize) {
         let (o, l) = (off as usize, len as usize);
         match kind {
             0..=5 => {
-                let mut buf = vec![0u8; l];
-                rng.fill(&mut buf);
-                img.write_at(&buf, off).unwrap();
-                model[o..o + l].copy_from_slice(&buf);
+                // Page-aligned buffers, so that cache=none really uses O_DIRECT.
+                let mut storage = vec![0u8; l + 4096];
+                let start = storage.as_ptr().align_offset(4096);
+                let buf = &mut storage[start..start + l];
+                rng.fill(buf);
+                img.write_at(buf, off).unwrap();
+                model[o..o + l].copy_from_slice(buf);
             }
             6 | 7 => {
                 img.write_zeroes(off, len, kind == 7).unwrap();
@@ -192,14 +199,27 @@ fn workload(img: &dyn BlockBackend, model: &mut [u8], seed: u64, ops: usize) {
 }
 
 fn read_all(img: &dyn BlockBackend) -> Vec<u8> {
-    let mut v = vec![0u8; img.size() as usize];
+    let size = img.size() as usize;
+    let mut storage = vec![0u8; size + 4096];
+    let start = storage.as_ptr().align_offset(4096);
+    let v = &mut storage[start..start + size];
     for (i, c) in v.chunks_mut(MIB as usize).enumerate() {
         img.read_at(c, i as u64 * MIB).unwrap();
     }
-    v
+    v.to_vec()
 }
 
 fn random_workload_case(name: &str, backing: Option<Format>, cluster: Option<u32>, seed: u64) {
+    random_workload_mode(name, backing, cluster, seed, false)
+}
+
+fn random_workload_mode(
+    name: &str,
+    backing: Option<Format>,
+    cluster: Option<u32>,
+    seed: u64,
+    direct: bool,
+) {
     let d = Scratch::new(name);
     let size = 24 * MIB;
     let top = d.path("top.qcow2");
@@ -224,8 +244,18 @@ fn random_workload_case(name: &str, backing: Option<Format>, cluster: Option<u32
         o.backing = Some(("base.img".into(), bf));
     }
     create(&top, &o).unwrap();
+    // A raw copy of the starting contents gets the same workload through the raw driver.
+    let raw_copy = d.path("copy.raw");
+    std::fs::write(&raw_copy, &model).unwrap();
     {
-        let img = rw(&top);
+        let raw = rw_mode(&raw_copy, direct);
+        let mut scratch_model = model.clone();
+        workload(&*raw, &mut scratch_model, seed, 400);
+        workload(&*raw, &mut scratch_model, seed ^ 0x5555, 200);
+        raw.flush().unwrap();
+    }
+    {
+        let img = rw_mode(&top, direct);
         workload(&*img, &mut model, seed, 400);
         img.flush().unwrap();
         assert!(read_all(&*img) == model, "our reads differ from the model");
@@ -245,6 +275,7 @@ fn random_workload_case(name: &str, backing: Option<Format>, cluster: Option<u32
     let reference = d.path("model.raw");
     std::fs::write(&reference, &model).unwrap();
     assert_identical(&top, "qcow2", &reference, "raw");
+    assert_identical(&top, "qcow2", &raw_copy, "raw");
 }
 
 #[test]
@@ -260,6 +291,12 @@ fn random_workload_small_clusters() {
 #[test]
 fn random_workload_qcow2_backing() {
     random_workload_case("wl-qb", Some(Format::Qcow2), None, 3);
+}
+
+/// cache=none: aligned requests go through O_DIRECT, the others through the page cache.
+#[test]
+fn random_workload_direct_io() {
+    random_workload_mode("wl-direct", Some(Format::Qcow2), None, 5, true);
 }
 
 #[test]
@@ -280,6 +317,12 @@ fn assert_reads_like_qemu(d: &Scratch, img: &Path) {
         "{} reads differently from qemu-img convert",
         img.display()
     );
+}
+
+/// Our `check` agrees with qemu-img's on images qemu-img considers clean.
+fn assert_our_check_is_clean(p: &Path) {
+    let r = ferrovirt_disk::ops::check(p, None).unwrap();
+    assert_eq!(r.exit_code(), 0, "{}: {:?}", p.display(), r.messages);
 }
 
 fn pattern_cmds() -> Vec<String> {
@@ -305,6 +348,7 @@ fn qemu_made_images_read_back_identically() {
         ("v2", &["-o", "compat=0.10"]),
         ("rc8", &["-o", "refcount_bits=8"]),
         ("rc64", &["-o", "refcount_bits=64"]),
+        ("lazy", &["-o", "lazy_refcounts=on"]),
     ];
     for (name, extra) in cases {
         let p = d.path(&format!("{name}.qcow2"));
@@ -316,6 +360,7 @@ fn qemu_made_images_read_back_identically() {
         qemu_img_ok(&args);
         qemu_io(&p, "qcow2", &pattern_cmds());
         assert_reads_like_qemu(&d, &p);
+        assert_our_check_is_clean(&p);
         // Writing through us keeps it valid for qemu-img.
         let img = rw(&p);
         img.write_at(&[0x5a; 10000], 65000).unwrap();
@@ -345,6 +390,7 @@ fn compressed_and_backed_images_read_back_identically() {
             &s(&c),
         ]);
         assert_reads_like_qemu(&d, &c);
+        assert_our_check_is_clean(&c);
         // Overwriting part of a compressed cluster decompresses it (copy-on-write).
         let img = rw(&c);
         img.write_at(&[0x77; 100], 1_048_600).unwrap();
@@ -375,4 +421,102 @@ fn compressed_and_backed_images_read_back_identically() {
         ],
     );
     assert_reads_like_qemu(&d, &ov);
+}
+
+#[test]
+fn preallocated_images_are_valid() {
+    let d = Scratch::new("prealloc");
+    for (mode, cluster) in [
+        (Preallocation::Metadata, 65536u32),
+        (Preallocation::Metadata, 4096),
+        (Preallocation::Falloc, 65536),
+        (Preallocation::Full, 65536),
+    ] {
+        let p = d.path(&format!("{mode:?}-{cluster}.qcow2"));
+        let mut o = qcow2_opts(20 * MIB, Some(cluster));
+        o.preallocation = mode;
+        create(&p, &o).unwrap();
+        assert_clean(&p);
+        // Every cluster is allocated up front, and reads as zeros.
+        let m: serde_json::Value =
+            serde_json::from_str(&qemu_img_ok(&["map", "--output=json", &s(&p)])).unwrap();
+        let unallocated: u64 = m
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["present"] != true)
+            .map(|e| e["length"].as_u64().unwrap())
+            .sum();
+        assert_eq!(unallocated, 0, "{mode:?}: {m}");
+        let img = rw(&p);
+        assert!(read_all(&*img).iter().all(|&b| b == 0));
+        img.write_at(&[9u8; 3000], 5 * MIB + 100).unwrap();
+        img.flush().unwrap();
+        drop(img);
+        assert_clean(&p);
+        qemu_io(
+            &p,
+            "qcow2",
+            &["read -P 9 5242980 3000".into(), "read -P 0 0 5M".into()],
+        );
+        if mode == Preallocation::Full {
+            let j = qemu_info_json(&p, false);
+            assert!(
+                j["actual-size"].as_u64().unwrap() >= 20 * MIB,
+                "full preallocation allocates host blocks: {j}"
+            );
+        }
+    }
+}
+
+/// A version 2 image made by qemu-img, with a backing file and a size that is not a
+/// multiple of the cluster size: v2 has no zero flag, so zero-writes write zeros.
+#[test]
+fn random_workload_on_qemu_made_v2_image() {
+    let d = Scratch::new("wl-v2");
+    let size = 6 * MIB + 1536;
+    let base = d.path("base.qcow2");
+    let top = d.path("top.qcow2");
+    qemu_img_ok(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "compat=0.10",
+        &s(&base),
+        &size.to_string(),
+    ]);
+    qemu_io(
+        &base,
+        "qcow2",
+        &[
+            "write -P 0x61 0 3M".into(),
+            format!("write -P 0x62 {} 1536", size - 1536),
+        ],
+    );
+    qemu_img_ok(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "compat=0.10",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        &s(&top),
+    ]);
+    let mut model = read_all(&*ro(&top));
+    {
+        let img = rw(&top);
+        workload(&*img, &mut model, 11, 300);
+        img.flush().unwrap();
+        assert!(read_all(&*img) == model, "our reads differ from the model");
+    }
+    assert_clean(&top);
+    let j = qemu_info_json(&top, false);
+    assert_eq!(j["format-specific"]["data"]["compat"], "0.10");
+    let reference = d.path("model.raw");
+    std::fs::write(&reference, &model).unwrap();
+    assert_identical(&top, "qcow2", &reference, "raw");
 }

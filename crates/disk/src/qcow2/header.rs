@@ -440,3 +440,52 @@ fn check_region(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Header {
+        Header {
+            version: 3,
+            backing_file: Some("base.qcow2".into()),
+            cluster_bits: 16,
+            size: 1 << 30,
+            l1_size: 2,
+            l1_table_offset: 3 << 16,
+            refcount_table_offset: 1 << 16,
+            refcount_table_clusters: 1,
+            nb_snapshots: 0,
+            snapshots_offset: 0,
+            incompatible_features: 0,
+            compatible_features: 0,
+            autoclear_features: 0,
+            refcount_order: 4,
+            header_length: V3_HEADER_LEN,
+            compression: Compression::Zlib,
+            backing_format: Some("qcow2".into()),
+            feature_names: Vec::new(),
+            other_extensions: vec![(0x1234_5678, vec![1, 2, 3])],
+        }
+    }
+
+    #[test]
+    fn header_round_trips_with_extensions() {
+        let h = sample();
+        let b = h.serialize().unwrap();
+        let p = Header::parse(Path::new("t"), &b, 4 << 16).unwrap();
+        assert_eq!(p.backing_file.as_deref(), Some("base.qcow2"));
+        assert_eq!(p.backing_format.as_deref(), Some("qcow2"));
+        assert_eq!(p.size, 1 << 30);
+        assert_eq!(p.other_extensions, vec![(0x1234_5678, vec![1, 2, 3])]);
+        assert_eq!(p.incompatible_name(1), "corrupt bit");
+    }
+
+    #[test]
+    fn truncated_headers_are_rejected_without_panic() {
+        let b = sample().serialize().unwrap();
+        for len in 0..b.len() {
+            let _ = Header::parse(Path::new("t"), &b[..len], 4 << 16);
+        }
+    }
+}

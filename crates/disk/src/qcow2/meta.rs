@@ -23,6 +23,19 @@ pub const ZERO: u64 = 1;
 /// Upper bound for the bytes kept in each metadata cache before write-back and eviction.
 const CACHE_BYTES: u64 = 32 << 20;
 
+/// Test hook: a smaller cache limit, so that tests exercise eviction.
+pub const CACHE_ENV: &str = "FERROVIRT_DISK_CACHE_BYTES";
+
+fn cache_bytes() -> u64 {
+    static LIMIT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *LIMIT.get_or_init(|| {
+        std::env::var(CACHE_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(CACHE_BYTES)
+    })
+}
+
 #[derive(Clone, Copy, Debug)]
 pub struct Geometry {
     pub cluster_bits: u32,
@@ -132,6 +145,8 @@ pub struct Meta {
     rt_moved: bool,
     rb: HashMap<u64, Block>,
     pub pending_free: Vec<u64>,
+    /// Guest clusters whose allocating write is filling its new host cluster.
+    pub inflight: std::collections::HashSet<u64>,
     free_hint: u64,
     /// First cluster index past everything in the file or allocated so far.
     pub end: u64,
@@ -201,6 +216,7 @@ impl Meta {
             rt_moved: false,
             rb: HashMap::new(),
             pending_free: Vec::new(),
+            inflight: std::collections::HashSet::new(),
             free_hint: 0,
             end,
             fresh_from: end,
@@ -263,6 +279,12 @@ impl Meta {
         }
         let idx = (guest_cluster % self.geo.l2_entries) as usize;
         Ok(self.l2_table(f, l2_off)?.entries[idx])
+    }
+
+    /// Whether the L1 table points at an L2 table for this guest cluster.
+    pub fn l2_entry_exists(&self, guest_cluster: u64) -> bool {
+        let l1_idx = (guest_cluster / self.geo.l2_entries) as usize;
+        self.l1.get(l1_idx).is_some_and(|e| e & L1_OFFSET_MASK != 0)
     }
 
     pub fn lookup(&mut self, f: &ImageFile, guest_cluster: u64) -> Result<Mapping, DiskError> {
@@ -512,7 +534,7 @@ impl Meta {
     }
 
     fn maybe_evict(&mut self, f: &ImageFile) -> Result<(), DiskError> {
-        let limit = (CACHE_BYTES / self.geo.cluster_size).max(16) as usize;
+        let limit = (cache_bytes() / self.geo.cluster_size).max(16) as usize;
         if self.l2.len() < limit && self.rb.len() < limit {
             return Ok(());
         }
@@ -692,5 +714,38 @@ impl Meta {
 
     pub fn refcount_table(&self) -> &[u64] {
         &self.rt
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{rc_get, rc_set};
+
+    #[test]
+    fn refcounts_of_every_width_round_trip() {
+        for order in 0..=6u32 {
+            let bits = 1u32 << order;
+            let max = if bits == 64 {
+                u64::MAX
+            } else {
+                (1u64 << bits) - 1
+            };
+            let mut block = vec![0u8; 512];
+            let entries = 512 * 8 / bits as u64;
+            for i in 0..entries {
+                rc_set(&mut block, i, order, (i * 7 + 1) & max);
+            }
+            for i in 0..entries {
+                assert_eq!(
+                    rc_get(&block, i, order),
+                    (i * 7 + 1) & max,
+                    "order {order} entry {i}"
+                );
+            }
+        }
+        // 16-bit refcounts are big-endian, as the qcow2 specification says.
+        let mut b = vec![0u8; 4];
+        rc_set(&mut b, 1, 4, 0x0102);
+        assert_eq!(b, [0, 0, 1, 2]);
     }
 }

@@ -2,15 +2,17 @@
 //! discard, compressed-cluster reads, and the block-status walk used by map/convert.
 
 pub mod header;
+mod io;
+mod maintain;
 pub mod meta;
 
-use crate::file::ImageFile;
+use crate::file::{AlignedBuf, ImageFile};
 use crate::{BlockBackend, DiskError, Image};
 use header::{
     Compression, Header, INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY,
 };
 use meta::{Mapping, Meta, COPIED, ZERO};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 
 pub struct Qcow2 {
     file: ImageFile,
@@ -21,6 +23,8 @@ pub struct Qcow2 {
     backing: Option<Arc<Image>>,
     compression: Compression,
     meta: Mutex<Meta>,
+    /// Signalled when an allocating write has mapped its cluster.
+    alloc_done: Condvar,
     /// Data I/O holds this shared; making freed clusters reusable holds it exclusively,
     /// so no request in flight can land in a cluster that was handed to another one.
     gate: RwLock<()>,
@@ -58,6 +62,7 @@ impl Qcow2 {
         file: ImageFile,
         backing: Option<Arc<Image>>,
         read_only: bool,
+        repairing: bool,
     ) -> Result<Qcow2, DiskError> {
         let mut header = read_header(&file)?;
         let path = file.path().to_path_buf();
@@ -78,7 +83,7 @@ impl Qcow2 {
                 feature: header.incompatible_name(bit),
             });
         }
-        if !read_only {
+        if !read_only && !repairing {
             if header.incompatible_features & INCOMPAT_CORRUPT != 0 {
                 return Err(DiskError::Corrupt {
                     path,
@@ -124,6 +129,7 @@ impl Qcow2 {
             read_only,
             backing,
             meta: Mutex::new(meta),
+            alloc_done: Condvar::new(),
             file,
             gate: RwLock::new(()),
         })
@@ -230,21 +236,25 @@ impl Qcow2 {
         &self,
         m: Mapping,
         guest_cluster: u64,
-    ) -> Result<Option<Vec<u8>>, DiskError> {
-        let cs = self.cluster_size;
+    ) -> Result<Option<AlignedBuf>, DiskError> {
+        let cs = self.cluster_size as usize;
         Ok(match m {
             Mapping::Zero { .. } => None,
             Mapping::Unallocated if self.backing.is_none() => None,
             Mapping::Unallocated => {
-                let mut b = vec![0u8; cs as usize];
-                let start = guest_cluster * cs;
-                let n = (self.size - start).min(cs) as usize;
+                let mut b = AlignedBuf::zeroed(cs);
+                let start = guest_cluster * self.cluster_size;
+                let n = (self.size - start).min(self.cluster_size) as usize;
                 self.read_backing(&mut b[..n], start)?;
                 Some(b)
             }
-            Mapping::Compressed { host, len } => Some(self.decompress(host, len)?),
+            Mapping::Compressed { host, len } => {
+                let mut b = AlignedBuf::zeroed(cs);
+                b.copy_from_slice(&self.decompress(host, len)?);
+                Some(b)
+            }
             Mapping::Data { host, .. } => {
-                let mut b = vec![0u8; cs as usize];
+                let mut b = AlignedBuf::zeroed(cs);
                 self.file.read_at(&mut b, host)?;
                 Some(b)
             }
@@ -269,28 +279,22 @@ impl Qcow2 {
     }
 
     /// A write into a cluster that is not yet a plain data cluster of this image:
-    /// allocate, copy the old contents around the new bytes, then map it.
+    /// reserve a host cluster, fill it (copying the old contents around the new bytes)
+    /// without holding the metadata lock, then map it. Other writers to the same guest
+    /// cluster wait until it is mapped.
     fn allocating_write(
         &self,
-        meta: &mut Meta,
+        mut meta: MutexGuard<'_, Meta>,
         guest_cluster: u64,
         in_cluster: u64,
         data: &[u8],
         m: Mapping,
     ) -> Result<(), DiskError> {
-        let cs = self.cluster_size;
-        let cluster_start = guest_cluster * cs;
-        let valid = (self.size - cluster_start).min(cs);
-        let full = in_cluster == 0 && data.len() as u64 >= valid;
         let (host, fresh) = match m {
-            Mapping::Zero { host: Some(h) } => {
-                let copied = meta.l2_entry(&self.file, guest_cluster)? & COPIED != 0;
-                if copied {
-                    (h, false)
-                } else {
-                    let (i, fr) = meta.alloc(&self.file, 1)?;
-                    (i << self.cluster_bits, fr)
-                }
+            Mapping::Zero { host: Some(h) }
+                if meta.l2_entry(&self.file, guest_cluster)? & COPIED != 0 =>
+            {
+                (h, false)
             }
             Mapping::Data { copied: false, .. } => {
                 return Err(DiskError::Unsupported {
@@ -303,31 +307,73 @@ impl Qcow2 {
                 (i << self.cluster_bits, fr)
             }
         };
-        self.ensure_not_metadata(meta, host)?;
+        self.ensure_not_metadata(&meta, host)?;
+        meta.inflight.insert(guest_cluster);
+        drop(meta);
+        let filled = self.fill_cluster(guest_cluster, in_cluster, data, m, host, fresh);
+        let mut meta = self.lock();
+        meta.inflight.remove(&guest_cluster);
+        let mapped = filled.and_then(|()| {
+            if let Mapping::Compressed { .. } = m {
+                if let Some((first, n)) = m.host_clusters(&meta.geo) {
+                    meta.free_later(first, n);
+                }
+            }
+            // On failure the reserved cluster stays counted but unused: a leak, not corruption.
+            meta.set_l2_entry(&self.file, guest_cluster, host | COPIED)
+        });
+        drop(meta);
+        self.alloc_done.notify_all();
+        mapped
+    }
+
+    /// Writes a newly reserved host cluster: the new bytes plus the old contents.
+    fn fill_cluster(
+        &self,
+        guest_cluster: u64,
+        in_cluster: u64,
+        data: &[u8],
+        m: Mapping,
+        host: u64,
+        fresh: bool,
+    ) -> Result<(), DiskError> {
+        let cs = self.cluster_size;
+        let valid = (self.size - guest_cluster * cs).min(cs);
+        let full = in_cluster == 0 && data.len() as u64 >= valid;
+        if fresh {
+            // O_DIRECT writes that extend the file are slow (the file system serialises
+            // them); reserving the cluster first makes the data write an overwrite.
+            self.file.reserve_for_direct(host, cs)?;
+        }
         let old = if full {
             None
         } else {
             self.cluster_contents(m, guest_cluster)?
         };
         match old {
-            None if full || fresh => self.file.write_at(data, host + in_cluster)?,
+            None if full || fresh => self.file.write_at(data, host + in_cluster),
             None => {
-                let mut b = vec![0u8; valid as usize];
+                let mut b = AlignedBuf::zeroed(cs as usize);
                 b[in_cluster as usize..in_cluster as usize + data.len()].copy_from_slice(data);
-                self.file.write_at(&b, host)?;
+                self.file.write_at(&b[..valid as usize], host)
             }
             Some(mut b) => {
-                b.truncate(valid as usize);
                 b[in_cluster as usize..in_cluster as usize + data.len()].copy_from_slice(data);
-                self.file.write_at(&b, host)?;
+                self.file.write_at(&b[..valid as usize], host)
             }
         }
-        if let Mapping::Compressed { .. } = m {
-            if let Some((first, n)) = m.host_clusters(&meta.geo) {
-                meta.free_later(first, n);
-            }
+    }
+
+    /// The metadata lock, once no allocating write to `guest_cluster` is in flight.
+    fn lock_settled(&self, guest_cluster: u64) -> MutexGuard<'_, Meta> {
+        let mut meta = self.lock();
+        while meta.inflight.contains(&guest_cluster) {
+            meta = self
+                .alloc_done
+                .wait(meta)
+                .unwrap_or_else(|p| p.into_inner());
         }
-        meta.set_l2_entry(&self.file, guest_cluster, host | COPIED)
+        meta
     }
 
     /// Splits [offset, offset+len) into per-cluster pieces: (guest cluster, offset in cluster, length).
@@ -353,21 +399,32 @@ impl Qcow2 {
     pub fn layer_status(&self, offset: u64, max_len: u64) -> Result<(LayerStatus, u64), DiskError> {
         let cs = self.cluster_size;
         let max_len = max_len.min(self.size.saturating_sub(offset));
+        let end = offset + max_len;
+        let span = cs * (cs / 8); // guest bytes mapped by one L2 table
         let mut meta = self.lock();
         let mut first: Option<LayerStatus> = None;
         let mut len = 0;
-        for (gc, in_c, n) in self.pieces(offset, max_len) {
-            let st = match meta.lookup(&self.file, gc)? {
-                Mapping::Unallocated => LayerStatus::Unallocated,
-                Mapping::Zero { .. } => LayerStatus::Zero,
-                Mapping::Data { host, .. } => LayerStatus::Data {
-                    host: Some(host + in_c),
-                    compressed: false,
-                },
-                Mapping::Compressed { .. } => LayerStatus::Data {
-                    host: None,
-                    compressed: true,
-                },
+        while offset + len < end {
+            let pos = offset + len;
+            let gc = pos >> self.cluster_bits;
+            let in_c = pos & (cs - 1);
+            let (st, n) = if meta.l2_entry_exists(gc) {
+                let st = match meta.lookup(&self.file, gc)? {
+                    Mapping::Unallocated => LayerStatus::Unallocated,
+                    Mapping::Zero { .. } => LayerStatus::Zero,
+                    Mapping::Data { host, .. } => LayerStatus::Data {
+                        host: Some(host + in_c),
+                        compressed: false,
+                    },
+                    Mapping::Compressed { .. } => LayerStatus::Data {
+                        host: None,
+                        compressed: true,
+                    },
+                };
+                (st, (cs - in_c).min(end - pos))
+            } else {
+                // No L2 table: the whole range it would map is unallocated.
+                (LayerStatus::Unallocated, (span - pos % span).min(end - pos))
             };
             match first {
                 None => first = Some(st),
@@ -391,67 +448,8 @@ impl Qcow2 {
                 }
             }
             len += n;
-            let _ = cs;
         }
         Ok((first.unwrap_or(LayerStatus::Zero), len))
-    }
-
-    /// Drops every mapping of this layer (used by commit to empty the overlay).
-    pub fn make_empty(&self) -> Result<(), DiskError> {
-        self.check_writable()?;
-        {
-            let _g = self.gate.write().unwrap_or_else(|p| p.into_inner());
-            let mut meta = self.lock();
-            let clusters = self.size.div_ceil(self.cluster_size);
-            for gc in 0..clusters {
-                let m = meta.lookup(&self.file, gc)?;
-                if m == Mapping::Unallocated {
-                    continue;
-                }
-                if let Some((first, n)) = m.host_clusters(&meta.geo) {
-                    meta.free_later(first, n);
-                }
-                meta.set_l2_entry(&self.file, gc, 0)?;
-            }
-        }
-        self.flush()
-    }
-
-    /// Grows the virtual size (the L1 table moves if it must).
-    pub fn grow(&self, new_size: u64) -> Result<(), DiskError> {
-        self.check_writable()?;
-        let _g = self.gate.write().unwrap_or_else(|p| p.into_inner());
-        let mut meta = self.lock();
-        let entries = Header::l1_entries_for(new_size, self.cluster_bits);
-        if entries > meta.l1_len() as u64 {
-            meta.grow_l1(&self.file, entries)?;
-        }
-        meta.writeback(&self.file)?;
-        self.file.sync()?;
-        self.file.write_at(&new_size.to_be_bytes(), 24)?;
-        self.file.sync()?;
-        meta.header.size = new_size;
-        drop(meta);
-        Ok(())
-    }
-
-    /// Rewrites the header cluster with a new backing file name and format.
-    pub fn set_backing(
-        &self,
-        name: Option<String>,
-        format: Option<String>,
-    ) -> Result<(), DiskError> {
-        self.check_writable()?;
-        self.flush()?;
-        let mut meta = self.lock();
-        let mut h = meta.header.clone();
-        h.backing_file = name;
-        h.backing_format = format;
-        let bytes = h.serialize().map_err(DiskError::InvalidArgument)?;
-        self.file.write_at(&bytes, 0)?;
-        self.file.sync()?;
-        meta.header = h;
-        Ok(())
     }
 
     fn write_zeroes_impl(&self, offset: u64, len: u64, may_unmap: bool) -> Result<(), DiskError> {
@@ -463,7 +461,7 @@ impl Qcow2 {
             let valid = (self.size - gc * cs).min(cs);
             let whole = in_c == 0 && n >= valid;
             let _g = self.gate.read().unwrap_or_else(|p| p.into_inner());
-            let mut meta = self.lock();
+            let mut meta = self.lock_settled(gc);
             let m = meta.lookup(&self.file, gc)?;
             let reads_zero = matches!(m, Mapping::Zero { .. })
                 || (m == Mapping::Unallocated && self.backing.is_none());
@@ -505,71 +503,13 @@ impl BlockBackend for Qcow2 {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DiskError> {
-        self.check_range(offset, buf.len() as u64)?;
-        let _g = self.gate.read().unwrap_or_else(|p| p.into_inner());
-        let mut done = 0usize;
-        let cs = self.cluster_size;
-        while done < buf.len() {
-            let pos = offset + done as u64;
-            let in_c = pos & (cs - 1);
-            let remaining = (buf.len() - done) as u64;
-            // Merge clusters that map contiguously into one host read.
-            let (m, mut n) = {
-                let mut meta = self.lock();
-                let m = meta.lookup(&self.file, pos >> self.cluster_bits)?;
-                let mut n = (cs - in_c).min(remaining);
-                while n < remaining {
-                    let next = meta.lookup(&self.file, (pos + n) >> self.cluster_bits)?;
-                    let cont = match (m, next) {
-                        (Mapping::Data { host: h0, .. }, Mapping::Data { host: h, .. }) => {
-                            h == h0 + in_c + n
-                        }
-                        (Mapping::Unallocated, Mapping::Unallocated) => true,
-                        (Mapping::Zero { .. }, Mapping::Zero { .. }) => true,
-                        _ => false,
-                    };
-                    if !cont {
-                        break;
-                    }
-                    n += cs.min(remaining - n);
-                }
-                (m, n)
-            };
-            n = n.min(remaining);
-            let chunk = &mut buf[done..done + n as usize];
-            match m {
-                Mapping::Unallocated => self.read_backing(chunk, pos)?,
-                Mapping::Zero { .. } => chunk.fill(0),
-                Mapping::Data { host, .. } => self.file.read_at(chunk, host + in_c)?,
-                Mapping::Compressed { host, len } => {
-                    let c = self.decompress(host, len)?;
-                    chunk.copy_from_slice(&c[in_c as usize..(in_c + n) as usize]);
-                }
-            }
-            done += n as usize;
-        }
-        Ok(())
+        self.read_impl(buf, offset)
+            .map_err(|e| self.note_corruption(e))
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), DiskError> {
-        self.check_writable()?;
-        self.check_range(offset, buf.len() as u64)?;
-        let _g = self.gate.read().unwrap_or_else(|p| p.into_inner());
-        let mut done = 0usize;
-        for (gc, in_c, n) in self.pieces(offset, buf.len() as u64) {
-            let data = &buf[done..done + n as usize];
-            done += n as usize;
-            let mut meta = self.lock();
-            let m = meta.lookup(&self.file, gc)?;
-            if let Mapping::Data { host, copied: true } = m {
-                self.ensure_not_metadata(&meta, host)?;
-                drop(meta);
-                self.file.write_at(data, host + in_c)?;
-                continue;
-            }
-            self.allocating_write(&mut meta, gc, in_c, data, m)?;
-        }
-        Ok(())
+        self.write_impl(buf, offset)
+            .map_err(|e| self.note_corruption(e))
     }
 
     fn flush(&self) -> Result<(), DiskError> {
@@ -588,10 +528,12 @@ impl BlockBackend for Qcow2 {
 
     fn discard(&self, offset: u64, len: u64) -> Result<(), DiskError> {
         self.write_zeroes_impl(offset, len, true)
+            .map_err(|e| self.note_corruption(e))
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<(), DiskError> {
         self.write_zeroes_impl(offset, len, may_unmap)
+            .map_err(|e| self.note_corruption(e))
     }
 }
 
@@ -601,59 +543,5 @@ impl Drop for Qcow2 {
             // Best effort: callers that care call flush() and see its error.
             let _ = self.flush();
         }
-    }
-}
-
-impl Qcow2 {
-    /// Completes a freshly created image: refcounts for the L1 clusters the first
-    /// refcount block could not cover, then the requested preallocation.
-    pub(crate) fn finish_create(
-        &self,
-        counted: u64,
-        used: u64,
-        prealloc: crate::Preallocation,
-    ) -> Result<(), DiskError> {
-        use crate::Preallocation as P;
-        let cs = self.cluster_size;
-        let mut meta = self.lock();
-        for c in counted..used {
-            meta.set_refcount(&self.file, c, 1)?;
-        }
-        if prealloc == P::Off {
-            return meta.writeback(&self.file);
-        }
-        let clusters = self.size.div_ceil(cs);
-        let per = meta.geo.l2_entries;
-        let mut gc = 0;
-        let mut data_runs = Vec::new();
-        while gc < clusters {
-            let n = (per - gc % per).min(clusters - gc);
-            // Allocate the L2 table first so that its data clusters follow it.
-            meta.set_l2_entry(&self.file, gc, 0)?;
-            let (first, _) = meta.alloc(&self.file, n)?;
-            for i in 0..n {
-                meta.set_l2_entry(
-                    &self.file,
-                    gc + i,
-                    ((first + i) << self.cluster_bits) | COPIED,
-                )?;
-            }
-            data_runs.push((first << self.cluster_bits, n * cs));
-            gc += n;
-        }
-        meta.writeback(&self.file)?;
-        let end = meta.end * cs;
-        drop(meta);
-        for (off, len) in data_runs {
-            match prealloc {
-                P::Falloc => self.file.allocate(off, len)?,
-                P::Full => self.file.write_zeros(off, len)?,
-                _ => {}
-            }
-        }
-        if self.file.len()? < end {
-            self.file.set_len(end)?;
-        }
-        Ok(())
     }
 }

@@ -145,24 +145,30 @@ impl Rng {
 /// `ferrovirt img` (the examples/ferrovirt-img program, which `cargo test` builds).
 pub fn img_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    // target/debug/deps/test-xxx -> target/debug/examples/ferrovirt-img
-    let bin = exe
+    // target/<profile>/deps/test-xxx -> target/<profile>/examples/ferrovirt-img
+    let profile_dir = exe
         .parent()
         .and_then(|p| p.parent())
-        .map(|p| p.join("examples").join("ferrovirt-img"))
-        .expect("target dir");
+        .expect("target dir")
+        .to_path_buf();
+    let bin = profile_dir.join("examples").join("ferrovirt-img");
     static BUILT: std::sync::Once = std::sync::Once::new();
     BUILT.call_once(|| {
-        // `cargo test --test NAME` does not build examples: build it (cheap when fresh).
+        // `cargo test --test NAME` does not build examples: build it (cheap when fresh),
+        // into the profile directory the tests run from.
+        let mut args = vec![
+            "build",
+            "-q",
+            "-p",
+            "ferrovirt-disk",
+            "--example",
+            "ferrovirt-img",
+        ];
+        if profile_dir.file_name() == Some(std::ffi::OsStr::new("release")) {
+            args.push("--release");
+        }
         let st = Command::new(env!("CARGO"))
-            .args([
-                "build",
-                "-q",
-                "-p",
-                "ferrovirt-disk",
-                "--example",
-                "ferrovirt-img",
-            ])
+            .args(&args)
             .status()
             .expect("run cargo");
         assert!(st.success(), "building examples/ferrovirt-img failed");
