@@ -28,7 +28,11 @@ exec setsid cttyhack sh
 "#;
 
 fn main() {
-    let dir = PathBuf::from(std::env::args().nth(1).unwrap_or_else(|| "target/demo-guest".into()));
+    let dir = PathBuf::from(
+        std::env::args()
+            .nth(1)
+            .unwrap_or_else(|| "target/demo-guest".into()),
+    );
     if let Err(e) = run(&dir) {
         eprintln!("make-demo-guest: {e}");
         std::process::exit(1);
@@ -46,7 +50,13 @@ fn run(dir: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
          mount -t ext4 /dev/vda /newroot || { echo 'no root disk on /dev/vda'; poweroff -f; }\n\
          exec switch_root /newroot /sbin/init",
     )
-    .modules(&["virtio_pci", "virtio_blk", "virtio_net", "virtio_console", "virtio-rng"])
+    .modules(&[
+        "virtio_pci",
+        "virtio_blk",
+        "virtio_net",
+        "virtio_console",
+        "virtio-rng",
+    ])
     .build(dir.join("initrd.img"))?;
     eprintln!("make-demo-guest: root disk (ext4, busybox)...");
     let init = dir.join("root-init");
