@@ -1,6 +1,6 @@
 //! The control API: HTTP/1.1 + JSON on a Unix socket, served on its own thread.
 //!
-//! Resources: `GET /vm`, `PUT /vm/{pause,resume,power-button,stop}`, `GET /vm/counters`.
+//! Resources: `GET /vm`, `PUT /vm/{pause,resume,power-button,reset,stop}`, `GET /vm/counters`.
 //! The OpenAPI description is docs/ferrovmm-api.yaml.
 
 use std::path::Path;
@@ -105,7 +105,7 @@ fn route(machine: &Machine, request: &Request) -> Reply {
     let method = request.method();
     let allowed = match path {
         "/vm" | "/vm/counters" => Method::Get,
-        "/vm/pause" | "/vm/resume" | "/vm/power-button" | "/vm/stop" => Method::Put,
+        "/vm/pause" | "/vm/resume" | "/vm/power-button" | "/vm/reset" | "/vm/stop" => Method::Put,
         _ => return Reply::error(404, "not_found", format!("no resource {path}; see GET /vm")),
     };
     if *method != allowed {
@@ -164,6 +164,12 @@ fn route(machine: &Machine, request: &Request) -> Reply {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .press_power_button();
+            Reply::no_content()
+        }
+        "/vm/reset" => {
+            // Like the reset button: the VM ends with "guest reset" and whoever
+            // manages it decides whether it starts again.
+            machine.lifecycle.request_stop(StopReason::Reset);
             Reply::no_content()
         }
         "/vm/stop" => {

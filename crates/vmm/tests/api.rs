@@ -161,3 +161,15 @@ fn bad_requests_get_json_errors_and_the_vm_keeps_running() {
     assert_eq!(vm.api("PUT", "/vm/stop").0, 204);
     assert_eq!(vm.finish().status, 0);
 }
+
+#[test]
+fn reset_ends_the_vm_as_a_guest_reset() {
+    let dir = common::tempdir();
+    let kernel = pvh(dir.path(), "count.elf", counting_guest());
+    let vm = LiveVm::start(&kernel, &dir.path().join("api.sock"), &[]);
+    vm.wait_for_output("counting\n");
+    assert_eq!(vm.api("PUT", "/vm/reset").0, 204);
+    let run = vm.finish();
+    assert_eq!(run.status, 0, "stderr: {}", run.stderr);
+    assert_eq!(run.stderr.trim(), "guest reset");
+}

@@ -271,7 +271,9 @@ impl Driver for KvmDriver {
         self.api(dir, "PUT", "/vm/resume").map(|_| ())
     }
 
-    fn reset(&self, _def: &DomainDef, _dir: &Path, _rt: &Runtime) -> Result<(), ApiError> {
-        Err(ApiError::not_supported("reset is not supported by the kvm driver yet (ferrovmm has no reset control); use destroy and start"))
+    fn reset(&self, _def: &DomainDef, dir: &Path, _rt: &Runtime) -> Result<(), ApiError> {
+        // ferrovmm ends with "guest reset"; the exit watcher reports a reboot and
+        // on_reboot (restart by default) brings the VM back.
+        self.api(dir, "PUT", "/vm/reset").map(|_| ())
     }
 }
