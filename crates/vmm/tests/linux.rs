@@ -132,3 +132,69 @@ fn linux_bzimage_boots_through_the_64_bit_protocol() {
     let boot = boot_linux("bzImage", 1);
     check(&boot, 1);
 }
+
+/// The guest waits for the ACPI power button (its input device, as acpid would) and powers
+/// off; the host presses the button through ferrovmm's API.
+#[test]
+fn linux_shuts_down_cleanly_on_the_acpi_power_button() {
+    let kernel = guest_kernel().expect("guest kernel");
+    let dir = scratch_dir("ferrovmm-button").unwrap();
+    let body = "for e in /sys/class/input/event*; do grep -q 'Power Button' $e/device/name && DEV=/dev/input/${e##*/}; done\n\
+                echo BUTTON-DEV=$DEV\n\
+                head -c 1 $DEV >/dev/null\n\
+                echo GOT-POWER-BUTTON";
+    let initrd = linux_guest_script(body)
+        .modules(&["button", "evdev"])
+        .build(dir.join("initrd.cpio.gz"))
+        .unwrap();
+    // W is a scratch folder, K/I the kernel and initrd: /guest and / in the nested host.
+    let script = "ferrovmm --name button --kernel $K --initrd $I --memory 256 \
+                  --cmdline 'console=ttyS0 quiet panic=-1' --serial file=$W/serial.log --api-socket $W/api.sock 2>$W/vmm.err &\n\
+                  VMM=$!\n\
+                  i=0; until grep -q BUTTON-DEV=/dev/input $W/serial.log 2>/dev/null; do i=$((i+1)); [ $i -gt 1200 ] && break; sleep 0.1; done\n\
+                  curl -s -o /dev/null -w 'HTTP=%{http_code}\\n' -X PUT --unix-socket $W/api.sock http://localhost/vm/power-button\n\
+                  wait $VMM; echo VMM-EXIT=$?\n\
+                  cat $W/serial.log $W/vmm.err";
+    let o = if hardware_kvm() {
+        let out = Command::new("sh")
+            .args(["-c", script])
+            .env("K", &kernel.vmlinux)
+            .env("I", dir.join("initrd.cpio.gz"))
+            .env("W", &dir)
+            .env(
+                "PATH",
+                format!(
+                    "{}:{}",
+                    Path::new(env!("CARGO_BIN_EXE_ferrovmm"))
+                        .parent()
+                        .unwrap()
+                        .display(),
+                    std::env::var("PATH").unwrap_or_default()
+                ),
+            )
+            .output()
+            .expect("sh");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    } else {
+        Nested::new()
+            .timeout(Duration::from_secs(300))
+            .binary(env!("CARGO_BIN_EXE_ferrovmm"), "/bin/ferrovmm")
+            .binary("/usr/bin/curl", "/bin/curl")
+            .file(&kernel.vmlinux, "/guest/kernel")
+            .file(&initrd, "/guest/initrd")
+            .run(&format!(
+                "K=/guest/kernel I=/guest/initrd W=/var\nmkdir -p $W\n{script}"
+            ))
+            .expect("nested harness")
+            .output
+    };
+    let _ = std::fs::remove_dir_all(dir);
+    let o = &o;
+    assert!(o.contains("HTTP=204"), "{o}");
+    assert!(
+        o.contains("GOT-POWER-BUTTON"),
+        "the guest never saw the button:\n{o}"
+    );
+    assert!(o.contains("VMM-EXIT=0"), "{o}");
+    assert!(o.trim_end().ends_with("guest powered off"), "{o}");
+}
