@@ -3,7 +3,8 @@
 //! notifications through the queue eventfd (what KVM's ioeventfd does),
 //! completions read from the used ring — and prints throughput and latency.
 //!
-//! Usage: blkbench FILE randread4k|seqread128k|seqwrite128k QUEUE_DEPTH SECONDS [direct]
+//! Usage: blkbench FILE randread4k|seqread128k|seqwrite128k QUEUE_DEPTH SECONDS [direct] [poll]
+//! (poll: the driver side polls the used ring instead of waiting for the interrupt)
 
 #[allow(dead_code)]
 #[path = "../tests/common/vdriver.rs"]
@@ -28,7 +29,8 @@ fn main() {
     let (path, mode) = (&args[1], args[2].as_str());
     let depth: u16 = args[3].parse().expect("queue depth");
     let seconds: f64 = args[4].parse().expect("seconds");
-    let direct = args.get(5).is_some_and(|a| a == "direct");
+    let direct = args.iter().skip(5).any(|a| a == "direct");
+    let spin = args.iter().skip(5).any(|a| a == "poll");
     let (bs, write, random) = match mode {
         "randread4k" => (4096u32, false, true),
         "seqread128k" => (131_072, false, false),
@@ -107,7 +109,7 @@ fn main() {
     let mut latencies = Vec::new();
     let mut done = 0u64;
     while begin.elapsed() < Duration::from_secs_f64(seconds) {
-        for (id, _len) in d.wait_used(0, 1, Duration::from_secs(30)) {
+        for (id, _len) in d.wait_used_mode(0, 1, Duration::from_secs(30), spin) {
             let slot = (id / 3) as u16;
             latencies.push(started[usize::from(slot)].elapsed());
             let st: u8 = d

@@ -239,18 +239,31 @@ impl Driver {
 
     /// Waits until `n` more used entries arrive; returns them as (id, len).
     pub fn wait_used(&mut self, q: usize, n: u16, timeout: Duration) -> Vec<(u32, u32)> {
+        self.wait_used_mode(q, n, timeout, false)
+    }
+
+    /// Like `wait_used`; with `spin` the caller polls the used ring instead of sleeping
+    /// until the interrupt (as a polling guest driver would).
+    pub fn wait_used_mode(&mut self, q: usize, n: u16, timeout: Duration, spin: bool) -> Vec<(u32, u32)> {
         let deadline = Instant::now() + timeout;
         let target = self.rings[q].used_seen.wrapping_add(n);
-        while self.used_idx(q).wrapping_sub(self.rings[q].used_seen) < n {
-            assert!(
-                Instant::now() < deadline,
-                "device did not complete {n} requests in {timeout:?}"
-            );
+        while spin && self.used_idx(q).wrapping_sub(self.rings[q].used_seen) < n {
+            assert!(Instant::now() < deadline, "device did not complete {n} requests in {timeout:?}");
+            std::hint::spin_loop();
+        }
+        loop {
+            // Note the interrupt count under the lock before looking at the ring, so an
+            // interrupt that lands in between wakes us instead of being missed.
             let g = self.irq.lock.lock().unwrap();
+            let seen = self.irq.count.load(Ordering::SeqCst);
+            if self.used_idx(q).wrapping_sub(self.rings[q].used_seen) >= n {
+                break;
+            }
+            assert!(Instant::now() < deadline, "device did not complete {n} requests in {timeout:?}");
             let _ = self
                 .irq
                 .cond
-                .wait_timeout(g, Duration::from_millis(1))
+                .wait_timeout_while(g, Duration::from_millis(100), |_| self.irq.count.load(Ordering::SeqCst) == seen)
                 .unwrap();
         }
         let r = &mut self.rings[q];
