@@ -90,7 +90,7 @@ impl Client {
         &self.socket
     }
 
-    fn raw(
+    pub(crate) fn raw(
         &self,
         method: &str,
         path: &str,
@@ -120,7 +120,7 @@ impl Client {
         Ok(resp)
     }
 
-    fn json<T: DeserializeOwned>(
+    pub(crate) fn json<T: DeserializeOwned>(
         &self,
         method: &str,
         path: &str,
