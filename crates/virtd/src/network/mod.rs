@@ -1,6 +1,7 @@
 //! Virtual networks: definitions, their kernel objects (bridge, nftables table, dnsmasq), the
 //! per-VM TAP devices, and reconciliation with what a crashed daemon left behind.
 
+pub mod api;
 pub mod dnsmasq;
 pub mod link;
 pub mod nft;
