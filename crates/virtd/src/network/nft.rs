@@ -18,10 +18,12 @@ pub fn table(network: &str) -> String {
 /// The ruleset of a nat or isolated network.
 pub fn ruleset(table: &str, mode: ForwardMode, bridge: &str, ip: &IpDef) -> String {
     let net = ip.cidr();
+    // Guest-to-guest traffic is bridged, but with br_netfilter loaded it also passes these hooks.
     let body = match mode {
         ForwardMode::Nat => format!(
             "  chain forward {{
     type filter hook forward priority filter; policy accept;
+    iifname \"{bridge}\" oifname \"{bridge}\" accept
     iifname \"{bridge}\" ip saddr {net} accept
     oifname \"{bridge}\" ip daddr {net} ct state established,related accept
     iifname \"{bridge}\" reject
@@ -39,6 +41,7 @@ pub fn ruleset(table: &str, mode: ForwardMode, bridge: &str, ip: &IpDef) -> Stri
         _ => format!(
             "  chain forward {{
     type filter hook forward priority filter; policy accept;
+    iifname \"{bridge}\" oifname \"{bridge}\" accept
     iifname \"{bridge}\" drop
     oifname \"{bridge}\" drop
   }}

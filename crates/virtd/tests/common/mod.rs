@@ -57,6 +57,8 @@ impl Daemon {
             .arg(self.state_dir())
             .arg("--run-dir")
             .arg(self.run_dir())
+            // Tests run on the host: no default network (bridge, NAT) there.
+            .env("FERROVIRT_NO_DEFAULT_NETWORK", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
