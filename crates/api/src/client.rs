@@ -255,6 +255,14 @@ impl Client {
         self.json("POST", "/v1/pools/default/volumes", Some(body))
     }
 
+    pub fn create_cloud_init(
+        &self,
+        req: &crate::msg::CloudInitRequest,
+    ) -> Result<VolumeInfo, ClientError> {
+        let body = serde_json::to_string(req).unwrap_or_default();
+        self.json("POST", "/v1/pools/default/cloud-init", Some(body))
+    }
+
     pub fn delete_volume(&self, name: &str) -> Result<(), ClientError> {
         self.raw(
             "DELETE",

@@ -82,3 +82,12 @@ pub struct VolumeInfo {
 pub struct DomainResponse {
     pub domain: DomainInfo,
 }
+
+/// `POST /v1/pools/default/cloud-init`: make a NoCloud seed ISO (volume label "cidata").
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CloudInitRequest {
+    /// Volume name, e.g. "web1-cidata.iso".
+    pub name: String,
+    pub user_data: String,
+    pub meta_data: String,
+}

@@ -9,7 +9,7 @@ use ferrovirt_api::def::{
     BootDev, DiskDef, DiskDevice, DiskFormat, GraphicsDef, GraphicsKind, InterfaceDef,
     InterfaceKind,
 };
-use ferrovirt_api::msg::VolumeCreateRequest;
+use ferrovirt_api::msg::{CloudInitRequest, VolumeCreateRequest};
 use ferrovirt_api::{DomainDef, VirtType};
 
 use crate::sizes::parse_gib;
@@ -56,7 +56,8 @@ pub struct InstallArgs {
     /// text (default) | none
     #[arg(long)]
     pub autoconsole: Option<String>,
-    /// NoCloud cloud-init seed (not available yet)
+    /// NoCloud seed ISO: user-data=FILE, meta-data=FILE, ssh-key=FILE, root-password-file=FILE,
+    /// root-password-generate=on|off, disable=on|off (default: generated root password)
     #[arg(long = "cloud-init", num_args = 0..=1, default_missing_value = "")]
     pub cloud_init: Option<String>,
     /// Mark the domain autostarted
@@ -114,9 +115,6 @@ struct PlannedVolume {
 }
 
 pub fn run(client: &Client, a: &InstallArgs, json: bool) -> Result<(), Failure> {
-    if a.cloud_init.is_some() {
-        return Err(fail("--cloud-init is not supported yet (no NoCloud seed ISO builder); pass the configuration on the kernel command line or in the image"));
-    }
     let mut def = DomainDef::new(&a.name);
     let memory = a
         .memory
@@ -342,6 +340,22 @@ pub fn run(client: &Client, a: &InstallArgs, json: bool) -> Result<(), Failure> 
         }
     }
 
+    let cloud_init = match &a.cloud_init {
+        None => None,
+        Some(spec) => {
+            let seed = cloud_init_seed(&a.name, spec)?;
+            let name = format!("{}-cidata.iso", a.name);
+            def.disks.push(DiskDef {
+                path: PathBuf::from(&version.images_dir).join(&name),
+                format: DiskFormat::Raw,
+                device: DiskDevice::Cdrom,
+                target: None,
+                readonly: true,
+            });
+            Some((name, seed))
+        }
+    };
+
     // Every check the daemon can make, before anything is created.
     let body = serde_json::to_string(&def).map_err(|e| fail(e.to_string()))?;
     client.define_opts(&body, DefFormat::Json, a.transient, true)?;
@@ -368,6 +382,19 @@ pub fn run(client: &Client, a: &InstallArgs, json: bool) -> Result<(), Failure> 
             return Err(e.into());
         }
         created.push(vol.name.clone());
+    }
+    if let Some((name, seed)) = &cloud_init {
+        eprintln!("Making the cloud-init seed '{name}' ...");
+        let req = CloudInitRequest {
+            name: name.clone(),
+            user_data: seed.user_data.clone(),
+            meta_data: seed.meta_data.clone(),
+        };
+        if let Err(e) = client.create_cloud_init(&req) {
+            cleanup(&created);
+            return Err(e.into());
+        }
+        created.push(name.clone());
     }
     eprintln!("Starting install...");
     let resp = match client.define_opts(&body, DefFormat::Json, a.transient, false) {
@@ -401,6 +428,12 @@ pub fn run(client: &Client, a: &InstallArgs, json: bool) -> Result<(), Failure> 
             info.id.unwrap_or(0)
         );
     }
+    if let Some(password) = cloud_init
+        .as_ref()
+        .and_then(|(_, seed)| seed.generated_password.clone())
+    {
+        println!("Generated password for first root login: {password}");
+    }
     if def.graphics.is_some() {
         if let Ok(d) = client.display(&a.name) {
             if let Some(uri) = d.uri {
@@ -418,4 +451,95 @@ pub fn run(client: &Client, a: &InstallArgs, json: bool) -> Result<(), Failure> 
         );
     }
     Ok(())
+}
+
+/// What goes on the NoCloud seed.
+struct CloudInitSeed {
+    user_data: String,
+    meta_data: String,
+    generated_password: Option<String>,
+}
+
+fn read_option_file(key: &str, path: &str) -> Result<String, Failure> {
+    std::fs::read_to_string(path).map_err(|e| fail(format!("--cloud-init {key}={path}: {e}")))
+}
+
+fn random_password() -> String {
+    const ALPHABET: &[u8] = b"abcdefghijkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789";
+    let mut bytes = [0u8; 16];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut f, &mut bytes);
+    }
+    bytes
+        .iter()
+        .map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char)
+        .collect()
+}
+
+/// virt-install's --cloud-init: user-data=, meta-data=, ssh-key=, root-password-file=,
+/// root-password-generate=on|off, disable=on|off. Without user-data a #cloud-config is
+/// generated: root password (generated and printed unless given), root's SSH key, and
+/// cloud-init disabled after the first boot (disable=on, as virt-install does).
+fn cloud_init_seed(name: &str, spec: &str) -> Result<CloudInitSeed, Failure> {
+    let (bare, kv) = options(spec);
+    if let Some(b) = bare.filter(|b| !b.is_empty()) {
+        return Err(fail(format!("--cloud-init option '{b}' needs a value (user-data=FILE, meta-data=FILE, ssh-key=FILE ...)")));
+    }
+    let (mut user_data, mut meta_data, mut ssh_key, mut password) = (None, None, None, None);
+    let (mut generate, mut disable) = (true, true);
+    let on = |k: &str, v: &str| match v {
+        "on" | "yes" | "true" | "" => Ok(true),
+        "off" | "no" | "false" => Ok(false),
+        _ => Err(fail(format!("--cloud-init {k}='{v}' is not on or off"))),
+    };
+    for (k, v) in kv {
+        match k.as_str() {
+            "user-data" => user_data = Some(read_option_file(&k, &v)?),
+            "meta-data" => meta_data = Some(read_option_file(&k, &v)?),
+            "ssh-key" => ssh_key = Some(read_option_file(&k, &v)?.trim().to_string()),
+            "root-password-file" => password = Some(read_option_file(&k, &v)?.trim().to_string()),
+            "root-password-generate" => generate = on(&k, &v)?,
+            "disable" => disable = on(&k, &v)?,
+            other => {
+                return Err(fail(format!(
+                    "--cloud-init option '{other}' is not known (user-data=, meta-data=, ssh-key=, root-password-file=, root-password-generate=, disable=)"
+                )))
+            }
+        }
+    }
+    let meta_data =
+        meta_data.unwrap_or_else(|| format!("instance-id: {name}\nlocal-hostname: {name}\n"));
+    if let Some(user_data) = user_data {
+        return Ok(CloudInitSeed {
+            user_data,
+            meta_data,
+            generated_password: None,
+        });
+    }
+    let mut generated_password = None;
+    if password.is_none() && generate {
+        let p = random_password();
+        generated_password = Some(p.clone());
+        password = Some(p);
+    }
+    let mut ud = String::from("#cloud-config\n");
+    if let Some(p) = &password {
+        ud.push_str(&format!(
+            "chpasswd:\n  list: |\n    root:{p}\n  expire: {}\nssh_pwauth: true\n",
+            generated_password.is_some()
+        ));
+    }
+    if let Some(key) = &ssh_key {
+        ud.push_str(&format!(
+            "users:\n  - name: root\n    ssh_authorized_keys:\n      - {key}\n"
+        ));
+    }
+    if disable {
+        ud.push_str("runcmd:\n  - [touch, /etc/cloud/cloud-init.disabled]\n");
+    }
+    Ok(CloudInitSeed {
+        user_data: ud,
+        meta_data,
+        generated_password,
+    })
 }

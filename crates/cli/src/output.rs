@@ -20,8 +20,20 @@ pub fn list_table(doms: &[DomainInfo]) -> String {
         .collect();
     let id_w = ids.iter().map(String::len).max().unwrap_or(0).max(2);
     let name_w = doms.iter().map(|d| d.name.len()).max().unwrap_or(0).max(4);
-    let header = format!(" {:<id_w$}   {:<name_w$}   State", "Id", "Name");
-    let mut out = format!("{header}\n{}\n", "-".repeat(header.len()));
+    let state_w = doms
+        .iter()
+        .map(|d| d.state.display().len())
+        .max()
+        .unwrap_or(0)
+        .max(5);
+    // virsh's rule: the rule under the header spans all columns at full width, plus two.
+    let rule = 1 + id_w + 3 + name_w + 3 + state_w + 2;
+    let mut out = format!(
+        " {:<id_w$}   {:<name_w$}   State\n{}\n",
+        "Id",
+        "Name",
+        "-".repeat(rule)
+    );
     for (d, id) in doms.iter().zip(&ids) {
         out.push_str(&format!(
             " {id:<id_w$}   {:<name_w$}   {}\n",

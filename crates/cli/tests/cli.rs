@@ -134,11 +134,11 @@ fn virsh_verbs_and_output_shapes() {
     );
     assert_eq!(
         e.ok(&["list"]),
-        " Id   Name   State\n------------------\n\n"
+        " Id   Name   State\n--------------------\n\n"
     );
     assert_eq!(
         e.ok(&["list", "--all"]),
-        " Id   Name   State\n------------------\n -    web    shut off\n\n"
+        " Id   Name   State\n-----------------------\n -    web    shut off\n\n"
     );
     assert_eq!(e.ok(&["start", "web"]), "Domain 'web' started\n\n");
     assert_eq!(e.ok(&["domstate", "web"]), "running\n\n");
@@ -530,4 +530,96 @@ fn install_with_qemu_attaches_the_console_and_ctrl_close_bracket_detaches() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("Escape character is ^]"));
     // Detaching leaves the VM running.
     assert_eq!(e.ok(&["domstate", "con"]), "running\n\n");
+}
+
+fn iso_file(iso: &Path, file: &str) -> String {
+    let out = Command::new("isoinfo")
+        .args(["-R", "-x", file, "-i"])
+        .arg(iso)
+        .output()
+        .expect("isoinfo (Debian package genisoimage) is needed as the oracle");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn install_cloud_init_makes_a_nocloud_seed_iso() {
+    let e = Env::start();
+    let images = e.dir.join("state/images");
+    let user_data = e.file("user-data", "#cloud-config\nhostname: from-test\n");
+    let out = e.ok(&[
+        "install",
+        "--name",
+        "ci",
+        "--memory",
+        "64",
+        "--virt-type",
+        "test",
+        "--import",
+        "--disk",
+        "size=1",
+        &format!("--cloud-init=user-data={user_data}"),
+        "--noautoconsole",
+    ]);
+    assert!(out.contains("Domain 'ci' started"), "{out}");
+    let iso = images.join("ci-cidata.iso");
+    let label = Command::new("isoinfo")
+        .arg("-d")
+        .arg("-i")
+        .arg(&iso)
+        .output()
+        .expect("isoinfo");
+    assert!(String::from_utf8_lossy(&label.stdout).contains("Volume id: cidata"));
+    assert_eq!(
+        iso_file(&iso, "/user-data"),
+        "#cloud-config\nhostname: from-test\n"
+    );
+    assert_eq!(
+        iso_file(&iso, "/meta-data"),
+        "instance-id: ci\nlocal-hostname: ci\n"
+    );
+    let xml = e.ok(&["dumpxml", "ci"]);
+    assert!(
+        xml.contains("device='cdrom'") && xml.contains("ci-cidata.iso"),
+        "{xml}"
+    );
+
+    // Without options: a generated root password, printed once and put in the seed.
+    let out = e.ok(&[
+        "install",
+        "--name",
+        "ci2",
+        "--memory",
+        "64",
+        "--virt-type",
+        "test",
+        "--import",
+        "--disk",
+        "size=1",
+        "--cloud-init",
+        "--noautoconsole",
+    ]);
+    let password = out
+        .lines()
+        .find_map(|l| l.strip_prefix("Generated password for first root login: "))
+        .unwrap_or_else(|| panic!("no generated password: {out}"));
+    let ud = iso_file(&images.join("ci2-cidata.iso"), "/user-data");
+    assert!(
+        ud.starts_with("#cloud-config\n") && ud.contains(&format!("root:{password}")),
+        "{ud}"
+    );
+    let err = e.fails(&[
+        "install",
+        "--name",
+        "ci3",
+        "--memory",
+        "64",
+        "--virt-type",
+        "test",
+        "--import",
+        "--disk",
+        "size=1",
+        "--cloud-init=bogus=1",
+    ]);
+    assert!(err.contains("'bogus'"), "{err}");
+    assert!(!images.join("ci3.qcow2").exists());
 }

@@ -813,6 +813,14 @@ impl Manager {
         volume::create(&self.paths.images(), req)
     }
 
+    pub fn create_cloud_init(
+        &self,
+        req: &ferrovirt_api::msg::CloudInitRequest,
+    ) -> Result<VolumeInfo, ApiError> {
+        let _guard = self.lock();
+        volume::create_cloud_init(&self.paths.images(), req)
+    }
+
     /// Delete a volume of the default pool, unless a domain uses it.
     pub fn delete_volume(&self, name: &str) -> Result<(), ApiError> {
         let inner = self.lock();

@@ -237,6 +237,10 @@ fn route(req: &Request, mgr: &Manager, conn: &UnixStream) -> Result<Reply, ApiEr
             let r: VolumeCreateRequest = body(req)?;
             Ok(json(201, &mgr.create_volume(&r)?))
         }
+        ("POST", ["v1", "pools", "default", "cloud-init"]) => {
+            let r: ferrovirt_api::msg::CloudInitRequest = body(req)?;
+            Ok(json(201, &mgr.create_cloud_init(&r)?))
+        }
         ("DELETE", ["v1", "pools", "default", "volumes", name]) => {
             mgr.delete_volume(name)?;
             Ok(Reply::Empty)

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::process::Command;
 
 use ferrovirt_api::def::validate_name;
-use ferrovirt_api::msg::{VolumeCreateRequest, VolumeInfo};
+use ferrovirt_api::msg::{CloudInitRequest, VolumeCreateRequest, VolumeInfo};
 use ferrovirt_api::{ApiError, ErrorCode};
 
 /// Create a thin image: a qcow2 of any virtual size takes a few hundred KiB until written.
@@ -44,6 +44,89 @@ pub fn create(pool: &Path, req: &VolumeCreateRequest) -> Result<VolumeInfo, ApiE
         path: path.to_string_lossy().into_owned(),
         format: req.format.clone(),
         capacity_bytes: req.capacity_bytes,
+    })
+}
+
+/// A NoCloud seed: an ISO 9660 image (Rock Ridge + Joliet names) labelled "cidata" holding
+/// `user-data` and `meta-data`, made with genisoimage (or xorriso's mkisofs mode).
+pub fn create_cloud_init(pool: &Path, req: &CloudInitRequest) -> Result<VolumeInfo, ApiError> {
+    validate_name(&req.name).map_err(|e| {
+        ApiError::new(
+            ErrorCode::InvalidArgument,
+            e.message.replace("domain name", "volume name"),
+        )
+    })?;
+    let path = pool.join(&req.name);
+    if path.exists() {
+        return Err(ApiError::new(
+            ErrorCode::StorageError,
+            format!(
+                "volume '{}' already exists at {}; remove it or pick another name",
+                req.name,
+                path.display()
+            ),
+        ));
+    }
+    let staging = pool.join(format!(".{}.staging", req.name));
+    let _ = std::fs::remove_dir_all(&staging);
+    let io = |e: std::io::Error| {
+        ApiError::new(
+            ErrorCode::StorageError,
+            format!("{}: {e}", staging.display()),
+        )
+    };
+    std::fs::create_dir_all(&staging).map_err(io)?;
+    std::fs::write(staging.join("user-data"), &req.user_data).map_err(io)?;
+    std::fs::write(staging.join("meta-data"), &req.meta_data).map_err(io)?;
+    let mut result = Err(ApiError::new(
+        ErrorCode::StorageError,
+        "making a cloud-init seed ISO needs genisoimage or xorriso: apt-get install genisoimage",
+    ));
+    for (tool, prefix) in [
+        ("genisoimage", &[][..]),
+        ("xorriso", &["-as", "mkisofs"][..]),
+    ] {
+        let out = Command::new(tool)
+            .args(prefix)
+            .args(["-quiet", "-volid", "cidata", "-joliet", "-rock", "-output"])
+            .arg(&path)
+            .arg(staging.join("user-data"))
+            .arg(staging.join("meta-data"))
+            .output();
+        match out {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                result = Err(ApiError::new(
+                    ErrorCode::StorageError,
+                    format!("cannot run {tool}: {e}"),
+                ));
+                break;
+            }
+            Ok(o) if o.status.success() => {
+                result = Ok(());
+                break;
+            }
+            Ok(o) => {
+                let _ = std::fs::remove_file(&path);
+                result = Err(ApiError::new(
+                    ErrorCode::StorageError,
+                    format!(
+                        "{tool} failed: {}",
+                        String::from_utf8_lossy(&o.stderr).trim()
+                    ),
+                ));
+                break;
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&staging);
+    result?;
+    let capacity_bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    Ok(VolumeInfo {
+        name: req.name.clone(),
+        path: path.to_string_lossy().into_owned(),
+        format: "raw".into(),
+        capacity_bytes,
     })
 }
 

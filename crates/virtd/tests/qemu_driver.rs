@@ -199,3 +199,45 @@ fn unsafe_kill(pid: u32) {
         .unwrap();
     assert!(status.success());
 }
+
+#[test]
+fn cdrom_and_vnc_graphics_with_seabios() {
+    let d = Daemon::start();
+    let c = d.client();
+    // Any ISO will do: SeaBIOS finds no boot sector on it, the VM keeps running its firmware.
+    let iso = d.dir.join("empty.iso");
+    let made = std::process::Command::new("genisoimage")
+        .args(["-quiet", "-volid", "EMPTY", "-o"])
+        .arg(&iso)
+        .arg(d.file("readme.txt", "nothing to boot here\n"))
+        .status()
+        .expect("genisoimage (Debian package genisoimage) is needed");
+    assert!(made.success());
+    let def = format!(
+        "name = \"fw\"\ntype = \"qemu\"\naccel = \"tcg\"\nmemory_mib = 64\n[os]\nboot = [\"cdrom\"]\n[[disk]]\npath = \"{}\"\ndevice = \"cdrom\"\n[graphics]\ntype = \"vnc\"\n",
+        iso.display()
+    );
+    c.define(&def, DefFormat::Toml, false).unwrap();
+    c.action("fw", "start").unwrap();
+    let uri = c.display("fw").unwrap().uri.expect("a VNC display");
+    let display: u16 = uri
+        .strip_prefix("vnc://127.0.0.1:")
+        .and_then(|n| n.parse().ok())
+        .expect(&uri);
+    // A real VNC server answers with its RFB protocol version.
+    let mut s =
+        std::net::TcpStream::connect(("127.0.0.1", 5900 + display)).expect("connect to VNC");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut banner = [0u8; 12];
+    s.read_exact(&mut banner).unwrap();
+    assert!(banner.starts_with(b"RFB 003."), "{banner:?}");
+    let xml = c.xml("fw").unwrap();
+    assert!(
+        xml.contains("<graphics type='vnc'")
+            && xml.contains("device='cdrom'")
+            && xml.contains("<boot dev='cdrom'/>"),
+        "{xml}"
+    );
+    c.action("fw", "destroy").unwrap();
+    assert!(c.display("fw").is_err(), "a stopped domain has no display");
+}
