@@ -330,7 +330,9 @@ pub fn from_xml(text: &str) -> Result<(NetworkDef, Vec<String>), ApiError> {
             "bridge" => def.bridge = child.attribute("name").map(str::to_string),
             "ip" => {
                 if child.attribute("family").is_some_and(|f| f != "ipv4") {
-                    warnings.push("an IPv6 <ip> element was ignored: ferrovirt networks are IPv4 only".into());
+                    warnings.push(
+                        "an IPv6 <ip> element was ignored: ferrovirt networks are IPv4 only".into(),
+                    );
                     continue;
                 }
                 if def.ip.is_some() {
@@ -341,9 +343,9 @@ pub fn from_xml(text: &str) -> Result<(NetworkDef, Vec<String>), ApiError> {
                 }
                 let address = parse_addr(
                     "ip address",
-                    child.attribute("address").ok_or_else(|| {
-                        ApiError::malformed("<ip> needs an address attribute")
-                    })?,
+                    child
+                        .attribute("address")
+                        .ok_or_else(|| ApiError::malformed("<ip> needs an address attribute"))?,
                 )?;
                 let prefix = match (child.attribute("prefix"), child.attribute("netmask")) {
                     (Some(p), _) => p.trim().parse().map_err(|_| {
@@ -553,7 +555,11 @@ impl Client {
         )
     }
 
-    pub fn net_set_autostart(&self, name: &str, autostart: bool) -> Result<NetworkInfo, ClientError> {
+    pub fn net_set_autostart(
+        &self,
+        name: &str,
+        autostart: bool,
+    ) -> Result<NetworkInfo, ClientError> {
         let body = serde_json::to_string(&NetAutostartRequest { autostart }).unwrap_or_default();
         self.json("PUT", &format!("{}/autostart", net(name)), Some(body))
     }
@@ -631,10 +637,9 @@ mod tests {
 
     #[test]
     fn no_forward_element_means_isolated() {
-        let (def, _) = from_xml(
-            "<network><name>iso</name><ip address='10.9.0.1' prefix='24'/></network>",
-        )
-        .unwrap();
+        let (def, _) =
+            from_xml("<network><name>iso</name><ip address='10.9.0.1' prefix='24'/></network>")
+                .unwrap();
         assert_eq!(def.forward, ForwardMode::Isolated);
         assert!(def.ip.unwrap().dhcp_start.is_none());
     }
@@ -653,7 +658,9 @@ mod tests {
             ("name = \"n\"\n[ip]\naddress = \"10.0.0.5\"\nprefix = 24\ndhcp_start = \"10.0.0.2\"\ndhcp_end = \"10.0.0.9\"", "own address"),
         ];
         for (toml, want) in cases {
-            let err = NetworkDef::from_toml(toml).and_then(|d| d.validate()).unwrap_err();
+            let err = NetworkDef::from_toml(toml)
+                .and_then(|d| d.validate())
+                .unwrap_err();
             assert!(err.message.contains(want), "{toml}: {}", err.message);
         }
     }
@@ -666,10 +673,15 @@ mod tests {
             .contains("foward"));
         let err = from_xml("<network><name>x</name><forward mode='route'/></network>").unwrap_err();
         assert!(err.message.contains("route"));
-        assert!(from_xml("<domain/>").unwrap_err().message.contains("<network>"));
-        assert!(from_xml("<network><ip address='10.0.0.1' netmask='255.0.255.0'/><name>x</name></network>")
+        assert!(from_xml("<domain/>")
             .unwrap_err()
             .message
-            .contains("contiguous"));
+            .contains("<network>"));
+        assert!(from_xml(
+            "<network><ip address='10.0.0.1' netmask='255.0.255.0'/><name>x</name></network>"
+        )
+        .unwrap_err()
+        .message
+        .contains("contiguous"));
     }
 }

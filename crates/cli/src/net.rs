@@ -154,7 +154,11 @@ pub fn run(client: &Client, cmd: NetCommand, json: bool) -> Result<(), Failure> 
             }
             say(
                 &resp.network,
-                format!("Network {} defined from {}", resp.network.name, file.display()),
+                format!(
+                    "Network {} defined from {}",
+                    resp.network.name,
+                    file.display()
+                ),
             );
         }
         NetCommand::NetUndefine { network } => {
@@ -218,7 +222,13 @@ pub fn run(client: &Client, cmd: NetCommand, json: bool) -> Result<(), Failure> 
                 let rows: Vec<Vec<String>> = leases
                     .iter()
                     .map(|l| {
-                        let dash = |s: &str| if s.is_empty() { "-".to_string() } else { s.to_string() };
+                        let dash = |s: &str| {
+                            if s.is_empty() {
+                                "-".to_string()
+                            } else {
+                                s.to_string()
+                            }
+                        };
                         vec![
                             utc(l.expiry),
                             l.mac.clone(),
@@ -232,7 +242,14 @@ pub fn run(client: &Client, cmd: NetCommand, json: bool) -> Result<(), Failure> 
                 print!(
                     "{}",
                     table(
-                        &["Expiry Time (UTC)", "MAC address", "Protocol", "IP address", "Hostname", "Client ID or DUID"],
+                        &[
+                            "Expiry Time (UTC)",
+                            "MAC address",
+                            "Protocol",
+                            "IP address",
+                            "Hostname",
+                            "Client ID or DUID"
+                        ],
                         &rows
                     )
                 );

@@ -93,10 +93,31 @@ impl World {
         w.inner(&[
             "ip", "link", "add", &up_in, "type", "veth", "peer", "name", &up_out, "netns", &w.outer,
         ]);
-        w.inner(&["ip", "addr", "add", &format!("10.99.{n}.1/24"), "dev", &up_in]);
+        w.inner(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("10.99.{n}.1/24"),
+            "dev",
+            &up_in,
+        ]);
         w.inner(&["ip", "link", "set", &up_in, "up"]);
-        w.inner(&["ip", "route", "add", "default", "via", &format!("10.99.{n}.2")]);
-        w.outer(&["ip", "addr", "add", &format!("10.99.{n}.2/24"), "dev", &up_out]);
+        w.inner(&[
+            "ip",
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("10.99.{n}.2"),
+        ]);
+        w.outer(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("10.99.{n}.2/24"),
+            "dev",
+            &up_out,
+        ]);
         w.outer(&["ip", "link", "set", &up_out, "up"]);
         w
     }
@@ -240,7 +261,9 @@ impl World {
             .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
             .filter(|pid| {
                 let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-                let zombie = status.lines().any(|l| l.starts_with("State:") && l.contains('Z'));
+                let zombie = status
+                    .lines()
+                    .any(|l| l.starts_with("State:") && l.contains('Z'));
                 let cmd = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
                 !zombie
                     && cmd
@@ -263,7 +286,10 @@ impl World {
             let listener = TcpListener::bind(&addr).expect("bind the outside server");
             tx.send(()).unwrap();
             for conn in listener.incoming().flatten() {
-                let peer = conn.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
+                let peer = conn
+                    .peer_addr()
+                    .map(|a| a.ip().to_string())
+                    .unwrap_or_default();
                 let mut conn = conn;
                 let _ = writeln!(conn, "PEER {peer}");
             }
@@ -287,8 +313,12 @@ impl Drop for World {
             // SAFETY: kill(2) of a dnsmasq this test's daemon started.
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         }
-        let _ = Command::new("ip").args(["netns", "del", &self.inner]).status();
-        let _ = Command::new("ip").args(["netns", "del", &self.outer]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.inner])
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.outer])
+            .status();
         let _ = fs::remove_dir_all(&self.dir);
     }
 }
@@ -349,8 +379,13 @@ fn default_network_gives_dhcp_nat_and_leaves_nothing_behind() {
     assert_eq!(links, vec!["fvbr0".to_string()]);
     assert_eq!(tables, vec!["table ip ferrovirt_default".to_string()]);
     assert_eq!(dns.len(), 1, "one dnsmasq");
-    assert!(w.inner(&["ip", "-4", "addr", "show", "fvbr0"]).contains("192.168.123.1/24"));
-    assert_eq!(w.inner(&["cat", "/proc/sys/net/ipv4/ip_forward"]).trim(), "1");
+    assert!(w
+        .inner(&["ip", "-4", "addr", "show", "fvbr0"])
+        .contains("192.168.123.1/24"));
+    assert_eq!(
+        w.inner(&["cat", "/proc/sys/net/ipv4/ip_forward"]).trim(),
+        "1"
+    );
 
     w.outside_server(8080);
     let body = format!(
@@ -363,7 +398,9 @@ fn default_network_gives_dhcp_nat_and_leaves_nothing_behind() {
     w.ok(&["start", "vm1"]);
     let iflist = w.ok(&["domiflist", "vm1"]);
     assert!(
-        iflist.contains("network") && iflist.contains("default") && iflist.contains("52:54:00:12:34:56"),
+        iflist.contains("network")
+            && iflist.contains("default")
+            && iflist.contains("52:54:00:12:34:56"),
         "{iflist}"
     );
     let tap = iflist
@@ -374,7 +411,8 @@ fn default_network_gives_dhcp_nat_and_leaves_nothing_behind() {
         .to_string();
     assert!(tap.starts_with("fv"), "{iflist}");
     assert!(
-        w.inner(&["ip", "-o", "link", "show", &tap]).contains("master fvbr0"),
+        w.inner(&["ip", "-o", "link", "show", &tap])
+            .contains("master fvbr0"),
         "TAP {tap} is on the bridge"
     );
 
@@ -388,11 +426,16 @@ fn default_network_gives_dhcp_nat_and_leaves_nothing_behind() {
     );
     let leases = w.ok(&["net-dhcp-leases", "default"]);
     assert!(
-        leases.contains("52:54:00:12:34:56") && leases.contains("192.168.123.") && leases.contains("vm1"),
+        leases.contains("52:54:00:12:34:56")
+            && leases.contains("192.168.123.")
+            && leases.contains("vm1"),
         "{leases}"
     );
     let addr = w.ok(&["domifaddr", "vm1"]);
-    assert!(addr.contains(&tap) && addr.contains("ipv4") && addr.contains("192.168.123."), "{addr}");
+    assert!(
+        addr.contains(&tap) && addr.contains("ipv4") && addr.contains("192.168.123."),
+        "{addr}"
+    );
 
     // kill -9 of the daemon with a VM and the network up; a new daemon adopts, never duplicates.
     w.kill9();
@@ -419,10 +462,16 @@ fn default_network_gives_dhcp_nat_and_leaves_nothing_behind() {
     assert!(links.is_empty(), "{links:?}");
     assert!(tables.is_empty(), "{tables:?}");
     assert!(dns.is_empty(), "{dns:?}");
-    assert_eq!(w.inner(&["cat", "/proc/sys/net/ipv4/ip_forward"]).trim(), "0");
+    assert_eq!(
+        w.inner(&["cat", "/proc/sys/net/ipv4/ip_forward"]).trim(),
+        "0"
+    );
     // A VM cannot start on an inactive network: one clear error.
     let err = w.fails(&["start", "vm1"]);
-    assert!(err.contains("network 'default' is not active") && err.contains("net-start"), "{err}");
+    assert!(
+        err.contains("network 'default' is not active") && err.contains("net-start"),
+        "{err}"
+    );
     assert!(w.census().0.is_empty(), "no TAP left by the failed start");
 }
 
@@ -442,7 +491,9 @@ fn isolated_network_connects_its_guests_and_nothing_else() {
         "clash.toml",
         "name = \"clash\"\nforward = \"isolated\"\n[ip]\naddress = \"10.77.0.129\"\nprefix = 25\n",
     );
-    assert!(w.fails(&["net-define", &clash]).contains("overlaps network 'iso'"));
+    assert!(w
+        .fails(&["net-define", &clash])
+        .contains("overlaps network 'iso'"));
     let uplink = w.file(
         "uplink.toml",
         &format!(
@@ -492,7 +543,10 @@ fn isolated_network_connects_its_guests_and_nothing_else() {
     assert!(ca.contains("LEASE 10.77.0."), "{ca}");
     assert!(ca.contains("PEER-REACHED"), "{ca}");
     assert!(ca.contains("HOST-UNREACHABLE"), "{ca}");
-    assert!(ca.contains("OUTSIDE-UNREACHABLE") && !ca.contains("PEER 10."), "{ca}");
+    assert!(
+        ca.contains("OUTSIDE-UNREACHABLE") && !ca.contains("PEER 10."),
+        "{ca}"
+    );
     let leases = w.ok(&["net-dhcp-leases", "iso"]);
     assert!(
         leases.contains("52:54:00:00:00:0a") && leases.contains("52:54:00:00:00:0b"),
@@ -503,7 +557,10 @@ fn isolated_network_connects_its_guests_and_nothing_else() {
     w.ok(&["net-destroy", "iso"]);
     w.ok(&["net-destroy", "default"]);
     let (links, tables, dns) = w.census();
-    assert!(links.is_empty() && tables.is_empty() && dns.is_empty(), "{links:?} {tables:?} {dns:?}");
+    assert!(
+        links.is_empty() && tables.is_empty() && dns.is_empty(),
+        "{links:?} {tables:?} {dns:?}"
+    );
     w.ok(&["net-undefine", "iso"]);
     assert!(!w.ok(&["net-list", "--all"]).contains("iso"));
 }

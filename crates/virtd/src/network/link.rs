@@ -44,7 +44,10 @@ pub fn exists(dev: &str) -> bool {
 }
 
 pub fn is_bridge(dev: &str) -> bool {
-    Path::new("/sys/class/net").join(dev).join("bridge").exists()
+    Path::new("/sys/class/net")
+        .join(dev)
+        .join("bridge")
+        .exists()
 }
 
 pub fn alias(dev: &str) -> String {
@@ -77,9 +80,27 @@ pub fn devices() -> Vec<(String, String)> {
 /// Create a bridge with its address and bring it up. An existing bridge with our alias is reused.
 pub fn bridge_up(name: &str, network: &str, addr: Ipv4Addr, prefix: u8) -> Result<(), ApiError> {
     if !exists(name) {
-        ip(&["link", "add", "name", name, "type", "bridge", "stp_state", "0", "forward_delay", "0"])?;
+        ip(&[
+            "link",
+            "add",
+            "name",
+            name,
+            "type",
+            "bridge",
+            "stp_state",
+            "0",
+            "forward_delay",
+            "0",
+        ])?;
     }
-    ip(&["link", "set", "dev", name, "alias", &format!("{BRIDGE_ALIAS}{network}")])?;
+    ip(&[
+        "link",
+        "set",
+        "dev",
+        name,
+        "alias",
+        &format!("{BRIDGE_ALIAS}{network}"),
+    ])?;
     let cidr = format!("{addr}/{prefix}");
     let current = run("ip", &["-4", "-o", "addr", "show", "dev", name])?;
     if !current.contains(&format!(" {cidr} ")) {
@@ -101,7 +122,14 @@ pub fn tap_up(name: &str, domain: &str, bridge: &str) -> Result<(), ApiError> {
     delete(name)?;
     ip(&["tuntap", "add", "dev", name, "mode", "tap", "vnet_hdr"])?;
     let rest = (|| {
-        ip(&["link", "set", "dev", name, "alias", &format!("{TAP_ALIAS}{domain}")])?;
+        ip(&[
+            "link",
+            "set",
+            "dev",
+            name,
+            "alias",
+            &format!("{TAP_ALIAS}{domain}"),
+        ])?;
         ip(&["link", "set", "dev", name, "master", bridge])?;
         ip(&["link", "set", "dev", name, "up"])
     })();

@@ -117,7 +117,11 @@ impl Networks {
             autostart: n.autostart,
             bridge: n.def.bridge.clone().unwrap_or_default(),
             forward: n.def.forward,
-            address: n.def.ip.as_ref().map(|i| format!("{}/{}", i.address, i.prefix)),
+            address: n
+                .def
+                .ip
+                .as_ref()
+                .map(|i| format!("{}/{}", i.address, i.prefix)),
         }
     }
 
@@ -159,7 +163,9 @@ impl Networks {
 
     fn define_default_once(&self) {
         let mut inner = self.lock();
-        if inner.store.meta("default_defined").is_some() || std::env::var_os(NO_DEFAULT_ENV).is_some() {
+        if inner.store.meta("default_defined").is_some()
+            || std::env::var_os(NO_DEFAULT_ENV).is_some()
+        {
             return;
         }
         let mut def = default_network();
@@ -211,7 +217,9 @@ impl Networks {
         for (dev, alias) in link::devices() {
             let stale = if let Some(net) = alias.strip_prefix(link::BRIDGE_ALIAS) {
                 !active.iter().any(|d| {
-                    d.name == net && d.bridge.as_deref() == Some(dev.as_str()) && d.forward != ForwardMode::Bridge
+                    d.name == net
+                        && d.bridge.as_deref() == Some(dev.as_str())
+                        && d.forward != ForwardMode::Bridge
                 })
             } else if alias.starts_with(link::TAP_ALIAS) {
                 !keep_taps.contains(&dev)
@@ -244,7 +252,10 @@ impl Networks {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
             if !active_names.contains(&owner.as_str()) {
-                eprintln!("ferrovirtd: stopping leftover dnsmasq {pid} ({})", conf.display());
+                eprintln!(
+                    "ferrovirtd: stopping leftover dnsmasq {pid} ({})",
+                    conf.display()
+                );
                 dnsmasq::stop_pid(pid);
             }
         }
@@ -413,7 +424,10 @@ impl Networks {
         if n.active {
             return Err(ApiError::new(
                 ErrorCode::OperationInvalid,
-                format!("network '{}' is active: destroy it first (`ferrovirt net-destroy {}`)", n.def.name, n.def.name),
+                format!(
+                    "network '{}' is active: destroy it first (`ferrovirt net-destroy {}`)",
+                    n.def.name, n.def.name
+                ),
             ));
         }
         inner.store.delete(&n.def.name)?;
@@ -472,7 +486,9 @@ impl Networks {
             }
             return Ok(());
         }
-        if link::exists(&bridge) && link::alias(&bridge) != format!("{}{}", link::BRIDGE_ALIAS, def.name) {
+        if link::exists(&bridge)
+            && link::alias(&bridge) != format!("{}{}", link::BRIDGE_ALIAS, def.name)
+        {
             return Err(ApiError::invalid(format!(
                 "device '{bridge}' already exists on the host and is not this network's bridge; choose another bridge name"
             )));
@@ -696,7 +712,11 @@ impl Networks {
             .iter()
             .enumerate()
             .map(|(i, nic)| DomInterface {
-                interface: if running { tap_name(def, i) } else { "-".into() },
+                interface: if running {
+                    tap_name(def, i)
+                } else {
+                    "-".into()
+                },
                 kind: match nic.kind {
                     InterfaceKind::Network => "network".into(),
                     InterfaceKind::Bridge => "bridge".into(),
@@ -761,8 +781,14 @@ mod tests {
     #[test]
     fn subnet_overlap() {
         assert!(overlaps(&net([10, 0, 0, 1], 8), &net([10, 9, 3, 1], 24)));
-        assert!(overlaps(&net([192, 168, 123, 1], 24), &net([192, 168, 123, 0], 25)));
-        assert!(!overlaps(&net([192, 168, 122, 1], 24), &net([192, 168, 123, 1], 24)));
+        assert!(overlaps(
+            &net([192, 168, 123, 1], 24),
+            &net([192, 168, 123, 0], 25)
+        ));
+        assert!(!overlaps(
+            &net([192, 168, 122, 1], 24),
+            &net([192, 168, 123, 1], 24)
+        ));
     }
 
     #[test]
