@@ -304,7 +304,7 @@ impl Drop for World {
         if self.socket().exists() && self.daemon.is_some() {
             let list = self.cmd(&["list", "--name-only"]);
             let _ = list;
-            for vm in ["vm1", "isoa", "isob"] {
+            for vm in ["vm1", "isoa", "isob", "inst"] {
                 let _ = self.cmd(&["destroy", vm]);
             }
         }
@@ -349,6 +349,36 @@ fn guest(dir: &Path, name: &str, body: &str) -> (PathBuf, PathBuf) {
         .build(dir.join(format!("{name}.cpio.gz")))
         .expect("initramfs");
     (kernel.bzimage.clone(), initrd)
+}
+
+/// `ferrovirt install` arguments for a direct-kernel-boot qemu guest without disks.
+fn install_args(w: &World, name: &str, networks: &[&str]) -> Vec<String> {
+    let (kernel, initrd) = guest(&w.dir, name, "");
+    let mut a: Vec<String> = [
+        "install",
+        "--name",
+        name,
+        "--virt-type",
+        "qemu",
+        "--memory",
+        "160",
+        "--disk",
+        "none",
+        "--noautoconsole",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.push("--boot".into());
+    a.push(format!(
+        "kernel={},initrd={},kernel_args=console=ttyS0",
+        kernel.display(),
+        initrd.display()
+    ));
+    for n in networks {
+        a.push(format!("--network={n}"));
+    }
+    a
 }
 
 fn vm_def(w: &World, name: &str, network: &str, mac: &str, body: &str) -> String {
@@ -554,6 +584,64 @@ fn isolated_network_connects_its_guests_and_nothing_else() {
     );
     w.ok(&["destroy", "isoa"]);
     w.ok(&["destroy", "isob"]);
+
+    // virt-install's three --network shapes, and a forward = "bridge" network on a host bridge.
+    w.inner(&["ip", "link", "add", "hostbr0", "type", "bridge"]);
+    let hb = w.file(
+        "hostbr.toml",
+        "name = \"hostbr\"\nforward = \"bridge\"\nbridge = \"hostbr0\"\n",
+    );
+    w.ok(&["net-define", &hb]);
+    w.ok(&["net-start", "hostbr"]);
+    let args = install_args(
+        &w,
+        "inst",
+        &[
+            "default",
+            "network=iso,mac=52:54:00:aa:00:01",
+            "bridge=hostbr0",
+            "network=hostbr",
+        ],
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    w.ok(&args);
+    let iflist = w.ok(&["domiflist", "inst"]);
+    let rows: Vec<Vec<&str>> = iflist
+        .lines()
+        .skip(2)
+        .map(|l| l.split_whitespace().collect())
+        .filter(|r: &Vec<&str>| r.len() == 5)
+        .collect();
+    assert_eq!(rows.len(), 4, "{iflist}");
+    let masters: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            let link = w.inner(&["ip", "-o", "link", "show", r[0]]);
+            link.split(" master ")
+                .nth(1)
+                .and_then(|m| m.split_whitespace().next())
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        masters,
+        ["fvbr0", "fviso0", "hostbr0", "hostbr0"],
+        "{iflist}"
+    );
+    assert_eq!(rows[1][4], "52:54:00:aa:00:01");
+    assert!(
+        rows.iter().all(|r| r[4].starts_with("52:54:00:")),
+        "{iflist}"
+    );
+    w.ok(&["destroy", "inst"]);
+    w.ok(&["net-destroy", "hostbr"]);
+    assert!(
+        w.inner(&["ip", "-o", "link", "show", "hostbr0"])
+            .contains("hostbr0"),
+        "the host's bridge stays"
+    );
+    w.inner(&["ip", "link", "del", "hostbr0"]);
     w.ok(&["net-destroy", "iso"]);
     w.ok(&["net-destroy", "default"]);
     let (links, tables, dns) = w.census();
