@@ -541,6 +541,43 @@ fn isolated_network_connects_its_guests_and_nothing_else() {
     );
     assert!(w.fails(&["net-define", &badname]).contains("15 characters"));
     w.ok(&["net-start", "iso"]);
+    w.ok(&["net-autostart", "iso"]);
+    assert!(w.ok(&["net-info", "iso"]).contains("Autostart:      yes"));
+    w.ok(&["net-autostart", "--disable", "iso"]);
+    let info = w.ok(&["net-info", "iso"]);
+    assert!(
+        info.contains("Autostart:      no")
+            && info.contains("Bridge:         fviso0")
+            && info.contains("Forward:        isolated"),
+        "{info}"
+    );
+
+    // dnsmasq is supervised: killed, it is back within a few seconds (one, not two).
+    let before = w.census().2;
+    assert_eq!(before.len(), 2, "dnsmasq of default and iso");
+    let iso_pid = *before
+        .iter()
+        .find(|p| {
+            fs::read(format!("/proc/{p}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains("/networks/iso/"))
+                .unwrap_or(false)
+        })
+        .expect("iso's dnsmasq");
+    // SAFETY: kill(2) of the dnsmasq this test's daemon started.
+    unsafe { libc::kill(iso_pid as i32, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = w.census().2;
+        if now.len() == 2 && !now.contains(&iso_pid) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "dnsmasq not restarted: {now:?}\n{}",
+            w.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     let b = vm_def(
         &w,

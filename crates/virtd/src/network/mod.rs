@@ -195,9 +195,9 @@ impl Networks {
                 continue;
             };
             if n.active {
-                if let Err(e) = self.bring_up(&inner, &n.def) {
+                if let Err(e) = self.bring_up(&n.def) {
                     eprintln!("ferrovirtd: network '{name}' was active but cannot be restored: {e}; marking it inactive");
-                    self.tear_down(&inner, &n.def);
+                    self.tear_down(&n.def);
                     let mut n = n.clone();
                     n.active = false;
                     let _ = inner.store.put(&n);
@@ -458,14 +458,14 @@ impl Networks {
             ));
         }
         self.preflight(&inner, &n.def)?;
-        if let Err(e) = self.bring_up(&inner, &n.def) {
-            self.tear_down(&inner, &n.def);
+        if let Err(e) = self.bring_up(&n.def) {
+            self.tear_down(&n.def);
             self.restore_ip_forward(&inner);
             return Err(e);
         }
         n.active = true;
         if let Err(e) = inner.store.put(&n) {
-            self.tear_down(&inner, &n.def);
+            self.tear_down(&n.def);
             self.restore_ip_forward(&inner);
             return Err(e);
         }
@@ -524,7 +524,7 @@ impl Networks {
     }
 
     /// Create (or adopt) bridge, nftables table and dnsmasq. Idempotent.
-    fn bring_up(&self, inner: &Inner, def: &NetworkDef) -> Result<(), ApiError> {
+    fn bring_up(&self, def: &NetworkDef) -> Result<(), ApiError> {
         let (Some(bridge), Some(ip)) = (&def.bridge, &def.ip) else {
             // forward = bridge: the host's bridge is used as it is.
             return match &def.bridge {
@@ -550,12 +550,11 @@ impl Networks {
         let files = self.files(&def.name);
         let conf = dnsmasq::config(&files, &def.name, def.forward, bridge, ip);
         dnsmasq::start(&files, &conf)?;
-        let _ = inner;
         Ok(())
     }
 
     /// Remove everything a network made. Only a bridge carrying this network's alias is deleted.
-    fn tear_down(&self, _inner: &Inner, def: &NetworkDef) {
+    fn tear_down(&self, def: &NetworkDef) {
         if def.forward == ForwardMode::Bridge {
             return;
         }
@@ -583,7 +582,7 @@ impl Networks {
         }
         n.active = false;
         inner.store.put(&n)?;
-        self.tear_down(&inner, &n.def);
+        self.tear_down(&n.def);
         inner.nets.insert(n.def.name.clone(), n.clone());
         self.restore_ip_forward(&inner);
         Ok(Self::info(&n))
