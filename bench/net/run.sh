@@ -4,7 +4,8 @@
 #   2. guest-to-host TCP throughput through the TAP: a TCG guest (qemu driver / libvirt's qemu)
 #      gets a DHCP lease and sends SEND_MIB MiB with busybox nc to a server on the host side.
 # Everything runs inside a network namespace this script creates (the host's networking is not
-# touched); libvirtd also gets a private mount namespace for /run/libvirt and /var/lib/libvirt.
+# touched); libvirtd also gets a private mount namespace (its own /etc/libvirt copy, /run/libvirt,
+# /var/lib/libvirt), so nothing of the run is left on the host.
 #   bench/net/run.sh                   # N=20 cycles, RUNS=3 transfers of SEND_MIB=32 each
 #   NO_LIBVIRT=1 bench/net/run.sh      # ferrovirt only
 # Needs root, python3, nftables, dnsmasq-base, qemu-system-x86, busybox-static,
@@ -23,7 +24,7 @@ FV_PID=""; LV_PID=""; SRV_PID=""
 cleanup() {
     set +e
     [ -n "$FV_PID" ] && target/release/ferrovirt -c "$WORK/fv-run/ferrovirtd.sock" destroy nbvm >/dev/null 2>&1
-    [ -n "$LV_PID" ] && lv destroy nbvm >/dev/null 2>&1
+    [ -n "$LV_PID" ] && lv destroy nbvm >/dev/null 2>&1 && lv undefine nbvm >/dev/null 2>&1
     [ -n "$FV_PID" ] && kill "$FV_PID" 2>/dev/null
     [ -n "$LV_PID" ] && kill "$LV_PID" 2>/dev/null
     [ -n "$SRV_PID" ] && kill "$SRV_PID" 2>/dev/null
@@ -105,13 +106,15 @@ if [ -z "${NO_LIBVIRT:-}" ]; then
     # Private /run/libvirt, /var/lib/libvirt, /var/cache/libvirt: no clash with another libvirtd.
     # /dev/kvm is hidden (PVM hosts: libvirt would re-probe KVM for 30-45 s; both stacks use TCG).
     ip netns exec "$NS" unshare -m --propagation private bash -c '
+        # A private copy of /etc/libvirt too: the domain this script defines stays in the run.
+        cp -a /etc/libvirt "$2/etc-libvirt" && mount --bind "$2/etc-libvirt" /etc/libvirt
         for d in /run/libvirt /var/lib/libvirt /var/cache/libvirt /var/log/libvirt; do
             mkdir -p $d; mount -t tmpfs tmpfs $d; done
         mkdir -p /var/lib/libvirt/dnsmasq /var/lib/libvirt/qemu /var/log/libvirt/qemu
         chown libvirt-qemu:kvm /var/lib/libvirt/qemu 2>/dev/null || true
         [ -e /dev/kvm ] && mount --bind /dev/null /dev/kvm
-        virtlogd -d
-        exec libvirtd -f "$1"' _ "$WORK/libvirtd.conf" >"$WORK/libvirtd.log" 2>&1 &
+        virtlogd -d -p /run/libvirt/virtlogd.pid
+        exec libvirtd -p /run/libvirt/libvirtd.pid -f "$1"' _ "$WORK/libvirtd.conf" "$WORK" >"$WORK/libvirtd.log" 2>&1 &
     LV_PID=$!
     i=0; until lv version >/dev/null 2>&1; do i=$((i+1)); [ $i -gt 400 ] && { cat "$WORK/libvirtd.log"; exit 1; }; sleep 0.05; done
     lv net-info default >/dev/null 2>&1 || lv net-define /etc/libvirt/qemu/networks/default.xml >/dev/null

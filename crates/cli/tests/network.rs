@@ -467,9 +467,36 @@ fn default_network_gives_dhcp_nat_and_leaves_nothing_behind() {
         "{addr}"
     );
 
-    // kill -9 of the daemon with a VM and the network up; a new daemon adopts, never duplicates.
+    // kill -9 of the daemon with a VM and the network up; a new daemon adopts, never duplicates,
+    // and removes only leftovers carrying our marks (a TAP of a domain that is not running, a
+    // table of an unknown network), never the host's own devices.
     w.kill9();
+    w.inner(&["ip", "tuntap", "add", "dev", "fvdeadbeefn0", "mode", "tap"]);
+    w.inner(&[
+        "ip",
+        "link",
+        "set",
+        "dev",
+        "fvdeadbeefn0",
+        "alias",
+        "ferrovirt:tap:ghost",
+    ]);
+    w.inner(&["ip", "tuntap", "add", "dev", "fvhostown0", "mode", "tap"]);
+    w.inner(&["nft", "add", "table", "ip", "ferrovirt_ghost"]);
+    w.inner(&["nft", "add", "table", "ip", "hostfilter"]);
     w.start_daemon();
+    assert!(
+        w.log().contains("removing leftover device fvdeadbeefn0"),
+        "{}",
+        w.log()
+    );
+    let tables = w.inner(&["nft", "list", "tables"]);
+    assert!(
+        !tables.contains("ferrovirt_ghost") && tables.contains("hostfilter"),
+        "{tables}"
+    );
+    w.inner(&["nft", "delete", "table", "ip", "hostfilter"]);
+    w.inner(&["ip", "link", "del", "fvhostown0"]);
     let (links, tables, dns) = w.census();
     let mut want = vec!["fvbr0".to_string(), tap.clone()];
     want.sort();

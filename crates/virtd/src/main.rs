@@ -16,7 +16,8 @@ const USAGE: &str = "usage: ferrovirtd [--socket PATH] [--state-dir DIR] [--run-
   --state-dir DIR   database, console logs and disk images (default /var/lib/ferrovirt)
   --run-dir DIR     VM sockets and pidfiles (default /run/ferrovirt)
 
-Environment: FERROVIRT_QEMU (qemu binary), FERROVIRT_VMM (ferrovmm binary).";
+Environment: FERROVIRT_QEMU (qemu binary), FERROVIRT_VMM (ferrovmm binary),
+FERROVIRT_NO_DEFAULT_NETWORK=1 (a fresh state dir gets no `default` network; see docs/network.md).";
 
 fn parse_args() -> Result<Paths, String> {
     let mut socket = None;
