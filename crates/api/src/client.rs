@@ -2,14 +2,15 @@
 
 use std::fmt;
 use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
 use crate::error::{ApiError, ErrorBody};
-use crate::http::{self, percent_encode};
+use crate::http::{self, percent_encode, Stream};
 use crate::msg::{
     AutostartRequest, DefineResponse, DisplayInfo, DomainResponse, MemoryRequest, VcpusRequest,
     VersionInfo, VolumeCreateRequest, VolumeInfo,
@@ -20,7 +21,7 @@ use crate::state::{DomainInfo, Event};
 pub enum ClientError {
     /// The daemon could not be reached.
     Connect {
-        socket: PathBuf,
+        target: String,
         error: std::io::Error,
     },
     /// The daemon answered with an error.
@@ -32,11 +33,9 @@ pub enum ClientError {
 impl fmt::Display for ClientError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ClientError::Connect { socket, error } => write!(
+            ClientError::Connect { target, error } => write!(
                 f,
-                "cannot talk to ferrovirtd at {}: {error} (is the daemon running? start it with `ferrovirtd --socket {}`, or pass -c SOCKET / set FERROVIRT_SOCKET)",
-                socket.display(),
-                socket.display()
+                "cannot talk to ferrovirtd at {target}: {error} (is the daemon running? start it with `ferrovirtd --socket {target}`, or pass -c SOCKET / set FERROVIRT_SOCKET)"
             ),
             ClientError::Api(e) => write!(f, "{e}"),
             ClientError::Protocol(m) => write!(f, "unexpected answer from ferrovirtd: {m}"),
@@ -72,22 +71,132 @@ impl DefFormat {
     }
 }
 
+/// Where the daemon listens.
+#[derive(Debug, Clone)]
+enum Target {
+    Unix(PathBuf),
+    /// host:port with its bearer token.
+    Tcp {
+        addr: String,
+        token: String,
+    },
+    /// TLS to host:port, trusting the given roots, with the bearer token.
+    Tls {
+        addr: String,
+        token: String,
+        config: std::sync::Arc<rustls::ClientConfig>,
+    },
+}
+
 pub struct Client {
-    socket: PathBuf,
+    target: Target,
     timeout: Duration,
 }
 
 impl Client {
+    /// Long enough for a start that boots firmware; short enough not to hang a script forever.
+    const TIMEOUT: Duration = Duration::from_secs(120);
+
     pub fn new(socket: impl Into<PathBuf>) -> Self {
-        // Long enough for a start that boots firmware; short enough not to hang a script forever.
         Client {
-            socket: socket.into(),
-            timeout: Duration::from_secs(120),
+            target: Target::Unix(socket.into()),
+            timeout: Self::TIMEOUT,
         }
     }
 
-    pub fn socket(&self) -> &Path {
-        &self.socket
+    /// A daemon's TCP listener (`ferrovirtd --listen-tcp`), which needs its bearer token.
+    pub fn tcp(addr: &str, token: &str) -> Self {
+        Client {
+            target: Target::Tcp {
+                addr: addr.to_string(),
+                token: token.to_string(),
+            },
+            timeout: Self::TIMEOUT,
+        }
+    }
+
+    /// TLS to a daemon's TCP listener, trusting the PEM certificates in `ca`.
+    pub fn tls(addr: &str, token: &str, ca: &std::path::Path) -> Result<Self, String> {
+        let config = crate::tls::client_config(ca)?;
+        Ok(Client {
+            target: Target::Tls {
+                addr: addr.to_string(),
+                token: token.to_string(),
+                config,
+            },
+            timeout: Self::TIMEOUT,
+        })
+    }
+
+    /// From `-c`: a socket path, `tcp://HOST:PORT` or `tls://HOST:PORT`; the network forms need
+    /// the bearer token, TLS also the certificate to trust (`ca`).
+    pub fn from_uri(
+        uri: &str,
+        token: Option<&str>,
+        ca: Option<&std::path::Path>,
+    ) -> Result<Self, String> {
+        let (tls, addr) = match (uri.strip_prefix("tcp://"), uri.strip_prefix("tls://")) {
+            (Some(a), _) => (false, a),
+            (_, Some(a)) => (true, a),
+            _ => return Ok(Self::new(uri)),
+        };
+        let addr = addr.trim_end_matches('/');
+        let token = match token {
+            Some(t) if !t.trim().is_empty() => t.trim(),
+            _ => {
+                return Err(format!(
+                    "connecting to {uri} needs the daemon's bearer token: set FERROVIRT_TOKEN"
+                ))
+            }
+        };
+        if !tls {
+            return Ok(Self::tcp(addr, token));
+        }
+        let ca = ca.ok_or_else(|| {
+            format!("connecting to {uri} needs the certificate to trust: set FERROVIRT_CA_CERT to a PEM file")
+        })?;
+        Self::tls(addr, token, ca)
+    }
+
+    /// The socket path or tcp:// address, for messages.
+    pub fn target(&self) -> String {
+        match &self.target {
+            Target::Unix(p) => p.display().to_string(),
+            Target::Tcp { addr, .. } => format!("tcp://{addr}"),
+            Target::Tls { addr, .. } => format!("tls://{addr}"),
+        }
+    }
+
+    fn connect(&self) -> Result<Box<dyn Stream>, ClientError> {
+        let connected: std::io::Result<Box<dyn Stream>> = match &self.target {
+            Target::Unix(p) => UnixStream::connect(p).map(|s| Box::new(s) as Box<dyn Stream>),
+            Target::Tcp { addr, .. } => {
+                TcpStream::connect(addr).map(|s| Box::new(s) as Box<dyn Stream>)
+            }
+            Target::Tls { addr, config, .. } => {
+                let host = addr
+                    .rsplit_once(':')
+                    .map(|(h, _)| h)
+                    .unwrap_or(addr)
+                    .trim_matches(['[', ']']);
+                TcpStream::connect(addr)
+                    .and_then(|tcp| crate::tls::connect(config.clone(), host, tcp))
+                    .map(|s| Box::new(s) as Box<dyn Stream>)
+            }
+        };
+        connected.map_err(|error| ClientError::Connect {
+            target: self.target(),
+            error,
+        })
+    }
+
+    fn auth_header(&self) -> Option<String> {
+        match &self.target {
+            Target::Tcp { token, .. } | Target::Tls { token, .. } => {
+                Some(format!("Bearer {token}"))
+            }
+            Target::Unix(_) => None,
+        }
     }
 
     pub(crate) fn raw(
@@ -97,16 +206,14 @@ impl Client {
         ct: Option<&str>,
         body: &[u8],
     ) -> Result<http::Response, ClientError> {
-        let resp = http::unix_request(&self.socket, method, path, ct, body, Some(self.timeout))
-            .map_err(|error| match error.kind() {
-                std::io::ErrorKind::NotFound
-                | std::io::ErrorKind::ConnectionRefused
-                | std::io::ErrorKind::PermissionDenied => ClientError::Connect {
-                    socket: self.socket.clone(),
-                    error,
-                },
-                _ => ClientError::Protocol(error.to_string()),
-            })?;
+        let stream = self.connect()?;
+        let auth = self.auth_header();
+        let headers: Vec<(&str, &str)> = auth
+            .as_deref()
+            .map(|a| vec![("Authorization", a)])
+            .unwrap_or_default();
+        let resp = http::request_on(stream, method, path, ct, body, &headers, Some(self.timeout))
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
         if resp.status >= 400 {
             return Err(match serde_json::from_slice::<ErrorBody>(&resp.body) {
                 Ok(b) => ClientError::Api(b.error),
@@ -286,28 +393,19 @@ impl Client {
         }
     }
 
-    fn connect(&self) -> Result<UnixStream, ClientError> {
-        UnixStream::connect(&self.socket).map_err(|error| ClientError::Connect {
-            socket: self.socket.clone(),
-            error,
-        })
-    }
-
     /// Subscribe to lifecycle events; `on_event` returns false to stop.
     pub fn events(&self, mut on_event: impl FnMut(Event) -> bool) -> Result<(), ClientError> {
         let stream = self.connect()?;
         let mut w = stream
-            .try_clone()
+            .try_clone_stream()
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        http::write_request(
-            &mut w,
-            "GET",
-            "/v1/events",
-            None,
-            b"",
-            &[("Accept", "text/event-stream")],
-        )
-        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let auth = self.auth_header();
+        let mut headers = vec![("Accept", "text/event-stream")];
+        if let Some(a) = auth.as_deref() {
+            headers.push(("Authorization", a));
+        }
+        http::write_request(&mut w, "GET", "/v1/events", None, b"", &headers)
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
         let mut r = BufReader::new(stream);
         let head = read_head(&mut r)?;
         if head.0 != 200 {
@@ -334,25 +432,27 @@ impl Client {
 
     /// Attach to the serial console: the returned stream carries raw guest bytes both ways.
     /// `replay` asks for the recent log first.
-    pub fn console(&self, name: &str, replay: bool) -> Result<BufReader<UnixStream>, ClientError> {
+    pub fn console(
+        &self,
+        name: &str,
+        replay: bool,
+    ) -> Result<BufReader<Box<dyn Stream>>, ClientError> {
         let stream = self.connect()?;
         let mut w = stream
-            .try_clone()
+            .try_clone_stream()
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let auth = self.auth_header();
+        let mut headers = vec![("Upgrade", "console"), ("Connection", "Upgrade")];
+        if let Some(a) = auth.as_deref() {
+            headers.push(("Authorization", a));
+        }
         let path = format!(
             "{}/console{}",
             Self::dom(name),
             if replay { "?replay=true" } else { "" }
         );
-        http::write_request(
-            &mut w,
-            "POST",
-            &path,
-            None,
-            b"",
-            &[("Upgrade", "console"), ("Connection", "Upgrade")],
-        )
-        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        http::write_request(&mut w, "POST", &path, None, b"", &headers)
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
         let mut r = BufReader::new(stream);
         let (status, headers) = read_head(&mut r)?;
         if status != 101 {
@@ -378,7 +478,9 @@ impl Client {
     }
 }
 
-fn read_head(r: &mut BufReader<UnixStream>) -> Result<(u16, Vec<(String, String)>), ClientError> {
+fn read_head(
+    r: &mut BufReader<Box<dyn Stream>>,
+) -> Result<(u16, Vec<(String, String)>), ClientError> {
     let mut status_line = String::new();
     r.read_line(&mut status_line)
         .map_err(|e| ClientError::Protocol(e.to_string()))?;

@@ -31,6 +31,8 @@ pub enum ErrorCode {
     NotFound,
     /// A bug or an unexpected host failure (database I/O ...).
     Internal,
+    /// TCP listener: missing or wrong bearer token.
+    Unauthorized,
 }
 
 impl ErrorCode {
@@ -44,6 +46,7 @@ impl ErrorCode {
             ErrorCode::DomainExists | ErrorCode::OperationInvalid | ErrorCode::StorageError => 409,
             ErrorCode::NotSupported => 501,
             ErrorCode::DriverError | ErrorCode::Internal => 500,
+            ErrorCode::Unauthorized => 401,
         }
     }
 
@@ -61,6 +64,7 @@ impl ErrorCode {
             ErrorCode::StorageError => "storage_error",
             ErrorCode::NotFound => "not_found",
             ErrorCode::Internal => "internal",
+            ErrorCode::Unauthorized => "unauthorized",
         }
     }
 }

@@ -2,9 +2,43 @@
 //! and an upgraded raw console stream. One request per connection keeps both sides simple.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
+
+/// A byte stream the API runs over: a Unix socket, or TCP when the daemon listens on TCP.
+pub trait Stream: Read + Write + Send + 'static {
+    fn try_clone_stream(&self) -> io::Result<Box<dyn Stream>>;
+    fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()>;
+    fn shutdown_both(&self);
+}
+
+impl Stream for UnixStream {
+    fn try_clone_stream(&self) -> io::Result<Box<dyn Stream>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+    fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(read)?;
+        self.set_write_timeout(write)
+    }
+    fn shutdown_both(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+impl Stream for TcpStream {
+    fn try_clone_stream(&self) -> io::Result<Box<dyn Stream>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+    fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(read)?;
+        self.set_write_timeout(write)
+    }
+    fn shutdown_both(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Both);
+    }
+}
 
 const MAX_LINE: usize = 8 * 1024;
 const MAX_HEADERS: usize = 100;
@@ -207,6 +241,7 @@ pub fn reason_phrase(status: u16) -> &'static str {
         204 => "No Content",
         101 => "Switching Protocols",
         400 => "Bad Request",
+        401 => "Unauthorized",
         404 => "Not Found",
         405 => "Method Not Allowed",
         409 => "Conflict",
@@ -301,17 +336,32 @@ pub fn unix_request(
     timeout: Option<Duration>,
 ) -> io::Result<Response> {
     let stream = UnixStream::connect(socket)?;
-    stream.set_read_timeout(timeout)?;
-    stream.set_write_timeout(timeout)?;
-    let mut writer = stream.try_clone()?;
-    write_request(
-        &mut writer,
+    request_on(
+        Box::new(stream),
         method,
         path,
         content_type,
         body,
-        &[("Connection", "close")],
-    )?;
+        &[],
+        timeout,
+    )
+}
+
+/// One request on an open connection (which it consumes), with a timeout for each read/write.
+pub fn request_on(
+    stream: Box<dyn Stream>,
+    method: &str,
+    path: &str,
+    content_type: Option<&str>,
+    body: &[u8],
+    extra_headers: &[(&str, &str)],
+    timeout: Option<Duration>,
+) -> io::Result<Response> {
+    stream.set_timeouts(timeout, timeout)?;
+    let mut writer = stream.try_clone_stream()?;
+    let mut headers = vec![("Connection", "close")];
+    headers.extend_from_slice(extra_headers);
+    write_request(&mut writer, method, path, content_type, body, &headers)?;
     let mut reader = BufReader::new(stream);
     read_response(&mut reader, method)
 }

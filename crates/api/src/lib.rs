@@ -16,6 +16,7 @@ pub mod http;
 pub mod msg;
 pub mod network;
 pub mod state;
+pub mod tls;
 pub mod xml;
 
 pub use def::{Action, DomainDef, VirtType};

@@ -51,7 +51,7 @@ pub fn attach(client: &Client, name: &str, replay: bool) -> Result<(), ClientErr
     let detached = Arc::new(AtomicBool::new(false));
     let sock = conn
         .get_ref()
-        .try_clone()
+        .try_clone_stream()
         .map_err(|e| ClientError::Protocol(e.to_string()))?;
     let flag = detached.clone();
     std::thread::spawn(move || {
@@ -67,7 +67,7 @@ pub fn attach(client: &Client, name: &str, replay: bool) -> Result<(), ClientErr
             if let Some(pos) = data.iter().position(|b| *b == ESCAPE) {
                 let _ = sock.write_all(&data[..pos]);
                 flag.store(true, Ordering::SeqCst);
-                let _ = sock.shutdown(std::net::Shutdown::Both);
+                sock.shutdown_both();
                 return;
             }
             if sock.write_all(data).is_err() {

@@ -22,9 +22,9 @@ use ferrovirt_api::state::EventKind;
     about = "Manage ferrovirt virtual machines, networks and disk images"
 )]
 struct Cli {
-    /// ferrovirtd API socket
+    /// ferrovirtd API socket, or tcp://HOST:PORT / tls://HOST:PORT (with FERROVIRT_TOKEN, and FERROVIRT_CA_CERT for TLS)
     #[arg(short = 'c', long = "connect", global = true, env = "FERROVIRT_SOCKET", default_value = ferrovirt_api::DEFAULT_SOCKET)]
-    connect: PathBuf,
+    connect: String,
     /// Machine-readable JSON output
     #[arg(long, global = true)]
     json: bool,
@@ -174,7 +174,10 @@ fn print_json<T: serde::Serialize>(v: &T) {
 }
 
 fn run(cli: Cli) -> Result<(), Failure> {
-    let client = Client::new(&cli.connect);
+    let token = std::env::var("FERROVIRT_TOKEN").ok();
+    let ca = std::env::var_os("FERROVIRT_CA_CERT").map(PathBuf::from);
+    let client =
+        Client::from_uri(&cli.connect, token.as_deref(), ca.as_deref()).map_err(Failure::Usage)?;
     let json = cli.json;
     let done = |info: &ferrovirt_api::DomainInfo, msg: String| {
         if json {

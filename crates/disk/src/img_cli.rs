@@ -1,9 +1,503 @@
-//! `ferrovirt img <verb>`: qemu-img's verbs over this library.
+//! `ferrovirt img`: qemu-img's verbs over this library.
 
+use crate::info::human_info;
+use crate::ops::{self, Repair};
+use crate::{create, info, CreateOptions, DiskError, Format, Preallocation};
+use clap::{Parser, Subcommand, ValueEnum};
 use std::ffi::OsString;
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "img",
+    bin_name = "ferrovirt img",
+    about = "Disk image tools with qemu-img's verbs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum Output {
+    Human,
+    Json,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum RepairArg {
+    Leaks,
+    All,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Create an image: create [-f qcow2|raw] [-o cluster_size=,preallocation=] [-b BACKING -F FMT] FILE [SIZE]
+    Create {
+        #[arg(short = 'f', default_value = "raw")]
+        format: String,
+        /// Comma-separated options: cluster_size=64K, preallocation=off|metadata|falloc|full
+        #[arg(short = 'o')]
+        options: Vec<String>,
+        /// Backing file, as it will be written in the header
+        #[arg(short = 'b')]
+        backing: Option<String>,
+        /// Format of the backing file
+        #[arg(short = 'F')]
+        backing_format: Option<String>,
+        file: PathBuf,
+        /// Size in bytes, or with a suffix K, M, G, T (optional with -b)
+        size: Option<String>,
+    },
+    /// Show information about an image
+    Info {
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+        #[arg(long)]
+        backing_chain: bool,
+        #[arg(short = 'f')]
+        format: Option<String>,
+        file: PathBuf,
+    },
+    /// Check an image's metadata for leaks and corruption
+    Check {
+        #[arg(short = 'r', value_enum)]
+        repair: Option<RepairArg>,
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+        #[arg(short = 'f')]
+        format: Option<String>,
+        file: PathBuf,
+    },
+    /// Copy an image (flattening its backing chain) into a new image
+    Convert {
+        #[arg(short = 'f')]
+        src_format: Option<String>,
+        #[arg(short = 'O', default_value = "raw")]
+        out_format: String,
+        #[arg(short = 'o')]
+        options: Vec<String>,
+        src: PathBuf,
+        dst: PathBuf,
+    },
+    /// Write an overlay's changes into its backing file
+    Commit {
+        #[arg(short = 'f')]
+        format: Option<String>,
+        file: PathBuf,
+    },
+    /// Change an image's backing file
+    Rebase {
+        /// Only rewrite the header; do not copy data
+        #[arg(short = 'u')]
+        unsafe_only: bool,
+        #[arg(short = 'b')]
+        backing: String,
+        #[arg(short = 'F')]
+        backing_format: Option<String>,
+        #[arg(short = 'f')]
+        format: Option<String>,
+        file: PathBuf,
+    },
+    /// Grow an image: resize FILE [+]SIZE
+    Resize {
+        #[arg(short = 'f')]
+        format: Option<String>,
+        file: PathBuf,
+        #[arg(allow_hyphen_values = true)]
+        size: String,
+    },
+    /// Show where an image's data lives
+    Map {
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+        #[arg(short = 'f')]
+        format: Option<String>,
+        file: PathBuf,
+    },
+}
+
+/// Parses "1024", "512K", "16G", "1.5G" (binary units) into bytes.
+pub fn parse_size(s: &str) -> Result<u64, DiskError> {
+    let bad = || {
+        DiskError::InvalidArgument(format!(
+            "invalid size '{s}': use bytes or a number with K, M, G, T, P or E"
+        ))
+    };
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let shift = match unit
+        .to_ascii_lowercase()
+        .trim_end_matches("ib")
+        .trim_end_matches('b')
+    {
+        "" => 0,
+        "k" => 10,
+        "m" => 20,
+        "g" => 30,
+        "t" => 40,
+        "p" => 50,
+        "e" => 60,
+        _ => return Err(bad()),
+    };
+    if num.is_empty() {
+        return Err(bad());
+    }
+    if num.contains('.') {
+        let v: f64 = num.parse().map_err(|_| bad())?;
+        let bytes = v * (1u64 << shift) as f64;
+        if !bytes.is_finite() || bytes >= u64::MAX as f64 || bytes.fract() != 0.0 {
+            return Err(bad());
+        }
+        return Ok(bytes as u64);
+    }
+    let v: u64 = num.parse().map_err(|_| bad())?;
+    v.checked_mul(1u64 << shift).ok_or_else(bad)
+}
+
+struct ImgOpts {
+    cluster_size: Option<u32>,
+    preallocation: Preallocation,
+    backing: Option<String>,
+    backing_format: Option<String>,
+}
+
+fn parse_opts(list: &[String]) -> Result<ImgOpts, DiskError> {
+    let mut o = ImgOpts {
+        cluster_size: None,
+        preallocation: Preallocation::Off,
+        backing: None,
+        backing_format: None,
+    };
+    for item in list.iter().flat_map(|s| s.split(',')) {
+        if item.is_empty() {
+            continue;
+        }
+        let (k, v) = item.split_once('=').ok_or_else(|| {
+            DiskError::InvalidArgument(format!("option '{item}' is not of the form key=value"))
+        })?;
+        match k {
+            "cluster_size" => {
+                let cs = parse_size(v)?;
+                o.cluster_size = Some(u32::try_from(cs).map_err(|_| DiskError::InvalidArgument(format!("cluster size {v} is too large")))?);
+            }
+            "preallocation" => o.preallocation = Preallocation::parse(v)?,
+            "backing_file" => o.backing = Some(v.to_string()),
+            "backing_fmt" => o.backing_format = Some(v.to_string()),
+            other => {
+                return Err(DiskError::InvalidArgument(format!(
+                    "unknown option '{other}': supported are cluster_size, preallocation, backing_file, backing_fmt"
+                )))
+            }
+        }
+    }
+    Ok(o)
+}
+
+fn opt_format(f: &Option<String>) -> Result<Option<Format>, DiskError> {
+    f.as_deref().map(Format::parse).transpose()
+}
+
+/// Pretty JSON indented like qemu-img's (four spaces).
+fn json<T: serde::Serialize>(v: &T) -> String {
+    let mut out = Vec::new();
+    let fmt = serde_json::ser::PrettyFormatter::with_indent(b"    ");
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, fmt);
+    match v.serialize(&mut ser) {
+        Ok(()) => String::from_utf8_lossy(&out).into_owned(),
+        Err(e) => format!("{{\"error\": \"{e}\"}}"),
+    }
+}
+
+/// One map entry on one line, spaced like qemu-img's `map --output=json`.
+fn map_json_line(e: &ops::MapEntry) -> String {
+    let mut s = format!(
+        "{{ \"start\": {}, \"length\": {}, \"depth\": {}, \"present\": {}, \"zero\": {}, \"data\": {}",
+        e.start, e.length, e.depth, e.present, e.zero, e.data
+    );
+    if e.compressed {
+        s += ", \"compressed\": true";
+    }
+    if let Some(off) = e.offset {
+        s += &format!(", \"offset\": {off}");
+    }
+    s + "}"
+}
 
 /// Runs `ferrovirt img` with the arguments that follow `img`; returns the process exit code.
-pub fn run(_args: Vec<OsString>) -> i32 {
-    eprintln!("ferrovirt img: not implemented yet");
-    1
+pub fn run(args: Vec<OsString>) -> i32 {
+    let argv = std::iter::once(OsString::from("ferrovirt img")).chain(args);
+    let cli = match Cli::try_parse_from(argv) {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return code;
+        }
+    };
+    match execute(cli.cmd) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ferrovirt img: {e}");
+            1
+        }
+    }
+}
+
+fn execute(cmd: Cmd) -> Result<i32, DiskError> {
+    match cmd {
+        Cmd::Create {
+            format,
+            options,
+            backing,
+            backing_format,
+            file,
+            size,
+        } => {
+            let format = Format::parse(&format)?;
+            let o = parse_opts(&options)?;
+            let backing = backing.or(o.backing);
+            let backing_format = backing_format.or(o.backing_format);
+            let size = match size {
+                Some(s) => parse_size(&s)?,
+                None if backing.is_some() => 0,
+                None => {
+                    return Err(DiskError::InvalidArgument(
+                        "a SIZE is needed when there is no backing file (-b)".into(),
+                    ))
+                }
+            };
+            let backing = match backing {
+                Some(b) => {
+                    let fmt = match backing_format {
+                        Some(f) => Format::parse(&f)?,
+                        None => {
+                            let p = crate::chain::resolve_backing(&file, &b)?;
+                            let f =
+                                crate::file::ImageFile::open(&p, false, false).map_err(|e| {
+                                    DiskError::BackingChain {
+                                        path: file.clone(),
+                                        reason: format!("cannot open backing file: {e}"),
+                                    }
+                                })?;
+                            crate::chain::probe(&f)?
+                        }
+                    };
+                    Some((b, fmt))
+                }
+                None => None,
+            };
+            let opts = CreateOptions {
+                format,
+                size,
+                cluster_size: o.cluster_size,
+                preallocation: o.preallocation,
+                backing,
+            };
+            create(&file, &opts)?;
+            let real = info(&file, false)?
+                .first()
+                .map(|i| i.virtual_size)
+                .unwrap_or(size);
+            println!(
+                "Formatting '{}', fmt={} size={real}",
+                file.display(),
+                format.name()
+            );
+            Ok(0)
+        }
+        Cmd::Info {
+            output,
+            backing_chain,
+            format: _,
+            file,
+        } => {
+            let infos = info(&file, backing_chain)?;
+            match output {
+                Output::Json if backing_chain => println!("{}", json(&infos)),
+                Output::Json => println!("{}", json(&infos[0])),
+                Output::Human => {
+                    let parts: Vec<String> = infos.iter().map(human_info).collect();
+                    print!("{}", parts.join("\n"));
+                }
+            }
+            Ok(0)
+        }
+        Cmd::Check {
+            repair,
+            output,
+            format: _,
+            file,
+        } => {
+            let repair = repair.map(|r| match r {
+                RepairArg::Leaks => Repair::Leaks,
+                RepairArg::All => Repair::All,
+            });
+            if info(&file, false)?
+                .first()
+                .is_some_and(|i| i.format == "raw")
+            {
+                // qemu-img's exit code for "this format does not support checks".
+                eprintln!(
+                    "ferrovirt img: {}: raw images have no metadata to check",
+                    file.display()
+                );
+                return Ok(63);
+            }
+            let r = ops::check(&file, repair)?;
+            if output == Output::Json {
+                println!("{}", json(&r));
+                return Ok(r.exit_code());
+            }
+            for m in &r.messages {
+                eprintln!("{m}");
+            }
+            if r.leaks_fixed + r.corruptions_fixed > 0 {
+                println!(
+                    "The following inconsistencies were found and repaired:\n\n    {} leaked clusters\n    {} corruptions\n\nDouble checking the fixed image now...",
+                    r.leaks_fixed, r.corruptions_fixed
+                );
+            }
+            if r.corruptions > 0 {
+                println!(
+                    "\n{} errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.",
+                    r.corruptions
+                );
+            }
+            if r.leaks > 0 {
+                println!("\n{} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.", r.leaks);
+            }
+            if r.corruptions == 0 && r.leaks == 0 {
+                println!("No errors were found on the image.");
+            }
+            if r.total_clusters > 0 {
+                let pct = |n: u64| n as f64 * 100.0 / r.total_clusters as f64;
+                let apct = |n: u64| {
+                    if r.allocated_clusters == 0 {
+                        0.0
+                    } else {
+                        n as f64 * 100.0 / r.allocated_clusters as f64
+                    }
+                };
+                println!(
+                    "{}/{} = {:.2}% allocated, {:.2}% fragmented, {:.2}% compressed clusters",
+                    r.allocated_clusters,
+                    r.total_clusters,
+                    pct(r.allocated_clusters),
+                    apct(r.fragmented_clusters),
+                    apct(r.compressed_clusters)
+                );
+            }
+            println!("Image end offset: {}", r.image_end_offset);
+            Ok(r.exit_code())
+        }
+        Cmd::Convert {
+            src_format,
+            out_format,
+            options,
+            src,
+            dst,
+        } => {
+            let o = parse_opts(&options)?;
+            if o.backing.is_some() {
+                return Err(DiskError::InvalidArgument(
+                    "convert writes a standalone image; backing_file is not supported".into(),
+                ));
+            }
+            let opts =
+                ops::convert_options(Format::parse(&out_format)?, o.cluster_size, o.preallocation);
+            ops::convert(&src, opt_format(&src_format)?, &dst, &opts)?;
+            Ok(0)
+        }
+        Cmd::Commit { format: _, file } => {
+            ops::commit(&file)?;
+            println!("Image committed.");
+            Ok(0)
+        }
+        Cmd::Rebase {
+            unsafe_only,
+            backing,
+            backing_format,
+            format: _,
+            file,
+        } => {
+            ops::rebase(&file, &backing, opt_format(&backing_format)?, unsafe_only)?;
+            Ok(0)
+        }
+        Cmd::Resize {
+            format: _,
+            file,
+            size,
+        } => {
+            let (relative, spec) = match size.strip_prefix('+') {
+                Some(rest) => (true, rest),
+                None if size.starts_with('-') => {
+                    return Err(DiskError::InvalidArgument(
+                        "shrinking is not supported: it would destroy data".into(),
+                    ));
+                }
+                None => (false, size.as_str()),
+            };
+            let n = parse_size(spec)?;
+            let new_size = if relative {
+                let cur = info(&file, false)?
+                    .first()
+                    .map(|i| i.virtual_size)
+                    .unwrap_or(0);
+                cur.checked_add(n)
+                    .ok_or_else(|| DiskError::InvalidArgument("size overflows".into()))?
+            } else {
+                n
+            };
+            ops::resize(&file, new_size)?;
+            println!("Image resized.");
+            Ok(0)
+        }
+        Cmd::Map {
+            output,
+            format: _,
+            file,
+        } => {
+            let entries = ops::map(&file)?;
+            match output {
+                Output::Json => {
+                    let lines: Vec<String> = entries.iter().map(map_json_line).collect();
+                    println!("[{}]", lines.join(",\n"));
+                }
+                Output::Human => {
+                    println!("{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to");
+                    for e in entries.iter().filter(|e| e.data) {
+                        if let Some(off) = e.offset {
+                            println!(
+                                "{:<#16x}{:<#16x}{:<#16x}{}",
+                                e.start, e.length, off, e.filename
+                            );
+                        }
+                    }
+                }
+            }
+            Ok(0)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse_like_qemu_img() {
+        assert_eq!(parse_size("1024").unwrap(), 1024);
+        assert_eq!(parse_size("512M").unwrap(), 512 << 20);
+        assert_eq!(parse_size("16G").unwrap(), 16 << 30);
+        assert_eq!(parse_size("16g").unwrap(), 16 << 30);
+        assert_eq!(parse_size("1.5G").unwrap(), 3 << 29);
+        assert_eq!(parse_size("64KiB").unwrap(), 64 << 10);
+        for bad in ["", "G", "12Q", "-1", "1.2.3G", "99999999999E", "0.3"] {
+            assert!(parse_size(bad).is_err(), "{bad} accepted");
+        }
+    }
 }

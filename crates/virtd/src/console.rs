@@ -4,6 +4,8 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::net::UnixStream;
+
+use ferrovirt_api::http::Stream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -15,7 +17,7 @@ const REPLAY_BYTES: u64 = 64 * 1024;
 
 pub struct ConsoleHub {
     log_path: PathBuf,
-    clients: Mutex<Vec<UnixStream>>,
+    clients: Mutex<Vec<Box<dyn Stream>>>,
     vm: Mutex<Option<UnixStream>>,
 }
 
@@ -128,15 +130,15 @@ impl ConsoleHub {
         // Tell attached clients the VM is gone by closing their streams.
         if let Ok(mut clients) = self.clients.lock() {
             for c in clients.drain(..) {
-                let _ = c.shutdown(std::net::Shutdown::Both);
+                c.shutdown_both();
             }
         }
     }
 
     /// Attach a client: optionally replay the recent log, then stream live both ways until it leaves.
-    pub fn attach(self: &Arc<Self>, mut client: UnixStream, replay: bool) {
+    pub fn attach(self: &Arc<Self>, mut client: Box<dyn Stream>, replay: bool) {
         // A stuck client must not stall the guest's console for everyone.
-        let _ = client.set_write_timeout(Some(Duration::from_secs(2)));
+        let _ = client.set_timeouts(None, Some(Duration::from_secs(2)));
         if replay {
             if let Ok(mut f) = File::open(&self.log_path) {
                 let len = f.metadata().map(|m| m.len()).unwrap_or(0);
@@ -146,7 +148,7 @@ impl ConsoleHub {
                 let _ = client.write_all(&tail);
             }
         }
-        let Ok(mut input) = client.try_clone() else {
+        let Ok(mut input) = client.try_clone_stream() else {
             return;
         };
         if let Ok(mut clients) = self.clients.lock() {
@@ -170,11 +172,35 @@ impl ConsoleHub {
                         break;
                     }
                 }
-                let _ = input.shutdown(std::net::Shutdown::Both);
+                input.shutdown_both();
             });
     }
 
     pub fn is_connected(&self) -> bool {
         self.vm.lock().map(|v| v.is_some()).unwrap_or(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_is_capped_and_rotated() {
+        let dir = std::env::temp_dir().join(format!("fv-caplog-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("vm.log");
+        let mut log = CappedLog::open(&path);
+        let chunk = vec![b'x'; 64 * 1024];
+        for _ in 0..40 {
+            log.write(&chunk);
+        }
+        // 40 writes of 64 KiB with a 1 MiB cap: files of 16, 16 and 8 writes; the oldest is gone.
+        assert_eq!(fs::metadata(&path).unwrap().len(), 8 * 64 * 1024);
+        assert_eq!(fs::metadata(rotated(&path)).unwrap().len(), LOG_CAP);
+        rotate_for_boot(&path);
+        assert!(!path.exists() && rotated(&path).exists());
+        let _ = fs::remove_dir_all(&dir);
     }
 }

@@ -15,14 +15,31 @@ const USAGE: &str = "usage: ferrovirtd [--socket PATH] [--state-dir DIR] [--run-
   --socket PATH     API socket (default RUN_DIR/ferrovirtd.sock, i.e. /run/ferrovirt/ferrovirtd.sock)
   --state-dir DIR   database, console logs and disk images (default /var/lib/ferrovirt)
   --run-dir DIR     VM sockets and pidfiles (default /run/ferrovirt)
+  --listen-tcp ADDR also serve the API on TCP (e.g. 127.0.0.1:16509); needs --token-file.
+                    Without --tls-cert it is plain HTTP: keep it on loopback or a trusted network.
+  --token-file FILE bearer token for the TCP listener (16+ characters, file mode 0600)
+  --tls-cert FILE   serve the TCP listener in TLS with this PEM certificate (chain)
+  --tls-key FILE    and this PEM private key (file mode 0600)
 
 Environment: FERROVIRT_QEMU (qemu binary), FERROVIRT_VMM (ferrovmm binary),
 FERROVIRT_NO_DEFAULT_NETWORK=1 (a fresh state dir gets no `default` network; see docs/network.md).";
 
-fn parse_args() -> Result<Paths, String> {
+/// The optional TCP listener: address, token file, TLS certificate and key files.
+struct TcpOptions {
+    addr: String,
+    token_file: PathBuf,
+    tls: Option<(PathBuf, PathBuf)>,
+}
+
+/// Command line: paths, and the optional TCP listener.
+fn parse_args() -> Result<(Paths, Option<TcpOptions>), String> {
     let mut socket = None;
     let mut state_dir = PathBuf::from("/var/lib/ferrovirt");
     let mut run_dir = PathBuf::from("/run/ferrovirt");
+    let mut tcp = None;
+    let mut token_file = None;
+    let mut tls_cert = None;
+    let mut tls_key = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let (flag, inline) = match arg.split_once('=') {
@@ -39,6 +56,10 @@ fn parse_args() -> Result<Paths, String> {
             "--socket" => socket = Some(PathBuf::from(value("--socket")?)),
             "--state-dir" => state_dir = PathBuf::from(value("--state-dir")?),
             "--run-dir" => run_dir = PathBuf::from(value("--run-dir")?),
+            "--listen-tcp" => tcp = Some(value("--listen-tcp")?),
+            "--token-file" => token_file = Some(PathBuf::from(value("--token-file")?)),
+            "--tls-cert" => tls_cert = Some(PathBuf::from(value("--tls-cert")?)),
+            "--tls-key" => tls_key = Some(PathBuf::from(value("--tls-key")?)),
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -51,11 +72,55 @@ fn parse_args() -> Result<Paths, String> {
         }
     }
     let socket = socket.unwrap_or_else(|| run_dir.join("ferrovirtd.sock"));
-    Ok(Paths {
-        state_dir,
-        run_dir,
-        socket,
-    })
+    let tls = match (tls_cert, tls_key) {
+        (None, None) => None,
+        (Some(c), Some(k)) => Some((c, k)),
+        _ => return Err("--tls-cert and --tls-key go together".into()),
+    };
+    if tls.is_some() && tcp.is_none() {
+        return Err("--tls-cert/--tls-key are only used with --listen-tcp".into());
+    }
+    let tcp = match (tcp, token_file) {
+        (None, None) => None,
+        (Some(addr), Some(token_file)) => Some(TcpOptions { addr, token_file, tls }),
+        (Some(_), None) => return Err("--listen-tcp needs --token-file: the TCP listener only serves requests with a bearer token".into()),
+        (None, Some(_)) => return Err("--token-file is only used with --listen-tcp".into()),
+    };
+    Ok((
+        Paths {
+            state_dir,
+            run_dir,
+            socket,
+        },
+        tcp,
+    ))
+}
+
+/// Secrets must not be readable by other users.
+fn check_private(path: &PathBuf, what: &str) -> Result<(), String> {
+    let meta = fs::metadata(path).map_err(|e| format!("{what} {}: {e}", path.display()))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        return Err(format!(
+            "{what} {} is readable by other users: chmod 600 it",
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
+/// The TCP listener's token: long enough, and not readable by other users.
+fn read_token(path: &PathBuf) -> Result<String, String> {
+    check_private(path, "token file")?;
+    let token =
+        fs::read_to_string(path).map_err(|e| format!("token file {}: {e}", path.display()))?;
+    let token = token.trim().to_string();
+    if token.len() < 16 || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "token file {} must hold one token of at least 16 printable characters without spaces",
+            path.display()
+        ));
+    }
+    Ok(token)
 }
 
 /// One daemon per state dir: an exclusive lock held for the process's life.
@@ -98,10 +163,40 @@ fn bind(paths: &Paths) -> Result<UnixListener, String> {
 
 fn main() -> ExitCode {
     let run = || -> Result<(), String> {
-        let paths = parse_args()?;
+        let (paths, tcp) = parse_args()?;
+        let tcp = match tcp {
+            Some(o) => {
+                let token = read_token(&o.token_file)?;
+                let tls = match &o.tls {
+                    Some((cert, key)) => {
+                        check_private(key, "TLS key file")?;
+                        Some(ferrovirt_api::tls::server_config(cert, key)?)
+                    }
+                    None => None,
+                };
+                Some((o.addr, token, tls))
+            }
+            None => None,
+        };
         let _lock = lock_state_dir(&paths)?;
         let mgr = Manager::open(paths.clone())?;
         let listener = bind(&paths)?;
+        if let Some((addr, token, tls)) = tcp {
+            let tcp_listener = std::net::TcpListener::bind(&addr)
+                .map_err(|e| format!("cannot listen on TCP {addr}: {e}"))?;
+            let bound = tcp_listener
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or(addr);
+            let scheme = if tls.is_some() { "tls" } else { "tcp" };
+            eprintln!("ferrovirtd: also listening on {scheme}://{bound} (bearer token required)");
+            let mgr = mgr.clone();
+            let token = std::sync::Arc::new(token);
+            std::thread::Builder::new()
+                .name("tcp-accept".into())
+                .spawn(move || ferrovirtd::server::serve_tcp(tcp_listener, mgr, token, tls))
+                .map_err(|e| e.to_string())?;
+        }
         eprintln!(
             "ferrovirtd {} listening on {} (state {}, default driver {}: {})",
             ferrovirt_api::VERSION,
@@ -110,7 +205,7 @@ fn main() -> ExitCode {
             mgr.default_type.as_str(),
             mgr.default_reason
         );
-        ferrovirtd::server::serve(listener, mgr);
+        ferrovirtd::server::serve_unix(listener, mgr);
         Ok(())
     };
     match run() {

@@ -466,7 +466,7 @@ impl Manager {
         let def = dom.stored.def.clone();
         let generation = dom.generation + 1;
         def.check_paths()?;
-        let id = inner.store.next_id()?;
+        let id = inner.store.peek_next_id()?;
         rotate_for_boot(&self.paths.console_log(name));
         let ctx = self.ctx(&def, id, generation)?;
         self.networks.plug(&def)?;
@@ -488,7 +488,7 @@ impl Manager {
         dom.stored.reason = reason;
         dom.stored.runtime = Some(started.runtime);
         let stored = dom.stored.clone();
-        if let Err(e) = inner.store.put(&stored) {
+        if let Err(e) = inner.store.put_started(&stored, id) {
             // Not recorded means not started: take the VM down again rather than lose track of it.
             let _ = self.driver(self.vtype(&def)).destroy(
                 &def,

@@ -2,13 +2,14 @@
 //! One thread per connection, one request per connection.
 
 use std::io::{BufReader, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::net::TcpListener;
+use std::os::unix::net::UnixListener;
 use std::sync::mpsc::RecvTimeoutError;
 use std::sync::Arc;
 use std::time::Duration;
 
 use ferrovirt_api::error::ErrorBody;
-use ferrovirt_api::http::{self, percent_decode, Request};
+use ferrovirt_api::http::{self, percent_decode, Request, Stream};
 use ferrovirt_api::msg::{
     AutostartRequest, DomainResponse, MemoryRequest, VcpusRequest, VersionInfo, VolumeCreateRequest,
 };
@@ -34,19 +35,54 @@ fn json<T: Serialize>(status: u16, value: &T) -> Reply {
     )
 }
 
-pub fn serve(listener: UnixListener, mgr: Arc<Manager>) {
+/// Serve the API on the Unix socket (access is controlled by the socket's mode).
+pub fn serve_unix(listener: UnixListener, mgr: Arc<Manager>) {
     for conn in listener.incoming() {
         let Ok(stream) = conn else { continue };
         let mgr = mgr.clone();
         let _ = std::thread::Builder::new()
             .name("api".into())
-            .spawn(move || handle(stream, &mgr));
+            .spawn(move || handle(Box::new(stream), &mgr, None));
     }
 }
 
-fn handle(stream: UnixStream, mgr: &Manager) {
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
-    let Ok(mut out) = stream.try_clone() else {
+/// Serve the API on TCP (in TLS when configured): every request must carry
+/// `Authorization: Bearer TOKEN`.
+pub fn serve_tcp(
+    listener: TcpListener,
+    mgr: Arc<Manager>,
+    token: Arc<String>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) {
+    for conn in listener.incoming() {
+        let Ok(stream) = conn else { continue };
+        let stream: Box<dyn Stream> = match &tls {
+            None => Box::new(stream),
+            Some(config) => match ferrovirt_api::tls::accept(config.clone(), stream) {
+                Ok(plain) => Box::new(plain),
+                Err(_) => continue,
+            },
+        };
+        let mgr = mgr.clone();
+        let token = token.clone();
+        let _ = std::thread::Builder::new()
+            .name("api-tcp".into())
+            .spawn(move || handle(stream, &mgr, Some(token.as_str())));
+    }
+}
+
+/// Compare without leaking, through timing, how much of the token matched.
+fn token_matches(given: Option<&str>, token: &str) -> bool {
+    let Some(given) = given.and_then(|h| h.strip_prefix("Bearer ")) else {
+        return false;
+    };
+    let (a, b) = (given.trim().as_bytes(), token.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn handle(stream: Box<dyn Stream>, mgr: &Manager, token: Option<&str>) {
+    let _ = stream.set_timeouts(Some(Duration::from_secs(30)), None);
+    let Ok(mut out) = stream.try_clone_stream() else {
         return;
     };
     let mut reader = BufReader::new(stream);
@@ -61,8 +97,18 @@ fn handle(stream: UnixStream, mgr: &Manager) {
             return;
         }
     };
-    let _ = out.set_read_timeout(None);
-    let reply = route(&req, mgr, &out)
+    let _ = out.set_timeouts(None, None);
+    if let Some(token) = token {
+        if !token_matches(req.header("authorization"), token) {
+            let e = ApiError::new(
+                ErrorCode::Unauthorized,
+                "missing or wrong bearer token (set FERROVIRT_TOKEN)",
+            );
+            let _ = write_error(&mut out, &e);
+            return;
+        }
+    }
+    let reply = route(&req, mgr, out.as_ref())
         .unwrap_or_else(|e| Reply::Json(e.code.http_status(), error_json(&e)));
     let _ = match reply {
         Reply::Json(status, body) => {
@@ -78,7 +124,7 @@ fn error_json(e: &ApiError) -> String {
     serde_json::to_string(&ErrorBody { error: e.clone() }).unwrap_or_default()
 }
 
-fn write_error(out: &mut UnixStream, e: &ApiError) -> std::io::Result<()> {
+fn write_error(out: &mut Box<dyn Stream>, e: &ApiError) -> std::io::Result<()> {
     http::write_response(
         out,
         e.code.http_status(),
@@ -128,7 +174,7 @@ fn parse_definition(req: &Request) -> Result<(DomainDef, Vec<String>), ApiError>
     }
 }
 
-fn route(req: &Request, mgr: &Manager, conn: &UnixStream) -> Result<Reply, ApiError> {
+fn route(req: &Request, mgr: &Manager, conn: &dyn Stream) -> Result<Reply, ApiError> {
     let segments: Vec<String> = req
         .path
         .trim_matches('/')
@@ -209,7 +255,7 @@ fn route(req: &Request, mgr: &Manager, conn: &UnixStream) -> Result<Reply, ApiEr
         ("POST", ["v1", "domains", name, "console"]) => {
             let hub = mgr.console(name)?;
             let mut out = conn
-                .try_clone()
+                .try_clone_stream()
                 .map_err(|e| ApiError::internal(e.to_string()))?;
             out.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: console\r\nConnection: Upgrade\r\n\r\n")
                 .map_err(|e| ApiError::internal(e.to_string()))?;
@@ -253,12 +299,12 @@ fn route(req: &Request, mgr: &Manager, conn: &UnixStream) -> Result<Reply, ApiEr
 }
 
 /// Server-sent events: one `event: lifecycle` per domain event, a comment every 15 s as keep-alive.
-fn stream_events(mgr: &Manager, conn: &UnixStream) {
+fn stream_events(mgr: &Manager, conn: &dyn Stream) {
     let rx = mgr.events.subscribe();
-    let Ok(mut out) = conn.try_clone() else {
+    let Ok(mut out) = conn.try_clone_stream() else {
         return;
     };
-    let _ = out.set_write_timeout(Some(Duration::from_secs(10)));
+    let _ = out.set_timeouts(None, Some(Duration::from_secs(10)));
     if out
         .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n: ferrovirtd events\n\n")
         .is_err()

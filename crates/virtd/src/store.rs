@@ -153,8 +153,9 @@ impl Store {
         Ok(())
     }
 
-    /// Next runtime id (virsh's Id column), persisted so ids are not reused after a restart.
-    pub fn next_id(&self) -> Result<u32, ApiError> {
+    /// The id the next started domain gets (virsh's Id column); persisted by [`Store::put_started`]
+    /// so ids are not reused after a restart.
+    pub fn peek_next_id(&self) -> Result<u32, ApiError> {
         let id: Option<String> = self
             .conn
             .query_row("SELECT value FROM meta WHERE key = 'next_id'", [], |r| {
@@ -162,14 +163,20 @@ impl Store {
             })
             .optional()
             .map_err(db_err)?;
-        let id: u32 = id.and_then(|v| v.parse().ok()).unwrap_or(1);
+        Ok(id.and_then(|v| v.parse().ok()).unwrap_or(1))
+    }
+
+    /// Record a started domain and consume its id, in one transaction (one fsync).
+    pub fn put_started(&self, d: &StoredDomain, used_id: u32) -> Result<(), ApiError> {
+        let tx = self.conn.unchecked_transaction().map_err(db_err)?;
         self.conn
             .execute(
                 "UPDATE meta SET value = ?1 WHERE key = 'next_id'",
-                params![(id + 1).to_string()],
+                params![(used_id + 1).to_string()],
             )
             .map_err(db_err)?;
-        Ok(id)
+        self.put(d)?;
+        tx.commit().map_err(db_err)
     }
 }
 
@@ -198,19 +205,42 @@ mod tests {
                     runtime: None,
                 })
                 .unwrap();
-            assert_eq!(store.next_id().unwrap(), 1);
-            assert_eq!(store.next_id().unwrap(), 2);
+            assert_eq!(store.peek_next_id().unwrap(), 1);
+            let mut started = store.load_all().unwrap().remove(0);
+            started.state = DomainState::Running;
+            store.put_started(&started, 1).unwrap();
+            assert_eq!(store.peek_next_id().unwrap(), 2);
+            started.state = DomainState::Shutoff;
+            store.put(&started).unwrap();
         }
         let store = Store::open(&path).unwrap();
         let all = store.load_all().unwrap();
         assert_eq!(all.len(), 1);
         assert!(all[0].autostart);
-        assert_eq!(store.next_id().unwrap(), 3);
+        assert_eq!(store.peek_next_id().unwrap(), 2);
         let mode: String = store
             .conn
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
             .unwrap();
         assert_eq!(mode, "wal");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_database_from_a_newer_ferrovirtd_is_refused() {
+        let dir = std::env::temp_dir().join(format!("ferrovirt-store-new-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("state.db");
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", 99)
+            .unwrap();
+        let err = Store::open(&path).err().expect("refused");
+        assert!(
+            err.contains("schema version 99") && err.contains("newer"),
+            "{err}"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

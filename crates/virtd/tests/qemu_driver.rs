@@ -45,9 +45,8 @@ fn pid_alive(pid: u32) -> bool {
 /// Type a shell command on the live console and wait for `expect` in the output.
 fn console_roundtrip(c: &Client, name: &str, command: &str, expect: &str) {
     let mut conn = c.console(name, false).expect("attach console");
-    let stream = conn.get_mut();
-    stream
-        .set_read_timeout(Some(Duration::from_millis(500)))
+    conn.get_mut()
+        .set_timeouts(Some(Duration::from_millis(500)), None)
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut seen = String::new();
@@ -240,4 +239,27 @@ fn cdrom_and_vnc_graphics_with_seabios() {
     );
     c.action("fw", "destroy").unwrap();
     assert!(c.display("fw").is_err(), "a stopped domain has no display");
+}
+
+#[test]
+fn a_vm_that_cannot_start_is_a_driver_error_and_changes_nothing() {
+    let d = Daemon::start();
+    let c = d.client();
+    let bogus = d.file("not-a-kernel", "this is text, not a Linux kernel\n");
+    let def = format!(
+        "name = \"broken\"\ntype = \"qemu\"\naccel = \"tcg\"\nmemory_mib = 64\n[os]\nkernel = \"{}\"\n",
+        bogus.display()
+    );
+    c.define(&def, DefFormat::Toml, false).unwrap();
+    let before = c.get("broken").unwrap();
+    match c.action("broken", "start") {
+        Err(ferrovirt_api::client::ClientError::Api(e)) => {
+            assert_eq!(e.code, ferrovirt_api::ErrorCode::DriverError);
+            assert!(e.message.contains("qemu failed to start"), "{}", e.message);
+        }
+        other => panic!("expected a driver error, got {other:?}"),
+    }
+    let after = c.get("broken").unwrap();
+    assert_eq!((after.state, after.reason), (before.state, before.reason));
+    assert!(c.version().is_ok(), "the daemon keeps running");
 }

@@ -79,8 +79,51 @@ fn dsdt() -> Sdt {
     let sb = aml::Scope::new("_SB_".into(), vec![]);
     dsdt.append_slice(&aml_bytes(&sb));
     dsdt.append_slice(&aml_bytes(&com1));
+    dsdt.append_slice(&pci_host_bridge());
     dsdt.append_slice(&aml_bytes(&s5));
     dsdt
+}
+
+/// The PCI host bridge: bus 0, the config ports, all other I/O ports and the 32-bit BAR window.
+fn pci_host_bridge() -> Vec<u8> {
+    let buses = aml::AddressSpace::<u16>::new_bus_number(0, 0);
+    let cfg_ports = aml::IO::new(0xcf8, 0xcf8, 1, 8);
+    let io_low = aml::AddressSpace::<u16>::new_io(0x0000, 0x0cf7, None);
+    let io_high = aml::AddressSpace::<u16>::new_io(0x0d00, 0xffff, None);
+    let mmio = aml::AddressSpace::<u32>::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        layout::PCI_MMIO_START as u32,
+        (layout::PCI_MMIO_END - 1) as u32,
+        None,
+    );
+    let crs = aml::ResourceTemplate::new(vec![&buses, &cfg_ports, &io_low, &io_high, &mmio]);
+    let hid_v = aml::EISAName::new("PNP0A08");
+    let cid_v = aml::EISAName::new("PNP0A03");
+    let hid = aml::Name::new("_HID".into(), &hid_v);
+    let cid = aml::Name::new("_CID".into(), &cid_v);
+    let adr = aml::Name::new("_ADR".into(), &aml::ZERO);
+    let seg = aml::Name::new("_SEG".into(), &aml::ZERO);
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let bbn = aml::Name::new("_BBN".into(), &aml::ZERO);
+    let crs = aml::Name::new("_CRS".into(), &crs);
+    aml_bytes(&aml::Device::new(
+        "_SB_.PCI0".into(),
+        vec![&hid, &cid, &adr, &seg, &uid, &bbn, &crs],
+    ))
+}
+
+/// MCFG: where ECAM lives (segment 0, bus 0).
+fn mcfg() -> Sdt {
+    let mut mcfg = Sdt::new(*b"MCFG", 44, 1, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    let mut alloc = Vec::with_capacity(16);
+    alloc.extend_from_slice(&layout::PCI_ECAM_START.to_le_bytes());
+    alloc.extend_from_slice(&0u16.to_le_bytes()); // segment
+    alloc.push(0); // start bus
+    alloc.push(0); // end bus
+    alloc.extend_from_slice(&0u32.to_le_bytes());
+    mcfg.append_slice(&alloc);
+    mcfg
 }
 
 fn facs() -> Vec<u8> {
@@ -153,10 +196,12 @@ pub fn write_tables(mem: &GuestMemoryMmap, vcpus: u32) -> Result<GuestAddress> {
     let dsdt_addr = w.place(dsdt().as_slice(), 16)?;
     let fadt_addr = w.place(&fadt(facs_addr, dsdt_addr), 16)?;
     let madt_addr = w.place(madt(vcpus).as_slice(), 16)?;
+    let mcfg_addr = w.place(mcfg().as_slice(), 16)?;
 
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     xsdt.add_entry(fadt_addr);
     xsdt.add_entry(madt_addr);
+    xsdt.add_entry(mcfg_addr);
     let xsdt_addr = w.place(&aml_bytes(&xsdt), 16)?;
 
     let rsdp = Rsdp::new(OEM_ID, xsdt_addr);
@@ -183,6 +228,9 @@ mod tests {
         );
         let m = madt(3);
         assert!(checksum_ok(m.as_slice()));
+        let m = mcfg();
+        assert!(checksum_ok(m.as_slice()));
+        assert_eq!(m.as_slice().len(), 60);
         let f = fadt(0xe0040, 0xe0080);
         assert!(checksum_ok(&f));
         assert_eq!(&f[0..4], b"FACP");

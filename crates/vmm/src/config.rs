@@ -42,6 +42,145 @@ fn parse_level(s: &str) -> std::result::Result<log::LevelFilter, String> {
         .map_err(|_| "expected off, error, warn, info, debug or trace".to_string())
 }
 
+/// A `--disk` argument.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DiskSpec {
+    pub path: PathBuf,
+    pub format: Option<String>,
+    pub read_only: bool,
+    pub serial: Option<String>,
+    pub direct: bool,
+}
+
+/// Splits "k=v,k=v" into pairs, refusing keys not in `known`.
+fn key_values<'a>(
+    s: &'a str,
+    known: &[&str],
+) -> std::result::Result<Vec<(&'a str, &'a str)>, String> {
+    let mut out = Vec::new();
+    for part in s.split(',') {
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| format!("'{part}' is not key=value"))?;
+        if !known.contains(&k) {
+            return Err(format!(
+                "unknown option '{k}' (known: {})",
+                known.join(", ")
+            ));
+        }
+        if out.iter().any(|(seen, _)| *seen == k) {
+            return Err(format!("'{k}' given twice"));
+        }
+        out.push((k, v));
+    }
+    Ok(out)
+}
+
+fn on_off(key: &str, v: &str) -> std::result::Result<bool, String> {
+    match v {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(format!("{key}={v}: expected on or off")),
+    }
+}
+
+fn parse_disk(s: &str) -> std::result::Result<DiskSpec, String> {
+    let mut spec = DiskSpec {
+        path: PathBuf::new(),
+        format: None,
+        read_only: false,
+        serial: None,
+        direct: false,
+    };
+    for (k, v) in key_values(s, &["path", "format", "readonly", "serial", "cache"])? {
+        match k {
+            "path" if !v.is_empty() => spec.path = PathBuf::from(v),
+            "format" => match v {
+                "raw" | "qcow2" => spec.format = Some(v.to_string()),
+                _ => {
+                    return Err(format!(
+                        "format={v}: unknown image format; use raw or qcow2"
+                    ))
+                }
+            },
+            "readonly" => spec.read_only = on_off(k, v)?,
+            "serial" => {
+                if v.len() > 20 || !v.bytes().all(|b| b.is_ascii_graphic()) {
+                    return Err(format!("serial={v}: at most 20 printable ASCII characters"));
+                }
+                spec.serial = Some(v.to_string());
+            }
+            "cache" => match v {
+                "none" => spec.direct = true,
+                "writeback" => spec.direct = false,
+                _ => return Err(format!("cache={v}: use none or writeback")),
+            },
+            _ => return Err("path= must not be empty".into()),
+        }
+    }
+    if spec.path.as_os_str().is_empty() {
+        return Err("path=FILE is required".into());
+    }
+    Ok(spec)
+}
+
+/// A `--net` argument.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NetSpec {
+    pub tap: Option<String>,
+    pub fd: Option<i32>,
+    pub mac: Option<[u8; 6]>,
+}
+
+fn parse_net(s: &str) -> std::result::Result<NetSpec, String> {
+    let mut spec = NetSpec {
+        tap: None,
+        fd: None,
+        mac: None,
+    };
+    for (k, v) in key_values(s, &["tap", "fd", "mac"])? {
+        match k {
+            "tap" => {
+                if !crate::virtio::tap::valid_name(v) {
+                    return Err(format!(
+                        "tap={v}: not a valid interface name (1-15 characters, no '/' or ':')"
+                    ));
+                }
+                spec.tap = Some(v.to_string());
+            }
+            "fd" => {
+                spec.fd = Some(
+                    v.parse()
+                        .ok()
+                        .filter(|n: &i32| *n >= 3)
+                        .ok_or(format!("fd={v}: expected a descriptor number of 3 or more"))?,
+                )
+            }
+            _ => spec.mac = Some(crate::virtio::net::parse_mac(v)?),
+        }
+    }
+    match (&spec.tap, spec.fd) {
+        (Some(_), None) | (None, Some(_)) => Ok(spec),
+        _ => Err("give exactly one of tap=NAME or fd=N".into()),
+    }
+}
+
+/// The `--console` choice: no virtio-console device, or one with this back end.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum ConsoleMode {
+    Off,
+    On(SerialMode),
+}
+
+fn parse_console(s: &str) -> std::result::Result<ConsoleMode, String> {
+    match s {
+        "off" => Ok(ConsoleMode::Off),
+        "stdio" | "none" => parse_serial(s).map(ConsoleMode::On),
+        _ if s.starts_with("file=") => parse_serial(s).map(ConsoleMode::On),
+        _ => Err("expected off, stdio, file=PATH or none".into()),
+    }
+}
+
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
 
 /// ferrovmm runs one KVM virtual machine in this process.
@@ -80,6 +219,25 @@ pub struct Args {
     /// socket ferrovmm listens on; every client gets the output and may type), or none.
     #[arg(long, value_name = "MODE", default_value = "stdio", value_parser = parse_serial)]
     pub serial: SerialMode,
+
+    /// A virtio-blk disk, repeatable:
+    /// path=FILE[,format=raw|qcow2][,readonly=on][,serial=ID][,cache=none|writeback].
+    /// The format is probed when not given; cache=none opens the image with O_DIRECT.
+    #[arg(long, value_name = "SPEC", value_parser = parse_disk)]
+    pub disk: Vec<DiskSpec>,
+
+    /// A virtio-net NIC on a TAP device, repeatable: tap=NAME[,mac=MAC] (an existing TAP)
+    /// or fd=N[,mac=MAC] (an open TAP descriptor handed over by a management daemon).
+    #[arg(long, value_name = "SPEC", value_parser = parse_net)]
+    pub net: Vec<NetSpec>,
+
+    /// A virtio-console (hvc0): off (no device), stdio, file=PATH or none (output dropped).
+    #[arg(long, value_name = "MODE", default_value = "off", value_parser = parse_console)]
+    pub console: ConsoleMode,
+
+    /// Add a virtio-rng device (/dev/hwrng in the guest) fed from the host's getrandom().
+    #[arg(long)]
+    pub rng: bool,
 
     /// Serve the control API (HTTP/1.1 + JSON) on this Unix socket.
     #[arg(long, value_name = "PATH")]
@@ -123,6 +281,11 @@ pub fn validate(args: &Args) -> Result<()> {
             args.cmdline.len(),
             crate::layout::CMDLINE_MAX_SIZE - 1
         )));
+    }
+    if args.serial == SerialMode::Stdio && args.console == ConsoleMode::On(SerialMode::Stdio) {
+        return Err(Error::usage(
+            "--serial stdio and --console stdio cannot share the terminal; send one elsewhere",
+        ));
     }
     check_readable("--kernel", &args.kernel)?;
     if let Some(initrd) = &args.initrd {
@@ -174,5 +337,34 @@ mod tests {
         );
         assert!(parse_serial("file=").is_err());
         assert!(parse_serial("tcp:1234").is_err());
+    }
+
+    #[test]
+    fn disk_specs_parse() {
+        let d = parse_disk("path=/a.img,format=qcow2,readonly=on,serial=disk0,cache=none").unwrap();
+        assert_eq!(d.path, PathBuf::from("/a.img"));
+        assert_eq!(d.format.as_deref(), Some("qcow2"));
+        assert!(d.read_only && d.direct);
+        assert_eq!(d.serial.as_deref(), Some("disk0"));
+        assert!(parse_disk("format=raw").unwrap_err().contains("path=FILE"));
+        assert!(parse_disk("path=/a,format=vmdk")
+            .unwrap_err()
+            .contains("unknown image format"));
+        assert!(parse_disk("path=/a,speed=fast")
+            .unwrap_err()
+            .contains("unknown option"));
+        assert!(parse_disk("path=/a,serial=this-serial-is-way-too-long").is_err());
+    }
+
+    #[test]
+    fn net_specs_parse() {
+        let n = parse_net("tap=tap0,mac=52:54:00:00:00:01").unwrap();
+        assert_eq!(n.tap.as_deref(), Some("tap0"));
+        assert_eq!(n.mac, Some([0x52, 0x54, 0, 0, 0, 1]));
+        assert_eq!(parse_net("fd=5").unwrap().fd, Some(5));
+        assert!(parse_net("tap=a,fd=4").is_err());
+        assert!(parse_net("mac=52:54:00:00:00:01").is_err());
+        assert!(parse_net("tap=waytoolonginterfacename").is_err());
+        assert!(parse_net("tap=t0,mac=zz").unwrap_err().contains("MAC"));
     }
 }

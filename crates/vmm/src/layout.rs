@@ -32,6 +32,12 @@ pub const HIMEM_START: u64 = 0x100000;
 /// The 32-bit MMIO hole (IOAPIC, LAPIC, later PCI) runs from here to 4 GiB.
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 pub const FOUR_GIB: u64 = 0x1_0000_0000;
+/// 32-bit PCI BARs are allocated from this window.
+pub const PCI_MMIO_START: u64 = MMIO_HOLE_START;
+pub const PCI_MMIO_END: u64 = 0xe000_0000;
+/// PCI Express enhanced configuration space (ECAM), bus 0 only.
+pub const PCI_ECAM_START: u64 = 0xe000_0000;
+pub const PCI_ECAM_SIZE: u64 = 1 << 20;
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 pub const LAPIC_START: u64 = 0xfee0_0000;
 
@@ -85,6 +91,9 @@ pub fn e820_map(mem_bytes: u64) -> Vec<(u64, u64, u32)> {
             map.push((start, end - start, E820_RAM));
         }
     }
+    // Linux only trusts ECAM (MMCONFIG) that the firmware reserved.
+    map.push((PCI_ECAM_START, PCI_ECAM_SIZE, E820_RESERVED));
+    map.sort_by_key(|e| e.0);
     map
 }
 
@@ -96,9 +105,10 @@ mod tests {
     fn small_memory_is_one_region() {
         assert_eq!(ram_regions(256 << 20), vec![(0, 256 << 20)]);
         let map = e820_map(256 << 20);
+        assert_eq!(map[2], (HIMEM_START, (256 << 20) - HIMEM_START, E820_RAM));
         assert_eq!(
             map.last(),
-            Some(&(HIMEM_START, (256 << 20) - HIMEM_START, E820_RAM))
+            Some(&(PCI_ECAM_START, PCI_ECAM_SIZE, E820_RESERVED))
         );
     }
 
@@ -117,6 +127,7 @@ mod tests {
             map[2],
             (HIMEM_START, MMIO_HOLE_START - HIMEM_START, E820_RAM)
         );
-        assert_eq!(map[3], (FOUR_GIB, (4 << 30) - MMIO_HOLE_START, E820_RAM));
+        assert_eq!(map[3], (PCI_ECAM_START, PCI_ECAM_SIZE, E820_RESERVED));
+        assert_eq!(map[4], (FOUR_GIB, (4 << 30) - MMIO_HOLE_START, E820_RAM));
     }
 }

@@ -12,12 +12,16 @@ pub mod counters;
 pub mod cpu;
 pub mod devices;
 pub mod error;
+pub mod irq;
 pub mod layout;
 pub mod lifecycle;
 pub mod logger;
 pub mod memory;
+pub mod pci;
+pub mod pci_devices;
 pub mod teardown;
 pub mod vcpu;
+pub mod virtio;
 pub mod vm;
 
 use std::sync::Arc;

@@ -23,28 +23,39 @@ pub fn create_guest_memory(mem_bytes: u64) -> Result<GuestMemoryMmap> {
     })
 }
 
-/// Tells KVM about every region of guest RAM.
-pub fn register_with_kvm(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<()> {
-    for (slot, region) in mem.iter().enumerate() {
-        // SAFETY: advice on a mapping we own; MADV_DONTFORK only keeps guest RAM
-        // out of children (see teardown.rs), it does not change its contents.
-        unsafe {
-            libc::madvise(
-                region.as_ptr().cast(),
-                region.len() as usize,
-                libc::MADV_DONTFORK,
-            )
-        };
-        let region_desc = kvm_userspace_memory_region {
-            slot: slot as u32,
-            flags: 0,
-            guest_phys_addr: region.start_addr().0,
-            memory_size: region.len(),
-            userspace_addr: region.as_ptr() as u64,
-        };
-        // SAFETY: the region is a live mapping owned by `mem`, which outlives the VM
-        // (both are kept by `Machine` until the process exits), and slots do not overlap.
-        unsafe { vm.set_user_memory_region(region_desc) }
+/// The KVM memory slots that describe `mem`. Keeping guest RAM out of fork()ed
+/// children (see teardown.rs) is set up here too.
+pub fn slots(mem: &GuestMemoryMmap) -> Vec<kvm_userspace_memory_region> {
+    mem.iter()
+        .enumerate()
+        .map(|(slot, region)| {
+            // SAFETY: advice on a mapping we own; MADV_DONTFORK only keeps guest RAM
+            // out of children, it does not change its contents.
+            unsafe {
+                libc::madvise(
+                    region.as_ptr().cast(),
+                    region.len() as usize,
+                    libc::MADV_DONTFORK,
+                )
+            };
+            kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: region.as_ptr() as u64,
+            }
+        })
+        .collect()
+}
+
+/// Registers the slots with KVM. This can run on another thread while the
+/// loader fills guest memory: it only needs the mapping to exist.
+pub fn register_slots(vm: &VmFd, slots: &[kvm_userspace_memory_region]) -> Result<()> {
+    for region in slots {
+        // SAFETY: each slot describes a live mapping owned by the machine's guest memory,
+        // which outlives the VM (both live until the process exits); slots do not overlap.
+        unsafe { vm.set_user_memory_region(*region) }
             .map_err(|e| Error::host(format!("KVM_SET_USER_MEMORY_REGION failed: {e}")))?;
     }
     Ok(())

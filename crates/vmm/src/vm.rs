@@ -43,7 +43,7 @@ pub struct VmConfigInfo {
 /// A running machine.
 pub struct Machine {
     pub vm: Arc<VmFd>,
-    pub mem: GuestMemoryMmap,
+    pub mem: Arc<GuestMemoryMmap>,
     pub lifecycle: Arc<Lifecycle>,
     pub counters: Arc<ExitCounters>,
     pub vcpus: VcpuSet,
@@ -130,8 +130,19 @@ pub fn build_and_start(args: &Args) -> Result<Machine> {
     };
     vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
+    // Open disks and TAPs first: a bad --disk or --net fails before any guest setup.
+    let devices = crate::pci_devices::open_devices(args)?;
     let mem = memory::create_guest_memory(mem_bytes)?;
-    memory::register_with_kvm(&vm, &mem)?;
+    // Registering memory is a slow ioctl on some hosts (milliseconds under nested
+    // virtualization); it runs while the kernel is loaded and the vCPUs are set up.
+    let slots = memory::slots(&mem);
+    let registration = {
+        let vm = vm.clone();
+        std::thread::Builder::new()
+            .name("memslots".into())
+            .spawn(move || memory::register_slots(&vm, &slots))
+            .map_err(|e| Error::host(format!("cannot start a thread: {e}")))?
+    };
 
     let rsdp = acpi::write_tables(&mem, args.vcpus)?;
     let boot_info = boot::load(
@@ -149,7 +160,7 @@ pub fn build_and_start(args: &Args) -> Result<Machine> {
     let counters = Arc::new(ExitCounters::default());
 
     // Devices on the port I/O bus.
-    let mut pio = Bus::new();
+    let pio = Bus::new();
     let serial_irq =
         EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::host(format!("eventfd: {e}")))?;
     vm.register_irqfd(&serial_irq, layout::COM1_IRQ)
@@ -172,28 +183,30 @@ pub fn build_and_start(args: &Args) -> Result<Machine> {
     )))));
     let below_4g = mem_bytes.min(layout::MMIO_HOLE_START);
     let cmos = Arc::new(Mutex::new(Cmos::new(below_4g, mem_bytes - below_4g)));
-    let insert = |bus: &mut Bus, dev, start: u16, len: u64| {
+    let insert = |bus: &Bus, dev, start: u16, len: u64| {
         bus.insert(dev, u64::from(start), len)
             .map_err(|e| Error::host(format!("port bus: {e}")))
     };
-    insert(&mut pio, serial.clone(), layout::COM1_PORT, 8)?;
-    insert(&mut pio, i8042, layout::I8042_PORT, 5)?;
-    insert(&mut pio, cmos, layout::CMOS_PORT, 2)?;
+    insert(&pio, serial.clone(), layout::COM1_PORT, 8)?;
+    insert(&pio, i8042, layout::I8042_PORT, 5)?;
+    insert(&pio, cmos, layout::CMOS_PORT, 2)?;
     insert(
-        &mut pio,
+        &pio,
         acpi_pm.clone(),
         layout::PM1A_EVT_PORT,
         acpi_pm::RANGE_LEN,
     )?;
     // Port 0x80 is the POST-code port Linux uses for I/O delays: accept and drop.
     insert(
-        &mut pio,
+        &pio,
         Arc::new(Mutex::new(crate::devices::bus::Sink)),
         0x80,
         1,
     )?;
-    let pio = Arc::new(pio);
+    let mem = Arc::new(mem);
     let mmio = Arc::new(Bus::new());
+    crate::pci_devices::attach(&vm, &mem, &pio, &mmio, devices)?;
+    let pio = Arc::new(pio);
 
     // vCPUs: CPUID, MSRs, FPU and LAPIC on each; registers only on the boot vCPU.
     let base_cpuid = cpuid::supported(&kvm)?;
@@ -219,6 +232,9 @@ pub fn build_and_start(args: &Args) -> Result<Machine> {
             counters: counters.clone(),
         });
     }
+    registration
+        .join()
+        .map_err(|_| Error::host("memory registration thread panicked"))??;
     vcpu::install_kick_handler()
         .map_err(|e| Error::host(format!("cannot install the vCPU kick handler: {e}")))?;
     let vcpus =

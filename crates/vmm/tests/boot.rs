@@ -217,7 +217,8 @@ fn elf64_entry_sees_e820_and_cmdline_in_boot_params() {
         vec![
             (0, 0x9fc00, 1),
             (0x9fc00, 0x100000 - 0x9fc00, 2),
-            (0x100000, (96 << 20) - 0x100000, 1)
+            (0x100000, (96 << 20) - 0x100000, 1),
+            (0xe000_0000, 1 << 20, 2)
         ],
         "stdout: {}",
         run.stdout
@@ -259,7 +260,7 @@ fn bzimage_enters_64_bit_with_its_setup_header() {
         run.stdout
     );
     assert_eq!(
-        guest_e820(&run.stdout).last().map(|e| e.1),
+        guest_e820(&run.stdout).get(2).map(|e| e.1),
         Some((64 << 20) - 0x100000)
     );
 }

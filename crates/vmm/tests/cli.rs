@@ -264,3 +264,68 @@ fn serial_on_a_socket_reaches_a_connected_client() {
     assert_eq!(got, "hello socket\n");
     assert!(!sock.exists(), "console socket removed at exit");
 }
+
+#[test]
+fn bad_disk_and_net_arguments_fail_before_the_guest_starts() {
+    let dir = common::tempdir();
+    let k = hello_kernel(dir.path());
+    let k = k.to_str().unwrap();
+    let run = common::run(&["--kernel", k, "--disk", "path=/nonexistent/disk.img"]);
+    assert_error(&run, 2, "/nonexistent/disk.img");
+    one_line(&run);
+
+    let ro = image::write(dir.path(), "ro.img", &[0u8; 1 << 20]);
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o444)).unwrap();
+    let run = common::run(&["--kernel", k, "--disk", &format!("path={}", ro.display())]);
+    assert_error(&run, 2, "readonly=on");
+    one_line(&run);
+    // With readonly=on the same file is fine.
+    let run = common::run(&[
+        "--kernel",
+        k,
+        "--disk",
+        &format!("path={},readonly=on", ro.display()),
+    ]);
+    assert_eq!(run.status, 0, "{}", run.stderr);
+
+    let run = common::run(&[
+        "--kernel",
+        k,
+        "--disk",
+        &format!("path={},format=vmdk", ro.display()),
+    ]);
+    assert_error(&run, 2, "unknown image format");
+    let raw = image::write(dir.path(), "raw.img", &[0u8; 1 << 20]);
+    let run = common::run(&[
+        "--kernel",
+        k,
+        "--disk",
+        &format!("path={},format=qcow2", raw.display()),
+    ]);
+    assert_error(&run, 2, "--disk");
+    one_line(&run);
+
+    let run = common::run(&["--kernel", k, "--net", "tap=ferro-no-such0"]);
+    assert_error(&run, 2, "does not exist");
+    one_line(&run);
+    let run = common::run(&["--kernel", k, "--net", "tap=tap0,mac=52:54:00:zz:00:01"]);
+    assert_error(&run, 2, "MAC");
+    let run = common::run(&["--kernel", k, "--net", "fd=97"]);
+    assert_error(&run, 2, "not open");
+    let run = common::run(&["--kernel", k, "--net", "fd=0"]);
+    assert_error(&run, 2, "fd=0");
+    // A descriptor that is open but is no TAP (stderr, dup'ed by the shell).
+    let out = Command::new("sh")
+        .args(["-c", "exec \"$0\" --kernel \"$1\" --net fd=5 5>/dev/null"])
+        .arg(common::ferrovmm_bin())
+        .arg(k)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not a TAP"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -14,6 +14,7 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 pub struct Daemon {
     pub dir: PathBuf,
     pub child: Option<Child>,
+    pub extra_args: Vec<String>,
 }
 
 pub fn daemon_binary() -> PathBuf {
@@ -22,12 +23,25 @@ pub fn daemon_binary() -> PathBuf {
 
 impl Daemon {
     pub fn start() -> Daemon {
+        Self::start_with(&[])
+    }
+
+    /// Start with extra command-line arguments; `{dir}` in them is replaced by the test folder.
+    pub fn start_with(extra: &[&str]) -> Daemon {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         // Short paths: Unix socket paths are limited to 108 bytes.
         let dir = PathBuf::from(format!("/tmp/fvd-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("temp dir");
-        let mut d = Daemon { dir, child: None };
+        let extra_args = extra
+            .iter()
+            .map(|a| a.replace("{dir}", &dir.to_string_lossy()))
+            .collect();
+        let mut d = Daemon {
+            dir,
+            child: None,
+            extra_args,
+        };
         d.spawn();
         d
     }
@@ -57,6 +71,7 @@ impl Daemon {
             .arg(self.state_dir())
             .arg("--run-dir")
             .arg(self.run_dir())
+            .args(&self.extra_args)
             // Tests run on the host: no default network (bridge, NAT) there.
             .env("FERROVIRT_NO_DEFAULT_NETWORK", "1")
             .stdin(Stdio::null())

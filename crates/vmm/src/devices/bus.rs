@@ -1,6 +1,6 @@
 //! A port I/O bus: address ranges mapped to devices.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 /// A device on the bus. `offset` is relative to the start of its range.
 pub trait BusDevice: Send {
@@ -14,9 +14,11 @@ struct Mapping {
     device: Arc<Mutex<dyn BusDevice>>,
 }
 
+/// Mappings can change while the guest runs (a PCI BAR moves), so they sit
+/// behind a lock that is only held to look a device up, never while it runs.
 #[derive(Default)]
 pub struct Bus {
-    mappings: Vec<Mapping>,
+    mappings: RwLock<Vec<Mapping>>,
 }
 
 impl Bus {
@@ -26,37 +28,46 @@ impl Bus {
 
     /// Maps `device` at `[start, start + len)`. Ranges must not overlap.
     pub fn insert(
-        &mut self,
+        &self,
         device: Arc<Mutex<dyn BusDevice>>,
         start: u64,
         len: u64,
     ) -> Result<(), String> {
-        if len == 0 {
-            return Err(format!("empty range at {start:#x}"));
+        if len == 0 || start.checked_add(len).is_none() {
+            return Err(format!("invalid range {start:#x}+{len:#x}"));
         }
-        if self
-            .mappings
+        let mut mappings = self.mappings.write().unwrap_or_else(|p| p.into_inner());
+        if mappings
             .iter()
             .any(|m| start < m.start + m.len && m.start < start + len)
         {
             return Err(format!("range {start:#x}+{len:#x} overlaps another device"));
         }
-        self.mappings.push(Mapping { start, len, device });
-        self.mappings.sort_by_key(|m| m.start);
+        mappings.push(Mapping { start, len, device });
+        mappings.sort_by_key(|m| m.start);
         Ok(())
     }
 
-    fn find(&self, addr: u64) -> Option<(&Mapping, u64)> {
-        let idx = self.mappings.partition_point(|m| m.start <= addr);
-        let m = self.mappings.get(idx.checked_sub(1)?)?;
-        (addr - m.start < m.len).then_some((m, addr - m.start))
+    /// Unmaps the range that starts at `start`; true if there was one.
+    pub fn remove(&self, start: u64) -> bool {
+        let mut mappings = self.mappings.write().unwrap_or_else(|p| p.into_inner());
+        let before = mappings.len();
+        mappings.retain(|m| m.start != start);
+        mappings.len() != before
+    }
+
+    fn find(&self, addr: u64) -> Option<(Arc<Mutex<dyn BusDevice>>, u64)> {
+        let mappings = self.mappings.read().unwrap_or_else(|p| p.into_inner());
+        let idx = mappings.partition_point(|m| m.start <= addr);
+        let m = mappings.get(idx.checked_sub(1)?)?;
+        (addr - m.start < m.len).then(|| (m.device.clone(), addr - m.start))
     }
 
     /// Reads from the device at `addr`; false (and all ones) when nothing is there.
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.find(addr) {
-            Some((m, offset)) => {
-                m.device
+            Some((device, offset)) => {
+                device
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .read(offset, data);
@@ -72,8 +83,8 @@ impl Bus {
     /// Writes to the device at `addr`; false when nothing is there.
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.find(addr) {
-            Some((m, offset)) => {
-                m.device
+            Some((device, offset)) => {
+                device
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .write(offset, data);
@@ -110,7 +121,7 @@ mod tests {
 
     #[test]
     fn routes_by_range_and_reports_holes() {
-        let mut bus = Bus::new();
+        let bus = Bus::new();
         bus.insert(Arc::new(Mutex::new(Echo(10))), 0x100, 8)
             .unwrap();
         assert!(bus.insert(Arc::new(Mutex::new(Echo(0))), 0x104, 8).is_err());
@@ -121,5 +132,7 @@ mod tests {
         assert_eq!(b[0], 0xff);
         assert!(bus.write(0x100, &[1]));
         assert!(!bus.write(0xff, &[1]));
+        assert!(bus.remove(0x100));
+        assert!(!bus.read(0x102, &mut b));
     }
 }

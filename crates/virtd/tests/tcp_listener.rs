@@ -1,0 +1,248 @@
+//! The optional TCP listener: only with a bearer token, refused without one.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{code, daemon_binary, wait_for, Daemon};
+use ferrovirt_api::client::Client;
+use ferrovirt_api::ErrorCode;
+
+const TOKEN: &str = "s3cret-token-for-tests-0123456789";
+
+fn token_file(mode: u32) -> PathBuf {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let p = std::env::temp_dir().join(format!("fv-token-{}-{n}-{mode:o}", std::process::id()));
+    std::fs::write(&p, format!("{TOKEN}\n")).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+    p
+}
+
+fn tcp_addr(d: &Daemon) -> String {
+    let mut addr = String::new();
+    wait_for(
+        "the TCP listener line in the daemon log",
+        Duration::from_secs(5),
+        || {
+            addr = d
+                .log()
+                .lines()
+                .find_map(|l| l.strip_prefix("ferrovirtd: also listening on tcp://"))
+                .and_then(|rest| rest.split(' ').next())
+                .unwrap_or("")
+                .to_string();
+            !addr.is_empty()
+        },
+    );
+    addr
+}
+
+#[test]
+fn tcp_needs_the_bearer_token() {
+    let token = token_file(0o600);
+    let d = Daemon::start_with(&[
+        "--listen-tcp",
+        "127.0.0.1:0",
+        "--token-file",
+        token.to_str().unwrap(),
+    ]);
+    let addr = tcp_addr(&d);
+    let good = Client::tcp(&addr, TOKEN);
+    assert_eq!(good.version().unwrap().api, "v1");
+    assert!(good.list(true).unwrap().is_empty());
+    assert_eq!(
+        code(Client::tcp(&addr, "wrong-token-wrong-token").list(true)),
+        ErrorCode::Unauthorized
+    );
+    // No Authorization header at all.
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    use std::io::{Read, Write};
+    s.write_all(b"GET /v1/domains HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    assert!(answer.contains("\"unauthorized\""));
+    // The Unix socket needs no token.
+    assert!(d.client().version().is_ok());
+    let _ = std::fs::remove_file(token);
+}
+
+#[test]
+fn tcp_without_a_safe_token_is_refused_at_start() {
+    let dir = std::env::temp_dir().join(format!("fv-tcp-refused-{}", std::process::id()));
+    let run = |args: &[&str]| {
+        Command::new(daemon_binary())
+            .arg("--state-dir")
+            .arg(dir.join("s"))
+            .arg("--run-dir")
+            .arg(dir.join("r"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["--listen-tcp", "127.0.0.1:0"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs --token-file"));
+    let open_token = token_file(0o644);
+    let out = run(&[
+        "--listen-tcp",
+        "127.0.0.1:0",
+        "--token-file",
+        open_token.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("chmod 600"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_file(open_token);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn openssl(args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("openssl is needed to make test certificates");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A test CA and a server certificate for 127.0.0.1 signed by it; returns (ca cert, server cert, server key).
+fn certificates(dir: &std::path::Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    std::fs::create_dir_all(dir).unwrap();
+    let p = |f: &str| {
+        dir.join(format!("{name}-{f}"))
+            .to_string_lossy()
+            .into_owned()
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec![
+        "req",
+        "-x509",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=ferrovirt test CA",
+    ];
+    ca.extend(ec);
+    let (ca_key, ca_crt) = (p("ca.key"), p("ca.crt"));
+    ca.extend(["-keyout", &ca_key, "-out", &ca_crt]);
+    openssl(&ca);
+    let (key, csr, crt, ext) = (
+        p("server.key"),
+        p("server.csr"),
+        p("server.crt"),
+        p("server.ext"),
+    );
+    let mut req = vec!["req", "-subj", "/CN=127.0.0.1"];
+    req.extend(ec);
+    req.extend(["-keyout", &key, "-out", &csr]);
+    openssl(&req);
+    std::fs::write(&ext, "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=critical,CA:FALSE\nextendedKeyUsage=serverAuth\n").unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-days",
+        "1",
+        "-in",
+        &csr,
+        "-CA",
+        &ca_crt,
+        "-CAkey",
+        &ca_key,
+        "-CAcreateserial",
+        "-extfile",
+        &ext,
+        "-out",
+        &crt,
+    ]);
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    (ca_crt.into(), crt.into(), key.into())
+}
+
+#[test]
+fn tls_listener_serves_the_api_with_token_and_certificate() {
+    let dir = std::env::temp_dir().join(format!("fv-tls-{}", std::process::id()));
+    let (ca, cert, key) = certificates(&dir, "a");
+    let (other_ca, _, _) = certificates(&dir, "b");
+    let token = token_file(0o600);
+    let d = Daemon::start_with(&[
+        "--listen-tcp",
+        "127.0.0.1:0",
+        "--token-file",
+        token.to_str().unwrap(),
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ]);
+    let mut addr = String::new();
+    wait_for("the TLS listener line", Duration::from_secs(5), || {
+        addr = d
+            .log()
+            .lines()
+            .find_map(|l| l.strip_prefix("ferrovirtd: also listening on tls://"))
+            .and_then(|r| r.split(' ').next())
+            .unwrap_or("")
+            .to_string();
+        !addr.is_empty()
+    });
+    let c = Client::tls(&addr, TOKEN, &ca).unwrap();
+    assert_eq!(c.version().unwrap().api, "v1");
+    // Events stream over TLS too.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let events = Client::tls(&addr, TOKEN, &ca).unwrap();
+    std::thread::spawn(move || {
+        let _ = events.events(|ev| tx.send(ev.kind).is_ok());
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let kernel = d.file("k", "k");
+    c.define(
+        &format!(
+            "name = \"overtls\"\ntype = \"test\"\n[os]\nkernel = \"{}\"\n",
+            kernel.display()
+        ),
+        ferrovirt_api::client::DefFormat::Toml,
+        false,
+    )
+    .unwrap();
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(5)).unwrap(),
+        ferrovirt_api::state::EventKind::Defined
+    );
+    assert_eq!(c.list(true).unwrap().len(), 1);
+    // A client that trusts another certificate does not get through.
+    assert!(Client::tls(&addr, TOKEN, &other_ca)
+        .unwrap()
+        .version()
+        .is_err());
+    // TLS does not replace the token.
+    assert_eq!(
+        code(
+            Client::tls(&addr, "wrong-token-wrong-token", &ca)
+                .unwrap()
+                .list(true)
+        ),
+        ErrorCode::Unauthorized
+    );
+    // Plain HTTP on the TLS port gets nothing.
+    assert!(Client::tcp(&addr, TOKEN).version().is_err());
+    let _ = std::fs::remove_file(token);
+    let _ = std::fs::remove_dir_all(dir);
+}

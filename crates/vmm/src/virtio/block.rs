@@ -1,0 +1,501 @@
+//! virtio-blk on the disk-image library: read, write, flush, get-id, discard
+//! and write-zeroes, with the I/O done by a pool of worker threads so several
+//! requests are in flight and the device thread never blocks on the disk.
+
+use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Condvar, Mutex};
+
+use ferrovirt_disk::BlockBackend;
+use virtio_bindings::virtio_blk::*;
+use virtio_queue::{DescriptorChain, Queue};
+use vm_memory::{Address, Bytes, GuestAddress};
+
+use super::event_loop::Token;
+use super::{
+    queue, ActivateContext, EventLoop, GuestMem, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+};
+
+pub const SECTOR_SIZE: u64 = 512;
+const QUEUE_SIZE: u16 = 256;
+/// Largest data transfer of one request; more is refused with IOERR.
+const MAX_REQUEST_BYTES: u64 = 32 << 20;
+const MAX_DISCARD_SEGMENTS: u32 = 32;
+const MAX_DISCARD_SECTORS: u32 = u32::MAX >> 9;
+const SERIAL_LEN: usize = 20;
+const WORKERS: usize = 4;
+/// O_DIRECT wants buffers aligned to the logical block size; page alignment covers every disk.
+const BUFFER_ALIGN: usize = 4096;
+
+#[derive(Clone)]
+pub struct BlockOptions {
+    pub read_only: bool,
+    pub serial: String,
+}
+
+pub struct Block {
+    backend: Arc<dyn BlockBackend>,
+    opts: BlockOptions,
+    active: Option<Active>,
+}
+
+struct Active {
+    event_loop: Arc<EventLoop>,
+    token: Token,
+    inflight: Arc<Inflight>,
+    _sender: Sender<Job>,
+}
+
+/// Requests handed to workers and not completed yet (a reset waits for them).
+#[derive(Default)]
+struct Inflight {
+    count: Mutex<usize>,
+    done: Condvar,
+}
+
+struct Job {
+    chain: DescriptorChain<GuestMem>,
+    queue_index: u16,
+}
+
+/// A guest request, checked and ready to run.
+struct Request {
+    kind: u32,
+    sector: u64,
+    /// Data buffers in guest memory, in order.
+    data: Vec<(GuestAddress, u32)>,
+    status: GuestAddress,
+}
+
+impl Block {
+    pub fn new(backend: Arc<dyn BlockBackend>, opts: BlockOptions) -> Self {
+        Block {
+            backend,
+            opts,
+            active: None,
+        }
+    }
+
+    fn capacity_sectors(&self) -> u64 {
+        self.backend.size() / SECTOR_SIZE
+    }
+
+    fn config_bytes(&self) -> [u8; 60] {
+        let mut c = [0u8; 60];
+        c[0..8].copy_from_slice(&self.capacity_sectors().to_le_bytes());
+        c[12..16].copy_from_slice(&(u32::from(QUEUE_SIZE) - 2).to_le_bytes()); // seg_max
+        c[20..24].copy_from_slice(&512u32.to_le_bytes()); // blk_size
+        c[34..36].copy_from_slice(&1u16.to_le_bytes()); // num_queues
+        c[36..40].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
+        c[40..44].copy_from_slice(&MAX_DISCARD_SEGMENTS.to_le_bytes());
+        c[44..48].copy_from_slice(&1u32.to_le_bytes()); // discard_sector_alignment
+        c[48..52].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
+        c[52..56].copy_from_slice(&MAX_DISCARD_SEGMENTS.to_le_bytes());
+        c[56] = 1; // write_zeroes_may_unmap
+        c
+    }
+}
+
+fn parse(chain: &mut DescriptorChain<GuestMem>, mem: &GuestMem) -> Result<Request, &'static str> {
+    let header = chain.next().ok_or("empty chain")?;
+    if header.is_write_only() || header.len() < 16 {
+        return Err("request header is not a 16-byte readable buffer");
+    }
+    let kind: u32 = mem
+        .read_obj(header.addr())
+        .map_err(|_| "request header outside guest memory")?;
+    let sector: u64 = mem
+        .read_obj(header.addr().unchecked_add(8))
+        .map_err(|_| "request header outside guest memory")?;
+    let mut descs: Vec<_> = chain.collect();
+    let status = descs.pop().ok_or("no status buffer")?;
+    if !status.is_write_only() || status.len() < 1 {
+        return Err("status buffer is not writable");
+    }
+    let data = descs.iter().map(|d| (d.addr(), d.len())).collect();
+    let wants_write = kind == VIRTIO_BLK_T_IN || kind == VIRTIO_BLK_T_GET_ID;
+    if descs.iter().any(|d| d.is_write_only() != wants_write) {
+        return Err("data buffer has the wrong direction for the request");
+    }
+    Ok(Request {
+        kind,
+        sector,
+        data,
+        status: status.addr(),
+    })
+}
+
+/// A page-aligned scratch buffer, reused across requests by one worker.
+struct AlignedBuf {
+    ptr: *mut u8,
+    cap: usize,
+}
+
+// SAFETY: the buffer is plain memory owned by one worker at a time.
+unsafe impl Send for AlignedBuf {}
+
+impl AlignedBuf {
+    fn new() -> Self {
+        AlignedBuf {
+            ptr: std::ptr::null_mut(),
+            cap: 0,
+        }
+    }
+
+    fn get(&mut self, len: usize) -> &mut [u8] {
+        let want = len.div_ceil(BUFFER_ALIGN).max(1) * BUFFER_ALIGN;
+        if want > self.cap {
+            self.free();
+            let layout = Layout::from_size_align(want, BUFFER_ALIGN).expect("valid layout");
+            // SAFETY: layout has a non-zero size.
+            self.ptr = unsafe { alloc_zeroed(layout) };
+            if self.ptr.is_null() {
+                std::alloc::handle_alloc_error(layout);
+            }
+            self.cap = want;
+        }
+        // SAFETY: ptr points to cap >= len initialized bytes owned by self.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, len) }
+    }
+
+    fn free(&mut self) {
+        if !self.ptr.is_null() {
+            // SAFETY: ptr was allocated with this layout in get().
+            unsafe {
+                dealloc(
+                    self.ptr,
+                    Layout::from_size_align_unchecked(self.cap, BUFFER_ALIGN),
+                )
+            };
+            self.ptr = std::ptr::null_mut();
+            self.cap = 0;
+        }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        self.free();
+    }
+}
+
+struct Worker {
+    backend: Arc<dyn BlockBackend>,
+    opts: BlockOptions,
+    capacity: u64,
+    mem: GuestMem,
+    buf: AlignedBuf,
+}
+
+/// The guest pages behind a single page-aligned data buffer, for I/O straight into
+/// guest memory (no bounce copy; page alignment also satisfies O_DIRECT).
+// Guest memory is shared memory that is mutable through `&` by nature (the guest writes it too).
+#[allow(clippy::mut_from_ref)]
+fn guest_pages(mem: &GuestMem, addr: GuestAddress, len: usize) -> Option<&mut [u8]> {
+    if !addr.0.is_multiple_of(BUFFER_ALIGN as u64) || !len.is_multiple_of(BUFFER_ALIGN) || len == 0
+    {
+        return None;
+    }
+    use vm_memory::GuestMemoryBackend;
+    let slice = mem.get_slice(addr, len).ok()?;
+    let ptr = slice.ptr_guard_mut().as_ptr();
+    // SAFETY: get_slice checked that [addr, addr + len) lies inside one mapped region of
+    // guest memory, which lives as long as `mem`. Nothing in the VMM holds a reference into
+    // these pages; the guest may touch them concurrently, as with any DMA.
+    Some(unsafe { std::slice::from_raw_parts_mut(ptr, len) })
+}
+
+impl Worker {
+    /// Runs one request; returns the virtio status and the bytes written to the guest.
+    fn execute(&mut self, req: &Request) -> (u8, u32) {
+        let total: u64 = req.data.iter().map(|(_, len)| u64::from(*len)).sum();
+        let io_err = (VIRTIO_BLK_S_IOERR as u8, 0);
+        match req.kind {
+            VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
+                if total > MAX_REQUEST_BYTES || !total.is_multiple_of(SECTOR_SIZE) {
+                    return io_err;
+                }
+                let Some(start) = req.sector.checked_mul(SECTOR_SIZE) else {
+                    return io_err;
+                };
+                if start
+                    .checked_add(total)
+                    .is_none_or(|end| end > self.capacity)
+                {
+                    return io_err;
+                }
+                if req.kind == VIRTIO_BLK_T_OUT && self.opts.read_only {
+                    return io_err;
+                }
+                if let [(addr, len)] = req.data[..] {
+                    if let Some(pages) = guest_pages(&self.mem, addr, len as usize) {
+                        let result = if req.kind == VIRTIO_BLK_T_IN {
+                            self.backend.read_at(pages, start).map(|()| total as u32)
+                        } else {
+                            self.backend.write_at(pages, start).map(|()| 0)
+                        };
+                        return match result {
+                            Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
+                            Err(_) => io_err,
+                        };
+                    }
+                }
+                let buf = self.buf.get(total as usize);
+                if req.kind == VIRTIO_BLK_T_IN {
+                    if self.backend.read_at(buf, start).is_err() {
+                        return io_err;
+                    }
+                    let mut off = 0usize;
+                    for (addr, len) in &req.data {
+                        let len = *len as usize;
+                        if self.mem.write_slice(&buf[off..off + len], *addr).is_err() {
+                            return io_err;
+                        }
+                        off += len;
+                    }
+                    (VIRTIO_BLK_S_OK as u8, total as u32)
+                } else {
+                    let mut off = 0usize;
+                    for (addr, len) in &req.data {
+                        let len = *len as usize;
+                        if self
+                            .mem
+                            .read_slice(&mut buf[off..off + len], *addr)
+                            .is_err()
+                        {
+                            return io_err;
+                        }
+                        off += len;
+                    }
+                    match self.backend.write_at(buf, start) {
+                        Ok(()) => (VIRTIO_BLK_S_OK as u8, 0),
+                        Err(_) => io_err,
+                    }
+                }
+            }
+            VIRTIO_BLK_T_FLUSH => match self.backend.flush() {
+                Ok(()) => (VIRTIO_BLK_S_OK as u8, 0),
+                Err(_) => io_err,
+            },
+            VIRTIO_BLK_T_GET_ID => {
+                let mut id = [0u8; SERIAL_LEN];
+                let serial = self.opts.serial.as_bytes();
+                let n = serial.len().min(SERIAL_LEN);
+                id[..n].copy_from_slice(&serial[..n]);
+                let Some((addr, len)) = req.data.first() else {
+                    return io_err;
+                };
+                let n = (*len as usize).min(SERIAL_LEN);
+                match self.mem.write_slice(&id[..n], *addr) {
+                    Ok(()) => (VIRTIO_BLK_S_OK as u8, n as u32),
+                    Err(_) => io_err,
+                }
+            }
+            VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
+                if self.opts.read_only {
+                    return io_err;
+                }
+                self.discard_or_zero(req)
+            }
+            _ => (VIRTIO_BLK_S_UNSUPP as u8, 0),
+        }
+    }
+
+    fn discard_or_zero(&mut self, req: &Request) -> (u8, u32) {
+        let io_err = (VIRTIO_BLK_S_IOERR as u8, 0);
+        let mut segments = Vec::new();
+        for (addr, len) in &req.data {
+            if len % 16 != 0 {
+                return io_err;
+            }
+            for i in 0..u64::from(len / 16) {
+                let seg = addr.unchecked_add(i * 16);
+                let (Ok(sector), Ok(num), Ok(flags)) = (
+                    self.mem.read_obj::<u64>(seg),
+                    self.mem.read_obj::<u32>(seg.unchecked_add(8)),
+                    self.mem.read_obj::<u32>(seg.unchecked_add(12)),
+                ) else {
+                    return io_err;
+                };
+                segments.push((sector, num, flags));
+            }
+        }
+        if segments.is_empty() || segments.len() > MAX_DISCARD_SEGMENTS as usize {
+            return io_err;
+        }
+        for (sector, num, flags) in segments {
+            let (Some(start), len) = (
+                sector.checked_mul(SECTOR_SIZE),
+                u64::from(num) * SECTOR_SIZE,
+            ) else {
+                return io_err;
+            };
+            if start.checked_add(len).is_none_or(|end| end > self.capacity) {
+                return io_err;
+            }
+            let result = if req.kind == VIRTIO_BLK_T_DISCARD {
+                self.backend.discard(start, len)
+            } else {
+                self.backend.write_zeroes(
+                    start,
+                    len,
+                    flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0,
+                )
+            };
+            if result.is_err() {
+                return io_err;
+            }
+        }
+        (VIRTIO_BLK_S_OK as u8, 0)
+    }
+}
+
+fn run_worker(
+    mut worker: Worker,
+    jobs: Arc<Mutex<Receiver<Job>>>,
+    queue: Arc<Mutex<Queue>>,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    inflight: Arc<Inflight>,
+) {
+    loop {
+        let job = {
+            let rx = jobs.lock().unwrap_or_else(|p| p.into_inner());
+            match rx.recv() {
+                Ok(job) => job,
+                Err(_) => return, // device reset or VM gone
+            }
+        };
+        let Job {
+            mut chain,
+            queue_index,
+        } = job;
+        let head = chain.head_index();
+        let mem = worker.mem.clone();
+        let used_len = match parse(&mut chain, &mem) {
+            Ok(req) => {
+                let (status, written) = worker.execute(&req);
+                if mem.write_obj(status, req.status).is_ok() {
+                    written + 1
+                } else {
+                    0
+                }
+            }
+            Err(why) => {
+                log::debug!("virtio-blk: bad request: {why}");
+                0
+            }
+        };
+        queue::complete(&queue, &mem, &interrupt, queue_index, head, used_len);
+        let mut n = inflight.count.lock().unwrap_or_else(|p| p.into_inner());
+        *n -= 1;
+        inflight.done.notify_all();
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_BLK_F_SEG_MAX
+            | 1 << VIRTIO_BLK_F_BLK_SIZE
+            | 1 << VIRTIO_BLK_F_FLUSH;
+        if self.opts.read_only {
+            f |= 1 << VIRTIO_BLK_F_RO;
+        } else {
+            f |= 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES;
+        }
+        f
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        super::read_config_bytes(&self.config_bytes(), offset, data);
+    }
+
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), String> {
+        let dq = ctx
+            .queues
+            .into_iter()
+            .next()
+            .ok_or("the driver enabled no request queue")?;
+        let (tx, rx) = channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        let inflight = Arc::new(Inflight::default());
+        for i in 0..WORKERS {
+            let worker = Worker {
+                backend: self.backend.clone(),
+                opts: self.opts.clone(),
+                capacity: self.capacity_sectors() * SECTOR_SIZE,
+                mem: ctx.mem.clone(),
+                buf: AlignedBuf::new(),
+            };
+            let (rx, q, irq, inf) = (
+                rx.clone(),
+                dq.queue.clone(),
+                ctx.interrupt.clone(),
+                inflight.clone(),
+            );
+            std::thread::Builder::new()
+                .name(format!("blk-io{i}"))
+                .stack_size(256 << 10)
+                .spawn(move || run_worker(worker, rx, q, irq, inf))
+                .map_err(|e| format!("cannot start I/O worker: {e}"))?;
+        }
+        let (queue, mem, index, kick, jobs, inf, irq) = (
+            dq.queue.clone(),
+            ctx.mem.clone(),
+            dq.index,
+            dq.kick,
+            tx.clone(),
+            inflight.clone(),
+            ctx.interrupt.clone(),
+        );
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&kick);
+        let handler = Box::new(move |_| {
+            let _ = kick.read();
+            for chain in queue::pop_all(&queue, &mem, &irq) {
+                *inf.count.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+                let _ = jobs.send(Job {
+                    chain,
+                    queue_index: index,
+                });
+            }
+        });
+        let token = ctx
+            .event_loop
+            .add(fd, vmm_sys_util::epoll::EventSet::IN, handler)
+            .map_err(|e| format!("event loop: {e}"))?;
+        self.active = Some(Active {
+            event_loop: ctx.event_loop,
+            token,
+            inflight,
+            _sender: tx,
+        });
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if let Some(active) = self.active.take() {
+            active.event_loop.remove(active.token);
+            // The guest may reuse the rings after reset: let requests in flight finish first.
+            let mut n = active
+                .inflight
+                .count
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            while *n > 0 {
+                n = active
+                    .inflight
+                    .done
+                    .wait(n)
+                    .unwrap_or_else(|p| p.into_inner());
+            }
+        }
+    }
+}

@@ -1,0 +1,120 @@
+//! The device thread: one epoll loop that runs the handlers of every virtio
+//! device (queue kicks, TAP readiness, console input), off the vCPU threads.
+
+use std::collections::HashMap;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+/// What a handler is told: the events that fired on its descriptor.
+pub type Handler = Box<dyn FnMut(EventSet) + Send>;
+
+pub struct EventLoop {
+    epoll: Epoll,
+    handlers: Mutex<HashMap<u64, (RawFd, Option<Handler>)>>,
+    next_token: AtomicU64,
+}
+
+/// Registration of one descriptor; dropping it does not unregister (call `remove`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Token(u64);
+
+impl EventLoop {
+    pub fn new() -> std::io::Result<Arc<Self>> {
+        Ok(Arc::new(EventLoop {
+            epoll: Epoll::new()?,
+            handlers: Mutex::new(HashMap::new()),
+            next_token: AtomicU64::new(1),
+        }))
+    }
+
+    /// Starts the loop on its own thread.
+    pub fn spawn(self: &Arc<Self>) -> std::io::Result<()> {
+        let this = self.clone();
+        std::thread::Builder::new()
+            .name("devices".into())
+            .stack_size(512 << 10)
+            .spawn(move || this.run())?;
+        Ok(())
+    }
+
+    /// Calls `handler` whenever `fd` has `events` (level triggered).
+    pub fn add(&self, fd: RawFd, events: EventSet, handler: Handler) -> std::io::Result<Token> {
+        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
+        self.handlers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(token, (fd, Some(handler)));
+        if let Err(e) = self
+            .epoll
+            .ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))
+        {
+            self.handlers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&token);
+            return Err(e);
+        }
+        Ok(Token(token))
+    }
+
+    /// Changes the events watched for a registration (e.g. stop reading a TAP while the guest has no buffers).
+    pub fn modify(&self, token: Token, events: EventSet) {
+        let fd = self
+            .handlers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&token.0)
+            .map(|h| h.0);
+        if let Some(fd) = fd {
+            let _ = self.epoll.ctl(
+                ControlOperation::Modify,
+                fd,
+                EpollEvent::new(events, token.0),
+            );
+        }
+    }
+
+    pub fn remove(&self, token: Token) {
+        let entry = self
+            .handlers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&token.0);
+        if let Some((fd, _)) = entry {
+            let _ = self
+                .epoll
+                .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+        }
+    }
+
+    fn run(&self) {
+        let mut events = vec![EpollEvent::default(); 64];
+        loop {
+            let n = match self.epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::error!("device event loop: epoll_wait failed: {e}");
+                    return;
+                }
+            };
+            for ev in &events[..n] {
+                let token = ev.data();
+                // Take the handler out so it runs without the map locked (it may add or remove).
+                let handler = {
+                    let mut map = self.handlers.lock().unwrap_or_else(|p| p.into_inner());
+                    map.get_mut(&token).and_then(|h| h.1.take())
+                };
+                let Some(mut handler) = handler else { continue };
+                handler(ev.event_set());
+                let mut map = self.handlers.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(slot) = map.get_mut(&token) {
+                    slot.1 = Some(handler);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,100 @@
+//! virtio-rng: fills the guest's buffers from the host's getrandom().
+
+use std::sync::Arc;
+
+use virtio_queue::DescriptorChain;
+use vm_memory::Bytes;
+
+use super::event_loop::Token;
+use super::{queue, ActivateContext, GuestMem, VirtioDevice, VIRTIO_F_VERSION_1};
+
+/// Largest request served at once, so a guest cannot make us allocate much.
+const MAX_CHUNK: usize = 64 * 1024;
+
+#[derive(Default)]
+pub struct Rng {
+    tokens: Vec<(Arc<super::EventLoop>, Token)>,
+}
+
+fn fill(chain: DescriptorChain<GuestMem>, mem: &GuestMem) -> u32 {
+    let mut written = 0u32;
+    let mut buf = vec![0u8; 0];
+    for desc in chain {
+        if !desc.is_write_only() {
+            continue;
+        }
+        let len = (desc.len() as usize).min(MAX_CHUNK);
+        buf.resize(len, 0);
+        if getrandom(&mut buf).is_err() {
+            break;
+        }
+        if mem.write_slice(&buf, desc.addr()).is_err() {
+            break;
+        }
+        written = written.saturating_add(len as u32);
+    }
+    written
+}
+
+fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        // SAFETY: getrandom writes at most len bytes into the buffer we own.
+        let n = unsafe { libc::getrandom(buf[done..].as_mut_ptr().cast(), buf.len() - done, 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
+impl VirtioDevice for Rng {
+    fn device_type(&self) -> u32 {
+        virtio_bindings::virtio_ids::VIRTIO_ID_RNG
+    }
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![256]
+    }
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+    }
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), String> {
+        let interrupt = ctx.interrupt.clone();
+        for dq in ctx.queues {
+            let mem = ctx.mem.clone();
+            let interrupt = interrupt.clone();
+            let q = dq.queue.clone();
+            let kick = dq.kick;
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&kick);
+            let handler = Box::new(move |_| {
+                let _ = kick.read();
+                for chain in queue::pop_all(&q, &mem, &interrupt) {
+                    let head = chain.head_index();
+                    let len = fill(chain, &mem);
+                    queue::complete(&q, &mem, &interrupt, dq.index, head, len);
+                }
+            });
+            let token = ctx
+                .event_loop
+                .add(fd, vmm_sys_util::epoll::EventSet::IN, handler)
+                .map_err(|e| format!("event loop: {e}"))?;
+            self.tokens.push((ctx.event_loop.clone(), token));
+        }
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        for (el, token) in self.tokens.drain(..) {
+            el.remove(token);
+        }
+    }
+}
