@@ -646,6 +646,24 @@ fn isolated_network_connects_its_guests_and_nothing_else() {
         leases.contains("52:54:00:00:00:0a") && leases.contains("52:54:00:00:00:0b"),
         "{leases}"
     );
+    // Restarting the network while its VMs run puts their TAPs back on the new bridge.
+    let tap_a = w.ok(&["domiflist", "isoa"]);
+    let tap_a = tap_a
+        .lines()
+        .nth(2)
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    w.ok(&["net-destroy", "iso"]);
+    assert!(!w
+        .inner(&["ip", "-o", "link", "show", &tap_a])
+        .contains("master"));
+    w.ok(&["net-start", "iso"]);
+    assert!(
+        w.inner(&["ip", "-o", "link", "show", &tap_a])
+            .contains("master fviso0"),
+        "TAP {tap_a} back on the bridge"
+    );
     w.ok(&["destroy", "isoa"]);
     w.ok(&["destroy", "isob"]);
 

@@ -1,7 +1,7 @@
 //! Kernel network objects through iproute2: bridges, TAPs, addresses, routes, IP forwarding.
 //!
 //! Every device ferrovirt creates carries an interface alias `ferrovirt:net:NETWORK` (bridges) or
-//! `ferrovirt:tap:DOMAIN` (TAPs), so a restarted daemon can tell its own leftovers from the host's.
+//! `ferrovirt:tap:DOMAIN[@NETWORK]` (TAPs), so a restarted daemon can tell its own leftovers from the host's.
 
 use std::fs;
 use std::net::Ipv4Addr;
@@ -117,26 +117,35 @@ pub fn delete(dev: &str) -> Result<(), ApiError> {
 }
 
 /// A persistent TAP (owned by the daemon, opened by the VMM by name), enslaved to `bridge`.
-pub fn tap_up(name: &str, domain: &str, bridge: &str) -> Result<(), ApiError> {
+/// `network`: the virtual network it belongs to (None for a plain host bridge), recorded in the
+/// alias so a restarted network can take its running VMs' TAPs back.
+pub fn tap_up(
+    name: &str,
+    domain: &str,
+    network: Option<&str>,
+    bridge: &str,
+) -> Result<(), ApiError> {
     // A leftover of the same name (a VM that died with the daemon) is replaced, never duplicated.
     delete(name)?;
     ip(&["tuntap", "add", "dev", name, "mode", "tap", "vnet_hdr"])?;
+    let alias = match network {
+        Some(n) => format!("{TAP_ALIAS}{domain}@{n}"),
+        None => format!("{TAP_ALIAS}{domain}"),
+    };
     let rest = (|| {
-        ip(&[
-            "link",
-            "set",
-            "dev",
-            name,
-            "alias",
-            &format!("{TAP_ALIAS}{domain}"),
-        ])?;
-        ip(&["link", "set", "dev", name, "master", bridge])?;
-        ip(&["link", "set", "dev", name, "up"])
+        ip(&["link", "set", "dev", name, "alias", &alias])?;
+        enslave(name, bridge)
     })();
     if rest.is_err() {
         let _ = delete(name);
     }
     rest
+}
+
+/// Put a device on a bridge and bring it up.
+pub fn enslave(dev: &str, bridge: &str) -> Result<(), ApiError> {
+    ip(&["link", "set", "dev", dev, "master", bridge])?;
+    ip(&["link", "set", "dev", dev, "up"])
 }
 
 /// IPv4 routes of the host's main table (from /proc/net/route): (device, network, prefix).

@@ -539,6 +539,13 @@ impl Networks {
         fs::create_dir_all(&dir)
             .map_err(|e| ApiError::internal(format!("cannot create {}: {e}", dir.display())))?;
         link::bridge_up(bridge, &def.name, ip.address, ip.prefix)?;
+        // VMs that kept running while the network was down get their TAPs back on the bridge.
+        let suffix = format!("@{}", def.name);
+        for (dev, alias) in link::devices() {
+            if alias.starts_with(link::TAP_ALIAS) && alias.ends_with(&suffix) {
+                link::enslave(&dev, bridge)?;
+            }
+        }
         let table = nft::table(&def.name);
         nft::apply(
             &dir.join("nft.rules"),
@@ -682,8 +689,10 @@ impl Networks {
     pub fn plug(&self, def: &DomainDef) -> Result<(), ApiError> {
         let inner = self.lock();
         for (i, nic) in def.interfaces.iter().enumerate() {
-            let made = Self::bridge_for(&inner, nic.kind, &nic.source, true)
-                .and_then(|br| link::tap_up(&tap_name(def, i), &def.name, &br));
+            let made = Self::bridge_for(&inner, nic.kind, &nic.source, true).and_then(|br| {
+                let network = (nic.kind == InterfaceKind::Network).then_some(nic.source.as_str());
+                link::tap_up(&tap_name(def, i), &def.name, network, &br)
+            });
             if let Err(e) = made {
                 drop(inner);
                 self.unplug(def);
