@@ -173,6 +173,34 @@ mod tests {
     use super::*;
 
     #[test]
+    fn config_has_our_files_range_and_no_router_when_isolated() {
+        let files = Files {
+            conf: "/r/networks/n/dnsmasq.conf".into(),
+            pid: "/r/networks/n/dnsmasq.pid".into(),
+            leases: "/s/networks/n.leases".into(),
+        };
+        let ip = IpDef {
+            address: "10.7.0.1".parse().unwrap(),
+            prefix: 24,
+            dhcp_start: Some("10.7.0.10".parse().unwrap()),
+            dhcp_end: Some("10.7.0.19".parse().unwrap()),
+        };
+        let nat = config(&files, "n", ForwardMode::Nat, "fvbr3", &ip);
+        for want in [
+            "pid-file=/r/networks/n/dnsmasq.pid",
+            "dhcp-leasefile=/s/networks/n.leases",
+            "interface=fvbr3",
+            "dhcp-range=10.7.0.10,10.7.0.19,255.255.255.0",
+            "dhcp-lease-max=10",
+        ] {
+            assert!(nat.contains(want), "{want} missing:\n{nat}");
+        }
+        assert!(!nat.contains("dhcp-option=3"));
+        let iso = config(&files, "n", ForwardMode::Isolated, "fvbr3", &ip);
+        assert!(iso.contains("dhcp-option=3\nno-resolv"));
+    }
+
+    #[test]
     fn lease_lines_are_parsed_and_junk_skipped() {
         let dir = std::env::temp_dir().join(format!("fv-leases-{}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();

@@ -82,3 +82,37 @@ pub fn tables() -> Result<Vec<String>, ApiError> {
         .map(str::to_string)
         .collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    fn ip() -> IpDef {
+        IpDef {
+            address: Ipv4Addr::new(192, 168, 123, 1),
+            prefix: 24,
+            dhcp_start: None,
+            dhcp_end: None,
+        }
+    }
+
+    #[test]
+    fn nat_ruleset_replaces_the_table_and_masquerades_only_the_subnet() {
+        let r = ruleset("ferrovirt_default", ForwardMode::Nat, "fvbr0", &ip());
+        assert!(r.starts_with(
+            "table ip ferrovirt_default\ndelete table ip ferrovirt_default\ntable ip ferrovirt_default {"
+        ));
+        assert!(r.contains("ip saddr 192.168.123.0/24 ip daddr != 192.168.123.0/24 masquerade"));
+        assert!(r.contains("iifname \"fvbr0\" oifname \"fvbr0\" accept"));
+        assert!(!r.contains("hook input"));
+    }
+
+    #[test]
+    fn isolated_ruleset_forwards_nothing_and_lets_only_dhcp_dns_in() {
+        let r = ruleset("ferrovirt_iso", ForwardMode::Isolated, "fviso0", &ip());
+        assert!(!r.contains("masquerade"));
+        assert!(r.contains("iifname \"fviso0\" drop\n    oifname \"fviso0\" drop"));
+        assert!(r.contains("udp dport { 53, 67 } accept"));
+    }
+}
