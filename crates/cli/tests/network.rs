@@ -734,3 +734,75 @@ fn isolated_network_connects_its_guests_and_nothing_else() {
     w.ok(&["net-undefine", "iso"]);
     assert!(!w.ok(&["net-list", "--all"]).contains("iso"));
 }
+
+#[test]
+fn default_network_never_takes_a_subnet_the_host_uses_and_undefine_is_final() {
+    let mut w = World::new();
+    // The "host" already uses 192.168.123.0/24: the default network must not start over it.
+    w.inner(&[
+        "ip", "link", "add", "fvx0", "type", "veth", "peer", "name", "fvx1",
+    ]);
+    w.inner(&["ip", "addr", "add", "192.168.123.5/24", "dev", "fvx0"]);
+    w.inner(&["ip", "link", "set", "fvx0", "up"]);
+    w.start_daemon();
+    let list = w.ok(&["net-list", "--all"]);
+    assert!(
+        list.contains("default") && list.contains("inactive"),
+        "{list}"
+    );
+    assert!(
+        w.log()
+            .contains("overlaps the host route 192.168.123.0/24 on fvx0"),
+        "{}",
+        w.log()
+    );
+    let (mut links, tables, dns) = w.census();
+    links.sort();
+    assert_eq!(links, ["fvx0", "fvx1"], "no bridge made");
+    assert!(tables.is_empty() && dns.is_empty(), "{tables:?} {dns:?}");
+    assert_eq!(
+        w.inner(&["cat", "/proc/sys/net/ipv4/ip_forward"]).trim(),
+        "0"
+    );
+    let err = w.fails(&["net-start", "default"]);
+    assert!(
+        err.contains("overlaps the host route") && err.contains("another subnet"),
+        "{err}"
+    );
+
+    // dumpxml / --toml, then a redefinition on a free subnet keeps the uuid and starts.
+    let xml = w.ok(&["net-dumpxml", "default"]);
+    assert!(
+        xml.contains("<forward mode='nat'/>") && xml.contains("<bridge name='fvbr0'/>"),
+        "{xml}"
+    );
+    let uuid = w.ok(&["net-info", "default"]);
+    let toml = w.ok(&["net-dumpxml", "--toml", "default"]);
+    let moved = w.file("moved.toml", &toml.replace("192.168.123.", "192.168.124."));
+    w.ok(&["net-define", &moved]);
+    let info = w.ok(&["net-info", "default"]);
+    assert_eq!(
+        info.lines().nth(1),
+        uuid.lines().nth(1),
+        "same uuid after redefinition"
+    );
+    assert!(info.contains("192.168.124.1/24"), "{info}");
+    w.ok(&["net-start", "default"]);
+    assert!(w
+        .inner(&["ip", "-4", "addr", "show", "fvbr0"])
+        .contains("192.168.124.1/24"));
+    let err = w.fails(&["net-define", &moved]);
+    assert!(err.contains("is active"), "{err}");
+    w.ok(&["net-destroy", "default"]);
+
+    // Undefined once, `default` is not defined again by a later start.
+    w.ok(&["net-undefine", "default"]);
+    w.kill9();
+    w.start_daemon();
+    assert!(!w.ok(&["net-list", "--all"]).contains("default"));
+    let err = w.fails(&["net-info", "default"]);
+    assert!(
+        err.contains("network 'default' not found") && err.contains("[no_network]"),
+        "{err}"
+    );
+}
