@@ -805,4 +805,15 @@ fn default_network_never_takes_a_subnet_the_host_uses_and_undefine_is_final() {
         err.contains("network 'default' not found") && err.contains("[no_network]"),
         "{err}"
     );
+
+    // Without a bridge name the daemon picks a free fvbrN, and a redefinition keeps it.
+    w.ok(&["net-define", &moved]);
+    let lab = w.file(
+        "lab.toml",
+        "name = \"lab\"\n[ip]\naddress = \"10.33.0.1\"\nprefix = 24\n",
+    );
+    w.ok(&["net-define", &lab]);
+    assert!(w.ok(&["net-info", "lab"]).contains("Bridge:         fvbr1"));
+    w.ok(&["net-define", &lab]);
+    assert!(w.ok(&["net-info", "lab"]).contains("Bridge:         fvbr1"));
 }

@@ -378,7 +378,14 @@ impl Networks {
         }
         if def.forward != ForwardMode::Bridge {
             match &def.bridge {
-                None => def.bridge = Some(Self::free_bridge(&inner)),
+                // A redefinition without a bridge keeps the one chosen before.
+                None => {
+                    def.bridge = existing
+                        .as_ref()
+                        .filter(|e| e.def.forward != ForwardMode::Bridge)
+                        .and_then(|e| e.def.bridge.clone())
+                        .or_else(|| Some(Self::free_bridge(&inner)))
+                }
                 Some(br) => {
                     if let Some(o) = inner.nets.values().find(|n| {
                         n.def.name != def.name && n.def.bridge.as_deref() == Some(br.as_str())
