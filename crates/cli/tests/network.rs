@@ -407,7 +407,11 @@ fn default_network_gives_dhcp_nat_and_leaves_nothing_behind() {
     );
     let (links, tables, dns) = w.census();
     assert_eq!(links, vec!["fvbr0".to_string()]);
-    assert_eq!(tables, vec!["table ip ferrovirt_default".to_string()]);
+    assert_eq!(tables.len(), 1, "{tables:?}");
+    assert!(
+        tables[0].starts_with("table ip ferrovirt_default_"),
+        "{tables:?}"
+    );
     assert_eq!(dns.len(), 1, "one dnsmasq");
     assert!(w
         .inner(&["ip", "-4", "addr", "show", "fvbr0"])
@@ -468,48 +472,59 @@ fn default_network_gives_dhcp_nat_and_leaves_nothing_behind() {
     );
 
     // kill -9 of the daemon with a VM and the network up; a new daemon adopts, never duplicates,
-    // and removes only leftovers carrying our marks (a TAP of a domain that is not running, a
-    // table of an unknown network), never the host's own devices.
+    // and leaves alone what is not its own: the host's devices and tables, and objects marked
+    // by another daemon (same network name, another uuid).
     w.kill9();
+    let foreign = [
+        ("fvdeadbeefn0", "ferrovirt:tap:ghost@default:0badf00d"),
+        ("fvforeign0", "ferrovirt:net:default:0badf00d"),
+    ];
     w.inner(&["ip", "tuntap", "add", "dev", "fvdeadbeefn0", "mode", "tap"]);
-    w.inner(&[
-        "ip",
-        "link",
-        "set",
-        "dev",
-        "fvdeadbeefn0",
-        "alias",
-        "ferrovirt:tap:ghost",
-    ]);
+    w.inner(&["ip", "link", "add", "fvforeign0", "type", "bridge"]);
+    for (dev, alias) in foreign {
+        w.inner(&["ip", "link", "set", "dev", dev, "alias", alias]);
+    }
     w.inner(&["ip", "tuntap", "add", "dev", "fvhostown0", "mode", "tap"]);
-    w.inner(&["nft", "add", "table", "ip", "ferrovirt_ghost"]);
+    w.inner(&["nft", "add", "table", "ip", "ferrovirt_default_0badf00d"]);
     w.inner(&["nft", "add", "table", "ip", "hostfilter"]);
     w.start_daemon();
-    assert!(
-        w.log().contains("removing leftover device fvdeadbeefn0"),
-        "{}",
-        w.log()
-    );
     let tables = w.inner(&["nft", "list", "tables"]);
     assert!(
-        !tables.contains("ferrovirt_ghost") && tables.contains("hostfilter"),
+        tables.contains("ferrovirt_default_0badf00d") && tables.contains("hostfilter"),
         "{tables}"
     );
     w.inner(&["nft", "delete", "table", "ip", "hostfilter"]);
-    w.inner(&["ip", "link", "del", "fvhostown0"]);
+    w.inner(&["nft", "delete", "table", "ip", "ferrovirt_default_0badf00d"]);
+    for dev in ["fvdeadbeefn0", "fvforeign0", "fvhostown0"] {
+        w.inner(&["ip", "link", "del", dev]);
+    }
     let (links, tables, dns) = w.census();
     let mut want = vec!["fvbr0".to_string(), tap.clone()];
     want.sort();
     let mut links = links;
     links.sort();
     assert_eq!(links, want, "exactly one bridge and one TAP:\n{}", w.log());
-    assert_eq!(tables, vec!["table ip ferrovirt_default".to_string()]);
+    assert_eq!(tables.len(), 1, "{tables:?}");
+    assert!(
+        tables[0].starts_with("table ip ferrovirt_default_"),
+        "{tables:?}"
+    );
     assert_eq!(dns.len(), 1, "exactly one dnsmasq:\n{}", w.log());
     assert!(w.ok(&["domifaddr", "vm1"]).contains("192.168.123."));
 
-    // Stopping the VM removes its TAP; undefine of an active network is refused.
-    w.ok(&["destroy", "vm1"]);
-    assert_eq!(w.census().0, vec!["fvbr0".to_string()]);
+    // The VM dies while the daemon is down: the next start removes its TAP.
+    let info: serde_json::Value =
+        serde_json::from_str(&w.ok(&["--json", "dominfo", "vm1"])).unwrap();
+    let pid = info["pid"].as_u64().expect("vm1 has a pid") as i32;
+    w.kill9();
+    // SAFETY: kill(2) of the QEMU process of this test's VM.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    std::thread::sleep(Duration::from_millis(300));
+    w.start_daemon();
+    assert_eq!(w.census().0, vec!["fvbr0".to_string()], "{}", w.log());
+    assert!(w.ok(&["domstate", "--reason", "vm1"]).contains("shut off"));
+
+    // Undefine of an active network is refused.
     let err = w.fails(&["net-undefine", "default"]);
     assert!(err.contains("destroy it first"), "{err}");
 

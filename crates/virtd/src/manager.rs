@@ -68,12 +68,18 @@ impl Manager {
         let loaded = store.load_all()?;
         let networks = Networks::open(&paths)?;
         // Networks first: reattached and autostarted domains need their bridges.
+        let taps = |d: &StoredDomain| {
+            (0..d.def.interfaces.len())
+                .map(|i| crate::network::tap_name(&d.def, i))
+                .collect::<Vec<_>>()
+        };
+        let our_taps: Vec<String> = loaded.iter().flat_map(taps).collect();
         let keep_taps: Vec<String> = loaded
             .iter()
             .filter(|d| d.state.is_active())
-            .flat_map(|d| (0..d.def.interfaces.len()).map(|i| crate::network::tap_name(&d.def, i)))
+            .flat_map(taps)
             .collect();
-        networks.startup(&keep_taps);
+        networks.startup(&our_taps, &keep_taps);
         let host = HostVirt::probe();
         let (default_type, default_reason) = host.default_driver();
         let doms = loaded

@@ -1,7 +1,8 @@
 //! Kernel network objects through iproute2: bridges, TAPs, addresses, routes, IP forwarding.
 //!
-//! Every device ferrovirt creates carries an interface alias `ferrovirt:net:NETWORK` (bridges) or
-//! `ferrovirt:tap:DOMAIN[@NETWORK]` (TAPs), so a restarted daemon can tell its own leftovers from the host's.
+//! Every device ferrovirt creates carries an interface alias, `ferrovirt:net:NETWORK:UUID8`
+//! (bridges) or `ferrovirt:tap:DOMAIN[@NETWORK:UUID8]` (TAPs; UUID8 starts the network's uuid), so a
+//! restarted daemon tells its own leftovers from the host's and from another daemon's.
 
 use std::fs;
 use std::net::Ipv4Addr;
@@ -78,7 +79,7 @@ pub fn devices() -> Vec<(String, String)> {
 }
 
 /// Create a bridge with its address and bring it up. An existing bridge with our alias is reused.
-pub fn bridge_up(name: &str, network: &str, addr: Ipv4Addr, prefix: u8) -> Result<(), ApiError> {
+pub fn bridge_up(name: &str, alias: &str, addr: Ipv4Addr, prefix: u8) -> Result<(), ApiError> {
     if !exists(name) {
         ip(&[
             "link",
@@ -93,14 +94,7 @@ pub fn bridge_up(name: &str, network: &str, addr: Ipv4Addr, prefix: u8) -> Resul
             "0",
         ])?;
     }
-    ip(&[
-        "link",
-        "set",
-        "dev",
-        name,
-        "alias",
-        &format!("{BRIDGE_ALIAS}{network}"),
-    ])?;
+    ip(&["link", "set", "dev", name, "alias", alias])?;
     let cidr = format!("{addr}/{prefix}");
     let current = run("ip", &["-4", "-o", "addr", "show", "dev", name])?;
     if !current.contains(&format!(" {cidr} ")) {
@@ -116,24 +110,14 @@ pub fn delete(dev: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// A persistent TAP (owned by the daemon, opened by the VMM by name), enslaved to `bridge`.
-/// `network`: the virtual network it belongs to (None for a plain host bridge), recorded in the
-/// alias so a restarted network can take its running VMs' TAPs back.
-pub fn tap_up(
-    name: &str,
-    domain: &str,
-    network: Option<&str>,
-    bridge: &str,
-) -> Result<(), ApiError> {
+/// A persistent TAP (owned by the daemon, opened by the VMM by name), enslaved to `bridge`,
+/// with `alias` as its ownership mark.
+pub fn tap_up(name: &str, alias: &str, bridge: &str) -> Result<(), ApiError> {
     // A leftover of the same name (a VM that died with the daemon) is replaced, never duplicated.
     delete(name)?;
     ip(&["tuntap", "add", "dev", name, "mode", "tap", "vnet_hdr"])?;
-    let alias = match network {
-        Some(n) => format!("{TAP_ALIAS}{domain}@{n}"),
-        None => format!("{TAP_ALIAS}{domain}"),
-    };
     let rest = (|| {
-        ip(&["link", "set", "dev", name, "alias", &alias])?;
+        ip(&["link", "set", "dev", name, "alias", alias])?;
         enslave(name, bridge)
     })();
     if rest.is_err() {

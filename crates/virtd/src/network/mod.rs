@@ -44,15 +44,35 @@ pub fn default_network() -> NetworkDef {
 
 /// Host device name of a domain's n-th interface, stable across daemon restarts.
 pub fn tap_name(def: &DomainDef, index: usize) -> String {
-    let hex: String = def
-        .uuid
-        .as_deref()
-        .unwrap_or("")
+    format!("fv{}n{index}", uuid8(def.uuid.as_deref()))
+}
+
+/// The first 8 hex digits of a uuid: tells one daemon's objects from another's.
+fn uuid8(uuid: Option<&str>) -> String {
+    uuid.unwrap_or("")
         .chars()
         .filter(|c| c.is_ascii_hexdigit())
         .take(8)
-        .collect();
-    format!("fv{hex}n{index}")
+        .collect()
+}
+
+/// The alias marking a network's bridge.
+fn bridge_alias(def: &NetworkDef) -> String {
+    format!(
+        "{}{}:{}",
+        link::BRIDGE_ALIAS,
+        def.name,
+        uuid8(def.uuid.as_deref())
+    )
+}
+
+/// The end of the alias of a TAP on this network (re-attached by net-start).
+fn tap_owner(def: &NetworkDef) -> String {
+    format!("@{}:{}", def.name, uuid8(def.uuid.as_deref()))
+}
+
+fn table_of(def: &NetworkDef) -> String {
+    nft::table(&def.name, &uuid8(def.uuid.as_deref()))
 }
 
 fn no_network(name: &str) -> ApiError {
@@ -139,10 +159,11 @@ impl Networks {
     }
 
     /// Daemon start: define `default` the first time, bring back what should run, remove what a
-    /// crashed daemon left behind, autostart. `keep_taps`: TAPs of domains recorded as running.
-    pub fn startup(self: &Arc<Self>, keep_taps: &[String]) {
+    /// crashed daemon left behind, autostart. `our_taps`: the TAP names of every domain of this
+    /// daemon; `keep_taps`: those of domains recorded as running.
+    pub fn startup(self: &Arc<Self>, our_taps: &[String], keep_taps: &[String]) {
         self.define_default_once();
-        self.reconcile(keep_taps);
+        self.reconcile(our_taps, keep_taps);
         let names: Vec<String> = {
             let inner = self.lock();
             inner
@@ -187,7 +208,8 @@ impl Networks {
     }
 
     /// Make the host match the records: adopt or rebuild what should run, delete our leftovers.
-    fn reconcile(&self, keep_taps: &[String]) {
+    /// Only objects with our marks are touched: never the host's, never another daemon's.
+    fn reconcile(&self, our_taps: &[String], keep_taps: &[String]) {
         let mut inner = self.lock();
         let names: Vec<String> = inner.nets.keys().cloned().collect();
         for name in &names {
@@ -207,22 +229,25 @@ impl Networks {
                 }
             }
         }
-        let active: Vec<NetworkDef> = inner
+        let active_names: Vec<String> = inner
             .nets
             .values()
             .filter(|n| n.active)
-            .map(|n| n.def.clone())
+            .map(|n| n.def.name.clone())
             .collect();
-        let active_names: Vec<&str> = active.iter().map(|d| d.name.as_str()).collect();
         for (dev, alias) in link::devices() {
-            let stale = if let Some(net) = alias.strip_prefix(link::BRIDGE_ALIAS) {
-                !active.iter().any(|d| {
-                    d.name == net
-                        && d.bridge.as_deref() == Some(dev.as_str())
-                        && d.forward != ForwardMode::Bridge
-                })
+            let stale = if alias.starts_with(link::BRIDGE_ALIAS) {
+                inner
+                    .nets
+                    .values()
+                    .find(|n| bridge_alias(&n.def) == alias)
+                    .is_some_and(|n| {
+                        !n.active
+                            || n.def.forward == ForwardMode::Bridge
+                            || n.def.bridge.as_deref() != Some(dev.as_str())
+                    })
             } else if alias.starts_with(link::TAP_ALIAS) {
-                !keep_taps.contains(&dev)
+                our_taps.contains(&dev) && !keep_taps.contains(&dev)
             } else {
                 false
             };
@@ -234,12 +259,10 @@ impl Networks {
             }
         }
         if let Ok(tables) = nft::tables() {
-            for t in tables {
-                let owner = &t[nft::TABLE_PREFIX.len()..];
-                let wanted = active
-                    .iter()
-                    .any(|d| d.name == owner && d.forward != ForwardMode::Bridge);
-                if !wanted {
+            for n in inner.nets.values() {
+                let t = table_of(&n.def);
+                let wanted = n.active && n.def.forward != ForwardMode::Bridge;
+                if !wanted && tables.contains(&t) {
                     eprintln!("ferrovirtd: removing leftover nftables table ip {t}");
                     let _ = nft::delete(&t);
                 }
@@ -251,7 +274,7 @@ impl Networks {
                 .and_then(|p| p.file_name())
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            if !active_names.contains(&owner.as_str()) {
+            if !active_names.contains(&owner) {
                 eprintln!(
                     "ferrovirtd: stopping leftover dnsmasq {pid} ({})",
                     conf.display()
@@ -493,9 +516,7 @@ impl Networks {
             }
             return Ok(());
         }
-        if link::exists(&bridge)
-            && link::alias(&bridge) != format!("{}{}", link::BRIDGE_ALIAS, def.name)
-        {
+        if link::exists(&bridge) && link::alias(&bridge) != bridge_alias(def) {
             return Err(ApiError::invalid(format!(
                 "device '{bridge}' already exists on the host and is not this network's bridge; choose another bridge name"
             )));
@@ -545,15 +566,15 @@ impl Networks {
         let dir = self.run_dir.join(&def.name);
         fs::create_dir_all(&dir)
             .map_err(|e| ApiError::internal(format!("cannot create {}: {e}", dir.display())))?;
-        link::bridge_up(bridge, &def.name, ip.address, ip.prefix)?;
+        link::bridge_up(bridge, &bridge_alias(def), ip.address, ip.prefix)?;
         // VMs that kept running while the network was down get their TAPs back on the bridge.
-        let suffix = format!("@{}", def.name);
+        let suffix = tap_owner(def);
         for (dev, alias) in link::devices() {
             if alias.starts_with(link::TAP_ALIAS) && alias.ends_with(&suffix) {
                 link::enslave(&dev, bridge)?;
             }
         }
-        let table = nft::table(&def.name);
+        let table = table_of(def);
         nft::apply(
             &dir.join("nft.rules"),
             &nft::ruleset(&table, def.forward, bridge, ip),
@@ -573,11 +594,11 @@ impl Networks {
             return;
         }
         dnsmasq::stop(&self.files(&def.name));
-        if let Err(e) = nft::delete(&nft::table(&def.name)) {
+        if let Err(e) = nft::delete(&table_of(def)) {
             eprintln!("ferrovirtd: {e}");
         }
         if let Some(br) = &def.bridge {
-            if link::alias(br) == format!("{}{}", link::BRIDGE_ALIAS, def.name) {
+            if link::alias(br) == bridge_alias(def) {
                 if let Err(e) = link::delete(br) {
                     eprintln!("ferrovirtd: {e}");
                 }
@@ -697,8 +718,19 @@ impl Networks {
         let inner = self.lock();
         for (i, nic) in def.interfaces.iter().enumerate() {
             let made = Self::bridge_for(&inner, nic.kind, &nic.source, true).and_then(|br| {
-                let network = (nic.kind == InterfaceKind::Network).then_some(nic.source.as_str());
-                link::tap_up(&tap_name(def, i), &def.name, network, &br)
+                let owner = match nic.kind {
+                    InterfaceKind::Network => {
+                        inner.nets.get(&nic.source).map(|n| tap_owner(&n.def))
+                    }
+                    InterfaceKind::Bridge => None,
+                };
+                let alias = format!(
+                    "{}{}{}",
+                    link::TAP_ALIAS,
+                    def.name,
+                    owner.unwrap_or_default()
+                );
+                link::tap_up(&tap_name(def, i), &alias, &br)
             });
             if let Err(e) = made {
                 drop(inner);

@@ -1,4 +1,4 @@
-//! nftables: one table per running network (`ip ferrovirt_NETWORK`), replaced atomically on start
+//! nftables: one table per running network (`ip ferrovirt_NETWORK_UUID8`), replaced atomically on start
 //! and deleted on destroy, so nothing of ours lingers in the host's ruleset.
 
 use std::fs;
@@ -11,8 +11,9 @@ use super::link::run;
 
 pub const TABLE_PREFIX: &str = "ferrovirt_";
 
-pub fn table(network: &str) -> String {
-    format!("{TABLE_PREFIX}{network}")
+/// `uuid8`: the start of the network's uuid, so two daemons' networks of one name never share a table.
+pub fn table(network: &str, uuid8: &str) -> String {
+    format!("{TABLE_PREFIX}{network}_{uuid8}")
 }
 
 /// The ruleset of a nat or isolated network.
