@@ -638,13 +638,18 @@ impl Networks {
         link::set_ip_forward(true)
     }
 
-    /// With no NAT network running any more, give the host its own ip_forward value back.
+    /// With no NAT network running any more (ours or, by its nftables table, another daemon's),
+    /// give the host its own ip_forward value back.
     fn restore_ip_forward(&self, inner: &Inner) {
         if inner
             .nets
             .values()
             .any(|n| n.active && n.def.forward == ForwardMode::Nat)
         {
+            return;
+        }
+        // Another daemon's network (its table is still loaded) may rely on forwarding too.
+        if nft::tables().is_ok_and(|t| !t.is_empty()) {
             return;
         }
         let saved = self.saved_forward();
