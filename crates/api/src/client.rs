@@ -199,7 +199,7 @@ impl Client {
         }
     }
 
-    fn raw(
+    pub(crate) fn raw(
         &self,
         method: &str,
         path: &str,
@@ -227,7 +227,7 @@ impl Client {
         Ok(resp)
     }
 
-    fn json<T: DeserializeOwned>(
+    pub(crate) fn json<T: DeserializeOwned>(
         &self,
         method: &str,
         path: &str,

@@ -3,6 +3,7 @@
 mod console;
 mod hostval;
 mod install;
+mod net;
 mod output;
 mod sizes;
 
@@ -147,6 +148,8 @@ enum Command {
     HostValidate,
     /// Create a VM with virt-install's options
     Install(Box<install::InstallArgs>),
+    #[command(flatten)]
+    Net(net::NetCommand),
 }
 
 /// Why a command failed; each maps to one clear line on stderr and exit status 1.
@@ -329,6 +332,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Command::Install(args) => install::run(&client, &args, json)?,
+        Command::Net(cmd) => net::run(&client, cmd, json)?,
     }
     Ok(())
 }

@@ -39,6 +39,8 @@ impl Env {
             .arg(dir.join("state"))
             .arg("--run-dir")
             .arg(dir.join("run"))
+            // Tests run on the host: no default network (bridge, NAT) there.
+            .env("FERROVIRT_NO_DEFAULT_NETWORK", "1")
             .stdin(Stdio::null())
             .stderr(log)
             .spawn()

@@ -4,6 +4,7 @@ pub mod console;
 pub mod driver;
 pub mod events;
 pub mod manager;
+pub mod network;
 pub mod runtime;
 pub mod server;
 pub mod store;

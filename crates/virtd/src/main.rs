@@ -21,7 +21,8 @@ const USAGE: &str = "usage: ferrovirtd [--socket PATH] [--state-dir DIR] [--run-
   --tls-cert FILE   serve the TCP listener in TLS with this PEM certificate (chain)
   --tls-key FILE    and this PEM private key (file mode 0600)
 
-Environment: FERROVIRT_QEMU (qemu binary), FERROVIRT_VMM (ferrovmm binary).";
+Environment: FERROVIRT_QEMU (qemu binary), FERROVIRT_VMM (ferrovmm binary),
+FERROVIRT_NO_DEFAULT_NETWORK=1 (a fresh state dir gets no `default` network; see docs/network.md).";
 
 /// The optional TCP listener: address, token file, TLS certificate and key files.
 struct TcpOptions {

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
-use ferrovirt_api::def::{InterfaceKind, VirtType};
+use ferrovirt_api::def::VirtType;
 use ferrovirt_api::host::HostVirt;
 use ferrovirt_api::msg::{DefineResponse, DisplayInfo, VolumeCreateRequest, VolumeInfo};
 use ferrovirt_api::state::EventKind;
@@ -14,6 +14,7 @@ use ferrovirt_api::{Action, ApiError, DomainDef, DomainInfo, DomainState, ErrorC
 use crate::console::{rotate_for_boot, ConsoleHub};
 use crate::driver::{kvm::KvmDriver, qemu::QemuDriver, test::TestDriver, Driver, VmCtx};
 use crate::events::EventBus;
+use crate::network::Networks;
 use crate::runtime::{new_mac, new_uuid, ExitKind, Paths};
 use crate::store::{Store, StoredDomain};
 use crate::volume;
@@ -42,6 +43,8 @@ pub struct Manager {
     test: TestDriver,
     qemu: QemuDriver,
     kvm: KvmDriver,
+    /// Virtual networks and the domains' TAP devices.
+    pub networks: Arc<Networks>,
     me: Weak<Manager>,
 }
 
@@ -63,6 +66,20 @@ impl Manager {
         }
         let store = Store::open(&paths.db())?;
         let loaded = store.load_all()?;
+        let networks = Networks::open(&paths)?;
+        // Networks first: reattached and autostarted domains need their bridges.
+        let taps = |d: &StoredDomain| {
+            (0..d.def.interfaces.len())
+                .map(|i| crate::network::tap_name(&d.def, i))
+                .collect::<Vec<_>>()
+        };
+        let our_taps: Vec<String> = loaded.iter().flat_map(taps).collect();
+        let keep_taps: Vec<String> = loaded
+            .iter()
+            .filter(|d| d.state.is_active())
+            .flat_map(taps)
+            .collect();
+        networks.startup(&our_taps, &keep_taps);
         let host = HostVirt::probe();
         let (default_type, default_reason) = host.default_driver();
         let doms = loaded
@@ -89,6 +106,7 @@ impl Manager {
             test: TestDriver,
             qemu: QemuDriver::from_env(),
             kvm: KvmDriver::from_env(),
+            networks,
             me: me.clone(),
         });
         mgr.recover();
@@ -166,6 +184,7 @@ impl Manager {
                     dom.stored.state = DomainState::Shutoff;
                     dom.stored.reason = StateReason::Vanished;
                     dom.stored.runtime = None;
+                    self.networks.unplug(&def);
                     self.events.emit(name, EventKind::Stopped, "vanished");
                     self.persist_or_forget(&mut inner, name);
                 }
@@ -272,28 +291,8 @@ impl Manager {
     fn check_definition(&self, def: &DomainDef, dry_run: bool) -> Result<(), ApiError> {
         def.validate()?;
         self.driver(self.vtype(def)).check(def)?;
-        for nic in &def.interfaces {
-            if nic.kind == InterfaceKind::Network {
-                return Err(ApiError::new(
-                    ErrorCode::NoNetwork,
-                    format!(
-                        "network '{}' not found: ferrovirt has no virtual networks yet; use --network none or --network bridge=BRIDGE",
-                        nic.source
-                    ),
-                ));
-            }
-            if nic.kind == InterfaceKind::Bridge
-                && !std::path::Path::new("/sys/class/net")
-                    .join(&nic.source)
-                    .join("bridge")
-                    .exists()
-            {
-                return Err(ApiError::invalid(format!(
-                    "bridge '{}' does not exist on this host",
-                    nic.source
-                )));
-            }
-        }
+        // A dry run is install's pre-check: the VM is about to start, so its networks must run.
+        self.networks.check_interfaces(def, dry_run)?;
         if dry_run {
             let pool = self.paths.images();
             let mut planned = def.clone();
@@ -476,7 +475,14 @@ impl Manager {
         let id = inner.store.peek_next_id()?;
         rotate_for_boot(&self.paths.console_log(name));
         let ctx = self.ctx(&def, id, generation)?;
-        let started = self.driver(self.vtype(&def)).start(ctx)?;
+        self.networks.plug(&def)?;
+        let started = match self.driver(self.vtype(&def)).start(ctx) {
+            Ok(s) => s,
+            Err(e) => {
+                self.networks.unplug(&def);
+                return Err(e);
+            }
+        };
         let dom = inner
             .doms
             .get_mut(name)
@@ -495,6 +501,7 @@ impl Manager {
                 &self.paths.vm_dir(name),
                 stored.runtime.as_ref().unwrap_or(&Default::default()),
             );
+            self.networks.unplug(&def);
             if let Some(d) = inner.doms.get_mut(name) {
                 d.generation += 1;
                 d.stored.state = DomainState::Shutoff;
@@ -642,6 +649,8 @@ impl Manager {
     /// Mark a domain inactive in memory (the caller persists).
     fn stopped(&self, inner: &mut Inner, name: &str, state: DomainState, reason: StateReason) {
         if let Some(d) = inner.doms.get_mut(name) {
+            // The VM is gone: its TAPs go with it.
+            self.networks.unplug(&d.stored.def);
             d.generation += 1;
             d.pending_reboot = false;
             d.console = None;

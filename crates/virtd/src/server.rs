@@ -272,10 +272,13 @@ fn route(req: &Request, mgr: &Manager, conn: &dyn Stream) -> Result<Reply, ApiEr
             stream_events(mgr, conn);
             Ok(Reply::Taken)
         }
-        ("GET", ["v1", "networks", name]) => Err(ApiError::new(
-            ErrorCode::NoNetwork,
-            format!("network '{name}' not found: ferrovirt has no virtual networks yet"),
-        )),
+        (_, ["v1", "networks", ..]) | ("GET", ["v1", "domains", _, "interfaces" | "addresses"]) => {
+            Ok(match crate::network::api::route(req, mgr, &seg)? {
+                (204, _, _) => Reply::Empty,
+                (200, ct, body) if ct != "application/json" => Reply::Text(ct, body),
+                (status, _, body) => Reply::Json(status, body),
+            })
+        }
         ("POST", ["v1", "pools", "default", "volumes"]) => {
             let r: VolumeCreateRequest = body(req)?;
             Ok(json(201, &mgr.create_volume(&r)?))

@@ -91,6 +91,14 @@ impl KvmDriver {
             }
             a.extend(["--disk".into(), spec]);
         }
+        // The daemon made each interface's TAP and enslaved it to its bridge (see crate::network).
+        for (i, nic) in def.interfaces.iter().enumerate() {
+            let mut spec = format!("tap={}", crate::network::tap_name(def, i));
+            if let Some(mac) = &nic.mac {
+                spec.push_str(&format!(",mac={mac}"));
+            }
+            a.extend(["--net".into(), spec]);
+        }
         a
     }
 
@@ -135,11 +143,6 @@ impl Driver for KvmDriver {
         if def.os.kernel.is_none() {
             return Err(ApiError::not_supported(format!(
                 "the kvm driver (ferrovmm) boots a kernel directly and has no firmware yet: give os.kernel (--boot kernel=...){qemu_hint}"
-            )));
-        }
-        if !def.interfaces.is_empty() {
-            return Err(ApiError::not_supported(format!(
-                "network interfaces are not supported by the kvm driver yet{qemu_hint}"
             )));
         }
         Ok(())

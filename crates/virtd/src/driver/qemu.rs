@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use ferrovirt_api::def::{Accel, BootDev, DiskDevice, GraphicsKind, InterfaceKind};
+use ferrovirt_api::def::{Accel, BootDev, DiskDevice, GraphicsKind};
 use ferrovirt_api::{Action, ApiError, DomainDef};
 use serde_json::Value;
 
@@ -110,18 +110,18 @@ impl QemuDriver {
                 .collect();
             a.extend(["-boot".into(), format!("order={order}")]);
         }
+        // Each interface is a TAP the daemon made and enslaved to its bridge (see crate::network).
         for (i, nic) in def.interfaces.iter().enumerate() {
-            if nic.kind == InterfaceKind::Bridge {
-                a.extend([
-                    "-netdev".into(),
-                    format!("bridge,id=net{i},br={}", nic.source),
-                ]);
-                let mac = nic.mac.clone().unwrap_or_default();
-                a.extend([
-                    "-device".into(),
-                    format!("virtio-net-pci,netdev=net{i},mac={mac}"),
-                ]);
-            }
+            let tap = crate::network::tap_name(def, i);
+            a.extend([
+                "-netdev".into(),
+                format!("tap,id=net{i},ifname={tap},script=no,downscript=no"),
+            ]);
+            let mac = nic.mac.clone().unwrap_or_default();
+            a.extend([
+                "-device".into(),
+                format!("virtio-net-pci,netdev=net{i},mac={mac}"),
+            ]);
         }
         match &def.graphics {
             Some(g) if g.kind == GraphicsKind::Vnc => {

@@ -72,6 +72,8 @@ impl Daemon {
             .arg("--run-dir")
             .arg(self.run_dir())
             .args(&self.extra_args)
+            // Tests run on the host: no default network (bridge, NAT) there.
+            .env("FERROVIRT_NO_DEFAULT_NETWORK", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
