@@ -52,9 +52,16 @@ else
     ARGS="$ARGS fv.poweroff"
 fi
 
-step "ferrovirt install --name demo ..."
+# ferrovirtd defines and starts the `default` NAT network (fvbr0, 192.168.123.0/24) on its
+# first start, unless that subnet is already in use here.
+NET=none
+if target/release/ferrovirt net-info default 2>/dev/null | grep -q '^Active: *yes'; then
+    NET=default
+fi
+
+step "ferrovirt install --name demo ... --network $NET"
 target/release/ferrovirt install --name demo --memory 256 --vcpus 2 --import \
-    --disk "path=$DEMO/root.img,format=raw" --network none --graphics none \
+    --disk "path=$DEMO/root.img,format=raw" --network "$NET" --graphics none \
     --boot "kernel=$REPO/target/demo-guest/vmlinuz,initrd=$REPO/target/demo-guest/initrd.img,kernel_args=$ARGS"
 
 if [ "$INTERACTIVE" = 0 ]; then
@@ -75,9 +82,12 @@ ferrovirtd keeps running (pid $(cat "$DEMO/ferrovirtd.pid")). Try:
   export FERROVIRT_SOCKET=$FERROVIRT_SOCKET
   target/release/ferrovirt console demo      # Ctrl-] detaches
   target/release/ferrovirt dominfo demo
-  target/release/ferrovirt destroy demo; kill $(cat "$DEMO/ferrovirtd.pid")
+  target/release/ferrovirt net-dhcp-leases default
+  target/release/ferrovirt destroy demo; target/release/ferrovirt net-destroy default; kill $(cat "$DEMO/ferrovirtd.pid")
 MSG
 else
+    # Leave the host as it was: take the demo's network down before stopping the daemon.
+    target/release/ferrovirt net-destroy default >/dev/null 2>&1 || true
     kill "$(cat "$DEMO/ferrovirtd.pid")"
-    echo "demo finished; the daemon is stopped (state kept in $DEMO)"
+    echo "demo finished; network and daemon stopped (state kept in $DEMO)"
 fi

@@ -156,7 +156,15 @@ pub fn run() -> Vec<Check> {
             "no bridge module: bridged networking will not work",
         )
     });
-    let nft_kernel = module_available("nf_tables", "net/netfilter/nf_tables.ko");
+    // nf_tables may be built into the kernel (no module, nothing in /sys/module): then
+    // asking nft for the ruleset is the only reliable check.
+    let nft_kernel = module_available("nf_tables", "net/netfilter/nf_tables.ko")
+        || std::process::Command::new("nft")
+            .args(["list", "tables"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
     out.push(match (in_path("nft"), nft_kernel) {
         (Some(_), true) => check(
             "nftables support",

@@ -20,6 +20,18 @@ echo
 echo "Hello from a ferrovirt VM: $(uname -sr), root on $(grep ' / ' /proc/mounts | cut -d' ' -f1)"
 echo "CPUs: $(grep -c ^processor /proc/cpuinfo)  memory: $(grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2-)"
 df -h / | tail -1
+if [ -e /sys/class/net/eth0 ]; then
+    # busybox udhcpc calls this script to apply the lease.
+    printf '#!/bin/sh\ncase "$1" in bound|renew) ip addr add "$ip/${mask:-24}" dev "$interface"; [ -n "$router" ] && ip route add default via "${router%%%% *}";; esac\nexit 0\n' > /etc/udhcpc.sh
+    chmod +x /etc/udhcpc.sh
+    ip link set lo up
+    ip link set eth0 up
+    if udhcpc -i eth0 -n -q -t 5 -s /etc/udhcpc.sh >/dev/null 2>&1; then
+        echo "network: eth0 $(ip -4 -o addr show eth0 | awk '{print $4}') (DHCP from ferrovirtd's default network)"
+    else
+        echo "network: eth0 got no DHCP lease"
+    fi
+fi
 case " $(cat /proc/cmdline) " in
     *" fv.poweroff "*) echo "demo done, powering off"; sync; poweroff -f ;;
 esac

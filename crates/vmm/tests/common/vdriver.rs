@@ -244,11 +244,20 @@ impl Driver {
 
     /// Like `wait_used`; with `spin` the caller polls the used ring instead of sleeping
     /// until the interrupt (as a polling guest driver would).
-    pub fn wait_used_mode(&mut self, q: usize, n: u16, timeout: Duration, spin: bool) -> Vec<(u32, u32)> {
+    pub fn wait_used_mode(
+        &mut self,
+        q: usize,
+        n: u16,
+        timeout: Duration,
+        spin: bool,
+    ) -> Vec<(u32, u32)> {
         let deadline = Instant::now() + timeout;
         let target = self.rings[q].used_seen.wrapping_add(n);
         while spin && self.used_idx(q).wrapping_sub(self.rings[q].used_seen) < n {
-            assert!(Instant::now() < deadline, "device did not complete {n} requests in {timeout:?}");
+            assert!(
+                Instant::now() < deadline,
+                "device did not complete {n} requests in {timeout:?}"
+            );
             std::hint::spin_loop();
         }
         loop {
@@ -259,11 +268,16 @@ impl Driver {
             if self.used_idx(q).wrapping_sub(self.rings[q].used_seen) >= n {
                 break;
             }
-            assert!(Instant::now() < deadline, "device did not complete {n} requests in {timeout:?}");
+            assert!(
+                Instant::now() < deadline,
+                "device did not complete {n} requests in {timeout:?}"
+            );
             let _ = self
                 .irq
                 .cond
-                .wait_timeout_while(g, Duration::from_millis(100), |_| self.irq.count.load(Ordering::SeqCst) == seen)
+                .wait_timeout_while(g, Duration::from_millis(100), |_| {
+                    self.irq.count.load(Ordering::SeqCst) == seen
+                })
                 .unwrap();
         }
         let r = &mut self.rings[q];
