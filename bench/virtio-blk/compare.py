@@ -6,7 +6,8 @@ import subprocess
 import sys
 
 binary, path, seconds, repeat = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-CASES = [("randread4k", "randread", "4k", 4), ("randread4k", "randread", "4k", 1),
+CASES = [("randread4k", "randread", "4k", 1), ("randread4k", "randread", "4k", 4),
+         ("randread4k", "randread", "4k", 16),
          ("seqread128k", "read", "128k", 4), ("seqwrite128k", "write", "128k", 4)]
 
 

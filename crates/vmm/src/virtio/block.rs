@@ -3,18 +3,17 @@
 //! requests are in flight and the device thread never blocks on the disk.
 
 use std::alloc::{alloc_zeroed, dealloc, Layout};
-use std::sync::mpsc::{channel, Receiver, Sender};
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Condvar, Mutex};
+
+use vmm_sys_util::eventfd::EventFd;
 
 use ferrovirt_disk::BlockBackend;
 use virtio_bindings::virtio_blk::*;
 use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{Address, Bytes, GuestAddress};
 
-use super::event_loop::Token;
-use super::{
-    queue, ActivateContext, EventLoop, GuestMem, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
-};
+use super::{queue, ActivateContext, GuestMem, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 
 pub const SECTOR_SIZE: u64 = 512;
 const QUEUE_SIZE: u16 = 256;
@@ -23,7 +22,7 @@ const MAX_REQUEST_BYTES: u64 = 32 << 20;
 const MAX_DISCARD_SEGMENTS: u32 = 32;
 const MAX_DISCARD_SECTORS: u32 = u32::MAX >> 9;
 const SERIAL_LEN: usize = 20;
-const WORKERS: usize = 4;
+const WORKERS: usize = 16;
 /// O_DIRECT wants buffers aligned to the logical block size; page alignment covers every disk.
 const BUFFER_ALIGN: usize = 4096;
 
@@ -36,26 +35,7 @@ pub struct BlockOptions {
 pub struct Block {
     backend: Arc<dyn BlockBackend>,
     opts: BlockOptions,
-    active: Option<Active>,
-}
-
-struct Active {
-    event_loop: Arc<EventLoop>,
-    token: Token,
-    inflight: Arc<Inflight>,
-    _sender: Sender<Job>,
-}
-
-/// Requests handed to workers and not completed yet (a reset waits for them).
-#[derive(Default)]
-struct Inflight {
-    count: Mutex<usize>,
-    done: Condvar,
-}
-
-struct Job {
-    chain: DescriptorChain<GuestMem>,
-    queue_index: u16,
+    active: Option<Arc<Pool>>,
 }
 
 /// A guest request, checked and ready to run.
@@ -350,30 +330,111 @@ impl Worker {
     }
 }
 
-fn run_worker(
-    mut worker: Worker,
-    jobs: Arc<Mutex<Receiver<Job>>>,
+/// The I/O threads of one disk. One of them at a time (the leader) waits for the guest's
+/// notification; when it comes, it takes every new request off the queue, leaves all but
+/// the first to idle workers and runs the first itself, so a lone request goes from the
+/// notification to the disk without another thread hand-off, and several run in parallel.
+struct Pool {
     queue: Arc<Mutex<Queue>>,
+    mem: GuestMem,
     interrupt: Arc<dyn VirtioInterrupt>,
-    inflight: Arc<Inflight>,
-) {
+    index: u16,
+    kick: EventFd,
+    state: Mutex<PoolState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct PoolState {
+    pending: std::collections::VecDeque<DescriptorChain<GuestMem>>,
+    leader: bool,
+    stop: bool,
+    alive: usize,
+}
+
+impl Pool {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Blocks until the guest notifies the queue (or a reset wakes us).
+    fn wait_for_kick(&self) {
+        let mut pfd = libc::pollfd {
+            fd: self.kick.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll on one descriptor we own, with a valid pollfd.
+        unsafe { libc::poll(&mut pfd, 1, -1) };
+        let _ = self.kick.read();
+    }
+
+    /// Stops every worker and waits until none is left (no request is then in flight).
+    fn shut_down(&self) {
+        let mut st = self.lock();
+        st.stop = true;
+        self.changed.notify_all();
+        let _ = self.kick.write(1);
+        while st.alive > 0 {
+            st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+fn run_worker(pool: Arc<Pool>, mut worker: Worker) {
     loop {
-        let job = {
-            let rx = jobs.lock().unwrap_or_else(|p| p.into_inner());
-            match rx.recv() {
-                Ok(job) => job,
-                Err(_) => return, // device reset or VM gone
+        let next = {
+            let mut st = pool.lock();
+            loop {
+                if st.stop {
+                    st.alive -= 1;
+                    pool.changed.notify_all();
+                    return;
+                }
+                if let Some(chain) = st.pending.pop_front() {
+                    break Some(chain);
+                }
+                if !st.leader {
+                    st.leader = true;
+                    break None;
+                }
+                st = pool.changed.wait(st).unwrap_or_else(|p| p.into_inner());
             }
         };
-        let Job {
-            mut chain,
-            queue_index,
-        } = job;
+        let chain = match next {
+            Some(chain) => chain,
+            None => {
+                pool.wait_for_kick();
+                let chains = queue::pop_all(&pool.queue, &pool.mem, &pool.interrupt);
+                let mut st = pool.lock();
+                st.leader = false;
+                let mut chains = chains.into_iter();
+                let first = chains.next();
+                st.pending.extend(chains);
+                // One follower takes over waiting, one more per extra request: waking
+                // them all would only make them fight over two CPUs.
+                for _ in 0..=st.pending.len() {
+                    pool.changed.notify_one();
+                }
+                drop(st);
+                match first {
+                    Some(chain) => chain,
+                    None => continue,
+                }
+            }
+        };
+        worker.run(chain, &pool);
+    }
+}
+
+impl Worker {
+    /// Parses, executes and completes one request.
+    fn run(&mut self, mut chain: DescriptorChain<GuestMem>, pool: &Pool) {
         let head = chain.head_index();
-        let mem = worker.mem.clone();
+        let mem = self.mem.clone();
         let used_len = match parse(&mut chain, &mem) {
             Ok(req) => {
-                let (status, written) = worker.execute(&req);
+                let (status, written) = self.execute(&req);
                 if mem.write_obj(status, req.status).is_ok() {
                     written + 1
                 } else {
@@ -385,10 +446,14 @@ fn run_worker(
                 0
             }
         };
-        queue::complete(&queue, &mem, &interrupt, queue_index, head, used_len);
-        let mut n = inflight.count.lock().unwrap_or_else(|p| p.into_inner());
-        *n -= 1;
-        inflight.done.notify_all();
+        queue::complete(
+            &pool.queue,
+            &mem,
+            &pool.interrupt,
+            pool.index,
+            head,
+            used_len,
+        );
     }
 }
 
@@ -424,9 +489,18 @@ impl VirtioDevice for Block {
             .into_iter()
             .next()
             .ok_or("the driver enabled no request queue")?;
-        let (tx, rx) = channel::<Job>();
-        let rx = Arc::new(Mutex::new(rx));
-        let inflight = Arc::new(Inflight::default());
+        let pool = Arc::new(Pool {
+            queue: dq.queue,
+            mem: ctx.mem.clone(),
+            interrupt: ctx.interrupt,
+            index: dq.index,
+            kick: dq.kick,
+            state: Mutex::new(PoolState {
+                alive: WORKERS,
+                ..Default::default()
+            }),
+            changed: Condvar::new(),
+        });
         for i in 0..WORKERS {
             let worker = Worker {
                 backend: self.backend.clone(),
@@ -435,67 +509,26 @@ impl VirtioDevice for Block {
                 mem: ctx.mem.clone(),
                 buf: AlignedBuf::new(),
             };
-            let (rx, q, irq, inf) = (
-                rx.clone(),
-                dq.queue.clone(),
-                ctx.interrupt.clone(),
-                inflight.clone(),
-            );
-            std::thread::Builder::new()
+            let p = pool.clone();
+            if let Err(e) = std::thread::Builder::new()
                 .name(format!("blk-io{i}"))
                 .stack_size(256 << 10)
-                .spawn(move || run_worker(worker, rx, q, irq, inf))
-                .map_err(|e| format!("cannot start I/O worker: {e}"))?;
-        }
-        let (queue, mem, index, kick, jobs, inf, irq) = (
-            dq.queue.clone(),
-            ctx.mem.clone(),
-            dq.index,
-            dq.kick,
-            tx.clone(),
-            inflight.clone(),
-            ctx.interrupt.clone(),
-        );
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&kick);
-        let handler = Box::new(move |_| {
-            let _ = kick.read();
-            for chain in queue::pop_all(&queue, &mem, &irq) {
-                *inf.count.lock().unwrap_or_else(|p| p.into_inner()) += 1;
-                let _ = jobs.send(Job {
-                    chain,
-                    queue_index: index,
-                });
+                .spawn(move || run_worker(p, worker))
+            {
+                // Threads already started see `stop`; those never started are not counted.
+                pool.lock().alive -= WORKERS - i;
+                pool.shut_down();
+                return Err(format!("cannot start I/O worker: {e}"));
             }
-        });
-        let token = ctx
-            .event_loop
-            .add(fd, vmm_sys_util::epoll::EventSet::IN, handler)
-            .map_err(|e| format!("event loop: {e}"))?;
-        self.active = Some(Active {
-            event_loop: ctx.event_loop,
-            token,
-            inflight,
-            _sender: tx,
-        });
+        }
+        self.active = Some(pool);
         Ok(())
     }
 
     fn reset(&mut self) {
-        if let Some(active) = self.active.take() {
-            active.event_loop.remove(active.token);
-            // The guest may reuse the rings after reset: let requests in flight finish first.
-            let mut n = active
-                .inflight
-                .count
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            while *n > 0 {
-                n = active
-                    .inflight
-                    .done
-                    .wait(n)
-                    .unwrap_or_else(|p| p.into_inner());
-            }
+        // The guest may reuse the rings after reset: requests in flight finish first.
+        if let Some(pool) = self.active.take() {
+            pool.shut_down();
         }
     }
 }
