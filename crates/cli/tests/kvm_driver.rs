@@ -126,3 +126,57 @@ fn kvm_driver_runs_linux_guests_under_ferrovmm() {
         "seed line:\n{o}"
     );
 }
+
+/// A kvm-driver VM with a NIC on a host bridge: the daemon makes the TAP, ferrovmm runs
+/// virtio-net on it, the guest pings the bridge, and the TAP is gone after the VM stops.
+#[test]
+fn kvm_driver_vm_gets_a_working_nic_on_a_bridge() {
+    let kernel = guest_kernel().expect("guest kernel (guest/fetch-kernel.sh)");
+    let dir = scratch_dir("ferrovirt-kvm-nic").unwrap();
+    let initrd = linux_guest_script(
+        "ip link set eth0 up\n\
+         ip addr add 10.0.3.15/24 dev eth0\n\
+         echo GUEST-MAC=$(cat /sys/class/net/eth0/address)\n\
+         ping -c 2 -W 5 10.0.3.1 >/dev/null && echo GUEST-PING-OK",
+    )
+    .modules(&["virtio_pci", "virtio_net"])
+    .build(dir.join("initrd.cpio.gz"))
+    .expect("initramfs");
+    let out = Nested::new()
+        .timeout(Duration::from_secs(400))
+        .memory_mib(1024)
+        .modules(&["tun", "bridge"])
+        .binary(sibling("ferrovirtd"), "/bin/ferrovirtd")
+        .binary(sibling("ferrovirt"), "/bin/ferrovirt")
+        .binary(sibling("ferrovmm"), "/bin/ferrovmm")
+        .binary("/usr/sbin/ip", "/usr/local/sbin/ip")
+        .file(&kernel.vmlinux, "/guest/vmlinux")
+        .file(&initrd, "/guest/initrd")
+        .run(
+            r#"
+set -u
+export PATH=/usr/local/sbin:$PATH
+mkdir -p /var /run
+export FERROVIRT_SOCKET=/run/fv/ferrovirtd.sock
+ip link add br0 type bridge && ip addr add 10.0.3.1/24 dev br0 && ip link set br0 up
+FERROVIRT_NO_DEFAULT_NETWORK=1 FERROVIRT_VMM=/bin/ferrovmm ferrovirtd --state-dir /var/fv --run-dir /run/fv >>/var/d.log 2>&1 &
+i=0; while ! ferrovirt list >/dev/null 2>&1; do i=$((i+1)); [ $i -gt 200 ] && { cat /var/d.log; exit 1; }; sleep 0.05; done
+ferrovirt install --virt-type=kvm --name nic1 --memory 128 --network bridge=br0,mac=52:54:00:12:34:99 \
+  --boot "kernel=/guest/vmlinux,initrd=/guest/initrd,kernel_args=console=ttyS0 panic=-1 quiet" --noautoconsole 2>&1
+echo "IFLIST: $(ferrovirt domiflist nic1 | grep -c 52:54:00:12:34:99)"
+i=0; while ! ferrovirt domstate nic1 | grep -q '^shut off'; do i=$((i+1)); [ $i -gt 900 ] && { echo TIMEOUT; break; }; sleep 0.1; done
+cat /var/fv/logs/nic1.log
+echo "TAPS-LEFT: $(ip -o link show | grep -c ' fv')"
+"#,
+        )
+        .expect("nested harness");
+    let _ = std::fs::remove_dir_all(&dir);
+    let o = &out.output;
+    assert!(o.contains("IFLIST: 1"), "domiflist:\n{o}");
+    assert!(o.contains("GUEST-MAC=52:54:00:12:34:99"), "{o}");
+    assert!(
+        o.contains("GUEST-PING-OK"),
+        "the guest could not reach the bridge:\n{o}"
+    );
+    assert!(o.contains("TAPS-LEFT: 0"), "the TAP outlived the VM:\n{o}");
+}
