@@ -1,9 +1,50 @@
 //! ferrovmm command-line entry point.
 
+use std::ffi::{CString, OsString};
+use std::os::unix::ffi::OsStrExt;
+
 use clap::Parser;
 
+/// `ps` should show a VM as `ferrovmm --name NAME ...`: when --name is not the first
+/// argument, re-execute with it moved to the front (once; management daemons already
+/// put it first, so they never pay for this).
+fn put_name_first(args: &[OsString]) {
+    let Some(pos) = args
+        .iter()
+        .position(|a| a == "--name" || a.as_bytes().starts_with(b"--name="))
+    else {
+        return;
+    };
+    if pos == 1 {
+        return;
+    }
+    let takes_value = args[pos] == "--name";
+    let end = if takes_value { pos + 2 } else { pos + 1 };
+    if end > args.len() {
+        return; // `--name` without a value: let clap report it
+    }
+    let mut reordered = vec![args[0].clone()];
+    reordered.extend_from_slice(&args[pos..end]);
+    reordered.extend(args[1..pos].iter().cloned());
+    reordered.extend(args[end..].iter().cloned());
+    let Ok(cargs) = reordered
+        .iter()
+        .map(|a| CString::new(a.as_bytes()))
+        .collect::<Result<Vec<_>, _>>()
+    else {
+        return;
+    };
+    let mut ptrs: Vec<*const libc::c_char> = cargs.iter().map(|c| c.as_ptr()).collect();
+    ptrs.push(std::ptr::null());
+    // SAFETY: the argument vector is NUL-terminated and outlives the call; on failure
+    // execv returns and we carry on with the original order.
+    unsafe { libc::execv(c"/proc/self/exe".as_ptr(), ptrs.as_ptr()) };
+}
+
 fn main() {
-    let args = match ferrovmm::Args::try_parse() {
+    let raw: Vec<OsString> = std::env::args_os().collect();
+    put_name_first(&raw);
+    let args = match ferrovmm::Args::try_parse_from(&raw) {
         Ok(args) => args,
         Err(e) => {
             let code = if e.use_stderr() { 2 } else { 0 };

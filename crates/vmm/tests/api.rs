@@ -173,3 +173,47 @@ fn reset_ends_the_vm_as_a_guest_reset() {
     assert_eq!(run.status, 0, "stderr: {}", run.stderr);
     assert_eq!(run.stderr.trim(), "guest reset");
 }
+
+#[test]
+fn ps_shows_the_vm_as_ferrovmm_dash_dash_name() {
+    let dir = common::tempdir();
+    let kernel = pvh(dir.path(), "count.elf", counting_guest());
+    let api = dir.path().join("api.sock");
+    // --name given last: ferrovmm moves it to the front of its command line.
+    let mut child = std::process::Command::new(common::ferrovmm_bin())
+        .args([
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--memory",
+            "32",
+            "--serial",
+            "none",
+        ])
+        .args(["--api-socket", api.to_str().unwrap(), "--name", "web-7"])
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !api.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "API socket never appeared"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", child.id())).unwrap();
+    let words: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .map(|w| String::from_utf8_lossy(w).into_owned())
+        .collect();
+    assert!(words[0].ends_with("ferrovmm"), "{words:?}");
+    assert_eq!(
+        &words[1..3],
+        &["--name".to_string(), "web-7".to_string()],
+        "{words:?}"
+    );
+    assert_eq!(
+        common::live::http(&api, "PUT /vm/stop HTTP/1.1\r\nContent-Length: 0\r\n\r\n").0,
+        204
+    );
+    assert!(child.wait().unwrap().success());
+}
