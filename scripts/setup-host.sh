@@ -1,7 +1,7 @@
 #!/bin/sh
 # Installs the Debian packages ferrovirt's build, tests and demo need. Idempotent.
 set -eu
-PACKAGES="qemu-system-x86 qemu-utils busybox-static cpio lz4 e2fsprogs util-linux iproute2 time ca-certificates genisoimage openssl fio nftables dnsmasq-base"
+PACKAGES="qemu-system-x86 qemu-utils busybox-static cpio lz4 e2fsprogs util-linux iproute2 time ca-certificates genisoimage openssl fio nftables dnsmasq-base curl mount"
 missing=""
 for p in $PACKAGES; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
