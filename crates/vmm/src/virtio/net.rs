@@ -75,6 +75,8 @@ impl Rx {
             if self.pending == 0 {
                 match self.tap.read(&mut self.frame) {
                     Ok(0) => return,
+                    // A frame shorter than its virtio-net header is not one: drop it.
+                    Ok(n) if n < VNET_HDR_LEN => continue,
                     Ok(n) => self.pending = n,
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                         return self.watch_tap(true)
