@@ -4,7 +4,8 @@
 use std::collections::HashMap;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::thread::ThreadId;
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
@@ -15,6 +16,10 @@ pub struct EventLoop {
     epoll: Epoll,
     handlers: Mutex<HashMap<u64, (RawFd, Option<Handler>)>>,
     next_token: AtomicU64,
+    /// The token whose handler runs right now, so `remove` can wait for it.
+    running: Mutex<Option<u64>>,
+    idle: Condvar,
+    thread: OnceLock<ThreadId>,
 }
 
 /// Registration of one descriptor; dropping it does not unregister (call `remove`).
@@ -27,6 +32,9 @@ impl EventLoop {
             epoll: Epoll::new()?,
             handlers: Mutex::new(HashMap::new()),
             next_token: AtomicU64::new(1),
+            running: Mutex::new(None),
+            idle: Condvar::new(),
+            thread: OnceLock::new(),
         }))
     }
 
@@ -77,6 +85,8 @@ impl EventLoop {
         }
     }
 
+    /// Unregisters a descriptor. When this returns, its handler is not running and will not
+    /// run again (a device reset relies on that: the rings must not be touched afterwards).
     pub fn remove(&self, token: Token) {
         let entry = self
             .handlers
@@ -88,9 +98,17 @@ impl EventLoop {
                 .epoll
                 .ctl(ControlOperation::Delete, fd, EpollEvent::default());
         }
+        if self.thread.get() == Some(&std::thread::current().id()) {
+            return; // called from a handler: nothing else can be running
+        }
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        while *running == Some(token.0) {
+            running = self.idle.wait(running).unwrap_or_else(|p| p.into_inner());
+        }
     }
 
     fn run(&self) {
+        let _ = self.thread.set(std::thread::current().id());
         let mut events = vec![EpollEvent::default(); 64];
         loop {
             let n = match self.epoll.wait(-1, &mut events) {
@@ -106,14 +124,23 @@ impl EventLoop {
                 // Take the handler out so it runs without the map locked (it may add or remove).
                 let handler = {
                     let mut map = self.handlers.lock().unwrap_or_else(|p| p.into_inner());
-                    map.get_mut(&token).and_then(|h| h.1.take())
+                    let h = map.get_mut(&token).and_then(|h| h.1.take());
+                    if h.is_some() {
+                        // Marked under the map lock, so `remove` either sees it or wins the race.
+                        *self.running.lock().unwrap_or_else(|p| p.into_inner()) = Some(token);
+                    }
+                    h
                 };
                 let Some(mut handler) = handler else { continue };
                 handler(ev.event_set());
-                let mut map = self.handlers.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some(slot) = map.get_mut(&token) {
-                    slot.1 = Some(handler);
+                {
+                    let mut map = self.handlers.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(slot) = map.get_mut(&token) {
+                        slot.1 = Some(handler);
+                    }
                 }
+                *self.running.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                self.idle.notify_all();
             }
         }
     }

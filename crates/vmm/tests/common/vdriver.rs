@@ -163,6 +163,10 @@ impl Driver {
                 avail_idx: 0,
                 used_seen: 0,
             };
+            // Fresh, zeroed rings, as a driver allocates them.
+            self.mem
+                .write_slice(&vec![0u8; RING_STRIDE as usize], GuestAddress(base))
+                .unwrap();
             self.write(0x16, u32::from(q), 2);
             self.write(0x18, u32::from(size), 2);
             self.write(0x1a, u32::from(q), 2);
