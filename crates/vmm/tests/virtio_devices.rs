@@ -649,3 +649,49 @@ fn random_hostile_rings_never_break_rng() {
         }
     }
 }
+
+#[test]
+fn random_hostile_rings_never_break_net() {
+    in_new_netns(|| {
+        let fd = open_tap("ftap1");
+        ip("link set ftap1 up");
+        let tap = ferrovmm::virtio::tap::Tap::from_fd(fd).expect("tap from fd");
+        let mut d = Driver::new(
+            Box::new(ferrovmm::virtio::net::Net::new(
+                tap,
+                [0x52, 0x54, 0, 9, 9, 9],
+            )),
+            64,
+        );
+        d.init(None, 32);
+        let seed = std::env::var("FERROVIRT_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(7);
+        let mut r = Rand(seed);
+        for round in 0..100 {
+            let q = r.below(2) as usize;
+            for i in 0..32u16 {
+                let (addr, len) = (r.next() >> r.below(64), r.next() as u32 >> r.below(32));
+                d.set_desc(q, i, addr, len, (r.next() & 0x7) as u16, r.below(40) as u16);
+            }
+            for _ in 0..r.below(6) {
+                d.publish(q, r.below(40) as u16);
+            }
+            d.kick(q);
+            std::thread::sleep(Duration::from_millis(1));
+            if round % 10 == 9 || d.status() & STATUS_NEEDS_RESET != 0 {
+                d.init(None, 32);
+                // A valid frame still goes out.
+                let mut frame = vec![0u8; 12];
+                frame.extend_from_slice(&[0xff; 6]);
+                frame.extend_from_slice(&[0x52, 0x54, 0, 9, 9, 9, 0x88, 0xb5]);
+                frame.extend_from_slice(&[0u8; 46]);
+                d.mem.write_slice(&frame, GuestAddress(BUF)).unwrap();
+                d.post(1, &[(BUF, frame.len() as u32, false)]);
+                d.kick(1);
+                assert_eq!(d.wait_used(1, 1, T).len(), 1, "round {round}");
+            }
+        }
+    });
+}
