@@ -1,17 +1,37 @@
 //! A minimal stderr logger for the `log` facade.
+//!
+//! Messages the guest can cause at will (virtio-queue rejecting ring addresses it wrote,
+//! say) are demoted to debug, so a hostile guest cannot flood the host's logs.
 
-use log::{LevelFilter, Log, Metadata, Record};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use log::{Level, LevelFilter, Log, Metadata, Record};
 
 struct StderrLogger;
+
+static MAX_LEVEL: AtomicUsize = AtomicUsize::new(0);
+
+/// Crates whose errors are about guest-written values.
+const GUEST_DRIVEN_TARGETS: &[&str] = &["virtio_queue"];
 
 impl Log for StderrLogger {
     fn enabled(&self, _: &Metadata) -> bool {
         true
     }
     fn log(&self, record: &Record) {
+        let mut level = record.level();
+        if GUEST_DRIVEN_TARGETS
+            .iter()
+            .any(|t| record.target().starts_with(t))
+        {
+            level = level.max(Level::Debug);
+        }
+        if level as usize > MAX_LEVEL.load(Ordering::Relaxed) {
+            return;
+        }
         eprintln!(
             "ferrovmm: {}: {}",
-            record.level().as_str().to_lowercase(),
+            level.as_str().to_lowercase(),
             record.args()
         );
     }
@@ -21,7 +41,9 @@ impl Log for StderrLogger {
 static LOGGER: StderrLogger = StderrLogger;
 
 pub fn init(level: LevelFilter) {
+    MAX_LEVEL.store(level as usize, Ordering::Relaxed);
     if log::set_logger(&LOGGER).is_ok() {
-        log::set_max_level(level);
+        // Let every record reach `log` above, which applies the demotion.
+        log::set_max_level(level.max(LevelFilter::Debug));
     }
 }

@@ -358,3 +358,93 @@ fn ports_without_devices_read_all_ones_and_writes_are_ignored() {
     assert_eq!(run.status, 0, "stderr: {}", run.stderr);
     assert_eq!(run.stdout, "com2=ffffffff\n");
 }
+
+/// A hostile guest: 20000 random port writes and random MMIO writes into the PCI BARs
+/// and ECAM of a machine with a disk and an rng (random feature bits, queue addresses,
+/// device status, MSI-X entries, BAR moves). ferrovmm must neither crash nor flood its log.
+#[test]
+fn random_port_and_mmio_writes_never_crash_the_vmm() {
+    let dir = common::tempdir();
+    let disk = image::write(dir.path(), "disk.raw", &vec![0u8; 1 << 20]);
+    for seed in [1u32, 0x9e37_79b9, 0x1234_5678] {
+        let mut g = Guest::new(32);
+        let mut top = g.label();
+        let mut port = g.label();
+        let mut next = g.label();
+        let mut ecam = g.label();
+        let mut write = g.label();
+        g.a.mov(esp, STACK_TOP).unwrap();
+        g.a.mov(ebx, seed).unwrap();
+        g.a.mov(ecx, 20_000).unwrap();
+        g.set(&mut top);
+        g.a.imul_3(ebx, ebx, 1_103_515_245).unwrap();
+        g.a.add(ebx, 12345).unwrap();
+        g.a.mov(eax, ebx).unwrap();
+        g.a.test(eax, 0x300).unwrap();
+        g.a.jz(port).unwrap();
+        g.a.mov(edx, ebx).unwrap();
+        g.a.shr(edx, 8).unwrap();
+        g.a.test(eax, 0x200).unwrap();
+        g.a.jz(ecam).unwrap();
+        g.a.and(edx, 0x0001_fffc).unwrap(); // the virtio BARs at 0xc0000000
+        g.a.or(edx, 0xc000_0000u32 as i32).unwrap();
+        g.a.jmp(write).unwrap();
+        g.set(&mut ecam);
+        g.a.and(edx, 0x000f_fffc).unwrap(); // ECAM, bus 0
+        g.a.or(edx, 0xe000_0000u32 as i32).unwrap();
+        g.set(&mut write);
+        g.a.mov(dword_ptr(edx), eax).unwrap();
+        g.a.jmp(next).unwrap();
+        g.set(&mut port);
+        g.a.mov(edx, ebx).unwrap();
+        g.a.shr(edx, 16).unwrap();
+        // Spare the i8042 and PM1a ports, which would end the VM early.
+        g.a.mov(esi, edx).unwrap();
+        g.a.and(esi, 0xfff0).unwrap();
+        g.a.cmp(esi, 0x60).unwrap();
+        g.a.je(next).unwrap();
+        g.a.cmp(esi, 0x600).unwrap();
+        g.a.je(next).unwrap();
+        g.a.out(dx, eax).unwrap();
+        g.set(&mut next);
+        g.a.dec(ecx).unwrap();
+        g.a.jnz(top).unwrap();
+        g.print("\nsurvived\n");
+        g.poweroff();
+        let kernel = pvh_kernel(dir.path(), "chaos.elf", g, vec![]);
+        let log = dir.path().join("serial.log");
+        let _ = std::fs::remove_file(&log);
+        let run = common::boot(
+            &kernel,
+            &[
+                "--rng",
+                "--disk",
+                &format!("path={}", disk.display()),
+                "--serial",
+                &format!("file={}", log.display()),
+            ],
+        );
+        assert_eq!(run.status, 0, "seed {seed:#x}: stderr: {}", run.stderr);
+        assert!(
+            std::fs::read_to_string(&log)
+                .unwrap()
+                .ends_with("\nsurvived\n"),
+            "seed {seed:#x}"
+        );
+        assert!(
+            !run.stderr.contains("panicked"),
+            "seed {seed:#x}: {}",
+            run.stderr
+        );
+        assert!(
+            run.stderr.lines().count() <= 8,
+            "seed {seed:#x}: the guest floods the log:\n{}",
+            run.stderr
+        );
+        assert_eq!(
+            run.stderr.trim_end().lines().last(),
+            Some("guest powered off"),
+            "seed {seed:#x}"
+        );
+    }
+}

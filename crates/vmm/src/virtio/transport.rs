@@ -76,7 +76,13 @@ impl VirtioInterrupt for PciInterrupt {
     }
 
     fn device_error(&self, why: &str) {
-        log::warn!("virtio: {why}; the device needs a reset");
+        // A guest can break its rings at will: say so a few times, then only at debug level.
+        static REPORTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        match REPORTED.fetch_add(1, Ordering::Relaxed) {
+            0..=4 => log::warn!("virtio: {why}; the device needs a reset"),
+            5 => log::warn!("virtio: {why}; the device needs a reset (further such errors are logged at debug level)"),
+            _ => log::debug!("virtio: {why}; the device needs a reset"),
+        }
         self.needs_reset.store(true, Ordering::SeqCst);
         self.signal_config_change();
     }
