@@ -121,6 +121,14 @@ fn block_reads_writes_flushes_and_reports_its_id_and_size() {
         .all(|(i, c)| c.iter().all(|b| *b == 16 + i as u8)));
     // Unknown request type.
     assert_eq!(request(&mut d, 99, 0, &[]).0, S_UNSUPP);
+    // The interrupt follows the used-ring update by a moment.
+    let deadline = std::time::Instant::now() + T;
+    while d.irq.count.load(std::sync::atomic::Ordering::SeqCst) < 6
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::thread::sleep(Duration::from_millis(20));
     assert_eq!(
         d.irq.count.load(std::sync::atomic::Ordering::SeqCst),
         6,
