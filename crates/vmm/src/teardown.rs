@@ -4,51 +4,64 @@
 //! much more on a busy or nested host, and the process is not reaped until it is
 //! done. The guest has already stopped when we get here, so a fork()ed child
 //! keeps the KVM file descriptors while this process exits at once; the child
-//! waits for us to be gone, then exits and the kernel frees the VM.
+//! waits for us to be gone (or 10 s at most), then exits and the kernel frees the VM.
 
 use std::os::fd::RawFd;
 
-/// File descriptors that refer to KVM objects (VM, vCPUs).
-fn kvm_fds() -> Vec<RawFd> {
-    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let fd: RawFd = e.file_name().to_str()?.parse().ok()?;
-            let target = std::fs::read_link(e.path()).ok()?;
-            target.to_str()?.starts_with("anon_inode:kvm").then_some(fd)
-        })
-        .collect()
-}
+/// How long the child waits for the parent before giving up.
+const MAX_WAIT_MS: libc::c_int = 10_000;
 
-/// Every open descriptor but `keep`.
-fn other_fds(keep: &[RawFd]) -> Vec<RawFd> {
+/// Splits the open descriptors into KVM objects (kept by the child) and the rest.
+/// Done in one pass after the pipe exists, so a descriptor number that a vCPU thread
+/// frees meanwhile can never turn out to be the pipe's write end.
+fn classify(keep_also: RawFd) -> (bool, Vec<RawFd>) {
+    let mut any_kvm = false;
+    let mut close = Vec::new();
     let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
-        return Vec::new();
+        return (false, close);
     };
-    dir.filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().to_str()?.parse::<RawFd>().ok())
-        .filter(|fd| !keep.contains(fd))
-        .collect()
+    for entry in dir.filter_map(|e| e.ok()) {
+        let Some(fd) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<RawFd>().ok())
+        else {
+            continue;
+        };
+        if fd == keep_also {
+            continue;
+        }
+        let is_kvm = std::fs::read_link(entry.path())
+            .ok()
+            .and_then(|t| t.to_str().map(|t| t.starts_with("anon_inode:kvm")))
+            .unwrap_or(false);
+        if is_kvm {
+            any_kvm = true;
+        } else {
+            close.push(fd);
+        }
+    }
+    (any_kvm, close)
 }
 
 /// Forks the teardown child; the caller should exit right after.
 pub fn hand_off() {
-    let keep = kvm_fds();
-    if keep.is_empty() {
-        return;
-    }
     let mut pipe = [0 as RawFd; 2];
     // SAFETY: pipe2 writes two descriptors into the array we own.
     if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
         return;
     }
-    let mut keep_in_child = keep.clone();
-    keep_in_child.push(pipe[0]);
     // Collected before fork: the child may only make async-signal-safe calls.
-    let to_close = other_fds(&keep_in_child);
-    // SAFETY: the child only calls close, read, setsid and _exit, which are
+    let (any_kvm, to_close) = classify(pipe[0]);
+    if !any_kvm {
+        // SAFETY: closing the descriptors we just created.
+        unsafe {
+            libc::close(pipe[0]);
+            libc::close(pipe[1]);
+        }
+        return;
+    }
+    // SAFETY: the child only calls close, setsid, poll and _exit, which are
     // async-signal-safe, on values computed before the fork.
     match unsafe { libc::fork() } {
         0 => unsafe {
@@ -56,9 +69,13 @@ pub fn hand_off() {
                 libc::close(*fd);
             }
             libc::setsid();
-            // Blocks until the parent has exited and its write end is closed.
-            let mut b = 0u8;
-            libc::read(pipe[0], (&mut b as *mut u8).cast(), 1);
+            // Returns when the parent has exited (its write end closes) or after the timeout.
+            let mut pfd = libc::pollfd {
+                fd: pipe[0],
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            libc::poll(&mut pfd, 1, MAX_WAIT_MS);
             libc::_exit(0);
         },
         pid if pid > 0 => {

@@ -329,3 +329,48 @@ fn bad_disk_and_net_arguments_fail_before_the_guest_starts() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Live (not zombie) processes whose command line mentions `needle`.
+fn live_processes_with(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().filter_map(|e| e.ok()) {
+        let path = entry.path();
+        let Ok(cmdline) = std::fs::read(path.join("cmdline")) else {
+            continue;
+        };
+        if !String::from_utf8_lossy(&cmdline).contains(needle) {
+            continue;
+        }
+        let status = std::fs::read_to_string(path.join("status")).unwrap_or_default();
+        if !status
+            .lines()
+            .any(|l| l.starts_with("State:") && l.contains('Z'))
+        {
+            found.push(path.display().to_string());
+        }
+    }
+    found
+}
+
+#[test]
+fn the_teardown_helper_never_outlives_the_vm() {
+    let dir = common::tempdir();
+    let k = hello_kernel(dir.path());
+    let k = k.to_str().unwrap();
+    for _ in 0..40 {
+        let run = common::run(&["--kernel", k, "--vcpus", "2", "--memory", "32"]);
+        assert_eq!(run.status, 0, "{}", run.stderr);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let left = live_processes_with(k);
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "processes left behind: {left:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
