@@ -7,12 +7,9 @@ use std::sync::{Arc, Mutex};
 
 use virtio_queue::Queue;
 use vm_memory::Bytes;
-use vmm_sys_util::epoll::EventSet;
 
-use super::event_loop::Token;
-use super::{
-    queue, ActivateContext, EventLoop, GuestMem, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
-};
+use super::event_loop::Registrations;
+use super::{queue, ActivateContext, GuestMem, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use crate::devices::serial::SerialOutput;
 
 const QUEUE_SIZE: u16 = 128;
@@ -24,7 +21,7 @@ const MAX_CHAIN_BYTES: usize = 64 * 1024;
 pub struct Console {
     output: Arc<Mutex<SerialOutput>>,
     stdin: bool,
-    active: Option<(Arc<EventLoop>, Vec<Token>)>,
+    registrations: Registrations,
 }
 
 impl Console {
@@ -32,7 +29,7 @@ impl Console {
         Console {
             output: Arc::new(Mutex::new(output)),
             stdin,
-            active: None,
+            registrations: Registrations::default(),
         }
     }
 }
@@ -90,21 +87,17 @@ impl VirtioDevice for Console {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), String> {
-        let el = ctx.event_loop.clone();
-        let mut tokens = Vec::new();
+        let el = &ctx.event_loop;
         let mut rx = None;
         for dq in ctx.queues {
-            let kick = dq.kick;
-            let fd = std::os::fd::AsRawFd::as_raw_fd(&kick);
             if dq.index == TX {
                 let (queue, mem, interrupt, out) = (
-                    dq.queue.clone(),
+                    dq.queue,
                     ctx.mem.clone(),
                     ctx.interrupt.clone(),
                     self.output.clone(),
                 );
-                let handler = Box::new(move |_| {
-                    let _ = kick.read();
+                self.registrations.on_kick(el, dq.kick, move || {
                     for chain in queue::pop_all(&queue, &mem, &interrupt) {
                         let head = chain.head_index();
                         let mut bytes = Vec::new();
@@ -123,27 +116,18 @@ impl VirtioDevice for Console {
                             .write_all(&bytes);
                         queue::complete(&queue, &mem, &interrupt, TX, head, 0);
                     }
-                });
-                tokens.push(
-                    el.add(fd, EventSet::IN, handler)
-                        .map_err(|e| format!("event loop: {e}"))?,
-                );
+                })?;
             } else if dq.index == RX {
                 let input = Arc::new(Mutex::new(Input {
-                    queue: dq.queue.clone(),
+                    queue: dq.queue,
                     mem: ctx.mem.clone(),
                     interrupt: ctx.interrupt.clone(),
                     pending: VecDeque::new(),
                 }));
                 let i = input.clone();
-                let handler = Box::new(move |_| {
-                    let _ = kick.read();
-                    i.lock().unwrap_or_else(|p| p.into_inner()).deliver();
-                });
-                tokens.push(
-                    el.add(fd, EventSet::IN, handler)
-                        .map_err(|e| format!("event loop: {e}"))?,
-                );
+                self.registrations.on_kick(el, dq.kick, move || {
+                    i.lock().unwrap_or_else(|p| p.into_inner()).deliver()
+                })?;
                 rx = Some(input);
             }
         }
@@ -162,19 +146,14 @@ impl VirtioDevice for Console {
                 }
             });
             // stdin may be a file or /dev/null that epoll refuses; then there is simply no input.
-            if let Ok(t) = el.add(libc::STDIN_FILENO, EventSet::IN, handler) {
-                tokens.push(t);
-            }
+            let _ = self
+                .registrations
+                .on_readable(el, libc::STDIN_FILENO, handler);
         }
-        self.active = Some((el, tokens));
         Ok(())
     }
 
     fn reset(&mut self) {
-        if let Some((el, tokens)) = self.active.take() {
-            for t in tokens {
-                el.remove(t);
-            }
-        }
+        self.registrations.clear();
     }
 }

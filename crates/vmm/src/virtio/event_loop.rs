@@ -145,3 +145,50 @@ impl EventLoop {
         }
     }
 }
+
+/// The event-loop registrations of one active device: what a device reset removes.
+#[derive(Default)]
+pub struct Registrations {
+    active: Vec<(Arc<EventLoop>, Token)>,
+}
+
+impl Registrations {
+    /// Calls `handler` whenever `fd` is readable.
+    pub fn on_readable(
+        &mut self,
+        el: &Arc<EventLoop>,
+        fd: RawFd,
+        handler: Handler,
+    ) -> Result<Token, String> {
+        let token = el
+            .add(fd, EventSet::IN, handler)
+            .map_err(|e| format!("event loop: {e}"))?;
+        self.active.push((el.clone(), token));
+        Ok(token)
+    }
+
+    /// Calls `work` after each guest notification on `kick` (the eventfd is drained first).
+    pub fn on_kick(
+        &mut self,
+        el: &Arc<EventLoop>,
+        kick: vmm_sys_util::eventfd::EventFd,
+        mut work: impl FnMut() + Send + 'static,
+    ) -> Result<Token, String> {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&kick);
+        self.on_readable(
+            el,
+            fd,
+            Box::new(move |_| {
+                let _ = kick.read();
+                work();
+            }),
+        )
+    }
+
+    /// Removes every registration; no handler runs once this returns.
+    pub fn clear(&mut self) {
+        for (el, token) in self.active.drain(..) {
+            el.remove(token);
+        }
+    }
+}

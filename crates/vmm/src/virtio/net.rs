@@ -9,7 +9,7 @@ use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::Bytes;
 use vmm_sys_util::epoll::EventSet;
 
-use super::event_loop::Token;
+use super::event_loop::{Registrations, Token};
 use super::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN};
 use super::{
     queue, ActivateContext, EventLoop, GuestMem, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
@@ -24,7 +24,7 @@ const MAX_FRAME: usize = VNET_HDR_LEN + 65_550;
 pub struct Net {
     tap: Arc<Tap>,
     mac: [u8; 6],
-    active: Option<(Arc<EventLoop>, Vec<Token>)>,
+    registrations: Registrations,
 }
 
 impl Net {
@@ -32,7 +32,7 @@ impl Net {
         Net {
             tap: Arc::new(tap),
             mac,
-            active: None,
+            registrations: Registrations::default(),
         }
     }
 }
@@ -219,63 +219,33 @@ impl VirtioDevice for Net {
             event_loop: el.clone(),
             tap_token: None,
         }));
-        let mut tokens = Vec::new();
         let rx_tap = rx.clone();
-        let tap_token = el
-            .add(
-                self.tap.raw_fd(),
-                EventSet::IN,
-                Box::new(move |_| rx_tap.lock().unwrap_or_else(|p| p.into_inner()).process()),
-            )
-            .map_err(|e| format!("event loop: {e}"))?;
+        let tap_token = self.registrations.on_readable(
+            &el,
+            self.tap.raw_fd(),
+            Box::new(move |_| rx_tap.lock().unwrap_or_else(|p| p.into_inner()).process()),
+        )?;
         rx.lock().unwrap_or_else(|p| p.into_inner()).tap_token = Some(tap_token);
-        tokens.push(tap_token);
-
         let rx_kick = rx.clone();
-        let kick = rxq.kick;
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&kick);
-        tokens.push(
-            el.add(
-                fd,
-                EventSet::IN,
-                Box::new(move |_| {
-                    let _ = kick.read();
-                    rx_kick.lock().unwrap_or_else(|p| p.into_inner()).process();
-                }),
-            )
-            .map_err(|e| format!("event loop: {e}"))?,
-        );
+        self.registrations.on_kick(&el, rxq.kick, move || {
+            rx_kick.lock().unwrap_or_else(|p| p.into_inner()).process()
+        })?;
 
         let (tap, queue, mem, interrupt) = (
             self.tap.clone(),
-            txq.queue.clone(),
+            txq.queue,
             ctx.mem.clone(),
             ctx.interrupt.clone(),
         );
-        let kick = txq.kick;
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&kick);
         let mut buf = Vec::with_capacity(MAX_FRAME);
-        tokens.push(
-            el.add(
-                fd,
-                EventSet::IN,
-                Box::new(move |_| {
-                    let _ = kick.read();
-                    transmit(&tap, &queue, &mem, &interrupt, &mut buf);
-                }),
-            )
-            .map_err(|e| format!("event loop: {e}"))?,
-        );
-        self.active = Some((el, tokens));
+        self.registrations.on_kick(&el, txq.kick, move || {
+            transmit(&tap, &queue, &mem, &interrupt, &mut buf)
+        })?;
         Ok(())
     }
 
     fn reset(&mut self) {
-        if let Some((el, tokens)) = self.active.take() {
-            for t in tokens {
-                el.remove(t);
-            }
-        }
+        self.registrations.clear();
     }
 }
 

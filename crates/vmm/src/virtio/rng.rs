@@ -1,11 +1,9 @@
 //! virtio-rng: fills the guest's buffers from the host's getrandom().
 
-use std::sync::Arc;
-
 use virtio_queue::DescriptorChain;
 use vm_memory::Bytes;
 
-use super::event_loop::Token;
+use super::event_loop::Registrations;
 use super::{queue, ActivateContext, GuestMem, VirtioDevice, VIRTIO_F_VERSION_1};
 
 /// Largest request served at once, so a guest cannot make us allocate much.
@@ -13,7 +11,7 @@ const MAX_CHUNK: usize = 64 * 1024;
 
 #[derive(Default)]
 pub struct Rng {
-    tokens: Vec<(Arc<super::EventLoop>, Token)>,
+    registrations: Registrations,
 }
 
 fn fill(chain: DescriptorChain<GuestMem>, mem: &GuestMem) -> u32 {
@@ -68,33 +66,22 @@ impl VirtioDevice for Rng {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), String> {
-        let interrupt = ctx.interrupt.clone();
         for dq in ctx.queues {
-            let mem = ctx.mem.clone();
-            let interrupt = interrupt.clone();
-            let q = dq.queue.clone();
-            let kick = dq.kick;
-            let fd = std::os::fd::AsRawFd::as_raw_fd(&kick);
-            let handler = Box::new(move |_| {
-                let _ = kick.read();
-                for chain in queue::pop_all(&q, &mem, &interrupt) {
-                    let head = chain.head_index();
-                    let len = fill(chain, &mem);
-                    queue::complete(&q, &mem, &interrupt, dq.index, head, len);
-                }
-            });
-            let token = ctx
-                .event_loop
-                .add(fd, vmm_sys_util::epoll::EventSet::IN, handler)
-                .map_err(|e| format!("event loop: {e}"))?;
-            self.tokens.push((ctx.event_loop.clone(), token));
+            let (mem, interrupt, q, index) =
+                (ctx.mem.clone(), ctx.interrupt.clone(), dq.queue, dq.index);
+            self.registrations
+                .on_kick(&ctx.event_loop, dq.kick, move || {
+                    for chain in queue::pop_all(&q, &mem, &interrupt) {
+                        let head = chain.head_index();
+                        let len = fill(chain, &mem);
+                        queue::complete(&q, &mem, &interrupt, index, head, len);
+                    }
+                })?;
         }
         Ok(())
     }
 
     fn reset(&mut self) {
-        for (el, token) in self.tokens.drain(..) {
-            el.remove(token);
-        }
+        self.registrations.clear();
     }
 }
