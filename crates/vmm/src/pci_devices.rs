@@ -88,14 +88,11 @@ pub fn open_net(spec: &NetSpec) -> Result<Net> {
 fn console_device(mode: &SerialMode) -> Result<Console> {
     Ok(match mode {
         SerialMode::Stdio => Console::new(SerialOutput::Stdout, true),
-        SerialMode::File(path) => {
-            let f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map_err(|e| Error::usage(format!("--console file={}: {e}", path.display())))?;
-            Console::new(SerialOutput::File(f), false)
-        }
+        SerialMode::File(path) => Console::new(
+            SerialOutput::append_to(path)
+                .map_err(|e| Error::usage(format!("--console file={}: {e}", path.display())))?,
+            false,
+        ),
         _ => Console::new(SerialOutput::Sink, false),
     })
 }

@@ -92,14 +92,11 @@ fn serial_output(mode: &SerialMode) -> Result<(SerialOutput, Option<SocketClient
     Ok(match mode {
         SerialMode::Stdio => (SerialOutput::Stdout, None),
         SerialMode::None => (SerialOutput::Sink, None),
-        SerialMode::File(path) => {
-            let f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map_err(|e| Error::usage(format!("--serial file={}: {e}", path.display())))?;
-            (SerialOutput::File(f), None)
-        }
+        SerialMode::File(path) => (
+            SerialOutput::append_to(path)
+                .map_err(|e| Error::usage(format!("--serial file={}: {e}", path.display())))?,
+            None,
+        ),
         SerialMode::Socket(_) => {
             let clients: SocketClients = Arc::default();
             (SerialOutput::Socket(clients.clone()), Some(clients))

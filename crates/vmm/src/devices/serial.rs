@@ -32,6 +32,17 @@ pub enum SerialOutput {
     Sink,
 }
 
+impl SerialOutput {
+    /// Output appended to `path`, created if missing (`--serial file=` and `--console file=`).
+    pub fn append_to(path: &std::path::Path) -> io::Result<SerialOutput> {
+        File::options()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map(SerialOutput::File)
+    }
+}
+
 impl Write for SerialOutput {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
