@@ -5,26 +5,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::asm::{Guest, CODE_BASE};
-use common::image::{self, Segment};
+use common::asm::Guest;
 use common::live::LiveVm;
+use common::pvh_kernel;
 use iced_x86::code_asm::*;
-
-fn pvh(dir: &std::path::Path, name: &str, g: Guest) -> std::path::PathBuf {
-    let code = g.assemble(CODE_BASE);
-    image::write(
-        dir,
-        name,
-        &image::elf(
-            &[Segment {
-                addr: CODE_BASE,
-                data: code,
-            }],
-            CODE_BASE,
-            Some(CODE_BASE as u32),
-        ),
-    )
-}
 
 /// Prints a dot, spins a little, forever.
 fn counting_guest() -> Guest {
@@ -47,7 +31,7 @@ fn counting_guest() -> Guest {
 #[test]
 fn pause_stops_the_guest_and_resume_continues_it() {
     let dir = common::tempdir();
-    let kernel = pvh(dir.path(), "count.elf", counting_guest());
+    let kernel = pvh_kernel(dir.path(), "count.elf", counting_guest(), vec![]);
     let api = dir.path().join("api.sock");
     let vm = LiveVm::start(&kernel, &api, &["--vcpus", "2"]);
     vm.wait_for_output("counting\n..........");
@@ -112,7 +96,7 @@ fn power_button_lets_the_guest_shut_down_cleanly() {
     g.print("power button pressed\n");
     g.poweroff();
     let dir = common::tempdir();
-    let kernel = pvh(dir.path(), "button.elf", g);
+    let kernel = pvh_kernel(dir.path(), "button.elf", g, vec![]);
     let vm = LiveVm::start(&kernel, &dir.path().join("api.sock"), &[]);
     vm.wait_for_output("armed\n");
     std::thread::sleep(Duration::from_millis(50));
@@ -131,7 +115,7 @@ fn power_button_lets_the_guest_shut_down_cleanly() {
 #[test]
 fn bad_requests_get_json_errors_and_the_vm_keeps_running() {
     let dir = common::tempdir();
-    let kernel = pvh(dir.path(), "count.elf", counting_guest());
+    let kernel = pvh_kernel(dir.path(), "count.elf", counting_guest(), vec![]);
     let vm = LiveVm::start(&kernel, &dir.path().join("api.sock"), &[]);
     vm.wait_for_output("counting\n");
 
@@ -165,7 +149,7 @@ fn bad_requests_get_json_errors_and_the_vm_keeps_running() {
 #[test]
 fn reset_ends_the_vm_as_a_guest_reset() {
     let dir = common::tempdir();
-    let kernel = pvh(dir.path(), "count.elf", counting_guest());
+    let kernel = pvh_kernel(dir.path(), "count.elf", counting_guest(), vec![]);
     let vm = LiveVm::start(&kernel, &dir.path().join("api.sock"), &[]);
     vm.wait_for_output("counting\n");
     assert_eq!(vm.api("PUT", "/vm/reset").0, 204);
@@ -177,7 +161,7 @@ fn reset_ends_the_vm_as_a_guest_reset() {
 #[test]
 fn ps_shows_the_vm_as_ferrovmm_dash_dash_name() {
     let dir = common::tempdir();
-    let kernel = pvh(dir.path(), "count.elf", counting_guest());
+    let kernel = pvh_kernel(dir.path(), "count.elf", counting_guest(), vec![]);
     let api = dir.path().join("api.sock");
     // --name given last: ferrovmm moves it to the front of its command line.
     let mut child = std::process::Command::new(common::ferrovmm_bin())

@@ -8,26 +8,14 @@ use std::os::unix::net::UnixStream;
 use std::process::Command;
 use std::time::Duration;
 
-use common::asm::{Guest, CODE_BASE};
+use common::asm::Guest;
 use common::image::{self, Segment};
 
 fn hello_kernel(dir: &std::path::Path) -> std::path::PathBuf {
     let mut g = Guest::new(32);
     g.print("hello from the guest\n");
     g.poweroff();
-    let code = g.assemble(CODE_BASE);
-    image::write(
-        dir,
-        "hello.elf",
-        &image::elf(
-            &[Segment {
-                addr: CODE_BASE,
-                data: code,
-            }],
-            CODE_BASE,
-            Some(CODE_BASE as u32),
-        ),
-    )
+    common::pvh_kernel(dir, "hello.elf", g, vec![])
 }
 
 /// Asserts a usage or runtime error: no output, one line on stderr mentioning `needle`.
@@ -221,19 +209,7 @@ fn serial_on_a_socket_reaches_a_connected_client() {
     g.print("hello socket\n");
     g.poweroff();
     let dir = common::tempdir();
-    let code = g.assemble(CODE_BASE);
-    let k = image::write(
-        dir.path(),
-        "wait.elf",
-        &image::elf(
-            &[Segment {
-                addr: CODE_BASE,
-                data: code,
-            }],
-            CODE_BASE,
-            Some(CODE_BASE as u32),
-        ),
-    );
+    let k = common::pvh_kernel(dir.path(), "wait.elf", g, vec![]);
     let sock = dir.path().join("console.sock");
     let child = common::spawn(&[
         "--kernel",

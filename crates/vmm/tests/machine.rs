@@ -13,24 +13,7 @@ use common::image::{self, Segment};
 use iced_x86::code_asm::*;
 use iced_x86::BlockEncoderOptions;
 
-fn pvh_kernel(
-    dir: &std::path::Path,
-    name: &str,
-    g: Guest,
-    extra: Vec<Segment>,
-) -> std::path::PathBuf {
-    let code = g.assemble(CODE_BASE);
-    let mut segments = vec![Segment {
-        addr: CODE_BASE,
-        data: code,
-    }];
-    segments.extend(extra);
-    image::write(
-        dir,
-        name,
-        &image::elf(&segments, CODE_BASE, Some(CODE_BASE as u32)),
-    )
-}
+use common::pvh_kernel;
 
 #[test]
 fn serial_input_reaches_the_guest() {

@@ -94,6 +94,20 @@ pub fn boot(kernel: &Path, extra: &[&str]) -> Run {
     run(&args)
 }
 
+/// Writes `g` (plus `extra` segments) as a PVH ELF kernel entered at `CODE_BASE`.
+pub fn pvh_kernel(dir: &Path, name: &str, g: asm::Guest, extra: Vec<image::Segment>) -> PathBuf {
+    let mut segments = vec![image::Segment {
+        addr: asm::CODE_BASE,
+        data: g.assemble(asm::CODE_BASE),
+    }];
+    segments.extend(extra);
+    image::write(
+        dir,
+        name,
+        &image::elf(&segments, asm::CODE_BASE, Some(asm::CODE_BASE as u32)),
+    )
+}
+
 /// A scratch directory removed at the end of the test.
 pub fn tempdir() -> tempfile::TempDir {
     tempfile::tempdir().expect("temp dir")
