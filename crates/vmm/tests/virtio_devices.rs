@@ -545,6 +545,16 @@ fn net_moves_frames_between_tap_and_rings_and_survives_bad_chains() {
 /// xorshift64*: a seeded generator so a failure can be replayed.
 struct Rand(u64);
 impl Rand {
+    /// The seed comes from FERROVIRT_TEST_SEED when set (to replay a failure or widen the search).
+    fn from_env_or(default: u64) -> Self {
+        Rand(
+            std::env::var("FERROVIRT_TEST_SEED")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(default),
+        )
+    }
+
     fn next(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
@@ -561,12 +571,7 @@ impl Rand {
 #[test]
 fn random_hostile_rings_never_break_the_block_device() {
     let (mut d, _dir, _) = block(1 << 20, false);
-    // FERROVIRT_TEST_SEED replays or widens the search.
-    let seed = std::env::var("FERROVIRT_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0x5eed_f00d_dead_beef);
-    let mut r = Rand(seed);
+    let mut r = Rand::from_env_or(0x5eed_f00d_dead_beef);
     let interesting_addrs = [
         0u64,
         BUF,
@@ -634,11 +639,7 @@ fn random_hostile_rings_never_break_the_block_device() {
 fn random_hostile_rings_never_break_rng() {
     let mut d = Driver::new(Box::new(Rng::default()), 64);
     d.init(None, 32);
-    let seed = std::env::var("FERROVIRT_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(42);
-    let mut r = Rand(seed);
+    let mut r = Rand::from_env_or(42);
     for round in 0..100 {
         for i in 0..32u16 {
             let (addr, len) = (r.next() >> (r.below(64)), r.next() as u32 >> r.below(32));
@@ -672,11 +673,7 @@ fn random_hostile_rings_never_break_net() {
             64,
         );
         d.init(None, 32);
-        let seed = std::env::var("FERROVIRT_TEST_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(7);
-        let mut r = Rand(seed);
+        let mut r = Rand::from_env_or(7);
         for round in 0..100 {
             let q = r.below(2) as usize;
             for i in 0..32u16 {
