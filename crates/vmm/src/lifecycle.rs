@@ -1,5 +1,6 @@
 //! How the VM ends: the first stop request wins and wakes the main thread.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use vmm_sys_util::eventfd::EventFd;
@@ -32,6 +33,8 @@ impl StopReason {
 /// Shared by vCPUs, devices and the API: records the first stop request.
 pub struct Lifecycle {
     reason: Mutex<Option<StopReason>>,
+    /// Set with `reason`; read by every vCPU before each KVM_RUN, so kept lock-free.
+    stopping: AtomicBool,
     pub stop_evt: EventFd,
 }
 
@@ -39,6 +42,7 @@ impl Lifecycle {
     pub fn new() -> std::io::Result<Self> {
         Ok(Lifecycle {
             reason: Mutex::new(None),
+            stopping: AtomicBool::new(false),
             stop_evt: EventFd::new(libc::EFD_NONBLOCK)?,
         })
     }
@@ -47,6 +51,7 @@ impl Lifecycle {
         let mut slot = self.reason.lock().unwrap_or_else(|p| p.into_inner());
         if slot.is_none() {
             *slot = Some(reason);
+            self.stopping.store(true, Ordering::SeqCst);
             // A full eventfd counter still wakes the reader, so an error here changes nothing.
             let _ = self.stop_evt.write(1);
         }
@@ -60,6 +65,6 @@ impl Lifecycle {
     }
 
     pub fn is_stopping(&self) -> bool {
-        self.stop_reason().is_some()
+        self.stopping.load(Ordering::SeqCst)
     }
 }
