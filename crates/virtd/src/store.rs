@@ -22,6 +22,16 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     INSERT INTO meta (key, value) VALUES ('next_id', '1');",
+    // v2: virtual networks. IF NOT EXISTS: daemons before this migration created these
+    // tables outside the migrations.
+    "CREATE TABLE IF NOT EXISTS networks (
+        name TEXT PRIMARY KEY,
+        uuid TEXT NOT NULL UNIQUE,
+        definition TEXT NOT NULL,
+        autostart INTEGER NOT NULL DEFAULT 0,
+        active INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE IF NOT EXISTS network_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
 ];
 
 /// One stored domain.
@@ -39,48 +49,58 @@ pub struct Store {
     conn: Connection,
 }
 
-fn db_err(e: rusqlite::Error) -> ApiError {
+pub(crate) fn db_err(e: rusqlite::Error) -> ApiError {
     ApiError::internal(format!("state database: {e}"))
+}
+
+/// Opens the state database (WAL, synchronous writes) and brings its schema up to date.
+/// Every table of the daemon is in the migrations, whichever module uses it.
+pub(crate) fn connect(path: &Path) -> Result<Connection, String> {
+    let mut conn =
+        Connection::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(|e| e.to_string())?;
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(|e| e.to_string())?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(|e| e.to_string())?;
+    migrate(&mut conn)?;
+    Ok(conn)
+}
+
+fn schema_version(conn: &Connection) -> u32 {
+    conn.query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap_or(0)
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), String> {
+    let current = schema_version(conn) as usize;
+    if current > MIGRATIONS.len() {
+        return Err(format!(
+            "the state database has schema version {current}, newer than this ferrovirtd ({}); use a newer ferrovirtd",
+            MIGRATIONS.len()
+        ));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
+        let tx = conn.transaction().map_err(|e| e.to_string())?;
+        tx.execute_batch(sql)
+            .map_err(|e| format!("migration to v{}: {e}", i + 1))?;
+        tx.pragma_update(None, "user_version", (i + 1) as u32)
+            .map_err(|e| e.to_string())?;
+        tx.commit().map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 impl Store {
     pub fn open(path: &Path) -> Result<Store, String> {
-        let conn =
-            Connection::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(|e| e.to_string())?;
-        conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(|e| e.to_string())?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(|e| e.to_string())?;
-        let mut store = Store { conn };
-        store.migrate()?;
-        Ok(store)
+        Ok(Store {
+            conn: connect(path)?,
+        })
     }
 
     pub fn schema_version(&self) -> u32 {
-        self.conn
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .unwrap_or(0)
-    }
-
-    fn migrate(&mut self) -> Result<(), String> {
-        let current = self.schema_version() as usize;
-        if current > MIGRATIONS.len() {
-            return Err(format!(
-                "the state database has schema version {current}, newer than this ferrovirtd ({}); use a newer ferrovirtd",
-                MIGRATIONS.len()
-            ));
-        }
-        for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
-            let tx = self.conn.transaction().map_err(|e| e.to_string())?;
-            tx.execute_batch(sql)
-                .map_err(|e| format!("migration to v{}: {e}", i + 1))?;
-            tx.pragma_update(None, "user_version", (i + 1) as u32)
-                .map_err(|e| e.to_string())?;
-            tx.commit().map_err(|e| e.to_string())?;
-        }
-        Ok(())
+        schema_version(&self.conn)
     }
 
     pub fn load_all(&self) -> Result<Vec<StoredDomain>, String> {

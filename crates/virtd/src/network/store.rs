@@ -1,20 +1,13 @@
-//! Network definitions in the daemon's SQLite database, in tables of their own (created if
-//! missing, so they do not depend on the domain schema's version).
+//! Network definitions in the daemon's SQLite database (tables `networks` and
+//! `network_meta`, created by the store's migrations).
 
 use std::path::Path;
 
 use ferrovirt_api::network::NetworkDef;
 use ferrovirt_api::ApiError;
-use rusqlite::{params, Connection, OptionalExtension};
 
-const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS networks (
-        name TEXT PRIMARY KEY,
-        uuid TEXT NOT NULL UNIQUE,
-        definition TEXT NOT NULL,
-        autostart INTEGER NOT NULL DEFAULT 0,
-        active INTEGER NOT NULL DEFAULT 0
-    );
-    CREATE TABLE IF NOT EXISTS network_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);";
+use crate::store::db_err;
+use rusqlite::{params, Connection, OptionalExtension};
 
 #[derive(Debug, Clone)]
 pub struct StoredNet {
@@ -28,21 +21,11 @@ pub struct NetStore {
     conn: Connection,
 }
 
-fn db_err(e: rusqlite::Error) -> ApiError {
-    ApiError::internal(format!("state database: {e}"))
-}
-
 impl NetStore {
     pub fn open(path: &Path) -> Result<NetStore, String> {
-        let conn =
-            Connection::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(|e| e.to_string())?;
-        conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(|e| e.to_string())?;
-        conn.execute_batch(SCHEMA)
-            .map_err(|e| format!("network tables: {e}"))?;
-        Ok(NetStore { conn })
+        Ok(NetStore {
+            conn: crate::store::connect(path)?,
+        })
     }
 
     pub fn load_all(&self) -> Result<Vec<StoredNet>, String> {
