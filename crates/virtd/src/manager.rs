@@ -28,6 +28,18 @@ struct Dom {
     console: Option<Arc<ConsoleHub>>,
 }
 
+impl Dom {
+    /// A domain as loaded or just defined: not started by this daemon yet.
+    fn new(stored: StoredDomain) -> Dom {
+        Dom {
+            stored,
+            generation: 0,
+            pending_reboot: false,
+            console: None,
+        }
+    }
+}
+
 struct Inner {
     store: Store,
     doms: BTreeMap<String, Dom>,
@@ -84,17 +96,7 @@ impl Manager {
         let (default_type, default_reason) = host.default_driver();
         let doms = loaded
             .into_iter()
-            .map(|s| {
-                (
-                    s.def.name.clone(),
-                    Dom {
-                        stored: s,
-                        generation: 0,
-                        pending_reboot: false,
-                        console: None,
-                    },
-                )
-            })
+            .map(|s| (s.def.name.clone(), Dom::new(s)))
             .collect();
         let mgr = Arc::new_cyclic(|me| Manager {
             inner: Mutex::new(Inner { store, doms }),
@@ -353,12 +355,7 @@ impl Manager {
             let mut stored = existing.stored.clone();
             stored.def = def;
             if dry_run {
-                let domain = self.info(&Dom {
-                    stored,
-                    generation: 0,
-                    pending_reboot: false,
-                    console: None,
-                });
+                let domain = self.info(&Dom::new(stored));
                 return Ok(DefineResponse { domain, warnings });
             }
             inner.store.put(&stored)?;
@@ -374,25 +371,6 @@ impl Manager {
             def.uuid = Some(new_uuid());
         }
         let name = def.name.clone();
-        if dry_run {
-            let dom = Dom {
-                stored: StoredDomain {
-                    def,
-                    persistent: !transient,
-                    autostart: false,
-                    state: DomainState::Shutoff,
-                    reason: StateReason::Unknown,
-                    runtime: None,
-                },
-                generation: 0,
-                pending_reboot: false,
-                console: None,
-            };
-            return Ok(DefineResponse {
-                domain: self.info(&dom),
-                warnings,
-            });
-        }
         let stored = StoredDomain {
             def,
             persistent: !transient,
@@ -401,32 +379,22 @@ impl Manager {
             reason: StateReason::Unknown,
             runtime: None,
         };
+        if dry_run {
+            return Ok(DefineResponse {
+                domain: self.info(&Dom::new(stored)),
+                warnings,
+            });
+        }
         if transient {
             // Nothing is stored unless the VM actually starts.
-            inner.doms.insert(
-                name.clone(),
-                Dom {
-                    stored,
-                    generation: 0,
-                    pending_reboot: false,
-                    console: None,
-                },
-            );
+            inner.doms.insert(name.clone(), Dom::new(stored));
             if let Err(e) = self.start_locked(&mut inner, &name, StateReason::Booted) {
                 inner.doms.remove(&name);
                 return Err(e);
             }
         } else {
             inner.store.put(&stored)?;
-            inner.doms.insert(
-                name.clone(),
-                Dom {
-                    stored,
-                    generation: 0,
-                    pending_reboot: false,
-                    console: None,
-                },
-            );
+            inner.doms.insert(name.clone(), Dom::new(stored));
             self.events.emit(&name, EventKind::Defined, "added");
         }
         let domain = self.info(Self::get(&inner, &name)?);
