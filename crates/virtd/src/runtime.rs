@@ -93,6 +93,18 @@ pub fn wait_gone(pid: u32, timeout: Duration) -> bool {
     !pid_alive(pid)
 }
 
+/// The last resort of every driver's destroy: SIGKILL and wait up to 5 s for `what` to go.
+pub fn kill_and_wait(pid: u32, what: &str) -> Result<(), ferrovirt_api::ApiError> {
+    kill(pid, libc::SIGKILL);
+    if wait_gone(pid, Duration::from_secs(5)) {
+        Ok(())
+    } else {
+        Err(ferrovirt_api::ApiError::driver(format!(
+            "{what} process {pid} does not exit"
+        )))
+    }
+}
+
 pub fn kill(pid: u32, signal: i32) {
     // SAFETY: kill(2) has no memory effects; a stale pid at worst gets ESRCH.
     unsafe {

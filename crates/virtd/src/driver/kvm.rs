@@ -16,7 +16,7 @@ use ferrovirt_api::{ApiError, DomainDef};
 
 use super::{Driver, ExitNotifier, Started, VmCtx};
 use crate::console::ConsoleHub;
-use crate::runtime::{kill, pid_alive, pid_has_arg, wait_gone, ExitKind, Runtime};
+use crate::runtime::{kill, kill_and_wait, pid_alive, pid_has_arg, wait_gone, ExitKind, Runtime};
 
 pub struct KvmDriver {
     pub binary: PathBuf,
@@ -247,12 +247,7 @@ impl Driver for KvmDriver {
             return Ok(());
         };
         if self.api(dir, "PUT", "/vm/stop").is_err() || !wait_gone(pid, Duration::from_secs(5)) {
-            kill(pid, libc::SIGKILL);
-            if !wait_gone(pid, Duration::from_secs(5)) {
-                return Err(ApiError::driver(format!(
-                    "ferrovmm process {pid} does not exit"
-                )));
-            }
+            return kill_and_wait(pid, "ferrovmm");
         }
         Ok(())
     }

@@ -15,7 +15,7 @@ use serde_json::Value;
 use super::qmp::Qmp;
 use super::{Driver, ExitNotifier, Started, VmCtx};
 use crate::console::ConsoleHub;
-use crate::runtime::{kill, pid_alive, pid_has_arg, wait_gone, ExitKind, Runtime};
+use crate::runtime::{kill, kill_and_wait, pid_alive, pid_has_arg, wait_gone, ExitKind, Runtime};
 
 pub struct QemuDriver {
     pub binary: PathBuf,
@@ -289,12 +289,7 @@ impl Driver for QemuDriver {
             kill(pid, libc::SIGKILL);
         }
         if !wait_gone(pid, Duration::from_secs(10)) {
-            kill(pid, libc::SIGKILL);
-            if !wait_gone(pid, Duration::from_secs(5)) {
-                return Err(ApiError::driver(format!(
-                    "qemu process {pid} does not exit"
-                )));
-            }
+            return kill_and_wait(pid, "qemu");
         }
         Ok(())
     }
