@@ -7,20 +7,25 @@
 //! * [`http`]: a minimal HTTP/1.1 framing used over Unix sockets by daemon, CLI and VMM clients
 //! * [`client`]: a typed client for the ferrovirtd /v1 API
 //! * [`host`]: detection of the host's virtualization support (default driver)
+//! * [`op`]: the typed domain operations; [`job`]: a domain's running job
 
 pub mod client;
 pub mod def;
 pub mod error;
 pub mod host;
 pub mod http;
+pub mod job;
 pub mod msg;
 pub mod network;
+pub mod op;
 pub mod state;
 pub mod tls;
 pub mod xml;
 
 pub use def::{Action, DomainDef, VirtType};
 pub use error::{ApiError, ErrorCode};
+pub use job::{JobInfo, JobProgress, JobStatus};
+pub use op::DomainOp;
 pub use state::{DomainInfo, DomainState, Event, StateReason};
 
 /// Version string reported by `ferrovirt version` and `GET /v1/version`.
