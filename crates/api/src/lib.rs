@@ -2,6 +2,7 @@
 //!
 //! * [`def`]: domain definitions in the native TOML format (documented in docs/api/definition.md)
 //! * [`xml`]: libvirt domain XML import/export for the elements ferrovirt supports
+//! * [`xml_limits`]: the one way XML input is parsed: depth, element and attribute limits
 //! * [`state`]: domain states with reasons, summaries and lifecycle events
 //! * [`error`]: API errors with stable codes
 //! * [`http`]: a minimal HTTP/1.1 framing used over Unix sockets by daemon, CLI and VMM clients
@@ -20,6 +21,7 @@ pub mod size;
 pub mod state;
 pub mod tls;
 pub mod xml;
+pub mod xml_limits;
 
 pub use def::{Action, DomainDef, VirtType};
 pub use error::{ApiError, ErrorCode};

@@ -5,7 +5,7 @@
 //! `serial`, `console`, `graphics`), `on_poweroff`, `on_reboot`, `on_crash`.
 //! Any other element produces a warning naming it; nothing is dropped silently.
 
-use roxmltree::{Document, Node};
+use roxmltree::Node;
 
 use crate::def::{
     Action, BootDev, DiskDef, DiskDevice, DiskFormat, DomainDef, GraphicsDef, GraphicsKind,
@@ -23,8 +23,7 @@ pub struct Parsed {
 
 /// Parse libvirt domain XML.
 pub fn parse(text: &str) -> Result<Parsed, ApiError> {
-    let doc =
-        Document::parse(text).map_err(|e| ApiError::malformed(format!("invalid XML: {e}")))?;
+    let doc = crate::xml_limits::parse(text)?;
     let root = doc.root_element();
     if root.tag_name().name() != "domain" {
         return Err(ApiError::malformed(format!(
@@ -581,6 +580,32 @@ mod tests {
             let err = parse(&text).expect_err(memory);
             assert!(err.message.contains(needle), "{memory}: {}", err.message);
         }
+    }
+
+    #[test]
+    fn deep_or_attribute_heavy_domain_xml_is_refused_naming_the_limit() {
+        for depth in [4000, 100_000] {
+            let xml = format!(
+                "<domain type='test'><name>d</name><metadata>{}{}</metadata></domain>",
+                "<x>".repeat(depth),
+                "</x>".repeat(depth)
+            );
+            let err = parse(&xml).unwrap_err();
+            assert_eq!(err.code, crate::ErrorCode::MalformedBody);
+            assert!(err.message.contains("deep (limit 64)"), "{}", err.message);
+        }
+        let mut xml = String::from("<domain type='test'><name>d</name><vcpu");
+        for i in 0..200_000 {
+            xml.push_str(&format!(" a{i}='1'"));
+        }
+        xml.push_str(">1</vcpu></domain>");
+        let err = parse(&xml).unwrap_err();
+        assert_eq!(err.code, crate::ErrorCode::MalformedBody);
+        assert!(
+            err.message.contains("<vcpu> has more than 64 attributes"),
+            "{}",
+            err.message
+        );
     }
 
     #[test]

@@ -221,6 +221,32 @@ fn libvirt_xml_define_warns_about_unsupported_elements_and_dumpxml_round_trips()
     assert!(toml.contains("memory_kib = 219100\n"), "{toml}");
 }
 
+#[test]
+fn hostile_domain_xml_gets_a_clear_error_and_the_daemon_keeps_answering() {
+    let d = Daemon::start();
+    let c = d.client();
+    let deep = format!(
+        "<domain type='test'><name>deep</name>{}{}</domain>",
+        "<x>".repeat(4000),
+        "</x>".repeat(4000)
+    );
+    let mut wide = String::from("<domain type='test'");
+    for i in 0..20_000 {
+        wide.push_str(&format!(" a{i}='1'"));
+    }
+    wide.push_str("><name>wide</name></domain>");
+    for (xml, limit) in [(deep, "deep (limit 64)"), (wide, "(limit 64 per element)")] {
+        match c.define(&xml, DefFormat::Xml, false) {
+            Err(ferrovirt_api::client::ClientError::Api(e)) => {
+                assert_eq!(e.code, ErrorCode::MalformedBody, "{}", e.message);
+                assert!(e.message.contains(limit), "{}", e.message);
+            }
+            other => panic!("expected an API error, got {other:?}"),
+        }
+    }
+    assert!(c.list(true).unwrap().is_empty());
+}
+
 /// Everything observable about the store: the domain list and each definition.
 fn snapshot(d: &Daemon) -> String {
     let c = d.client();
