@@ -14,6 +14,7 @@ pub mod error;
 pub mod host;
 pub mod http;
 pub mod msg;
+pub mod netmark;
 pub mod network;
 pub mod state;
 pub mod tls;

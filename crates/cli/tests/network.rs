@@ -869,3 +869,87 @@ fn nat_network_gives_back_ip_forward_that_was_already_on() {
     w.ok(&["net-destroy", "default"]);
     assert!(w.ip_forward());
 }
+
+#[test]
+fn orphans_of_a_removed_state_folder_are_named_and_can_be_removed() {
+    let mut w = World::new();
+    w.start_daemon();
+    let check = |w: &World| -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &w.inner])
+            .arg(cli_binary())
+            .arg("-c")
+            .arg(w.socket())
+            .arg("host-validate")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.lines()
+            .find(|l| l.contains("ferrovirt network leftovers"))
+            .unwrap_or_else(|| panic!("no leftovers line:\n{text}"))
+            .to_string()
+    };
+    assert!(
+        check(&w).contains(": PASS (none)"),
+        "the running daemon owns its network's objects: {}",
+        check(&w)
+    );
+
+    // A benchmark or a careless admin: the daemon killed, its folders removed, network running.
+    w.kill9();
+    fs::remove_dir_all(w.dir.join("state")).unwrap();
+    fs::remove_dir_all(w.run_dir()).unwrap();
+    let line = check(&w);
+    assert!(line.contains(": WARN"), "{line}");
+    for part in [
+        "bridge fvbr0 of network 'default'",
+        "nftables table ip ferrovirt_default_",
+        "dnsmasq pid ",
+        "no daemon answered",
+        "ip link del fvbr0",
+        "nft delete table ip ferrovirt_default_",
+    ] {
+        assert!(line.contains(part), "'{part}' missing: {line}");
+    }
+
+    // A new daemon on a fresh state folder defines a new `default` (another uuid): it cannot take
+    // the orphan's bridge, and says what the orphan is and how to remove it.
+    w.start_daemon();
+    let err = w.fails(&["net-start", "default"]);
+    for part in [
+        "device 'fvbr0' already exists",
+        "network 'default'",
+        "this daemon does not know",
+        "ip link del fvbr0",
+        "host-validate",
+    ] {
+        assert!(err.contains(part), "'{part}' missing: {err}");
+    }
+    let line = check(&w);
+    assert!(
+        line.contains("the daemon at") && line.contains("does not own them"),
+        "{line}"
+    );
+
+    // The commands host-validate gives remove everything; then the network starts.
+    let how = line
+        .split("remove with: ")
+        .nth(1)
+        .unwrap()
+        .trim_end_matches(')')
+        .to_string();
+    for cmd in how.split("; ") {
+        let argv: Vec<&str> = cmd.split_whitespace().collect();
+        w.inner(&argv);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !check(&w).contains(": PASS (none)") {
+        assert!(Instant::now() < deadline, "still: {}", check(&w));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    w.ok(&["net-start", "default"]);
+    assert!(check(&w).contains(": PASS (none)"), "{}", check(&w));
+    // (ip_forward: the removed folder held the value to give back; the new daemon found it on.)
+    w.ok(&["net-destroy", "default"]);
+    assert!(w.census().0.is_empty(), "{:?}", w.census());
+}
