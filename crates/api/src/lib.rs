@@ -6,6 +6,7 @@
 //! * [`error`]: API errors with stable codes
 //! * [`http`]: a minimal HTTP/1.1 framing used over Unix sockets by daemon, CLI and VMM clients
 //! * [`client`]: a typed client for the ferrovirtd /v1 API
+//! * [`size`]: memory sizes with libvirt's units, in KiB
 //! * [`host`]: detection of the host's virtualization support (default driver)
 
 pub mod client;
@@ -16,6 +17,7 @@ pub mod http;
 pub mod msg;
 pub mod netmark;
 pub mod network;
+pub mod size;
 pub mod state;
 pub mod tls;
 pub mod xml;

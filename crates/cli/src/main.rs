@@ -295,9 +295,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
             run_events(&client, domain, kind, looping, timeout, json)?;
         }
         Command::Setmem { domain, size, config, live, current: _ } => {
-            let mib = sizes::parse_kib_default_to_mib(&size).map_err(Failure::Usage)?;
-            let info = client.set_memory(&domain, mib, config && !live)?;
-            done(&info, format!("Domain '{domain}' memory set to {} KiB in its configuration", mib * 1024));
+            let kib = sizes::parse_memory_kib(&size).map_err(Failure::Usage)?;
+            let info = client.set_memory(&domain, kib, config && !live)?;
+            done(&info, format!("Domain '{domain}' memory set to {kib} KiB in its configuration"));
         }
         Command::Setvcpus { domain, count, config, live, current: _ } => {
             let info = client.set_vcpus(&domain, count, config && !live)?;

@@ -171,6 +171,16 @@ fn virsh_verbs_and_output_shapes() {
         xml.contains("<memory unit='KiB'>524288</memory>") && xml.contains(">2</vcpu>"),
         "{xml}"
     );
+    // Memory is kept in KiB exactly, not rounded to MiB.
+    assert!(e
+        .ok(&["setmem", "web", "219100", "--config"])
+        .contains("219100 KiB"));
+    assert!(e
+        .ok(&["dominfo", "web"])
+        .contains("Max memory:     219100 KiB\n"));
+    assert!(e
+        .ok(&["dumpxml", "web"])
+        .contains("<memory unit='KiB'>219100</memory>"));
     let list: Vec<serde_json::Value> = serde_json::from_str(&e.ok(&["list", "--json"])).unwrap();
     assert_eq!(list[0]["state"], "running");
     assert_eq!(

@@ -73,8 +73,9 @@ impl KvmDriver {
             a.extend(["--cmdline".into(), c.clone()]);
         }
         a.extend([
+            // ferrovmm sizes RAM in MiB: round up, the definition keeps its exact KiB.
             "--memory".into(),
-            def.memory_mib.to_string(),
+            def.memory_mib_rounded_up().to_string(),
             "--vcpus".into(),
             def.vcpus.to_string(),
         ]);
