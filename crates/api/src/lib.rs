@@ -16,6 +16,7 @@ pub mod error;
 pub mod host;
 pub mod http;
 pub mod msg;
+pub mod netmark;
 pub mod network;
 pub mod size;
 pub mod state;

@@ -3,6 +3,7 @@
 mod console;
 mod hostval;
 mod install;
+mod leftovers;
 mod net;
 mod output;
 mod sizes;
@@ -321,7 +322,14 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Command::HostValidate => {
-            let checks = hostval::run();
+            let mut checks = hostval::run();
+            // The daemon says which networks it runs; what carries our mark and none of them owns
+            // is left over (see leftovers.rs).
+            let nets = client.net_list(true).map_err(|e| e.to_string());
+            checks.push(hostval::leftovers(
+                nets.as_deref().map_err(String::as_str),
+                &cli.connect,
+            ));
             if json {
                 print_json(&checks);
             } else {
