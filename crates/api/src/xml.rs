@@ -5,13 +5,14 @@
 //! `serial`, `console`, `graphics`), `on_poweroff`, `on_reboot`, `on_crash`.
 //! Any other element produces a warning naming it; nothing is dropped silently.
 
-use roxmltree::{Document, Node};
+use roxmltree::Node;
 
 use crate::def::{
     Action, BootDev, DiskDef, DiskDevice, DiskFormat, DomainDef, GraphicsDef, GraphicsKind,
     InterfaceDef, InterfaceKind, VirtType,
 };
 use crate::error::ApiError;
+use crate::size;
 
 /// A parsed definition and the warnings about what was ignored.
 #[derive(Debug)]
@@ -22,8 +23,7 @@ pub struct Parsed {
 
 /// Parse libvirt domain XML.
 pub fn parse(text: &str) -> Result<Parsed, ApiError> {
-    let doc =
-        Document::parse(text).map_err(|e| ApiError::malformed(format!("invalid XML: {e}")))?;
+    let doc = crate::xml_limits::parse(text)?;
     let root = doc.root_element();
     if root.tag_name().name() != "domain" {
         return Err(ApiError::malformed(format!(
@@ -82,8 +82,8 @@ impl Parser {
                     have_name = true;
                 }
                 "uuid" => def.uuid = Some(text(child).to_ascii_lowercase()),
-                "memory" => def.memory_mib = memory_mib(child)?,
-                "currentMemory" => current_memory = Some(memory_mib(child)?),
+                "memory" => def.memory_kib = self.memory_kib(child)?,
+                "currentMemory" => current_memory = Some(self.memory_kib(child)?),
                 "vcpu" => {
                     def.vcpus = text(child).parse().map_err(|_| {
                         ApiError::invalid(format!("<vcpu> '{}' is not a number", text(child)))
@@ -101,14 +101,33 @@ impl Parser {
             return Err(ApiError::invalid("the domain XML has no <name>"));
         }
         if let Some(cur) = current_memory {
-            if cur != def.memory_mib {
+            if cur != def.memory_kib {
                 self.warnings.push(format!(
-                    "<currentMemory> {cur} MiB differs from <memory> {} MiB; ballooning is not supported, using <memory>",
-                    def.memory_mib
+                    "<currentMemory> {cur} KiB differs from <memory> {} KiB; ballooning is not supported, using <memory>",
+                    def.memory_kib
                 ));
             }
         }
         Ok(def)
+    }
+
+    /// `<memory unit='...'>N</memory>` in KiB (libvirt's default unit); like libvirt, a size that is
+    /// not a whole number of KiB is rounded up, with a warning.
+    fn memory_kib(&mut self, node: Node) -> Result<u64, ApiError> {
+        let tag = node.tag_name().name();
+        let value: u64 = text(node).parse().map_err(|_| {
+            ApiError::invalid(format!("<{tag}> '{}' is not a whole number", text(node)))
+        })?;
+        let unit = node.attribute("unit").unwrap_or("KiB");
+        let sized =
+            size::to_kib(value, unit).map_err(|e| ApiError::invalid(format!("<{tag}>: {e}")))?;
+        if !sized.exact {
+            self.warnings.push(format!(
+                "<{tag} unit='{unit}'>{value}</{tag}> is not a whole number of KiB; rounded up to {} KiB",
+                sized.kib
+            ));
+        }
+        Ok(sized.kib)
     }
 
     fn action(&mut self, node: Node) -> Result<Action, ApiError> {
@@ -307,34 +326,6 @@ impl Parser {
     }
 }
 
-fn memory_mib(node: Node) -> Result<u64, ApiError> {
-    let value: u64 = text(node).parse().map_err(|_| {
-        ApiError::invalid(format!(
-            "<{}> '{}' is not a number",
-            node.tag_name().name(),
-            text(node)
-        ))
-    })?;
-    let unit = node.attribute("unit").unwrap_or("KiB");
-    let bytes_per: u64 = match unit {
-        "b" | "bytes" => 1,
-        "KB" => 1000,
-        "k" | "KiB" => 1024,
-        "MB" => 1000 * 1000,
-        "M" | "MiB" => 1 << 20,
-        "GB" => 1000 * 1000 * 1000,
-        "G" | "GiB" => 1 << 30,
-        "TB" => 1000 * 1000 * 1000 * 1000,
-        "T" | "TiB" => 1 << 40,
-        other => {
-            return Err(ApiError::invalid(format!(
-                "memory unit '{other}' is not known"
-            )))
-        }
-    };
-    Ok(value.saturating_mul(bytes_per) / (1 << 20))
-}
-
 fn esc(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
@@ -360,7 +351,7 @@ pub fn emit(def: &DomainDef, default_type: VirtType) -> String {
     if let Some(uuid) = &def.uuid {
         let _ = writeln!(x, "  <uuid>{}</uuid>", esc(uuid));
     }
-    let kib = def.memory_mib * 1024;
+    let kib = def.memory_kib;
     let _ = writeln!(x, "  <memory unit='KiB'>{kib}</memory>");
     let _ = writeln!(x, "  <currentMemory unit='KiB'>{kib}</currentMemory>");
     let _ = writeln!(x, "  <vcpu placement='static'>{}</vcpu>", def.vcpus);
@@ -500,7 +491,7 @@ mod tests {
             d.uuid.as_deref(),
             Some("6b0b4a8a-9c3a-4f2e-8e55-0d5d7b1b2c3d")
         );
-        assert_eq!(d.memory_mib, 4096);
+        assert_eq!(d.memory_kib, 4 << 20);
         assert_eq!(d.vcpus, 2);
         assert_eq!(d.virt_type, Some(VirtType::Kvm));
         assert_eq!(d.os.cmdline.as_deref(), Some("console=ttyS0 root=/dev/vda"));
@@ -531,6 +522,90 @@ mod tests {
         let mut expected = parsed.def.clone();
         expected.disks[0].target = Some("vda".into());
         assert_eq!(again.def, expected);
+    }
+
+    fn with_memory(memory: &str) -> Parsed {
+        parse(&format!(
+            "<domain type='test'><name>m</name>{memory}<os><type>hvm</type><kernel>/k</kernel></os></domain>"
+        ))
+        .unwrap_or_else(|e| panic!("{memory}: {}", e.message))
+    }
+
+    #[test]
+    fn memory_in_every_unit_round_trips_in_kib() {
+        for (memory, kib) in [
+            ("<memory unit='KiB'>219100</memory>", 219100),
+            ("<memory>219100</memory>", 219100),
+            ("<memory unit='k'>219100</memory>", 219100),
+            ("<memory unit='K'>219100</memory>", 219100),
+            ("<memory unit='b'>224358400</memory>", 219100),
+            ("<memory unit='bytes'>224358400</memory>", 219100),
+            ("<memory unit='M'>512</memory>", 512 * 1024),
+            ("<memory unit='MiB'>512</memory>", 512 * 1024),
+            ("<memory unit='G'>4</memory>", 4 << 20),
+            ("<memory unit='GiB'>4</memory>", 4 << 20),
+            ("<memory unit='T'>1</memory>", 1 << 30),
+            ("<memory unit='KB'>1024000</memory>", 1_000_000),
+            ("<memory unit='MB'>2048</memory>", 2_000_000),
+            ("<memory unit='GB'>1</memory>", 976_563),
+        ] {
+            let parsed = with_memory(memory);
+            assert_eq!(parsed.def.memory_kib, kib, "{memory}");
+            let xml = emit(&parsed.def, VirtType::Test);
+            assert!(
+                xml.contains(&format!("<memory unit='KiB'>{kib}</memory>")),
+                "{memory}: {xml}"
+            );
+            let again = parse(&xml).expect("re-parses");
+            assert_eq!(again.def, parsed.def, "{memory}");
+        }
+    }
+
+    #[test]
+    fn memory_that_is_not_whole_kib_is_rounded_up_with_a_warning() {
+        let parsed = with_memory("<memory unit='b'>1000000</memory>");
+        assert_eq!(parsed.def.memory_kib, 977);
+        let all = parsed.warnings.join("\n");
+        assert!(all.contains("rounded up to 977 KiB"), "{all}");
+    }
+
+    #[test]
+    fn bad_memory_units_and_values_are_refused() {
+        for (memory, needle) in [
+            ("<memory unit='parsecs'>1</memory>", "'parsecs'"),
+            ("<memory>-5</memory>", "not a whole number"),
+            ("<memory unit='EiB'>99999</memory>", "too large"),
+        ] {
+            let text = format!("<domain><name>m</name>{memory}</domain>");
+            let err = parse(&text).expect_err(memory);
+            assert!(err.message.contains(needle), "{memory}: {}", err.message);
+        }
+    }
+
+    #[test]
+    fn deep_or_attribute_heavy_domain_xml_is_refused_naming_the_limit() {
+        for depth in [4000, 100_000] {
+            let xml = format!(
+                "<domain type='test'><name>d</name><metadata>{}{}</metadata></domain>",
+                "<x>".repeat(depth),
+                "</x>".repeat(depth)
+            );
+            let err = parse(&xml).unwrap_err();
+            assert_eq!(err.code, crate::ErrorCode::MalformedBody);
+            assert!(err.message.contains("deep (limit 64)"), "{}", err.message);
+        }
+        let mut xml = String::from("<domain type='test'><name>d</name><vcpu");
+        for i in 0..200_000 {
+            xml.push_str(&format!(" a{i}='1'"));
+        }
+        xml.push_str(">1</vcpu></domain>");
+        let err = parse(&xml).unwrap_err();
+        assert_eq!(err.code, crate::ErrorCode::MalformedBody);
+        assert!(
+            err.message.contains("<vcpu> has more than 64 attributes"),
+            "{}",
+            err.message
+        );
     }
 
     #[test]

@@ -83,7 +83,8 @@ pub fn launch_config(def: &DomainDef, dir: &Path) -> Result<LaunchConfig, ApiErr
     if let Some(cmdline) = &def.os.cmdline {
         c.cmdline = cmdline.clone();
     }
-    c.memory_mib = def.memory_mib;
+    // ferrovmm sizes RAM in MiB: round up, the definition keeps its exact KiB.
+    c.memory_mib = def.memory_mib_rounded_up();
     c.vcpus = def.vcpus;
     c.serial = SerialMode::Socket(dir.join("serial.sock"));
     c.api_socket = Some(dir.join("api.sock"));
