@@ -175,7 +175,7 @@ fn libvirt_xml_define_warns_about_unsupported_elements_and_dumpxml_round_trips()
     let c = d.client();
     let kernel = d.file("vmlinuz", "k");
     let xml = format!(
-        "<domain type='test'><name>fromlibvirt</name><memory unit='MiB'>300</memory><vcpu>2</vcpu>\
+        "<domain type='test'><name>fromlibvirt</name><memory unit='MiB'>300</memory><vcpu current='1'>2</vcpu>\
          <os><type>hvm</type><kernel>{}</kernel></os><features><acpi/></features>\
          <devices><video/><serial type='pty'/></devices></domain>",
         kernel.display()
@@ -184,7 +184,7 @@ fn libvirt_xml_define_warns_about_unsupported_elements_and_dumpxml_round_trips()
     assert_eq!(r.domain.memory_kib, 300 * 1024);
     let w = r.warnings.join("\n");
     assert!(
-        w.contains("<features>") && w.contains("<video>"),
+        w.contains("<features>") && w.contains("<video>") && w.contains("current='1'"),
         "warnings: {w}"
     );
     let dumped = c.xml("fromlibvirt").unwrap();
