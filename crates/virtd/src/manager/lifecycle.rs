@@ -124,7 +124,7 @@ impl Manager {
                 drop(inner);
                 let deadline = job.deadline(self.limit(op), format!("domain '{name}': {op}"));
                 let uuid = snapshot.def.uuid.clone().unwrap_or_default();
-                let (memory_mib, vcpus) = (snapshot.def.memory_mib, snapshot.def.vcpus);
+                let (memory_kib, vcpus) = (snapshot.def.memory_kib, snapshot.def.vcpus);
                 let virt_type = self.vtype(&snapshot.def);
                 let (worker_name, answer_name) = (name.clone(), name.clone());
                 self.run_job(
@@ -148,7 +148,7 @@ impl Manager {
                             },
                             persistent: false,
                             autostart: false,
-                            memory_mib,
+                            memory_kib,
                             vcpus,
                             pid: None,
                             console_log: None,

@@ -263,7 +263,7 @@ impl Manager {
             reason: s.reason,
             persistent: s.persistent,
             autostart: s.autostart,
-            memory_mib: s.def.memory_mib,
+            memory_kib: s.def.memory_kib,
             vcpus: s.def.vcpus,
             pid: if active {
                 s.runtime.as_ref().and_then(|r| r.pid)
