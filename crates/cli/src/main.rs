@@ -226,7 +226,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Start { domain, console } => {
             let info = client.action(&domain, "start")?;
-            done(&info, format!("Domain '{domain}' started"));
+            done(&info, output::started(&domain, &info));
             if console {
                 console::attach(&client, &domain, true)?;
             }

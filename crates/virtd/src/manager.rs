@@ -6,6 +6,7 @@ use std::fs;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use ferrovirt_api::def::VirtType;
+use ferrovirt_api::engine::{choose_engine, EngineChoice};
 use ferrovirt_api::host::HostVirt;
 use ferrovirt_api::msg::{DefineResponse, DisplayInfo, VolumeCreateRequest, VolumeInfo};
 use ferrovirt_api::state::EventKind;
@@ -15,7 +16,7 @@ use crate::console::{rotate_for_boot, ConsoleHub};
 use crate::driver::{kvm::KvmDriver, qemu::QemuDriver, test::TestDriver, Driver, VmCtx};
 use crate::events::EventBus;
 use crate::network::Networks;
-use crate::runtime::{new_mac, new_uuid, ExitKind, Paths};
+use crate::runtime::{new_mac, new_uuid, ExitKind, Paths, Runtime};
 use crate::store::{Store, StoredDomain};
 use crate::volume;
 
@@ -132,6 +133,32 @@ impl Manager {
         def.virt_type.unwrap_or(self.default_type)
     }
 
+    /// The engine that would run `def` on this host, and why (see ferrovirt_api::engine).
+    fn engine(&self, def: &DomainDef) -> EngineChoice {
+        let mut typed;
+        let def = if def.virt_type.is_none() {
+            typed = def.clone();
+            typed.virt_type = Some(self.default_type);
+            &typed
+        } else {
+            def
+        };
+        choose_engine(&self.host, def)
+    }
+
+    /// The driver that starts `def`.
+    fn driver_for(&self, def: &DomainDef) -> &dyn Driver {
+        self.driver(self.engine(def).engine.driver())
+    }
+
+    /// The driver of a running VM: the one that started it.
+    fn running_driver(&self, def: &DomainDef, runtime: &Runtime) -> &dyn Driver {
+        match runtime.engine {
+            Some(engine) => self.driver(engine.driver()),
+            None => self.driver_for(def),
+        }
+    }
+
     fn ctx<'a>(&self, def: &'a DomainDef, id: u32, generation: u64) -> Result<VmCtx<'a>, ApiError> {
         let vm_dir = self.paths.vm_dir(&def.name);
         fs::create_dir_all(&vm_dir)
@@ -143,7 +170,7 @@ impl Manager {
             id,
             vm_dir,
             console_log: self.paths.console_log(&def.name),
-            accel: def.accel.unwrap_or(self.host.default_accel()),
+            accel: self.engine(def).accel.unwrap_or(self.host.default_accel()),
             on_exit: Box::new(move |kind| {
                 if let Some(mgr) = me.upgrade() {
                     mgr.vm_exited(&name, generation, kind);
@@ -168,7 +195,7 @@ impl Manager {
             let started = self
                 .ctx(&def, runtime.id, generation)
                 .ok()
-                .and_then(|ctx| self.driver(self.vtype(&def)).reattach(ctx, &runtime));
+                .and_then(|ctx| self.running_driver(&def, &runtime).reattach(ctx, &runtime));
             let Some(dom) = inner.doms.get_mut(name) else {
                 continue;
             };
@@ -234,6 +261,7 @@ impl Manager {
             name: s.def.name.clone(),
             uuid: s.def.uuid.clone().unwrap_or_default(),
             virt_type: self.vtype(&s.def),
+            engine: self.engine_info(s),
             state: s.state,
             reason: s.reason,
             persistent: s.persistent,
@@ -246,6 +274,21 @@ impl Manager {
                 None
             },
             console_log: log.exists().then(|| log.to_string_lossy().into_owned()),
+        }
+    }
+
+    /// The engine for dominfo: the one running the VM, else the one a start would use.
+    fn engine_info(&self, s: &StoredDomain) -> EngineChoice {
+        let choice = self.engine(&s.def);
+        let running = s.runtime.as_ref().and_then(|r| r.engine);
+        match running {
+            Some(engine) if s.state.is_active() && engine != choice.engine => EngineChoice {
+                engine,
+                accel: None,
+                reason: "started before the definition was changed".into(),
+                cannot_start: None,
+            },
+            _ => choice,
         }
     }
 
@@ -292,8 +335,12 @@ impl Manager {
     /// `dry_run` skips files that would be created in the default pool (install checks first).
     fn check_definition(&self, def: &DomainDef, dry_run: bool) -> Result<(), ApiError> {
         def.validate()?;
-        self.driver(self.vtype(def)).check(def)?;
-        // A dry run is install's pre-check: the VM is about to start, so its networks must run.
+        self.driver_for(def).check(def)?;
+        // A dry run is install's pre-check: the VM is about to start, so this host must be able
+        // to run it and its networks must run.
+        if dry_run {
+            self.engine(def).check_startable()?;
+        }
         self.networks.check_interfaces(def, dry_run)?;
         if dry_run {
             let pool = self.paths.images();
@@ -439,18 +486,26 @@ impl Manager {
             .ok_or_else(|| ApiError::no_domain(name))?;
         let def = dom.stored.def.clone();
         let generation = dom.generation + 1;
+        let engine = self.engine(&def);
+        engine.check_startable()?;
         def.check_paths()?;
         let id = inner.store.peek_next_id()?;
         rotate_for_boot(&self.paths.console_log(name));
         let ctx = self.ctx(&def, id, generation)?;
         self.networks.plug(&def)?;
-        let started = match self.driver(self.vtype(&def)).start(ctx) {
+        eprintln!(
+            "ferrovirtd: starting domain '{name}' on {}: {}",
+            engine.describe(),
+            engine.reason
+        );
+        let mut started = match self.driver(engine.engine.driver()).start(ctx) {
             Ok(s) => s,
             Err(e) => {
                 self.networks.unplug(&def);
                 return Err(e);
             }
         };
+        started.runtime.engine = Some(engine.engine);
         let dom = inner
             .doms
             .get_mut(name)
@@ -464,7 +519,7 @@ impl Manager {
         let stored = dom.stored.clone();
         if let Err(e) = inner.store.put_started(&stored, id) {
             // Not recorded means not started: take the VM down again rather than lose track of it.
-            let _ = self.driver(self.vtype(&def)).destroy(
+            let _ = self.driver(engine.engine.driver()).destroy(
                 &def,
                 &self.paths.vm_dir(name),
                 stored.runtime.as_ref().unwrap_or(&Default::default()),
@@ -492,7 +547,7 @@ impl Manager {
         let def = dom.stored.def.clone();
         let runtime = dom.stored.runtime.clone().unwrap_or_default();
         let vm_dir = self.paths.vm_dir(&name);
-        let driver = self.driver(self.vtype(&def));
+        let driver = self.running_driver(&def, &runtime);
         let need = |ok: bool, what: &str| -> Result<(), ApiError> {
             if ok {
                 Ok(())
@@ -576,6 +631,7 @@ impl Manager {
                     name: name.clone(),
                     uuid: def.uuid.clone().unwrap_or_default(),
                     virt_type: self.vtype(&def),
+                    engine: self.engine(&def),
                     state: DomainState::Shutoff,
                     reason: StateReason::Destroyed,
                     persistent: false,
