@@ -109,8 +109,10 @@ impl Manager {
         let mut wait = wait.unwrap_or_default().min(self.limits.max_wait);
         let mut inner = self.lock();
         let name = Self::resolve(&inner, name)?;
+        let mut killed = false;
         if op == DomainOp::Destroy {
-            let (guard, killed) = self.kill_if_busy(inner, &name)?;
+            let guard;
+            (guard, killed) = self.kill_if_busy(inner, &name)?;
             inner = guard;
             if killed {
                 // The stuck job's calls fail now that the process is gone: wait for it to end.
@@ -119,7 +121,7 @@ impl Manager {
         }
         let (inner, name, job) =
             self.take_job(inner, &name, op.as_str(), op == DomainOp::Start, wait)?;
-        match self.prepare(&inner, &name, op) {
+        match self.prepare(&inner, &name, op, killed) {
             Ok(Some(snapshot)) => {
                 drop(inner);
                 let deadline = job.deadline(self.limit(op), format!("domain '{name}': {op}"));
@@ -174,16 +176,17 @@ impl Manager {
     }
 
     /// Check the operation against the domain's state and copy out what the driver needs.
-    /// None: nothing to do (a destroy whose VM ended meanwhile).
+    /// None: nothing to do (a destroy that killed the VM, whose end was handled meanwhile).
     fn prepare(
         &self,
         inner: &Inner,
         name: &str,
         op: DomainOp,
+        killed: bool,
     ) -> Result<Option<Snapshot>, ApiError> {
         let dom = Self::get(inner, name)?;
         let state = dom.stored.state;
-        if op == DomainOp::Destroy && dom.killed && !state.is_active() {
+        if killed && !state.is_active() {
             return Ok(None);
         }
         allowed(op, name, state)?;
