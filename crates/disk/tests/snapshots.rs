@@ -12,6 +12,15 @@ use std::path::Path;
 
 const SIZE: u64 = 8 << 20;
 
+/// One test at a time: a child process spawned by another test thread holds copies of
+/// our descriptors between its fork and exec, and with them our image locks, so an
+/// image closed and reopened right then would look in use.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 #[derive(Clone, Debug)]
 enum Op {
     Write { off: u64, len: u64, pat: u8 },
@@ -233,16 +242,19 @@ fn seed(default: u64) -> u64 {
 
 #[test]
 fn snapshot_workload_matches_qemu() {
+    let _serial = serial();
     run_case("snap-64k", seed(11), 65536, false);
 }
 
 #[test]
 fn snapshot_workload_small_clusters_matches_qemu() {
+    let _serial = serial();
     run_case("snap-4k", seed(23), 4096, false);
 }
 
 #[test]
 fn snapshot_workload_mixed_with_qemu_img_matches_qemu() {
+    let _serial = serial();
     // Our image gets some of its snapshot operations from qemu-img: we write into
     // QEMU's shared L2 tables and QEMU works on ours.
     run_case("snap-mixed", seed(37), 65536, true);
@@ -250,6 +262,7 @@ fn snapshot_workload_mixed_with_qemu_img_matches_qemu() {
 
 #[test]
 fn snapshot_list_prints_like_qemu_img() {
+    let _serial = serial();
     let d = Scratch::new("snap-list");
     let p = d.path("a.qcow2");
     qemu_img_ok(&["create", "-f", "qcow2", &s(&p), "16M"]);
@@ -297,6 +310,7 @@ fn snapshot_list_prints_like_qemu_img() {
 
 #[test]
 fn vm_state_round_trips_and_stays_out_of_the_disk() {
+    let _serial = serial();
     let d = Scratch::new("snap-vmstate");
     let p = d.path("vm.qcow2");
     qemu_img_ok(&[
@@ -358,6 +372,7 @@ fn vm_state_round_trips_and_stays_out_of_the_disk() {
 
 #[test]
 fn snapshot_verbs_refuse_raw_and_bad_input() {
+    let _serial = serial();
     let d = Scratch::new("snap-bad");
     let raw = d.path("a.raw");
     std::fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
@@ -419,6 +434,7 @@ fn qemu_monitor(img: &Path, cmds: &[&str]) -> Option<String> {
 
 #[test]
 fn vm_state_interoperates_with_qemu_savevm_and_loadvm() {
+    let _serial = serial();
     let d = Scratch::new("snap-savevm");
     let p = d.path("vm.qcow2");
     qemu_img_ok(&["create", "-f", "qcow2", &s(&p), "16M"]);
