@@ -132,7 +132,7 @@ pub fn exit_kind(dir: &Path) -> ExitKind {
                 eprintln!(
                     "ferrovirtd: VM in {} crashed ({}): {detail}",
                     dir.display(),
-                    serde_json::to_string(&cause).unwrap_or_default()
+                    cause.as_str()
                 );
                 ExitKind::Crash
             }
