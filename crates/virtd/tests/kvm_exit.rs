@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::{wait_for, Daemon};
 use ferrovirt_api::client::DefFormat;
-use ferrovirt_api::{DomainState, StateReason};
+use ferrovirt_api::{DomainOp, DomainState, StateReason};
 use ferrovirt_testkit::image::pvh_kernel;
 
 /// 32-bit code entered through PVH, hand-assembled.
@@ -64,9 +64,9 @@ fn start_and_press(d: &Daemon, name: &str, code: &[u8], extra: &str) {
     );
     let c = d.client();
     c.define(&def, DefFormat::Toml, false).expect("define");
-    c.action(name, "start")
+    c.action(name, DomainOp::Start)
         .unwrap_or_else(|e| panic!("start {name}: {e:?}\n{}", d.log()));
-    c.action(name, "shutdown")
+    c.action(name, DomainOp::Shutdown)
         .unwrap_or_else(|e| panic!("shutdown {name}: {e:?}\n{}", d.log()));
 }
 
@@ -142,7 +142,7 @@ fn a_vmm_that_dies_without_an_exit_record_is_a_crash() {
     );
     let c = d.client();
     c.define(&def, DefFormat::Toml, false).expect("define");
-    c.action("held", "start").expect("start");
+    c.action("held", DomainOp::Start).expect("start");
     let pid = c
         .get("held")
         .unwrap()
