@@ -5,7 +5,9 @@ use std::sync::{Arc, MutexGuard};
 use std::time::Duration;
 
 use ferrovirt_api::state::EventKind;
-use ferrovirt_api::{Action, ApiError, DomainDef, DomainInfo, DomainOp, DomainState, StateReason};
+use ferrovirt_api::{
+    Action, ApiError, DomainDef, DomainInfo, DomainOp, DomainState, JobProgress, StateReason,
+};
 
 use super::commit::{self, Transient};
 use super::jobs::{Job, JobHandle};
@@ -14,6 +16,9 @@ use crate::console::rotate_for_boot;
 use crate::deadline::Deadline;
 use crate::driver::{Driver, Started, VmRef};
 use crate::runtime::{ExitKind, Runtime};
+
+/// The steps of a start, for its job's progress.
+const START_STEPS: u64 = 4;
 
 /// What an operation copies out of the domain before the lock is released.
 struct Snapshot {
@@ -305,11 +310,22 @@ impl Manager {
             inner.next_id += 1;
             (def, generation, id, driver)
         };
+        let step = |done: u64, phase: &str| {
+            job.set_progress(Some(JobProgress {
+                phase: Some(phase.to_string()),
+                done,
+                total: Some(START_STEPS),
+                unit: "steps".into(),
+            }))
+        };
+        step(0, "checking files");
         def.check_paths()?;
         deadline.check()?;
         rotate_for_boot(&self.paths.console_log(name));
         let ctx = self.ctx(&def, id, generation, deadline.clone())?;
+        step(1, "plugging network interfaces");
         self.networks.plug(&def)?;
+        step(2, "starting the VM");
         let Started { runtime, console } = match driver.start(ctx) {
             Ok(s) => s,
             Err(e) => {
@@ -338,6 +354,7 @@ impl Manager {
         if let Err(e) = deadline.check() {
             return Err(undo(e));
         }
+        step(3, "recording");
         let mut inner = self.lock();
         if Self::job_timed_out(&inner, name, job) {
             drop(inner);
