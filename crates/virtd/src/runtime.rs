@@ -15,6 +15,9 @@ pub struct Runtime {
     pub pid: Option<u32>,
     /// VNC TCP port on 127.0.0.1 (qemu driver with graphics).
     pub vnc_port: Option<u16>,
+    /// The engine that runs the VM (absent in rows stored before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<ferrovirt_api::engine::Engine>,
 }
 
 /// How a VM ended.

@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use ferrovirt_api::def::DiskDevice;
 use ferrovirt_api::http::unix_request;
 use ferrovirt_api::{ApiError, DomainDef};
 use ferrovmm_api::launch::{DiskConfig, Mac, NetBackend, NetConfig, SerialMode};
@@ -176,20 +175,11 @@ fn log_tail(path: &Path) -> String {
 
 impl Driver for KvmDriver {
     fn check(&self, def: &DomainDef) -> Result<(), ApiError> {
-        let qemu_hint = "; use --virt-type qemu (type = \"qemu\") for now";
-        if def.disks.iter().any(|d| d.device == DiskDevice::Cdrom) {
+        // A kvm domain that needs more runs on QEMU (ferrovirt_api::engine); this refuses only
+        // what reaches ferrovmm anyway.
+        if let Some(what) = ferrovirt_api::engine::ferrovmm_lacks(def) {
             return Err(ApiError::not_supported(format!(
-                "the kvm driver (ferrovmm) does not support CD-ROMs (--cdrom) yet: it has no firmware to boot one{qemu_hint}"
-            )));
-        }
-        if def.graphics.is_some() {
-            return Err(ApiError::not_supported(format!(
-                "the kvm driver (ferrovmm) does not support graphics (--graphics vnc) yet: it has no display device{qemu_hint}"
-            )));
-        }
-        if def.os.kernel.is_none() {
-            return Err(ApiError::not_supported(format!(
-                "the kvm driver (ferrovmm) boots a kernel directly and has no firmware yet: give os.kernel (--boot kernel=...){qemu_hint}"
+                "ferrovmm does not support {what} yet; use --virt-type qemu (type = \"qemu\") or no emulator"
             )));
         }
         // Everything ferrovmm's command line cannot carry is refused now, not at start.
@@ -207,7 +197,7 @@ impl Driver for KvmDriver {
         let log_path = dir.join("vmm.log");
         let log = fs::File::create(&log_path)
             .map_err(|e| ApiError::internal(format!("{}: {e}", log_path.display())))?;
-        let mut cmd = Command::new(&self.binary);
+        let mut cmd = Command::new(ctx.def.emulator_binary().unwrap_or(&self.binary));
         cmd.args(argv)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -267,6 +257,8 @@ impl Driver for KvmDriver {
                 id: ctx.id,
                 pid: Some(pid),
                 vnc_port: None,
+                // Recorded by the manager, which chose the engine.
+                engine: None,
             },
             console: Some(console),
         })

@@ -233,7 +233,8 @@ impl Driver for QemuDriver {
             .map_err(|e| ApiError::internal(e.to_string()))?;
         // With -daemonize QEMU forks, sets up the VM, and its first process exits once the VM is
         // ready: from then on QEMU is not our child and survives ferrovirtd.
-        let mut child = Command::new(&self.binary)
+        let binary = ctx.def.emulator_binary().unwrap_or(&self.binary);
+        let mut child = Command::new(binary)
             .args(self.args(&ctx))
             .stdin(Stdio::null())
             .stdout(log)
@@ -242,7 +243,7 @@ impl Driver for QemuDriver {
             .map_err(|e| {
                 ApiError::driver(format!(
                     "cannot run {}: {e} (install qemu-system-x86 or set FERROVIRT_QEMU)",
-                    self.binary.display()
+                    binary.display()
                 ))
             })?;
         let status = loop {
@@ -293,6 +294,7 @@ impl Driver for QemuDriver {
                 id: ctx.id,
                 pid: Some(pid),
                 vnc_port,
+                engine: None,
             },
             console: Some(console),
         })

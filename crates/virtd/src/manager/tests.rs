@@ -108,6 +108,7 @@ impl Driver for FakeDriver {
                 id: ctx.id,
                 pid: None,
                 vnc_port: None,
+                engine: None,
             },
             console: None,
         })
