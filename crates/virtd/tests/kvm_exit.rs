@@ -1,6 +1,7 @@
 //! The kvm driver learns how a VM ended from ferrovmm's exit record (exit.json in the VM's run
 //! folder), not from its log: tiny guests on this host's /dev/kvm under the real daemon and
-//! the real ferrovmm, each ending a different way.
+//! the real ferrovmm, each ending a different way. The definitions name ferrovmm as their
+//! emulator, so they run on a PVM /dev/kvm too (tiny guests work there, Linux does not).
 
 mod common;
 
@@ -59,7 +60,7 @@ fn ferrovmm_present() -> PathBuf {
 fn start_and_press(d: &Daemon, name: &str, code: &[u8], extra: &str) {
     let kernel = pvh_kernel(&d.dir, &format!("{name}.elf"), code);
     let def = format!(
-        "name = \"{name}\"\ntype = \"kvm\"\nmemory_mib = 16\n{extra}\n[os]\nkernel = \"{}\"\n",
+        "name = \"{name}\"\ntype = \"kvm\"\nemulator = \"ferrovmm\"\nmemory_mib = 16\n{extra}\n[os]\nkernel = \"{}\"\n",
         kernel.display()
     );
     let c = d.client();
@@ -137,7 +138,7 @@ fn a_vmm_that_dies_without_an_exit_record_is_a_crash() {
     let d = Daemon::start();
     let kernel = pvh_kernel(&d.dir, "held.elf", &code::HALT);
     let def = format!(
-        "name = \"held\"\ntype = \"kvm\"\nmemory_mib = 16\n[os]\nkernel = \"{}\"\n",
+        "name = \"held\"\ntype = \"kvm\"\nemulator = \"ferrovmm\"\nmemory_mib = 16\n[os]\nkernel = \"{}\"\n",
         kernel.display()
     );
     let c = d.client();
