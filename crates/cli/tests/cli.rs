@@ -214,13 +214,18 @@ fn virsh_verbs_and_output_shapes() {
 #[test]
 fn errors_are_one_clear_line_with_a_code_and_exit_1() {
     let e = Env::start();
-    let err = e.fails(&["start", "ghost"]);
+    // Every error below: exactly one line on stderr.
+    let one_line = |err: String| -> String {
+        assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err:?}");
+        err
+    };
+    let err = one_line(e.fails(&["start", "ghost"]));
     assert!(
         err.starts_with("error: domain 'ghost' not found") && err.contains("[no_domain]"),
         "{err}"
     );
     let bad = e.file("bad.xml", "<domain><name>x</domain>");
-    assert!(e.fails(&["define", &bad]).contains("[malformed_body]"));
+    assert!(one_line(e.fails(&["define", &bad])).contains("[malformed_body]"));
     let zero = e.file(
         "zero.toml",
         &format!(
@@ -228,28 +233,25 @@ fn errors_are_one_clear_line_with_a_code_and_exit_1() {
             e.kernel()
         ),
     );
-    let err = e.fails(&["define", &zero]);
+    let err = one_line(e.fails(&["define", &zero]));
     assert!(
         err.contains("memory") && err.contains("[invalid_definition]"),
         "{err}"
     );
-    assert!(e
-        .fails(&["define", "/nonexistent.toml"])
+    assert!(one_line(e.fails(&["define", "/nonexistent.toml"]))
         .contains("cannot read /nonexistent.toml"));
     let out = Command::new(cli_binary())
         .args(["-c", "/tmp/no-such-ferrovirtd.sock", "list"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = one_line(String::from_utf8_lossy(&out.stderr).into_owned());
     assert!(
         err.contains("cannot talk to ferrovirtd at /tmp/no-such-ferrovirtd.sock")
             && err.contains("is the daemon running"),
         "{err}"
     );
-    assert!(e
-        .fails(&["setmem", "x", "12Q", "--config"])
-        .contains("unknown size unit"));
+    assert!(one_line(e.fails(&["setmem", "x", "12Q", "--config"])).contains("unknown size unit"));
 }
 
 #[test]

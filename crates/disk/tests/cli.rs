@@ -77,16 +77,20 @@ fn create_info_check_via_cli() {
         &s(&d.path("x.qcow2")),
         "1G",
     ]);
+    let one_line = |err: &str| assert_eq!(err.trim_end().lines().count(), 1, "{err:?}");
     assert_eq!(code, 1);
     assert!(err.contains("cluster size 3000 is invalid"), "{err}");
+    one_line(&err);
     let (code, _, err) = img(&["create", "-f", "qcow2", &s(&d.path("y.qcow2")), "12Q"]);
     assert_eq!(code, 1);
     assert!(err.contains("invalid size '12Q'"), "{err}");
+    one_line(&err);
     let (code, _, _) = img(&["create", "--bogus"]);
     assert_eq!(code, 2);
     let (code, _, err) = img(&["info", &s(&d.path("missing.qcow2"))]);
     assert_eq!(code, 1);
     assert!(err.contains("No such file"), "{err}");
+    one_line(&err);
 }
 
 #[test]
