@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use ferrovirt_api::client::{Client, ClientError, DefFormat};
+use ferrovirt_api::DomainOp;
 use ferrovirt_api::ErrorCode;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -118,7 +119,7 @@ impl Drop for Daemon {
             let c = self.client();
             if let Ok(doms) = c.list(false) {
                 for d in doms {
-                    let _ = c.action(&d.name, "destroy");
+                    let _ = c.action(&d.name, DomainOp::Destroy);
                 }
             }
         }
@@ -149,7 +150,6 @@ pub const PROBE: &str = "events-probe";
 /// Wait until a new event subscription is live: define and undefine a probe domain (test driver)
 /// until `seen_probe` (waiting at most the given time) reports one of its events, instead of
 /// guessing how long subscribing takes.
-#[allow(dead_code)]
 pub fn until_subscribed(d: &Daemon, c: &Client, mut seen_probe: impl FnMut(Duration) -> bool) {
     let kernel = d.file(
         "probe-kernel",
