@@ -1,4 +1,4 @@
-//! The `kvm` driver: one ferrovmm process per VM (see notes/FERROVMM-CONTRACT.md), in its own
+//! The `kvm` driver: one ferrovmm process per VM (see docs/ferrovmm-contract.md), in its own
 //! session so it outlives ferrovirtd; controlled over its HTTP API socket.
 //!
 //! Per VM in its run folder: `pid`, `api.sock`, `serial.sock` (the console hub's link), `vmm.log`
@@ -150,7 +150,7 @@ pub fn exit_kind(dir: &Path) -> ExitKind {
                 eprintln!(
                     "ferrovirtd: VM in {} crashed ({}): {detail}",
                     dir.display(),
-                    serde_json::to_string(&cause).unwrap_or_default()
+                    cause.as_str()
                 );
                 ExitKind::Crash
             }
