@@ -221,7 +221,10 @@ fn queries_and_other_domains_answer_while_a_start_is_blocked_in_the_driver() {
     assert_eq!(f.mgr.list(true).len(), 2);
     assert_eq!(state(&f.mgr, "stuck").0, DomainState::Shutoff);
     let job = f.mgr.job_info("stuck").unwrap().job.expect("a job");
-    assert_eq!((job.name.as_str(), job.cancellable), ("start", true));
+    assert_eq!(
+        (job.name.as_str(), job.kind, job.cancellable),
+        ("start", ferrovirt_api::JobKind::Operation, true)
+    );
     let progress = job.progress.expect("a start reports its steps");
     assert_eq!(
         (progress.phase.as_deref(), progress.done, progress.total),
