@@ -133,6 +133,7 @@ impl Manager {
                 let uuid = snapshot.def.uuid.clone().unwrap_or_default();
                 let (memory_kib, vcpus) = (snapshot.def.memory_kib, snapshot.def.vcpus);
                 let virt_type = self.vtype(&snapshot.def);
+                let engine = self.engine(&snapshot.def);
                 let (worker_name, answer_name) = (name.clone(), name.clone());
                 self.run_job(
                     &name,
@@ -147,6 +148,7 @@ impl Manager {
                             name: name.clone(),
                             uuid,
                             virt_type,
+                            engine,
                             state: DomainState::Shutoff,
                             reason: if op == DomainOp::Destroy {
                                 StateReason::Destroyed
@@ -196,7 +198,12 @@ impl Manager {
         Ok(Some(Snapshot {
             def: dom.stored.def.clone(),
             runtime: dom.stored.runtime.clone().unwrap_or_default(),
-            driver: self.driver(&dom.stored.def)?,
+            driver: match &dom.stored.runtime {
+                Some(runtime) if state.is_active() => {
+                    self.running_driver(&dom.stored.def, runtime)?
+                }
+                _ => self.driver(&dom.stored.def)?,
+            },
         }))
     }
 
@@ -213,11 +220,12 @@ impl Manager {
         if dom.job.is_none() || !dom.stored.state.is_active() {
             return Ok((inner, false));
         }
-        let driver = self
-            .drivers
-            .get(dom.stored.def.virt_type.unwrap_or(self.default_type))?;
-        dom.killed = true;
         let runtime = dom.stored.runtime.clone().unwrap_or_default();
+        let driver = self.running_driver(&dom.stored.def, &runtime)?;
+        let Some(dom) = inner.doms.get_mut(name) else {
+            return Ok((inner, false));
+        };
+        dom.killed = true;
         drop(inner);
         driver.kill(&runtime)?;
         Ok((self.lock(), true))
@@ -300,15 +308,22 @@ impl Manager {
         reason: StateReason,
         deadline: &Deadline,
     ) -> Result<(), ApiError> {
-        let (def, generation, id, driver) = {
+        let (def, generation, id, driver, engine) = {
             let mut inner = self.lock();
             let dom = Self::get(&inner, name)?;
-            let def = dom.stored.def.clone();
+            let mut def = dom.stored.def.clone();
             let generation = dom.generation + 1;
-            let driver = self.driver(&def)?;
+            let engine = self.engine(&def);
+            engine.check_startable()?;
+            // QEMU runs a kvm domain with accel=kvm: the driver reads the accelerator from the
+            // definition it is handed (a copy; the stored one is unchanged).
+            if engine.accel.is_some() {
+                def.accel = engine.accel;
+            }
+            let driver = self.drivers.get(engine.engine.driver())?;
             let id = inner.next_id;
             inner.next_id += 1;
-            (def, generation, id, driver)
+            (def, generation, id, driver, engine)
         };
         let step = |done: u64, phase: &str| {
             job.set_progress(Some(JobProgress {
@@ -326,13 +341,22 @@ impl Manager {
         step(1, "plugging network interfaces");
         self.networks.plug(&def)?;
         step(2, "starting the VM");
-        let Started { runtime, console } = match driver.start(ctx) {
+        eprintln!(
+            "ferrovirtd: starting domain '{name}' on {}: {}",
+            engine.describe(),
+            engine.reason
+        );
+        let Started {
+            mut runtime,
+            console,
+        } = match driver.start(ctx) {
             Ok(s) => s,
             Err(e) => {
                 self.networks.unplug(&def);
                 return Err(e);
             }
         };
+        runtime.engine = Some(engine.engine);
         let undo = |e: ApiError| -> ApiError {
             let vm_dir = self.paths.vm_dir(name);
             let cleanup = Deadline::after(
@@ -559,7 +583,7 @@ impl Manager {
         dom.generation = generation;
         drop(inner);
         let deadline = job.deadline(self.limits.op, format!("domain '{name}': reattach"));
-        let started = self.driver(&def).ok().and_then(|driver| {
+        let started = self.running_driver(&def, &runtime).ok().and_then(|driver| {
             let ctx = self.ctx(&def, runtime.id, generation, deadline).ok()?;
             driver.reattach(ctx, &runtime)
         });

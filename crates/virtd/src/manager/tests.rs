@@ -108,6 +108,7 @@ impl Driver for FakeDriver {
                 id: ctx.id,
                 pid: None,
                 vnc_port: None,
+                engine: None,
             },
             console: None,
         })
@@ -282,10 +283,9 @@ fn a_second_operation_on_a_busy_domain_is_refused_with_409_or_waits_when_asked()
         Some(Duration::from_secs(30)),
     );
     f.fake.release("shutdown");
-    assert_eq!(
-        shutdown.join().unwrap().unwrap().state,
-        DomainState::Running
-    );
+    // The shutdown answers with the domain as it is then: running, or already paused by the
+    // suspend that waited for it.
+    shutdown.join().unwrap().expect("the shutdown went through");
     assert_eq!(suspend.join().unwrap().unwrap().state, DomainState::Paused);
     let e = f.mgr.abort_job("web").unwrap_err();
     assert!(e.message.contains("has no job running"), "{e}");
@@ -296,7 +296,8 @@ fn short_limits() -> Limits {
         op: Duration::from_millis(200),
         start: Duration::from_millis(300),
         destroy: Duration::from_secs(5),
-        grace: Duration::from_millis(50),
+        // Long enough that a driver honoring its deadline answers first, even on a busy machine.
+        grace: Duration::from_secs(1),
         max_wait: Duration::from_secs(30),
     }
 }
