@@ -405,8 +405,20 @@ fn randomized_command_lines_end_in_a_clear_status_never_a_panic() {
     let k = kernel.to_string_lossy().into_owned();
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<String>>();
     let numbers = s(&[
-        "0", "1", "7", "8", "16", "32", "-1", "4294967296", "18446744073709551615",
-        "99999999999999999999", "1e3", "0x10", "", " 16",
+        "0",
+        "1",
+        "7",
+        "8",
+        "16",
+        "32",
+        "-1",
+        "4294967296",
+        "18446744073709551615",
+        "99999999999999999999",
+        "1e3",
+        "0x10",
+        "",
+        " 16",
     ]);
     let disk_path = disk.to_string_lossy().into_owned();
     let disks: Vec<String> = vec![
@@ -425,9 +437,17 @@ fn randomized_command_lines_end_in_a_clear_status_never_a_panic() {
         "path=a,path=b".into(),
     ];
     let nets = s(&[
-        "tap=lo", "tap=", "tap=waytoolonginterfacename", "fd=0", "fd=3", "fd=2147483647",
-        "fd=-5", "tap=fvnotthere0,mac=52:54:00:00:00:01", "tap=t,mac=ff:ff:ff:ff:ff:ff",
-        "mac=52:54:00:00:00:01", "tap=a,fd=4",
+        "tap=lo",
+        "tap=",
+        "tap=waytoolonginterfacename",
+        "fd=0",
+        "fd=3",
+        "fd=2147483647",
+        "fd=-5",
+        "tap=fvnotthere0,mac=52:54:00:00:00:01",
+        "tap=t,mac=ff:ff:ff:ff:ff:ff",
+        "mac=52:54:00:00:00:01",
+        "tap=a,fd=4",
     ]);
     let long = format!("/tmp/{}", "p".repeat(200));
     let serials: Vec<String> = vec![
@@ -459,7 +479,12 @@ fn randomized_command_lines_end_in_a_clear_status_never_a_panic() {
             2 => OsString::from_vec(vec![b'/', 0xff, 0xfe]),
             _ => k.clone().into(),
         });
-        args.extend(["--serial".into(), "none".into(), "--memory".into(), "16".into()]);
+        args.extend([
+            "--serial".into(),
+            "none".into(),
+            "--memory".into(),
+            "16".into(),
+        ]);
         for _ in 0..rng.below(6) {
             let (flag, value): (&str, Option<String>) = match rng.below(11) {
                 0 => ("--memory", Some(rng.pick(&numbers))),
@@ -469,8 +494,14 @@ fn randomized_command_lines_end_in_a_clear_status_never_a_panic() {
                 4 => ("--serial", Some(rng.pick(&serials))),
                 5 => ("--console", Some(rng.pick(&consoles))),
                 6 => ("--cmdline", Some("c".repeat(rng.below(5000)))),
-                7 => ("--log-level", Some(rng.pick(&s(&["debug", "LOUD", "off", ""])))),
-                8 => ("--api-socket", Some(rng.pick(&[d("api.sock"), long.clone()]))),
+                7 => (
+                    "--log-level",
+                    Some(rng.pick(&s(&["debug", "LOUD", "off", ""]))),
+                ),
+                8 => (
+                    "--api-socket",
+                    Some(rng.pick(&[d("api.sock"), long.clone()])),
+                ),
                 9 => ("--rng", None),
                 _ => ("--bogus", None),
             };
