@@ -10,6 +10,8 @@ mod error;
 mod file;
 pub mod img_cli;
 mod info;
+#[doc(hidden)]
+pub mod journal;
 mod lock;
 pub mod ops;
 mod qcow2;
