@@ -228,8 +228,16 @@ impl Manager {
             return Ok((inner, false));
         };
         dom.killed = true;
+        let def = dom.stored.def.clone();
         drop(inner);
-        driver.kill(&runtime)?;
+        let vm_dir = self.paths.vm_dir(name);
+        let deadline = Deadline::after(self.limits.destroy, format!("domain '{name}': destroy"));
+        driver.kill(&VmRef {
+            def: &def,
+            vm_dir: &vm_dir,
+            runtime: &runtime,
+            deadline: &deadline,
+        })?;
         Ok((self.lock(), true))
     }
 
