@@ -19,6 +19,7 @@ pub mod logger;
 pub mod memory;
 pub mod pci;
 pub mod pci_devices;
+pub mod persist;
 pub mod teardown;
 pub mod vcpu;
 pub mod virtio;
