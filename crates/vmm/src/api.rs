@@ -35,6 +35,9 @@ struct ErrorDetail<'a> {
 struct Reply {
     status: u16,
     body: Option<String>,
+    /// Requested once the response is sent: the process may exit right after a
+    /// stop, and the client must still get its answer.
+    then_stop: Option<StopReason>,
 }
 
 impl Reply {
@@ -42,13 +45,19 @@ impl Reply {
         Reply {
             status,
             body: Some(serde_json::to_string(value).unwrap_or_else(|_| "{}".into())),
+            then_stop: None,
         }
     }
     fn no_content() -> Self {
         Reply {
             status: 204,
             body: None,
+            then_stop: None,
         }
+    }
+    fn then_stop(mut self, reason: StopReason) -> Self {
+        self.then_stop = Some(reason);
+        self
     }
     fn error(status: u16, code: &str, message: impl Into<String>) -> Self {
         Reply::json(
@@ -73,13 +82,69 @@ pub fn serve(path: &Path, machine: Arc<Machine>) -> Result<()> {
         .name("api".into())
         .stack_size(256 << 10)
         .spawn(move || {
-            for request in server.incoming_requests() {
-                let reply = route(&machine, &request);
+            for mut request in server.incoming_requests() {
+                let mut reply = route(&machine, &mut request);
+                let stop = reply.then_stop.take();
                 respond(request, reply);
+                if let Some(reason) = stop {
+                    machine.lifecycle.request_stop(reason);
+                }
             }
         })
         .map_err(|e| Error::host(format!("cannot start the API thread: {e}")))?;
     Ok(())
+}
+
+/// Largest request body any resource takes.
+const MAX_BODY: usize = 64 * 1024;
+
+/// Reads a JSON body of at most MAX_BODY bytes.
+fn json_body<T: serde::de::DeserializeOwned>(
+    request: &mut Request,
+) -> std::result::Result<T, Reply> {
+    use std::io::Read;
+    if request.body_length().is_some_and(|n| n > MAX_BODY) {
+        return Err(Reply::error(
+            413,
+            "body_too_large",
+            format!("request bodies are limited to {MAX_BODY} bytes"),
+        ));
+    }
+    let mut body = Vec::new();
+    let read = request
+        .as_reader()
+        .take(MAX_BODY as u64 + 1)
+        .read_to_end(&mut body);
+    if read.is_err() || body.len() > MAX_BODY {
+        return Err(Reply::error(
+            413,
+            "body_too_large",
+            format!("request bodies are limited to {MAX_BODY} bytes"),
+        ));
+    }
+    serde_json::from_slice(&body)
+        .map_err(|e| Reply::error(400, "bad_request", format!("request body: {e}")))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SnapshotRequest {
+    path: std::path::PathBuf,
+}
+
+/// `PUT /vm/snapshot {"path": DIR}`: writes DIR/state and DIR/memory of a paused VM.
+fn snapshot(machine: &Machine, request: &mut Request) -> Reply {
+    let req: SnapshotRequest = match json_body(request) {
+        Ok(r) => r,
+        Err(reply) => return reply,
+    };
+    use crate::snapshot::SnapshotError;
+    match crate::snapshot::take(machine, &req.path) {
+        Ok(report) => Reply::json(200, &report),
+        Err(e @ SnapshotError::Running) => Reply::error(409, "vm_running", e.to_string()),
+        Err(SnapshotError::Invalid(m)) => Reply::error(400, "bad_request", m),
+        Err(SnapshotError::Host(m)) => Reply::error(500, "snapshot_failed", m),
+    }
 }
 
 fn respond(request: Request, reply: Reply) {
@@ -100,22 +165,27 @@ fn respond(request: Request, reply: Reply) {
     }
 }
 
-fn route(machine: &Machine, request: &Request) -> Reply {
-    let path = request.url().split('?').next().unwrap_or("");
-    let method = request.method();
+fn route(machine: &Machine, request: &mut Request) -> Reply {
+    let path = request.url().split('?').next().unwrap_or("").to_string();
+    let path = path.as_str();
+    let method = request.method().clone();
     let allowed = match path {
         "/vm" | "/vm/counters" => Method::Get,
         "/vm/pause" | "/vm/resume" | "/vm/power-button" | "/vm/reset" | "/vm/stop" => Method::Put,
+        "/vm/snapshot" => Method::Put,
         _ => return Reply::error(404, "not_found", format!("no resource {path}; see GET /vm")),
     };
-    if *method != allowed {
+    if method != allowed {
         return Reply::error(
             405,
             "method_not_allowed",
             format!("{path} takes {allowed}, not {method}"),
         );
     }
-    // No resource takes a body; refusing one early also bounds what a client can make us read.
+    if path == "/vm/snapshot" {
+        return snapshot(machine, request);
+    }
+    // No other resource takes a body; refusing one early also bounds what a client can make us read.
     if request.body_length().unwrap_or(0) > 0 {
         return Reply::error(
             400,
@@ -169,13 +239,9 @@ fn route(machine: &Machine, request: &Request) -> Reply {
         "/vm/reset" => {
             // Like the reset button: the VM ends with "guest reset" and whoever
             // manages it decides whether it starts again.
-            machine.lifecycle.request_stop(StopReason::Reset);
-            Reply::no_content()
+            Reply::no_content().then_stop(StopReason::Reset)
         }
-        "/vm/stop" => {
-            machine.lifecycle.request_stop(StopReason::Stopped);
-            Reply::no_content()
-        }
+        "/vm/stop" => Reply::no_content().then_stop(StopReason::Stopped),
         _ => Reply::error(404, "not_found", format!("no resource {path}")),
     }
 }

@@ -10,9 +10,11 @@ pub mod config;
 pub mod console;
 pub mod counters;
 pub mod cpu;
+pub mod device_manager;
 pub mod devices;
 pub mod error;
 pub mod irq;
+pub mod kvm_state;
 pub mod layout;
 pub mod lifecycle;
 pub mod logger;
@@ -20,6 +22,8 @@ pub mod memory;
 pub mod pci;
 pub mod pci_devices;
 pub mod persist;
+pub mod restore;
+pub mod snapshot;
 pub mod teardown;
 pub mod vcpu;
 pub mod virtio;
@@ -33,15 +37,24 @@ pub use error::{Error, Result};
 /// Runs the VM to its end; returns the process exit status.
 pub fn run(args: Args) -> Result<i32> {
     config::validate(&args)?;
+    run_machine(args, vm::Origin::Boot, true)
+}
+
+/// Builds the machine (booted or restored), serves the API and the console until
+/// the VM ends. A restored machine starts paused unless `resume`.
+pub fn run_machine(args: Args, origin: vm::Origin, resume: bool) -> Result<i32> {
     // Bind sockets before the guest runs, so a bad path fails fast and clients
     // that see the socket can use it at once.
     let console_listener = match &args.serial {
         config::SerialMode::Socket(path) => Some(console::bind_socket(path, "--serial socket")?),
         _ => None,
     };
-    let machine = Arc::new(vm::build_and_start(&args)?);
+    let machine = Arc::new(vm::build(&args, origin)?);
     if let Some(path) = &args.api_socket {
         api::serve(path, machine.clone())?;
+    }
+    if resume {
+        machine.vcpus.resume();
     }
     let stdin = args.serial == config::SerialMode::Stdio;
     let reason = console::EventLoop::new(&machine, stdin, console_listener)?.run();

@@ -41,9 +41,36 @@ fn put_name_first(args: &[OsString]) {
     unsafe { libc::execv(c"/proc/self/exe".as_ptr(), ptrs.as_ptr()) };
 }
 
+/// `ferrovmm --restore DIR ...`: its own flags, same exit statuses.
+fn restore(raw: &[OsString]) -> ! {
+    let args = match ferrovmm::restore::RestoreArgs::try_parse_from(raw) {
+        Ok(args) => args,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            std::process::exit(code);
+        }
+    };
+    ferrovmm::logger::init(args.log_level);
+    let api_socket = args.api_socket.clone();
+    match ferrovmm::restore::run(args) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("ferrovmm: {e}");
+            if let Some(p) = api_socket {
+                let _ = std::fs::remove_file(p);
+            }
+            std::process::exit(e.exit_code());
+        }
+    }
+}
+
 fn main() {
     let raw: Vec<OsString> = std::env::args_os().collect();
     put_name_first(&raw);
+    if ferrovmm::restore::requested(&raw) {
+        restore(&raw);
+    }
     let args = match ferrovmm::Args::try_parse_from(&raw) {
         Ok(args) => args,
         Err(e) => {

@@ -30,7 +30,7 @@ fn collect<R: Read + Send + 'static>(mut r: R, into: Arc<Mutex<String>>) {
 
 impl LiveVm {
     pub fn start(kernel: &Path, api: &Path, extra: &[&str]) -> Self {
-        let mut child = Command::new(super::ferrovmm_bin())
+        let child = Command::new(super::ferrovmm_bin())
             .args([
                 "--name",
                 "live",
@@ -46,6 +46,11 @@ impl LiveVm {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start ferrovmm");
+        Self::attach(child, api)
+    }
+
+    /// Follows an already started ferrovmm (stdout and stderr piped) with its API on `api`.
+    pub fn attach(mut child: Child, api: &Path) -> Self {
         let output = Arc::new(Mutex::new(String::new()));
         let stderr = Arc::new(Mutex::new(String::new()));
         collect(child.stdout.take().unwrap(), output.clone());
