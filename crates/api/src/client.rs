@@ -332,10 +332,10 @@ impl Client {
     pub fn set_memory(
         &self,
         name: &str,
-        memory_mib: u64,
+        memory_kib: u64,
         config: bool,
     ) -> Result<DomainInfo, ClientError> {
-        let body = serde_json::to_string(&MemoryRequest { memory_mib, config }).unwrap_or_default();
+        let body = serde_json::to_string(&MemoryRequest { memory_kib, config }).unwrap_or_default();
         let r: DomainResponse =
             self.json("PUT", &format!("{}/memory", Self::dom(name)), Some(body))?;
         Ok(r.domain)

@@ -2,10 +2,12 @@
 //!
 //! * [`def`]: domain definitions in the native TOML format (documented in docs/api/definition.md)
 //! * [`xml`]: libvirt domain XML import/export for the elements ferrovirt supports
+//! * [`xml_limits`]: the one way XML input is parsed: depth, element and attribute limits
 //! * [`state`]: domain states with reasons, summaries and lifecycle events
 //! * [`error`]: API errors with stable codes
 //! * [`http`]: a minimal HTTP/1.1 framing used over Unix sockets by daemon, CLI and VMM clients
 //! * [`client`]: a typed client for the ferrovirtd /v1 API
+//! * [`size`]: memory sizes with libvirt's units, in KiB
 //! * [`host`]: detection of the host's virtualization support (default driver)
 
 pub mod client;
@@ -14,10 +16,13 @@ pub mod error;
 pub mod host;
 pub mod http;
 pub mod msg;
+pub mod netmark;
 pub mod network;
+pub mod size;
 pub mod state;
 pub mod tls;
 pub mod xml;
+pub mod xml_limits;
 
 pub use def::{Action, DomainDef, VirtType};
 pub use error::{ApiError, ErrorCode};

@@ -3,6 +3,7 @@
 mod console;
 mod hostval;
 mod install;
+mod leftovers;
 mod net;
 mod output;
 mod sizes;
@@ -294,9 +295,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
             run_events(&client, domain, kind, looping, timeout, json)?;
         }
         Command::Setmem { domain, size, config, live, current: _ } => {
-            let mib = sizes::parse_kib_default_to_mib(&size).map_err(Failure::Usage)?;
-            let info = client.set_memory(&domain, mib, config && !live)?;
-            done(&info, format!("Domain '{domain}' memory set to {} KiB in its configuration", mib * 1024));
+            let kib = sizes::parse_memory_kib(&size).map_err(Failure::Usage)?;
+            let info = client.set_memory(&domain, kib, config && !live)?;
+            done(&info, format!("Domain '{domain}' memory set to {kib} KiB in its configuration"));
         }
         Command::Setvcpus { domain, count, config, live, current: _ } => {
             let info = client.set_vcpus(&domain, count, config && !live)?;
@@ -321,7 +322,14 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Command::HostValidate => {
-            let checks = hostval::run();
+            let mut checks = hostval::run();
+            // The daemon says which networks it runs; what carries our mark and none of them owns
+            // is left over (see leftovers.rs).
+            let nets = client.net_list(true).map_err(|e| e.to_string());
+            checks.push(hostval::leftovers(
+                nets.as_deref().map_err(String::as_str),
+                &cli.connect,
+            ));
             if json {
                 print_json(&checks);
             } else {

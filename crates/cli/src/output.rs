@@ -56,8 +56,8 @@ pub fn dominfo(d: &DomainInfo) -> String {
         ("State", d.state.display().into()),
         ("State reason", d.reason.as_str().into()),
         ("CPU(s)", d.vcpus.to_string()),
-        ("Max memory", format!("{} KiB", d.memory_mib * 1024)),
-        ("Used memory", format!("{} KiB", d.memory_mib * 1024)),
+        ("Max memory", format!("{} KiB", d.memory_kib)),
+        ("Used memory", format!("{} KiB", d.memory_kib)),
         ("Persistent", yes(d.persistent).into()),
         (
             "Autostart",

@@ -238,7 +238,7 @@ impl Manager {
             reason: s.reason,
             persistent: s.persistent,
             autostart: s.autostart,
-            memory_mib: s.def.memory_mib,
+            memory_kib: s.def.memory_kib,
             vcpus: s.def.vcpus,
             pid: if active {
                 s.runtime.as_ref().and_then(|r| r.pid)
@@ -580,7 +580,7 @@ impl Manager {
                     reason: StateReason::Destroyed,
                     persistent: false,
                     autostart: false,
-                    memory_mib: def.memory_mib,
+                    memory_kib: def.memory_kib,
                     vcpus: def.vcpus,
                     pid: None,
                     console_log: None,

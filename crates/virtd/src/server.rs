@@ -244,7 +244,7 @@ fn route(req: &Request, mgr: &Manager, conn: &dyn Stream) -> Result<Reply, ApiEr
         }
         ("PUT", ["v1", "domains", name, "memory"]) => {
             let r: MemoryRequest = body(req)?;
-            let domain = mgr.update_config(name, r.config, |d| d.memory_mib = r.memory_mib)?;
+            let domain = mgr.update_config(name, r.config, |d| d.memory_kib = r.memory_kib)?;
             Ok(json(200, &DomainResponse { domain }))
         }
         ("PUT", ["v1", "domains", name, "vcpus"]) => {

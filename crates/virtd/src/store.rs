@@ -247,6 +247,27 @@ mod tests {
     }
 
     #[test]
+    fn a_row_stored_with_memory_mib_loads_in_kib() {
+        let dir = std::env::temp_dir().join(format!("ferrovirt-store-mib-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = Store::open(&dir.join("state.db")).unwrap();
+        // A definition as written before memory was kept in KiB.
+        let old = r#"{"name":"old","uuid":"00000000-0000-0000-0000-000000000002","type":"test","memory_mib":300,"vcpus":1,"os":{"kernel":"/k"},"on_poweroff":"destroy","on_reboot":"restart","on_crash":"destroy"}"#;
+        store
+            .conn
+            .execute(
+                "INSERT INTO domains (name, uuid, definition, persistent, autostart, state, reason)
+                 VALUES ('old', '00000000-0000-0000-0000-000000000002', ?1, 1, 0, 'shutoff', 'unknown')",
+                params![old],
+            )
+            .unwrap();
+        let all = store.load_all().unwrap();
+        assert_eq!(all[0].def.memory_kib, 300 * 1024);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn a_database_from_a_newer_ferrovirtd_is_refused() {
         let dir = std::env::temp_dir().join(format!("ferrovirt-store-new-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);

@@ -154,7 +154,7 @@ fn state_survives_kill_9_and_autostart_starts_domains() {
     c.define(&toml_def(&d, "manual", ""), DefFormat::Toml, false)
         .unwrap();
     c.set_autostart("auto", true).unwrap();
-    c.set_memory("manual", 512, true).unwrap();
+    c.set_memory("manual", 219100, true).unwrap();
     d.kill9();
     d.spawn();
     let c = d.client();
@@ -166,7 +166,7 @@ fn state_survives_kill_9_and_autostart_starts_domains() {
     );
     let manual = c.get("manual").unwrap();
     assert_eq!(manual.state, DomainState::Shutoff);
-    assert_eq!(manual.memory_mib, 512);
+    assert_eq!(manual.memory_kib, 219100);
 }
 
 #[test]
@@ -175,16 +175,16 @@ fn libvirt_xml_define_warns_about_unsupported_elements_and_dumpxml_round_trips()
     let c = d.client();
     let kernel = d.file("vmlinuz", "k");
     let xml = format!(
-        "<domain type='test'><name>fromlibvirt</name><memory unit='MiB'>300</memory><vcpu>2</vcpu>\
+        "<domain type='test'><name>fromlibvirt</name><memory unit='MiB'>300</memory><vcpu current='1'>2</vcpu>\
          <os><type>hvm</type><kernel>{}</kernel></os><features><acpi/></features>\
          <devices><video/><serial type='pty'/></devices></domain>",
         kernel.display()
     );
     let r = c.define(&xml, DefFormat::Xml, false).unwrap();
-    assert_eq!(r.domain.memory_mib, 300);
+    assert_eq!(r.domain.memory_kib, 300 * 1024);
     let w = r.warnings.join("\n");
     assert!(
-        w.contains("<features>") && w.contains("<video>"),
+        w.contains("<features>") && w.contains("<video>") && w.contains("current='1'"),
         "warnings: {w}"
     );
     let dumped = c.xml("fromlibvirt").unwrap();
@@ -204,6 +204,47 @@ fn libvirt_xml_define_warns_about_unsupported_elements_and_dumpxml_round_trips()
     // The native format.
     let toml = c.definition_toml("fromlibvirt").unwrap();
     assert!(toml.contains("vcpus = 3"), "{toml}");
+    // Memory is kept in KiB exactly as given (it used to come back as 218112).
+    let exact = changed.replace(
+        "<memory unit='KiB'>307200</memory>",
+        "<memory unit='KiB'>219100</memory>",
+    );
+    c.define(&exact, DefFormat::Xml, false).unwrap();
+    assert_eq!(c.get("fromlibvirt").unwrap().memory_kib, 219100);
+    let dumped = c.xml("fromlibvirt").unwrap();
+    assert!(
+        dumped.contains("<memory unit='KiB'>219100</memory>")
+            && dumped.contains("<currentMemory unit='KiB'>219100</currentMemory>"),
+        "{dumped}"
+    );
+    let toml = c.definition_toml("fromlibvirt").unwrap();
+    assert!(toml.contains("memory_kib = 219100\n"), "{toml}");
+}
+
+#[test]
+fn hostile_domain_xml_gets_a_clear_error_and_the_daemon_keeps_answering() {
+    let d = Daemon::start();
+    let c = d.client();
+    let deep = format!(
+        "<domain type='test'><name>deep</name>{}{}</domain>",
+        "<x>".repeat(4000),
+        "</x>".repeat(4000)
+    );
+    let mut wide = String::from("<domain type='test'");
+    for i in 0..20_000 {
+        wide.push_str(&format!(" a{i}='1'"));
+    }
+    wide.push_str("><name>wide</name></domain>");
+    for (xml, limit) in [(deep, "deep (limit 64)"), (wide, "(limit 64 per element)")] {
+        match c.define(&xml, DefFormat::Xml, false) {
+            Err(ferrovirt_api::client::ClientError::Api(e)) => {
+                assert_eq!(e.code, ErrorCode::MalformedBody, "{}", e.message);
+                assert!(e.message.contains(limit), "{}", e.message);
+            }
+            other => panic!("expected an API error, got {other:?}"),
+        }
+    }
+    assert!(c.list(true).unwrap().is_empty());
 }
 
 /// Everything observable about the store: the domain list and each definition.

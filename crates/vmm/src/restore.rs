@@ -6,7 +6,9 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
-use crate::config::{Args, NetSpec, SerialMode};
+use std::str::FromStr;
+
+use crate::config::{LaunchConfig, LogLevel, NetBackend, SerialMode};
 use crate::error::{Error, Result};
 use crate::snapshot::{self, MEMORY_FILE, STATE_FILE};
 use crate::vm::Origin;
@@ -29,7 +31,7 @@ pub struct RestoreArgs {
 
     /// Where the serial console goes now: stdio, file=PATH, socket=PATH or none
     /// (default: as in the snapshot).
-    #[arg(long, value_name = "MODE", value_parser = parse_serial)]
+    #[arg(long, value_name = "MODE", value_parser = SerialMode::from_str)]
     pub serial: Option<SerialMode>,
 
     /// Run the guest at once instead of waiting for `PUT /vm/resume`.
@@ -48,26 +50,13 @@ pub struct RestoreArgs {
     #[arg(long, value_name = "N=SPEC")]
     pub net: Vec<String>,
 
+    /// Write how the VM ended to this file as JSON (the exit record), as at launch.
+    #[arg(long, value_name = "PATH")]
+    pub exit_file: Option<PathBuf>,
+
     /// Log level on stderr (also FERROVMM_LOG).
-    #[arg(long, value_name = "LEVEL", env = "FERROVMM_LOG", default_value = "warn", value_parser = parse_level)]
-    pub log_level: log::LevelFilter,
-}
-
-fn parse_serial(s: &str) -> std::result::Result<SerialMode, String> {
-    match s {
-        "stdio" => Ok(SerialMode::Stdio),
-        "none" => Ok(SerialMode::None),
-        _ => match s.split_once('=') {
-            Some(("file", p)) if !p.is_empty() => Ok(SerialMode::File(p.into())),
-            Some(("socket", p)) if !p.is_empty() => Ok(SerialMode::Socket(p.into())),
-            _ => Err("expected stdio, file=PATH, socket=PATH or none".into()),
-        },
-    }
-}
-
-fn parse_level(s: &str) -> std::result::Result<log::LevelFilter, String> {
-    s.parse()
-        .map_err(|_| "expected off, error, warn, info, debug or trace".to_string())
+    #[arg(long, value_name = "LEVEL", env = "FERROVMM_LOG", value_parser = LogLevel::from_str)]
+    pub log_level: Option<LogLevel>,
 }
 
 /// True when the command line asks for a restore (main picks the parser by this).
@@ -92,46 +81,29 @@ fn index_and_value<'a>(flag: &str, s: &'a str, count: usize) -> Result<(usize, &
 }
 
 /// The saved configuration with this command line's overrides applied.
-fn configure(r: &RestoreArgs, launch: &[String]) -> Result<Args> {
-    let mut args =
-        Args::try_parse_from(std::iter::once("ferrovmm".to_string()).chain(launch.iter().cloned()))
-            .map_err(|e| {
-                Error::usage(format!("the snapshot's configuration is not usable: {e}"))
-            })?;
+fn configure(r: &RestoreArgs, saved: &LaunchConfig) -> Result<LaunchConfig> {
+    let mut config = saved.clone();
     if let Some(name) = &r.name {
-        if name.is_empty() || name.len() > 64 || name.chars().any(|c| c.is_control()) {
-            return Err(Error::usage("--name must be 1 to 64 printable characters"));
-        }
-        args.name = name.clone();
+        config.name = name.clone();
     }
     if let Some(serial) = &r.serial {
-        args.serial = serial.clone();
+        config.serial = serial.clone();
     }
-    args.api_socket = r.api_socket.clone();
-    args.log_level = r.log_level;
+    config.api_socket = r.api_socket.clone();
+    config.exit_file = r.exit_file.clone();
+    config.log_level = r.log_level;
     for d in &r.disk {
-        let (n, path) = index_and_value("--disk", d, args.disk.len())?;
-        args.disk[n].path = PathBuf::from(path);
+        let (n, path) = index_and_value("--disk", d, config.disks.len())?;
+        config.disks[n].path = PathBuf::from(path);
     }
     for spec in &r.net {
-        let (n, v) = index_and_value("--net", spec, args.net.len())?;
-        let mac = args.net[n].mac;
-        args.net[n] = match v.split_once('=') {
-            Some(("tap", name)) if crate::virtio::tap::valid_name(name) => NetSpec {
-                tap: Some(name.to_string()),
-                fd: None,
-                mac,
-            },
-            Some(("fd", fd)) => NetSpec {
-                tap: None,
-                fd: Some(
-                    fd.parse()
-                        .ok()
-                        .filter(|n: &i32| *n >= 3)
-                        .ok_or_else(|| Error::usage(format!("--net {spec}: bad descriptor")))?,
-                ),
-                mac,
-            },
+        let (n, v) = index_and_value("--net", spec, config.nets.len())?;
+        config.nets[n].backend = match v.split_once('=') {
+            Some(("tap", name)) => NetBackend::Tap(name.to_string()),
+            Some(("fd", fd)) => NetBackend::Fd(
+                fd.parse()
+                    .map_err(|_| Error::usage(format!("--net {spec}: bad descriptor")))?,
+            ),
             _ => {
                 return Err(Error::usage(format!(
                     "--net {spec}: expected N=tap=NAME or N=fd=FD"
@@ -139,15 +111,21 @@ fn configure(r: &RestoreArgs, launch: &[String]) -> Result<Args> {
             }
         };
     }
-    Ok(args)
+    // The same rules as a launch (name, TAP names, descriptors), except that the
+    // kernel need not exist any more: RAM already holds it.
+    let mut check = config.clone();
+    check.kernel = std::path::PathBuf::from("/proc/self/exe");
+    check.initrd = None;
+    crate::config::validate(&check)?;
+    Ok(config)
 }
 
 /// Reads and checks the snapshot, then runs the restored VM to its end.
 pub fn run(r: RestoreArgs) -> Result<i32> {
     let state_path = r.restore.join(STATE_FILE);
     let payload = snapshot::read_state(&state_path).map_err(Error::usage)?;
-    let args = configure(&r, &payload.launch)?;
-    let expected: u64 = crate::layout::ram_regions(args.memory << 20)
+    let config = configure(&r, &payload.launch)?;
+    let expected: u64 = crate::layout::ram_regions(config.memory_mib << 20)
         .iter()
         .map(|(_, size)| *size)
         .sum();
@@ -156,7 +134,7 @@ pub fn run(r: RestoreArgs) -> Result<i32> {
             "{}: {} bytes of RAM recorded for a {} MiB machine",
             state_path.display(),
             payload.memory_bytes,
-            args.memory
+            config.memory_mib
         )));
     }
     check_host_cpu(&payload.machine)?;
@@ -165,7 +143,7 @@ pub fn run(r: RestoreArgs) -> Result<i32> {
         eager: r.copy_memory,
         state: Box::new(payload.machine),
     };
-    crate::run_machine(args, origin, r.resume)
+    crate::run_machine(&config, origin, r.resume)
 }
 
 /// Refuses a snapshot whose guest used CPU features this host's KVM lacks.

@@ -28,8 +28,8 @@ pub const MEMORY_FILE: &str = "memory";
 pub struct Payload {
     /// The ferrovmm version that wrote it (for messages; compatibility is FORMAT_VERSION).
     pub ferrovmm_version: String,
-    /// The machine's configuration as ferrovmm's command line (without the program name).
-    pub launch: Vec<String>,
+    /// The machine's configuration, as it was launched (or restored).
+    pub launch: crate::config::LaunchConfig,
     /// Bytes of guest RAM, i.e. the size of `DIR/memory`.
     pub memory_bytes: u64,
     pub machine: MachineState,
@@ -186,7 +186,7 @@ pub fn take(machine: &Machine, dir: &Path) -> Result<SnapshotReport, SnapshotErr
     let memory_bytes = crate::memory::total_bytes(&machine.mem);
     let bytes = encode(&Payload {
         ferrovmm_version: env!("CARGO_PKG_VERSION").to_string(),
-        launch: machine.launch.clone(),
+        launch: machine.config.clone(),
         memory_bytes,
         machine: state,
     })
@@ -201,72 +201,6 @@ pub fn take(machine: &Machine, dir: &Path) -> Result<SnapshotReport, SnapshotErr
         memory_bytes,
         ms: started.elapsed().as_secs_f64() * 1000.0,
     })
-}
-
-/// The command line that builds the same machine as `args` (devices in the same
-/// order). Stored in snapshots until the typed launch configuration replaces it.
-pub fn launch_argv(args: &crate::Args) -> Vec<String> {
-    use crate::config::{ConsoleMode, SerialMode};
-    let serial = |m: &SerialMode| match m {
-        SerialMode::Stdio => "stdio".to_string(),
-        SerialMode::None => "none".to_string(),
-        SerialMode::File(p) => format!("file={}", p.display()),
-        SerialMode::Socket(p) => format!("socket={}", p.display()),
-    };
-    let mut v: Vec<String> = vec![
-        "--name".into(),
-        args.name.clone(),
-        "--kernel".into(),
-        args.kernel.display().to_string(),
-        "--cmdline".into(),
-        args.cmdline.clone(),
-        "--memory".into(),
-        args.memory.to_string(),
-        "--vcpus".into(),
-        args.vcpus.to_string(),
-        "--serial".into(),
-        serial(&args.serial),
-    ];
-    if let Some(initrd) = &args.initrd {
-        v.extend(["--initrd".into(), initrd.display().to_string()]);
-    }
-    for d in &args.disk {
-        let mut s = format!("path={}", d.path.display());
-        if let Some(f) = &d.format {
-            s.push_str(&format!(",format={f}"));
-        }
-        if d.read_only {
-            s.push_str(",readonly=on");
-        }
-        if let Some(serial) = &d.serial {
-            s.push_str(&format!(",serial={serial}"));
-        }
-        if d.direct {
-            s.push_str(",cache=none");
-        }
-        v.extend(["--disk".into(), s]);
-    }
-    for n in &args.net {
-        let mut s = match (&n.tap, n.fd) {
-            (Some(t), _) => format!("tap={t}"),
-            (None, Some(fd)) => format!("fd={fd}"),
-            (None, None) => String::new(),
-        };
-        if let Some(m) = n.mac {
-            s.push_str(&format!(
-                ",mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-                m[0], m[1], m[2], m[3], m[4], m[5]
-            ));
-        }
-        v.extend(["--net".into(), s]);
-    }
-    if let ConsoleMode::On(m) = &args.console {
-        v.extend(["--console".into(), serial(m)]);
-    }
-    if args.rng {
-        v.push("--rng".into());
-    }
-    v
 }
 
 #[cfg(test)]

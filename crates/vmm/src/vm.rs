@@ -5,13 +5,12 @@ use std::time::Instant;
 
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
-use serde::Serialize;
 use vm_superio::{I8042Device, Serial};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::acpi;
 use crate::boot::{self, BootSpec};
-use crate::config::{Args, SerialMode};
+use crate::config::{LaunchConfig, SerialMode};
 use crate::counters::ExitCounters;
 use crate::cpu::{cpuid, msrs, regs};
 use crate::device_manager::{Devices, DevicesState};
@@ -30,18 +29,6 @@ use crate::vcpu::{self, Vcpu, VcpuSet};
 const KVM_API_VERSION: i32 = 12;
 const TSS_ADDRESS: usize = 0xfffb_d000;
 
-/// The configuration as `GET /vm` reports it.
-#[derive(Serialize, Clone, Debug)]
-pub struct VmConfigInfo {
-    pub name: String,
-    pub memory_mib: u64,
-    pub vcpus: u32,
-    pub kernel: String,
-    pub initrd: Option<String>,
-    pub cmdline: String,
-    pub serial: SerialMode,
-}
-
 /// A running machine.
 pub struct Machine {
     pub vm: Arc<VmFd>,
@@ -55,10 +42,9 @@ pub struct Machine {
     pub serial_input_space: Arc<EventFd>,
     pub serial_clients: Option<SocketClients>,
     pub started: Instant,
-    pub config: VmConfigInfo,
+    /// What the VM was launched with (`GET /vm` reports it; a snapshot keeps it).
+    pub config: LaunchConfig,
     pub devices: Devices,
-    /// The configuration as ferrovmm's command line, for snapshots.
-    pub launch: Vec<String>,
 }
 
 /// Opens /dev/kvm and checks it is usable.
@@ -110,7 +96,7 @@ fn serial_output(mode: &SerialMode) -> Result<(SerialOutput, Option<SocketClient
 }
 
 /// The whole machine's state apart from RAM: what a snapshot stores beside the memory file.
-#[derive(Serialize, serde::Deserialize)]
+#[derive(serde::Serialize, serde::Deserialize)]
 pub struct MachineState {
     pub vm: VmState,
     pub vcpus: Vec<VcpuState>,
@@ -146,13 +132,13 @@ impl Machine {
 }
 
 /// Builds the VM described by `args` and starts its vCPUs.
-pub fn build_and_start(args: &Args) -> Result<Machine> {
+pub fn build_and_start(args: &LaunchConfig) -> Result<Machine> {
     build(args, Origin::Boot)
 }
 
 /// Builds the machine `args` describe, from scratch or from a snapshot, and starts
 /// its vCPU threads (paused when restoring).
-pub fn build(args: &Args, origin: Origin) -> Result<Machine> {
+pub fn build(args: &LaunchConfig, origin: Origin) -> Result<Machine> {
     let kvm = open_kvm()?;
     let max_vcpus = kvm.get_max_vcpus() as u32;
     if args.vcpus > max_vcpus {
@@ -161,7 +147,7 @@ pub fn build(args: &Args, origin: Origin) -> Result<Machine> {
             args.vcpus
         )));
     }
-    let mem_bytes = args.memory << 20;
+    let mem_bytes = args.memory_mib << 20;
 
     let vm = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
     vm.set_tss_address(TSS_ADDRESS)
@@ -337,15 +323,6 @@ pub fn build(args: &Args, origin: Origin) -> Result<Machine> {
     let vcpus = vcpu::start(vcpus, paused)
         .map_err(|e| Error::host(format!("cannot start vCPU threads: {e}")))?;
 
-    let config = VmConfigInfo {
-        name: args.name.clone(),
-        memory_mib: args.memory,
-        vcpus: args.vcpus,
-        kernel: args.kernel.display().to_string(),
-        initrd: args.initrd.as_ref().map(|p| p.display().to_string()),
-        cmdline: args.cmdline.clone(),
-        serial: args.serial.clone(),
-    };
     Ok(Machine {
         vm,
         mem,
@@ -357,8 +334,7 @@ pub fn build(args: &Args, origin: Origin) -> Result<Machine> {
         serial_input_space,
         serial_clients,
         started: Instant::now(),
-        config,
+        config: args.clone(),
         devices,
-        launch: crate::snapshot::launch_argv(args),
     })
 }

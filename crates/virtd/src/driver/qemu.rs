@@ -45,7 +45,7 @@ impl QemuDriver {
             "-machine".into(),
             format!("pc,accel={accel}"),
             "-m".into(),
-            format!("{}M", def.memory_mib),
+            format!("{}k", def.memory_kib),
             "-smp".into(),
             def.vcpus.to_string(),
             "-nodefaults".into(),
