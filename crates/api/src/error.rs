@@ -33,6 +33,10 @@ pub enum ErrorCode {
     Internal,
     /// TCP listener: missing or wrong bearer token.
     Unauthorized,
+    /// Another job runs on the domain (retry, or ask to wait with `?wait=SECONDS`).
+    DomainBusy,
+    /// The VM did not answer within the operation's deadline.
+    Timeout,
 }
 
 impl ErrorCode {
@@ -43,7 +47,11 @@ impl ErrorCode {
             | ErrorCode::InvalidDefinition
             | ErrorCode::InvalidArgument => 400,
             ErrorCode::NoDomain | ErrorCode::NoNetwork | ErrorCode::NotFound => 404,
-            ErrorCode::DomainExists | ErrorCode::OperationInvalid | ErrorCode::StorageError => 409,
+            ErrorCode::DomainExists
+            | ErrorCode::OperationInvalid
+            | ErrorCode::StorageError
+            | ErrorCode::DomainBusy => 409,
+            ErrorCode::Timeout => 504,
             ErrorCode::NotSupported => 501,
             ErrorCode::DriverError | ErrorCode::Internal => 500,
             ErrorCode::Unauthorized => 401,
@@ -65,6 +73,8 @@ impl ErrorCode {
             ErrorCode::NotFound => "not_found",
             ErrorCode::Internal => "internal",
             ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::DomainBusy => "domain_busy",
+            ErrorCode::Timeout => "timeout",
         }
     }
 }

@@ -9,15 +9,18 @@
 //! * [`client`]: a typed client for the ferrovirtd /v1 API
 //! * [`size`]: memory sizes with libvirt's units, in KiB
 //! * [`host`]: detection of the host's virtualization support (default driver)
+//! * [`op`]: the typed domain operations; [`job`]: a domain's running job
 
 pub mod client;
 pub mod def;
 pub mod error;
 pub mod host;
 pub mod http;
+pub mod job;
 pub mod msg;
 pub mod netmark;
 pub mod network;
+pub mod op;
 pub mod size;
 pub mod state;
 pub mod tls;
@@ -26,6 +29,8 @@ pub mod xml_limits;
 
 pub use def::{Action, DomainDef, VirtType};
 pub use error::{ApiError, ErrorCode};
+pub use job::{JobInfo, JobProgress, JobStatus};
+pub use op::DomainOp;
 pub use state::{DomainInfo, DomainState, Event, StateReason};
 
 /// Version string reported by `ferrovirt version` and `GET /v1/version`.

@@ -10,6 +10,7 @@ use ferrovirt_api::def::{
     InterfaceKind,
 };
 use ferrovirt_api::msg::{CloudInitRequest, VolumeCreateRequest};
+use ferrovirt_api::DomainOp;
 use ferrovirt_api::{DomainDef, VirtType};
 
 use crate::sizes::parse_gib;
@@ -416,7 +417,7 @@ pub fn run(client: &Client, a: &InstallArgs, json: bool) -> Result<(), Failure> 
         if a.autostart {
             client.set_autostart(&a.name, true)?;
         }
-        client.action(&a.name, "start")?
+        client.action(&a.name, DomainOp::Start)?
     };
     if json {
         println!(

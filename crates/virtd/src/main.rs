@@ -7,7 +7,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use ferrovirtd::manager::Manager;
+use ferrovirtd::manager::{Limits, Manager, Setup};
 use ferrovirtd::runtime::Paths;
 
 const USAGE: &str = "usage: ferrovirtd [--socket PATH] [--state-dir DIR] [--run-dir DIR]
@@ -20,6 +20,8 @@ const USAGE: &str = "usage: ferrovirtd [--socket PATH] [--state-dir DIR] [--run-
   --token-file FILE bearer token for the TCP listener (16+ characters, file mode 0600)
   --tls-cert FILE   serve the TCP listener in TLS with this PEM certificate (chain)
   --tls-key FILE    and this PEM private key (file mode 0600)
+  --op-timeout SECS how long a VM may take to answer one operation (shutdown, suspend, resume,
+                    reset) before it fails with a timeout error (default 10)
 
 Environment: FERROVIRT_QEMU (qemu binary), FERROVIRT_VMM (ferrovmm binary),
 FERROVIRT_NO_DEFAULT_NETWORK=1 (a fresh state dir gets no `default` network; see docs/network.md).";
@@ -32,7 +34,7 @@ struct TcpOptions {
 }
 
 /// Command line: paths, and the optional TCP listener.
-fn parse_args() -> Result<(Paths, Option<TcpOptions>), String> {
+fn parse_args() -> Result<(Paths, Option<TcpOptions>, Limits), String> {
     let mut socket = None;
     let mut state_dir = PathBuf::from("/var/lib/ferrovirt");
     let mut run_dir = PathBuf::from("/run/ferrovirt");
@@ -40,6 +42,7 @@ fn parse_args() -> Result<(Paths, Option<TcpOptions>), String> {
     let mut token_file = None;
     let mut tls_cert = None;
     let mut tls_key = None;
+    let mut limits = Limits::default();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let (flag, inline) = match arg.split_once('=') {
@@ -60,6 +63,15 @@ fn parse_args() -> Result<(Paths, Option<TcpOptions>), String> {
             "--token-file" => token_file = Some(PathBuf::from(value("--token-file")?)),
             "--tls-cert" => tls_cert = Some(PathBuf::from(value("--tls-cert")?)),
             "--tls-key" => tls_key = Some(PathBuf::from(value("--tls-key")?)),
+            "--op-timeout" => {
+                let v = value("--op-timeout")?;
+                let secs: u64 = v
+                    .parse()
+                    .ok()
+                    .filter(|s| (1..=3600).contains(s))
+                    .ok_or(format!("--op-timeout '{v}' is not 1 to 3600 seconds"))?;
+                limits.op = std::time::Duration::from_secs(secs);
+            }
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -93,6 +105,7 @@ fn parse_args() -> Result<(Paths, Option<TcpOptions>), String> {
             socket,
         },
         tcp,
+        limits,
     ))
 }
 
@@ -163,7 +176,7 @@ fn bind(paths: &Paths) -> Result<UnixListener, String> {
 
 fn main() -> ExitCode {
     let run = || -> Result<(), String> {
-        let (paths, tcp) = parse_args()?;
+        let (paths, tcp, limits) = parse_args()?;
         let tcp = match tcp {
             Some(o) => {
                 let token = read_token(&o.token_file)?;
@@ -179,7 +192,11 @@ fn main() -> ExitCode {
             None => None,
         };
         let _lock = lock_state_dir(&paths)?;
-        let mgr = Manager::open(paths.clone())?;
+        let setup = Setup {
+            limits,
+            ..Setup::probe()
+        };
+        let mgr = Manager::open(paths.clone(), setup)?;
         let listener = bind(&paths)?;
         if let Some((addr, token, tls)) = tcp {
             let tcp_listener = std::net::TcpListener::bind(&addr)

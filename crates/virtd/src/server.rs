@@ -13,7 +13,7 @@ use ferrovirt_api::http::{self, percent_decode, Request, Stream};
 use ferrovirt_api::msg::{
     AutostartRequest, DomainResponse, MemoryRequest, VcpusRequest, VersionInfo, VolumeCreateRequest,
 };
-use ferrovirt_api::{xml, ApiError, DomainDef, ErrorCode};
+use ferrovirt_api::{xml, ApiError, DomainDef, DomainOp, ErrorCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -142,6 +142,22 @@ fn flag(req: &Request, name: &str) -> bool {
     matches!(req.query(name), Some("true" | "1" | "yes" | ""))
 }
 
+/// `?wait=SECONDS`: how long an operation may wait for a busy domain (the manager caps it).
+fn wait_param(req: &Request) -> Result<Option<Duration>, ApiError> {
+    match req.query("wait") {
+        None => Ok(None),
+        Some(s) => s
+            .parse::<u64>()
+            .map(|n| Some(Duration::from_secs(n)))
+            .map_err(|_| {
+                ApiError::new(
+                    ErrorCode::InvalidArgument,
+                    format!("wait '{s}' is not a number of seconds"),
+                )
+            }),
+    }
+}
+
 /// Parse a definition in JSON, libvirt XML or TOML (by Content-Type, else by its first character).
 fn parse_definition(req: &Request) -> Result<(DomainDef, Vec<String>), ApiError> {
     let text = std::str::from_utf8(&req.body)
@@ -185,8 +201,7 @@ fn route(req: &Request, mgr: &Manager, conn: &dyn Stream) -> Result<Reply, ApiEr
     let method = req.method.as_str();
     match (method, seg.as_slice()) {
         ("GET", ["v1", "version"]) => {
-            let mut drivers = vec!["kvm".to_string(), "qemu".to_string(), "test".to_string()];
-            drivers.sort();
+            let drivers = mgr.driver_names();
             Ok(json(
                 200,
                 &VersionInfo {
@@ -262,12 +277,18 @@ fn route(req: &Request, mgr: &Manager, conn: &dyn Stream) -> Result<Reply, ApiEr
             hub.attach(out, flag(req, "replay"));
             Ok(Reply::Taken)
         }
-        ("POST", ["v1", "domains", name, verb]) => Ok(json(
-            200,
-            &DomainResponse {
-                domain: mgr.action(name, verb)?,
-            },
-        )),
+        ("GET", ["v1", "domains", name, "job"]) => Ok(json(200, &mgr.job_info(name)?)),
+        ("DELETE", ["v1", "domains", name, "job"]) => Ok(json(200, &mgr.abort_job(name)?)),
+        ("POST", ["v1", "domains", name, verb]) => {
+            let op = DomainOp::from_verb(verb).ok_or_else(|| {
+                ApiError::new(
+                    ErrorCode::NotFound,
+                    format!("unknown domain operation '{verb}'"),
+                )
+            })?;
+            let domain = mgr.action(name, op, wait_param(req)?)?;
+            Ok(json(200, &DomainResponse { domain }))
+        }
         ("GET", ["v1", "events"]) => {
             stream_events(mgr, conn);
             Ok(Reply::Taken)

@@ -186,13 +186,14 @@ impl Store {
         Ok(id.and_then(|v| v.parse().ok()).unwrap_or(1))
     }
 
-    /// Record a started domain and consume its id, in one transaction (one fsync).
+    /// Record a started domain and consume its id, in one transaction (one fsync). Starts run
+    /// in parallel and may commit out of order: the next id only ever grows.
     pub fn put_started(&self, d: &StoredDomain, used_id: u32) -> Result<(), ApiError> {
         let tx = self.conn.unchecked_transaction().map_err(db_err)?;
         self.conn
             .execute(
-                "UPDATE meta SET value = ?1 WHERE key = 'next_id'",
-                params![(used_id + 1).to_string()],
+                "UPDATE meta SET value = MAX(CAST(value AS INTEGER), ?1) WHERE key = 'next_id'",
+                params![i64::from(used_id) + 1],
             )
             .map_err(db_err)?;
         self.put(d)?;

@@ -9,6 +9,7 @@ use std::time::Duration;
 use common::{code, Daemon};
 use ferrovirt_api::client::DefFormat;
 use ferrovirt_api::state::EventKind;
+use ferrovirt_api::DomainOp;
 use ferrovirt_api::{DomainState, ErrorCode, StateReason};
 
 fn toml_def(d: &Daemon, name: &str, extra: &str) -> String {
@@ -58,7 +59,7 @@ fn full_lifecycle_with_states_reasons_and_events() {
         "list without --all shows only active domains"
     );
 
-    let info = c.action("web", "start").unwrap();
+    let info = c.action("web", DomainOp::Start).unwrap();
     assert_eq!(
         (info.state, info.reason),
         (DomainState::Running, StateReason::Booted)
@@ -67,11 +68,11 @@ fn full_lifecycle_with_states_reasons_and_events() {
     assert_eq!(next_event(&events).1, EventKind::Started);
 
     assert_eq!(
-        c.action("web", "suspend").unwrap().state,
+        c.action("web", DomainOp::Suspend).unwrap().state,
         DomainState::Paused
     );
     assert_eq!(next_event(&events).1, EventKind::Suspended);
-    let info = c.action("web", "resume").unwrap();
+    let info = c.action("web", DomainOp::Resume).unwrap();
     assert_eq!(
         (info.state, info.reason),
         (DomainState::Running, StateReason::Unpaused)
@@ -79,7 +80,7 @@ fn full_lifecycle_with_states_reasons_and_events() {
     assert_eq!(next_event(&events).1, EventKind::Resumed);
 
     // reboot with on_reboot = restart (the default): stays running, restarted.
-    let info = c.action("web", "reboot").unwrap();
+    let info = c.action("web", DomainOp::Reboot).unwrap();
     assert_eq!(
         (info.state, info.reason),
         (DomainState::Running, StateReason::Restarted)
@@ -87,7 +88,7 @@ fn full_lifecycle_with_states_reasons_and_events() {
     assert_eq!(next_event(&events).1, EventKind::Shutdown);
     assert_eq!(next_event(&events).1, EventKind::Started);
 
-    let info = c.action("web", "shutdown").unwrap();
+    let info = c.action("web", DomainOp::Shutdown).unwrap();
     assert_eq!(
         (info.state, info.reason),
         (DomainState::Shutoff, StateReason::Shutdown)
@@ -95,9 +96,9 @@ fn full_lifecycle_with_states_reasons_and_events() {
     assert_eq!(next_event(&events).1, EventKind::Shutdown);
     assert_eq!(next_event(&events).1, EventKind::Stopped);
 
-    c.action("web", "start").unwrap();
+    c.action("web", DomainOp::Start).unwrap();
     next_event(&events);
-    let info = c.action("web", "destroy").unwrap();
+    let info = c.action("web", DomainOp::Destroy).unwrap();
     assert_eq!(
         (info.state, info.reason),
         (DomainState::Shutoff, StateReason::Destroyed)
@@ -122,8 +123,8 @@ fn on_poweroff_restart_and_transient_domains() {
         false,
     )
     .unwrap();
-    c.action("phoenix", "start").unwrap();
-    let info = c.action("phoenix", "shutdown").unwrap();
+    c.action("phoenix", DomainOp::Start).unwrap();
+    let info = c.action("phoenix", DomainOp::Shutdown).unwrap();
     assert_eq!(
         (info.state, info.reason),
         (DomainState::Running, StateReason::Restarted)
@@ -135,13 +136,13 @@ fn on_poweroff_restart_and_transient_domains() {
         .unwrap();
     assert!(!r.domain.persistent);
     assert_eq!(r.domain.state, DomainState::Running);
-    c.action("temp", "destroy").unwrap();
+    c.action("temp", DomainOp::Destroy).unwrap();
     assert_eq!(code(c.get("temp")), ErrorCode::NoDomain);
 
     // undefine while running: becomes transient, disappears when stopped.
     c.undefine("phoenix").unwrap();
     assert!(!c.get("phoenix").unwrap().persistent);
-    c.action("phoenix", "destroy").unwrap();
+    c.action("phoenix", DomainOp::Destroy).unwrap();
     assert!(c.list(true).unwrap().is_empty());
 }
 
@@ -263,14 +264,14 @@ fn bad_input_gets_a_stable_error_code_and_changes_nothing() {
     let c = d.client();
     c.define(&toml_def(&d, "vm1", ""), DefFormat::Toml, false)
         .unwrap();
-    c.action("vm1", "start").unwrap();
+    c.action("vm1", DomainOp::Start).unwrap();
     let before = snapshot(&d);
 
     let kernel = d.dir.join("vmlinuz");
     let cases: Vec<(&str, ErrorCode, Result<(), ferrovirt_api::client::ClientError>)> = vec![
         ("duplicate name", ErrorCode::DomainExists, c.define(&toml_def(&d, "vm1", ""), DefFormat::Toml, false).map(|_| ())),
         ("duplicate name (create)", ErrorCode::DomainExists, c.define(&toml_def(&d, "vm1", ""), DefFormat::Toml, true).map(|_| ())),
-        ("unknown VM start", ErrorCode::NoDomain, c.action("nosuch", "start").map(|_| ())),
+        ("unknown VM start", ErrorCode::NoDomain, c.action("nosuch", DomainOp::Start).map(|_| ())),
         ("unknown VM info", ErrorCode::NoDomain, c.get("nosuch").map(|_| ())),
         ("unknown VM undefine", ErrorCode::NoDomain, c.undefine("nosuch")),
         ("memory 0", ErrorCode::InvalidDefinition, c.define(&toml_def(&d, "m0", "memory_mib = 0").replace("memory_mib = 128\n", ""), DefFormat::Toml, false).map(|_| ())),
@@ -295,8 +296,8 @@ fn bad_input_gets_a_stable_error_code_and_changes_nothing() {
         ("unknown TOML key", ErrorCode::MalformedBody, c.define("name = \"x\"\nmemroy = 1\n", DefFormat::Toml, false).map(|_| ())),
         ("empty body", ErrorCode::MalformedBody, c.define("", DefFormat::Json, false).map(|_| ())),
         ("bad name", ErrorCode::InvalidDefinition, c.define(&toml_def(&d, "a/b", ""), DefFormat::Toml, false).map(|_| ())),
-        ("start running VM", ErrorCode::OperationInvalid, c.action("vm1", "start").map(|_| ())),
-        ("resume running VM", ErrorCode::OperationInvalid, c.action("vm1", "resume").map(|_| ())),
+        ("start running VM", ErrorCode::OperationInvalid, c.action("vm1", DomainOp::Start).map(|_| ())),
+        ("resume running VM", ErrorCode::OperationInvalid, c.action("vm1", DomainOp::Resume).map(|_| ())),
         ("live setmem", ErrorCode::NotSupported, c.set_memory("vm1", 64, false).map(|_| ())),
         ("setmem 0", ErrorCode::InvalidDefinition, c.set_memory("vm1", 0, true).map(|_| ())),
         ("network default", ErrorCode::NoNetwork, c.define(&toml_def(&d, "n", "[[interface]]\ntype = \"network\"\nsource = \"default\""), DefFormat::Toml, false).map(|_| ())),

@@ -9,7 +9,7 @@ use std::fs;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ferrovirt_api::def::DiskDevice;
 use ferrovirt_api::http::unix_request;
@@ -17,8 +17,9 @@ use ferrovirt_api::{ApiError, DomainDef};
 use ferrovmm_api::launch::{DiskConfig, Mac, NetBackend, NetConfig, SerialMode};
 use ferrovmm_api::{ExitReason, ExitRecord, LaunchConfig};
 
-use super::{Driver, ExitNotifier, Started, VmCtx};
+use super::{Driver, ExitNotifier, Started, VmCtx, VmRef};
 use crate::console::ConsoleHub;
+use crate::deadline::Deadline;
 use crate::runtime::{kill, kill_and_wait, pid_alive, pid_has_arg, wait_gone, ExitKind, Runtime};
 
 pub struct KvmDriver {
@@ -41,16 +42,32 @@ impl KvmDriver {
         KvmDriver { binary }
     }
 
-    fn api(&self, dir: &Path, method: &str, path: &str) -> Result<Vec<u8>, ApiError> {
+    /// One call of ferrovmm's API, answered within `deadline`.
+    fn api(
+        &self,
+        dir: &Path,
+        method: &str,
+        path: &str,
+        deadline: &Deadline,
+    ) -> Result<Vec<u8>, ApiError> {
+        deadline.check()?;
         let resp = unix_request(
             &dir.join("api.sock"),
             method,
             path,
             None,
             b"",
-            Some(Duration::from_secs(10)),
+            deadline.io_timeout(),
         )
-        .map_err(|e| ApiError::driver(format!("ferrovmm API: {e}")))?;
+        .map_err(|e| {
+            if deadline.expired() {
+                deadline.timeout(&format!(
+                    "ferrovmm did not answer {method} {path} (is the VM process stopped?)"
+                ))
+            } else {
+                ApiError::driver(format!("ferrovmm API: {e}"))
+            }
+        })?;
         if resp.status >= 300 {
             return Err(ApiError::driver(format!(
                 "ferrovmm {method} {path}: HTTP {}: {}",
@@ -212,7 +229,7 @@ impl Driver for KvmDriver {
         let pid = child.id();
         let _ = fs::write(dir.join("pid"), format!("{pid}\n"));
         // Wait for the API socket to answer: the contract says it exists once the VM runs.
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = ctx.deadline.within(Duration::from_secs(10));
         loop {
             if let Ok(Some(status)) = child.try_wait() {
                 return Err(ApiError::driver(format!(
@@ -220,10 +237,10 @@ impl Driver for KvmDriver {
                     log_tail(&log_path)
                 )));
             }
-            if self.api(&dir, "GET", "/vm").is_ok() {
+            if self.api(&dir, "GET", "/vm", &deadline).is_ok() {
                 break;
             }
-            if Instant::now() > deadline {
+            if deadline.check().is_err() {
                 kill(pid, libc::SIGKILL);
                 let _ = child.wait();
                 return Err(ApiError::driver(format!(
@@ -259,7 +276,7 @@ impl Driver for KvmDriver {
         let pid = runtime.pid?;
         if !pid_alive(pid)
             || !pid_has_arg(pid, &ctx.def.name)
-            || self.api(&ctx.vm_dir, "GET", "/vm").is_err()
+            || self.api(&ctx.vm_dir, "GET", "/vm", &ctx.deadline).is_err()
         {
             return None;
         }
@@ -276,36 +293,39 @@ impl Driver for KvmDriver {
         })
     }
 
-    fn destroy(&self, _def: &DomainDef, dir: &Path, runtime: &Runtime) -> Result<(), ApiError> {
-        let Some(pid) = runtime.pid else {
+    fn destroy(&self, vm: &VmRef) -> Result<(), ApiError> {
+        let Some(pid) = vm.runtime.pid else {
             return Ok(());
         };
-        if self.api(dir, "PUT", "/vm/stop").is_err() || !wait_gone(pid, Duration::from_secs(5)) {
+        // A polite stop first, briefly: a ferrovmm that does not answer is killed.
+        let polite = vm.deadline.within(Duration::from_secs(3));
+        if self.api(vm.vm_dir, "PUT", "/vm/stop", &polite).is_err()
+            || !wait_gone(pid, vm.deadline.remaining().min(Duration::from_secs(5)))
+        {
             return kill_and_wait(pid, "ferrovmm");
         }
         Ok(())
     }
 
-    fn shutdown(
-        &self,
-        _def: &DomainDef,
-        dir: &Path,
-        _rt: &Runtime,
-    ) -> Result<Option<ExitKind>, ApiError> {
-        self.api(dir, "PUT", "/vm/power-button").map(|_| None)
+    fn shutdown(&self, vm: &VmRef) -> Result<Option<ExitKind>, ApiError> {
+        self.api(vm.vm_dir, "PUT", "/vm/power-button", vm.deadline)
+            .map(|_| None)
     }
 
-    fn suspend(&self, _def: &DomainDef, dir: &Path, _rt: &Runtime) -> Result<(), ApiError> {
-        self.api(dir, "PUT", "/vm/pause").map(|_| ())
+    fn suspend(&self, vm: &VmRef) -> Result<(), ApiError> {
+        self.api(vm.vm_dir, "PUT", "/vm/pause", vm.deadline)
+            .map(|_| ())
     }
 
-    fn resume(&self, _def: &DomainDef, dir: &Path, _rt: &Runtime) -> Result<(), ApiError> {
-        self.api(dir, "PUT", "/vm/resume").map(|_| ())
+    fn resume(&self, vm: &VmRef) -> Result<(), ApiError> {
+        self.api(vm.vm_dir, "PUT", "/vm/resume", vm.deadline)
+            .map(|_| ())
     }
 
-    fn reset(&self, _def: &DomainDef, dir: &Path, _rt: &Runtime) -> Result<(), ApiError> {
+    fn reset(&self, vm: &VmRef) -> Result<(), ApiError> {
         // ferrovmm ends with "guest reset"; the exit watcher reports a reboot and
         // on_reboot (restart by default) brings the VM back.
-        self.api(dir, "PUT", "/vm/reset").map(|_| ())
+        self.api(vm.vm_dir, "PUT", "/vm/reset", vm.deadline)
+            .map(|_| ())
     }
 }
