@@ -118,9 +118,10 @@ fn a_restored_guest_counts_on_from_where_it_was_paused() {
     assert!(mem.blocks() * 512 < 4 << 20, "memory file is not sparse");
     assert_eq!(mem.mode() & 0o777, 0o600);
 
-    let before = vm.output();
     put(&vm, "/vm/stop");
-    assert_eq!(vm.finish().status, 0);
+    let run = vm.finish();
+    assert_eq!(run.status, 0);
+    let before = run.stdout;
 
     let api2 = dir.path().join("dst.sock");
     let restored = restore(&snap, &api2, &[]);
@@ -228,9 +229,10 @@ fn a_hundred_save_restore_cycles_in_a_row_keep_the_count() {
     let dir = common::tempdir();
     let snap = dir.path().join("snap");
     let (vm, _) = counting_vm_snapshot(dir.path(), &snap);
-    let mut all = vm.output();
     put(&vm, "/vm/stop");
-    assert_eq!(vm.finish().status, 0);
+    let run = vm.finish();
+    assert_eq!(run.status, 0);
+    let mut all = run.stdout;
     let api = dir.path().join("cycle.sock");
     for cycle in 0..100 {
         // Each generation restores the previous one's snapshot, counts at least one
@@ -244,10 +246,10 @@ fn a_hundred_save_restore_cycles_in_a_row_keep_the_count() {
         put(&vm, "/vm/pause");
         let (status, body) = snapshot(&api, &snap);
         assert_eq!(status, 200, "cycle {cycle}: {body}");
-        all.push_str(&vm.output());
         put(&vm, "/vm/stop");
         let run = vm.finish();
         assert_eq!(run.status, 0, "cycle {cycle}: {}", run.stderr);
+        all.push_str(&run.stdout);
     }
     let seen = counts(&all);
     assert!(seen.len() > 100, "{} lines", seen.len());

@@ -12,9 +12,14 @@ pub struct LiveVm {
     pub api: PathBuf,
     pub output: Arc<Mutex<String>>,
     pub stderr: Arc<Mutex<String>>,
+    /// The threads reading stdout and stderr; they end at EOF, when the process is gone.
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
-fn collect<R: Read + Send + 'static>(mut r: R, into: Arc<Mutex<String>>) {
+fn collect<R: Read + Send + 'static>(
+    mut r: R,
+    into: Arc<Mutex<String>>,
+) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
         while let Ok(n) = r.read(&mut buf) {
@@ -25,7 +30,7 @@ fn collect<R: Read + Send + 'static>(mut r: R, into: Arc<Mutex<String>>) {
                 .unwrap()
                 .push_str(&String::from_utf8_lossy(&buf[..n]));
         }
-    });
+    })
 }
 
 impl LiveVm {
@@ -53,13 +58,16 @@ impl LiveVm {
     pub fn attach(mut child: Child, api: &Path) -> Self {
         let output = Arc::new(Mutex::new(String::new()));
         let stderr = Arc::new(Mutex::new(String::new()));
-        collect(child.stdout.take().unwrap(), output.clone());
-        collect(child.stderr.take().unwrap(), stderr.clone());
+        let readers = vec![
+            collect(child.stdout.take().unwrap(), output.clone()),
+            collect(child.stderr.take().unwrap(), stderr.clone()),
+        ];
         let vm = LiveVm {
             child,
             api: api.to_path_buf(),
             output,
             stderr,
+            readers,
         };
         vm.wait_for(|| vm.api.exists(), "the API socket");
         vm
@@ -108,8 +116,11 @@ impl LiveVm {
             }
             std::thread::sleep(Duration::from_millis(5));
         };
-        // Let the reader threads drain the pipes.
-        std::thread::sleep(Duration::from_millis(50));
+        // The readers end when the pipes reach EOF (a teardown child may hold them a
+        // little longer; it closes everything but KVM descriptors first).
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
         let stdout = output.lock().unwrap().clone();
         let stderr = stderr.lock().unwrap().clone();
         super::Run {
