@@ -47,8 +47,8 @@ struct PauseState {
 impl PauseControl {
     /// Called by a vCPU before entering the guest: parks while a pause is requested,
     /// and saves its KVM state there when asked (only its own thread holds its fd).
-    fn checkpoint(&self, vcpu: &Vcpu) {
-        let lifecycle = &vcpu.lifecycle;
+    fn checkpoint(&self, vcpu: &mut Vcpu) {
+        let lifecycle = vcpu.lifecycle.clone();
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if !st.requested {
             return;
@@ -60,6 +60,7 @@ impl PauseControl {
             if st.save_generation != seen {
                 seen = st.save_generation;
                 drop(st);
+                vcpu.complete_pending_io();
                 let state = VcpuState::save(&vcpu.fd, &vcpu.msr_indices)
                     .map_err(|e| format!("vcpu{}: {e}", vcpu.index));
                 st = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -223,7 +224,7 @@ impl Vcpu {
             if self.lifecycle.is_stopping() {
                 return;
             }
-            pause.checkpoint(&self);
+            pause.checkpoint(&mut self);
             let flow = self.run_once();
             if let Flow::Stop(reason) = flow {
                 self.lifecycle.request_stop(reason);
@@ -332,6 +333,18 @@ impl Vcpu {
                 Flow::Stop(self.fatal(CrashCause::VcpuError, &format!("KVM_RUN failed: {e}")))
             }
         }
+    }
+
+    /// Lets KVM finish the instruction of the last I/O exit (the RIP advance of an
+    /// OUT, the register load of an IN) without running the guest: KVM_RUN with
+    /// immediate_exit. Saved state taken without this would replay the I/O.
+    fn complete_pending_io(&mut self) {
+        self.fd.set_kvm_immediate_exit(1);
+        match self.fd.run() {
+            Err(e) if e.errno() == libc::EINTR => {}
+            other => log::debug!("vcpu{}: completing pending I/O: {other:?}", self.index),
+        }
+        self.fd.set_kvm_immediate_exit(0);
     }
 
     fn fatal(&self, cause: CrashCause, what: &str) -> StopReason {
