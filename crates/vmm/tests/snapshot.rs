@@ -61,9 +61,8 @@ fn put(vm: &LiveVm, path: &str) {
 /// garbles that one line; such a line stands for exactly one count. Returns how many
 /// lines were garbled so callers can bound them.
 fn assert_unbroken_count(out: &str) -> usize {
-    let mut expected = 1u32;
     let mut garbled = 0;
-    for line in out.lines().filter(|l| l.contains("c ")) {
+    for (expected, line) in (1u32..).zip(out.lines().filter(|l| l.contains("c "))) {
         match line
             .strip_prefix("c ")
             .filter(|h| h.len() == 8)
@@ -77,7 +76,6 @@ fn assert_unbroken_count(out: &str) -> usize {
             ),
             None => garbled += 1,
         }
-        expected += 1;
     }
     garbled
 }

@@ -4,7 +4,7 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub struct LiveVm {
@@ -12,14 +12,12 @@ pub struct LiveVm {
     pub api: PathBuf,
     pub output: Arc<Mutex<String>>,
     pub stderr: Arc<Mutex<String>>,
-    /// The threads reading stdout and stderr; they end at EOF, when the process is gone.
-    readers: Vec<std::thread::JoinHandle<()>>,
+    /// Each pipe reader says here when it reached the end of its pipe.
+    drained: mpsc::Receiver<()>,
 }
 
-fn collect<R: Read + Send + 'static>(
-    mut r: R,
-    into: Arc<Mutex<String>>,
-) -> std::thread::JoinHandle<()> {
+/// Copy a pipe into `into` until its end, then report on `done`.
+fn collect<R: Read + Send + 'static>(mut r: R, into: Arc<Mutex<String>>, done: mpsc::Sender<()>) {
     std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
         while let Ok(n) = r.read(&mut buf) {
@@ -30,7 +28,8 @@ fn collect<R: Read + Send + 'static>(
                 .unwrap()
                 .push_str(&String::from_utf8_lossy(&buf[..n]));
         }
-    })
+        let _ = done.send(());
+    });
 }
 
 impl LiveVm {
@@ -58,16 +57,15 @@ impl LiveVm {
     pub fn attach(mut child: Child, api: &Path) -> Self {
         let output = Arc::new(Mutex::new(String::new()));
         let stderr = Arc::new(Mutex::new(String::new()));
-        let readers = vec![
-            collect(child.stdout.take().unwrap(), output.clone()),
-            collect(child.stderr.take().unwrap(), stderr.clone()),
-        ];
+        let (done, drained) = mpsc::channel();
+        collect(child.stdout.take().unwrap(), output.clone(), done.clone());
+        collect(child.stderr.take().unwrap(), stderr.clone(), done);
         let vm = LiveVm {
             child,
             api: api.to_path_buf(),
             output,
             stderr,
-            readers,
+            drained,
         };
         vm.wait_for(|| vm.api.exists(), "the API socket");
         vm
@@ -116,10 +114,11 @@ impl LiveVm {
             }
             std::thread::sleep(Duration::from_millis(5));
         };
-        // The readers end when the pipes reach EOF (a teardown child may hold them a
-        // little longer; it closes everything but KVM descriptors first).
-        for r in self.readers.drain(..) {
-            let _ = r.join();
+        // Both pipes read to their end (no helper process may keep them open).
+        for pipe in ["stdout", "stderr"] {
+            self.drained
+                .recv_timeout(Duration::from_secs(10))
+                .unwrap_or_else(|_| panic!("ferrovmm's {pipe} stayed open after it exited"));
         }
         let stdout = output.lock().unwrap().clone();
         let stderr = stderr.lock().unwrap().clone();
