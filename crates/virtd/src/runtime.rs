@@ -73,6 +73,18 @@ pub fn pid_alive(pid: u32) -> bool {
     }
 }
 
+/// True when the process is stopped (SIGSTOP, `State: T`): it cannot answer a polite request,
+/// so a destroy goes straight to SIGKILL.
+pub fn pid_stopped(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .map(|status| {
+            status
+                .lines()
+                .any(|l| l.starts_with("State:") && l.contains('T'))
+        })
+        .unwrap_or(false)
+}
+
 /// True when the live process's command line contains `needle` as one argument.
 pub fn pid_has_arg(pid: u32, needle: &str) -> bool {
     match fs::read(format!("/proc/{pid}/cmdline")) {

@@ -1,4 +1,4 @@
-//! The `kvm` driver: one ferrovmm process per VM (see notes/FERROVMM-CONTRACT.md), in its own
+//! The `kvm` driver: one ferrovmm process per VM (see docs/ferrovmm-contract.md), in its own
 //! session so it outlives ferrovirtd; controlled over its HTTP API socket.
 //!
 //! Per VM in its run folder: `pid`, `api.sock`, `serial.sock` (the console hub's link), `vmm.log`
@@ -19,7 +19,9 @@ use ferrovmm_api::{ExitReason, ExitRecord, LaunchConfig};
 use super::{Driver, ExitNotifier, Started, VmCtx, VmRef};
 use crate::console::ConsoleHub;
 use crate::deadline::Deadline;
-use crate::runtime::{kill, kill_and_wait, pid_alive, pid_has_arg, wait_gone, ExitKind, Runtime};
+use crate::runtime::{
+    kill, kill_and_wait, pid_alive, pid_has_arg, pid_stopped, wait_gone, ExitKind, Runtime,
+};
 
 pub struct KvmDriver {
     pub binary: PathBuf,
@@ -148,7 +150,7 @@ pub fn exit_kind(dir: &Path) -> ExitKind {
                 eprintln!(
                     "ferrovirtd: VM in {} crashed ({}): {detail}",
                     dir.display(),
-                    serde_json::to_string(&cause).unwrap_or_default()
+                    cause.as_str()
                 );
                 ExitKind::Crash
             }
@@ -292,7 +294,8 @@ impl Driver for KvmDriver {
         };
         // A polite stop first, briefly: a ferrovmm that does not answer is killed.
         let polite = vm.deadline.within(Duration::from_secs(3));
-        if self.api(vm.vm_dir, "PUT", "/vm/stop", &polite).is_err()
+        if pid_stopped(pid)
+            || self.api(vm.vm_dir, "PUT", "/vm/stop", &polite).is_err()
             || !wait_gone(pid, vm.deadline.remaining().min(Duration::from_secs(5)))
         {
             return kill_and_wait(pid, "ferrovmm");

@@ -16,7 +16,9 @@ use super::qmp::Qmp;
 use super::{Driver, ExitNotifier, Started, VmCtx, VmRef};
 use crate::console::ConsoleHub;
 use crate::deadline::Deadline;
-use crate::runtime::{kill, kill_and_wait, pid_alive, pid_has_arg, wait_gone, ExitKind, Runtime};
+use crate::runtime::{
+    kill, kill_and_wait, pid_alive, pid_has_arg, pid_stopped, wait_gone, ExitKind, Runtime,
+};
 
 pub struct QemuDriver {
     pub binary: PathBuf,
@@ -349,7 +351,7 @@ impl Driver for QemuDriver {
         };
         // A polite quit first, briefly: a QEMU that does not answer is killed.
         let polite = vm.deadline.within(Duration::from_secs(3));
-        if self.command(vm.vm_dir, "quit", None, &polite).is_err() {
+        if pid_stopped(pid) || self.command(vm.vm_dir, "quit", None, &polite).is_err() {
             kill(pid, libc::SIGKILL);
         }
         if !wait_gone(pid, vm.deadline.remaining().min(Duration::from_secs(10))) {

@@ -10,12 +10,15 @@ use ferrovirt_api::{
 };
 
 use super::commit::{self, Transient};
-use super::jobs::{Job, JobHandle};
+use super::jobs::{Job, JobHandle, JobSpec, EXIT};
 use super::{Inner, Manager};
 use crate::console::rotate_for_boot;
 use crate::deadline::Deadline;
 use crate::driver::{Driver, Started, VmRef};
 use crate::runtime::{ExitKind, Runtime};
+
+const REATTACH: JobSpec = JobSpec::internal("reattach", false);
+const AUTOSTART: JobSpec = JobSpec::internal("autostart", true);
 
 /// The steps of a start, for its job's progress.
 const START_STEPS: u64 = 4;
@@ -124,8 +127,7 @@ impl Manager {
                 wait = wait.max(self.limits.destroy);
             }
         }
-        let (inner, name, job) =
-            self.take_job(inner, &name, op.as_str(), op == DomainOp::Start, wait)?;
+        let (inner, name, job) = self.take_job(inner, &name, JobSpec::operation(op), wait)?;
         match self.prepare(&inner, &name, op, killed) {
             Ok(Some(snapshot)) => {
                 drop(inner);
@@ -412,7 +414,12 @@ impl Manager {
         inner: MutexGuard<'_, Inner>,
         name: &str,
     ) -> Result<DomainInfo, ApiError> {
-        let (inner, name, job) = self.take_job(inner, name, "start", true, Duration::ZERO)?;
+        let (inner, name, job) = self.take_job(
+            inner,
+            name,
+            JobSpec::operation(DomainOp::Start),
+            Duration::ZERO,
+        )?;
         drop(inner);
         let deadline = job.deadline(self.limits.start, format!("domain '{name}': start"));
         let (worker_name, answer_name) = (name.clone(), name.clone());
@@ -455,7 +462,7 @@ impl Manager {
             if dom.generation != generation || !dom.stored.state.is_active() {
                 return;
             }
-            let (job, handle) = Job::new("exit", false);
+            let (job, handle) = Job::new(EXIT);
             dom.job = Some(job);
             handle
         };
@@ -538,7 +545,7 @@ impl Manager {
         };
         for name in active {
             let Ok((inner, name, job)) =
-                self.take_job(self.lock(), &name, "reattach", false, Duration::ZERO)
+                self.take_job(self.lock(), &name, REATTACH, Duration::ZERO)
             else {
                 continue;
             };
@@ -558,7 +565,7 @@ impl Manager {
         };
         for name in autostart {
             let Ok((inner, name, job)) =
-                self.take_job(self.lock(), &name, "autostart", true, Duration::ZERO)
+                self.take_job(self.lock(), &name, AUTOSTART, Duration::ZERO)
             else {
                 continue;
             };
