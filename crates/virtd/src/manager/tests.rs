@@ -141,7 +141,7 @@ impl Driver for FakeDriver {
     fn check(&self, _def: &DomainDef) -> Result<(), ApiError> {
         Ok(())
     }
-    fn kill(&self, _runtime: &Runtime) -> Result<(), ApiError> {
+    fn kill(&self, _vm: &VmRef) -> Result<(), ApiError> {
         self.lock().killed = true;
         self.changed.notify_all();
         Ok(())
