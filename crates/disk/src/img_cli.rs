@@ -157,6 +157,13 @@ enum Cmd {
         file: PathBuf,
         bitmap: String,
     },
+    /// Pull the backing chain's data into FILE and drop its backing file (qemu-img has
+    /// no such verb; `rebase -b ""` does the same in one pass)
+    Stream {
+        #[arg(short = 'f')]
+        format: Option<String>,
+        file: PathBuf,
+    },
     /// Show where an image's data lives
     Map {
         #[arg(long, value_enum, default_value = "human")]
@@ -583,6 +590,16 @@ fn execute(cmd: Cmd) -> Result<i32, DiskError> {
                 list.push(ops::BitmapOp::Remove);
             }
             ops::bitmap(&file, &bitmap, &list)?;
+            Ok(0)
+        }
+        Cmd::Stream { format, file } => {
+            if opt_format(&format)? == Some(Format::Raw) {
+                return Err(DiskError::InvalidArgument(
+                    "a raw image has no backing file to stream from".into(),
+                ));
+            }
+            crate::jobs::stream_offline(&file)?;
+            println!("Image streamed.");
             Ok(0)
         }
         Cmd::Map {

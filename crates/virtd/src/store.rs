@@ -5,6 +5,7 @@ use std::path::Path;
 use ferrovirt_api::{ApiError, DomainDef, DomainState, StateReason};
 use rusqlite::{params, Connection, OptionalExtension};
 
+use crate::files;
 use crate::runtime::Runtime;
 
 /// Schema migrations; index + 1 is the schema version (PRAGMA user_version). Append only.
@@ -56,6 +57,18 @@ pub(crate) fn db_err(e: rusqlite::Error) -> ApiError {
 /// Opens the state database (WAL, synchronous writes) and brings its schema up to date.
 /// Every table of the daemon is in the migrations, whichever module uses it.
 pub(crate) fn connect(path: &Path) -> Result<Connection, String> {
+    // The database holds definitions (and VNC passwords): 0600, with its -wal and -shm, which
+    // SQLite creates with the database's mode.
+    if !path.exists() {
+        files::create_private(path)
+            .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+    }
+    for suffix in ["", "-wal", "-shm"] {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        files::make_private(Path::new(&p))
+            .map_err(|e| format!("cannot chmod {}: {e}", Path::new(&p).display()))?;
+    }
     let mut conn =
         Connection::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
     conn.pragma_update(None, "journal_mode", "WAL")
