@@ -108,6 +108,7 @@ impl Driver for FakeDriver {
                 id: ctx.id,
                 pid: None,
                 vnc_port: None,
+                vnc_listen: None,
                 engine: None,
             },
             console: None,
@@ -177,6 +178,7 @@ fn fixture(limits: Limits) -> Fixture {
         host: HostVirt::probe(),
         drivers,
         limits,
+        allow_remote_vnc: false,
     };
     let mgr = Manager::open(paths, setup).expect("open manager");
     Fixture { dir, mgr, fake }
