@@ -14,6 +14,7 @@ pub mod jobs;
 #[doc(hidden)]
 pub mod journal;
 mod lock;
+pub mod nbd;
 pub mod ops;
 mod qcow2;
 mod raw;
