@@ -281,6 +281,29 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// Starts run in parallel and commit in any order: the next id never goes back.
+    #[test]
+    fn started_ids_committed_out_of_order_never_lower_the_next_id() {
+        let dir = std::env::temp_dir().join(format!("ferrovirt-store-ids-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = Store::open(&dir.join("state.db")).unwrap();
+        let mut def = DomainDef::new("a");
+        def.uuid = Some("00000000-0000-0000-0000-000000000002".into());
+        let d = StoredDomain {
+            def,
+            persistent: true,
+            autostart: false,
+            state: DomainState::Running,
+            reason: StateReason::Booted,
+            runtime: None,
+        };
+        store.put_started(&d, 5).unwrap();
+        store.put_started(&d, 3).unwrap();
+        assert_eq!(store.peek_next_id().unwrap(), 6);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn a_database_from_a_newer_ferrovirtd_is_refused() {
         let dir = std::env::temp_dir().join(format!("ferrovirt-store-new-{}", std::process::id()));
