@@ -176,6 +176,9 @@ enum Cmd {
         /// Export name (default "", as qemu-nbd's)
         #[arg(short = 'x', long, default_value = "")]
         export_name: String,
+        /// Export an internal snapshot (by id or name), read-only
+        #[arg(long, value_name = "NAME")]
+        snapshot: Option<String>,
         /// Listen on a Unix socket (created 0600; must not exist)
         #[arg(long, value_name = "PATH")]
         socket: Option<PathBuf>,
@@ -628,6 +631,7 @@ fn execute(cmd: Cmd) -> Result<i32, DiskError> {
             read_only,
             bitmap,
             export_name,
+            snapshot,
             socket,
             bind,
             format: _,
@@ -646,6 +650,7 @@ fn execute(cmd: Cmd) -> Result<i32, DiskError> {
                 read_only,
                 bitmap,
                 name: export_name,
+                snapshot,
             };
             crate::nbd::serve(&file, &opts, &listen, || {})?;
             Ok(0)

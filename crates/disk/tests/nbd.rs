@@ -474,3 +474,75 @@ fn hostile_clients_get_errors_or_a_closed_connection() {
     assert_clean(&top);
     assert_identical(&top, "qcow2", &before, "qcow2");
 }
+
+#[test]
+fn a_snapshot_export_shows_the_point_in_time_view() {
+    let _serial = serial();
+    let d = Scratch::new("nbd-snap");
+    let top = chain(&d);
+    qemu_img_ok(&["snapshot", "-c", "s1", &s(&top)]);
+    qemu_io(
+        &top,
+        "qcow2",
+        &["write -P 5 0 2M".into(), "write -z 9M 512k".into()],
+    );
+    let then = d.path("then.raw");
+    qemu_img_ok(&[
+        "convert",
+        "-f",
+        "qcow2",
+        "-O",
+        "raw",
+        "-l",
+        "snapshot.name=s1",
+        &s(&top),
+        &s(&then),
+    ]);
+    let srv = Server::start(&top, &d.path("sn.sock"), &["--snapshot", "s1"]);
+    let url = srv.url();
+    let o = qemu_img(&["compare", "-F", "raw", &url, &s(&then)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    let ours = data_runs(&[&url]);
+    let (ok, text) = qemu_io_out(&["-c", "write 0 512", &url]);
+    assert!(!ok, "a write to a snapshot export succeeded: {text}");
+    assert_eq!(srv.stop(), 0);
+    // qemu-nbd -l exports the same snapshot with the same allocation.
+    let qsock = d.path("qsn.sock");
+    let mut q = Command::new("qemu-nbd")
+        .args([
+            "-r",
+            "-l",
+            "snapshot.name=s1",
+            "-f",
+            "qcow2",
+            "-k",
+            &s(&qsock),
+            &s(&top),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while UnixStream::connect(&qsock).is_err() {
+        assert!(Instant::now() < deadline, "qemu-nbd did not listen");
+        std::thread::yield_now();
+    }
+    let theirs = data_runs(&[&format!("nbd+unix:///?socket={}", qsock.display())]);
+    let _ = q.kill();
+    let _ = q.wait();
+    assert_eq!(ours, theirs);
+    // --bitmap describes the current contents: refused with --snapshot.
+    let (code, _, err) = img(&[
+        "nbd",
+        "--snapshot",
+        "s1",
+        "--bitmap",
+        "b0",
+        "--socket",
+        &s(&d.path("x.sock")),
+        &s(&top),
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert_clean(&top);
+}

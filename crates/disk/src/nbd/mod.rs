@@ -37,6 +37,8 @@ pub struct ExportOptions {
     pub bitmap: Option<String>,
     /// Export name clients ask for ("" as qemu-nbd's default).
     pub name: String,
+    /// Export this internal snapshot (read-only) instead of the current contents.
+    pub snapshot: Option<String>,
 }
 
 /// Where to listen.
@@ -48,6 +50,7 @@ pub enum Listen {
 
 struct Export {
     img: Arc<Image>,
+    view: Option<crate::qcow2::SnapshotView>,
     size: u64,
     read_only: bool,
     bitmap: Option<String>,
@@ -55,6 +58,25 @@ struct Export {
 }
 
 impl Export {
+    /// What requests read and write: the image, or the snapshot view.
+    fn io(&self) -> &dyn BlockBackend {
+        match &self.view {
+            Some(v) => v,
+            None => &*self.img,
+        }
+    }
+
+    /// Whether [pos, ...) holds data, and for how long.
+    fn data_status(&self, pos: u64, max: u64) -> Result<(bool, u64), DiskError> {
+        match &self.view {
+            Some(v) => v.data_status(pos, max),
+            None => {
+                let s = chain_status(&self.img, pos, max)?;
+                Ok((s.data, s.length))
+            }
+        }
+    }
+
     fn contexts(&self) -> Vec<(u32, String)> {
         let mut v = vec![(CTX_ALLOCATION, "base:allocation".to_string())];
         if let Some(b) = &self.bitmap {
@@ -78,14 +100,25 @@ pub fn serve(
     listen: &Listen,
     ready: impl FnOnce(),
 ) -> Result<(), DiskError> {
+    if opts.snapshot.is_some() && opts.bitmap.is_some() {
+        return Err(DiskError::InvalidArgument(
+            "--bitmap describes the current contents; it cannot go with --snapshot".into(),
+        ));
+    }
+    // A snapshot is exported read-only, as qemu-nbd -l does.
+    let read_only = opts.read_only || opts.snapshot.is_some();
     let img = open_chain_with(
         image,
         None,
         ChainOpts {
-            read_only: opts.read_only,
+            read_only,
             ..Default::default()
         },
     )?;
+    let view = match &opts.snapshot {
+        Some(name) => Some(crate::qcow2::SnapshotView::open(img.clone(), name)?),
+        None => None,
+    };
     if let Some(b) = &opts.bitmap {
         match &*img {
             Image::Qcow2(q) => {
@@ -99,9 +132,10 @@ pub fn serve(
         }
     }
     let export = Arc::new(Export {
-        size: img.size(),
+        size: view.as_ref().map_or_else(|| img.size(), |v| v.size()),
         img,
-        read_only: opts.read_only,
+        view,
+        read_only,
         bitmap: opts.bitmap.clone(),
         name: opts.name.clone(),
     });
@@ -471,7 +505,7 @@ fn transmission<C: Conn>(mut c: C, e: &Export, st: &State) -> Result<(), End> {
                     continue;
                 }
                 buf.resize(r.length as usize, 0);
-                match e.img.read_at(&mut buf, r.offset) {
+                match e.io().read_at(&mut buf, r.offset) {
                     Ok(()) if st.structured => {
                         let off = r.offset.to_be_bytes();
                         chunk(
@@ -507,9 +541,9 @@ fn transmission<C: Conn>(mut c: C, e: &Export, st: &State) -> Result<(), End> {
                     )?;
                     continue;
                 }
-                let res = e.img.write_at(&buf, r.offset).and_then(|()| {
+                let res = e.io().write_at(&buf, r.offset).and_then(|()| {
                     if r.flags & CMD_FLAG_FUA != 0 {
-                        e.img.flush()
+                        e.io().flush()
                     } else {
                         Ok(())
                     }
@@ -520,10 +554,10 @@ fn transmission<C: Conn>(mut c: C, e: &Export, st: &State) -> Result<(), End> {
                 }
             }
             CMD_DISC => {
-                let _ = e.img.flush();
+                let _ = e.io().flush();
                 return Ok(());
             }
-            CMD_FLUSH => match e.img.flush() {
+            CMD_FLUSH => match e.io().flush() {
                 Ok(()) => reply_ok(&mut c, st, r.cookie)?,
                 Err(err) => reply_err(&mut c, st, r.cookie, errno(&err), &err.to_string())?,
             },
@@ -538,18 +572,18 @@ fn transmission<C: Conn>(mut c: C, e: &Export, st: &State) -> Result<(), End> {
                 }
                 let len = r.length as u64;
                 let res = if r.kind == CMD_TRIM {
-                    e.img.discard(r.offset, len)
+                    e.io().discard(r.offset, len)
                 } else if r.flags & CMD_FLAG_FAST_ZERO != 0 {
                     // We cannot promise a zero-write faster than writing zeros.
                     reply_err(&mut c, st, r.cookie, ENOTSUP, "no fast zero")?;
                     continue;
                 } else {
-                    e.img
+                    e.io()
                         .write_zeroes(r.offset, len, r.flags & CMD_FLAG_NO_HOLE == 0)
                 };
                 let res = res.and_then(|()| {
                     if r.flags & CMD_FLAG_FUA != 0 {
-                        e.img.flush()
+                        e.io().flush()
                     } else {
                         Ok(())
                     }
@@ -635,13 +669,9 @@ fn descriptors(
     if ctx == CTX_ALLOCATION {
         let mut pos = start;
         while pos < end && out.len() < MAX_DESCRIPTORS {
-            let s = chain_status(&e.img, pos, end - pos)?;
-            let n = s.length.max(1).min(end - pos);
-            push(
-                &mut out,
-                n,
-                if s.data { 0 } else { STATE_HOLE | STATE_ZERO },
-            );
+            let (data, n) = e.data_status(pos, end - pos)?;
+            let n = n.max(1).min(end - pos);
+            push(&mut out, n, if data { 0 } else { STATE_HOLE | STATE_ZERO });
             pos += n;
             if one {
                 break;

@@ -10,9 +10,11 @@ pub mod meta;
 pub mod refs;
 pub mod snapshot;
 mod snapshot_ops;
+mod snapshot_view;
 
 pub use bitmap_ops::BitmapInfo;
 pub use snapshot_ops::SnapshotParams;
+pub use snapshot_view::SnapshotView;
 
 use crate::file::{AlignedBuf, ImageFile};
 use crate::{BlockBackend, DiskError, Image};
