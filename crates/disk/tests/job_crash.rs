@@ -43,10 +43,9 @@ fn job_crash_child() {
                 backing: None,
             },
         )
-        .map(|j| {
+        .inspect(|_| {
             // The target exists in full from here on (creating it is not a job step).
             std::fs::write(dir.join("created"), "").unwrap();
-            j
         })
         .unwrap(),
         "commit" => start_commit(&disk).unwrap(),
