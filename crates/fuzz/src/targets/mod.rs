@@ -3,3 +3,5 @@
 
 pub mod definitions;
 pub mod launch;
+pub mod qcow2;
+pub mod virtio;
