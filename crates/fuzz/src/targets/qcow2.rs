@@ -121,7 +121,7 @@ impl Qcow2Target {
             return Outcome::Accepted;
         };
         let pattern: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8 ^ 0x5a).collect();
-        let at = [0, size / 2 & !511, size - 3000];
+        let at = [0, (size / 2) & !511, size - 3000];
         let mut written = Vec::new();
         for off in at {
             if img.write_at(&pattern, off).is_ok() {

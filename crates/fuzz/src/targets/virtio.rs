@@ -181,7 +181,7 @@ impl VirtioTarget {
                     let reg = usize::from(c.u8() % 64);
                     let _ = d.dev.config().read_reg(reg);
                 }
-                4 | 5 | 6 => {
+                4..=6 => {
                     let q = usize::from(c.u8()) % nq;
                     let idx = c.u16() % QUEUE_SIZE;
                     let (addr, len) = (c.addr(), c.len());
