@@ -189,6 +189,21 @@ enum Cmd {
         format: Option<String>,
         file: PathBuf,
     },
+    /// Compare the contents of two images: exit 0 identical, 1 different, 2 error
+    Compare {
+        #[arg(short = 'f')]
+        format1: Option<String>,
+        #[arg(short = 'F')]
+        format2: Option<String>,
+        /// Strict: images of different sizes differ
+        #[arg(short = 's')]
+        strict: bool,
+        /// Quiet
+        #[arg(short = 'q')]
+        quiet: bool,
+        file1: PathBuf,
+        file2: PathBuf,
+    },
     /// Show where an image's data lives
     Map {
         #[arg(long, value_enum, default_value = "human")]
@@ -654,6 +669,47 @@ fn execute(cmd: Cmd) -> Result<i32, DiskError> {
             };
             crate::nbd::serve(&file, &opts, &listen, || {})?;
             Ok(0)
+        }
+        Cmd::Compare {
+            format1,
+            format2,
+            strict,
+            quiet,
+            file1,
+            file2,
+        } => {
+            // qemu-img compare exits 2 on errors, not 1 (which means "different").
+            let r =
+                (|| ops::compare(&file1, opt_format(&format1)?, &file2, opt_format(&format2)?))();
+            let c = match r {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("ferrovirt img: {e}");
+                    return Ok(2);
+                }
+            };
+            let say = |m: &str| {
+                if !quiet {
+                    println!("{m}");
+                }
+            };
+            if c.size_mismatch {
+                if strict {
+                    say("Strict mode: Image size mismatch!");
+                    return Ok(1);
+                }
+                say("Warning: Image size mismatch!");
+            }
+            match c.first_difference {
+                Some(off) => {
+                    say(&format!("Content mismatch at offset {off}!"));
+                    Ok(1)
+                }
+                None => {
+                    say("Images are identical.");
+                    Ok(0)
+                }
+            }
         }
         Cmd::Map {
             output,

@@ -2,12 +2,14 @@
 
 mod bitmap;
 mod check;
+mod compare;
 mod map;
 mod rewrite;
 mod snapshot;
 
 pub use bitmap::{bitmap, bitmap_extents, bitmap_list, BitmapInfo, BitmapOp};
 pub use check::{check, CheckReport, Repair};
+pub use compare::{compare, Comparison};
 pub(crate) use map::chain_status;
 pub use map::{map, MapEntry};
 pub use rewrite::{commit, convert, convert_options, rebase, resize};
