@@ -539,3 +539,58 @@ fn compare_says_what_qemu_img_compare_says() {
         );
     }
 }
+
+#[test]
+fn dd_copies_like_qemu_img_dd() {
+    let d = Scratch::new("cli-dd");
+    let src = d.path("src.qcow2");
+    qemu_img_ok(&["create", "-f", "qcow2", &s(&src), "5000000"]);
+    qemu_io(
+        &src,
+        "qcow2",
+        &["write -P 1 0 1M".into(), "write -P 2 3M 100k".into()],
+    );
+    let cases: &[&[&str]] = &[
+        &[],
+        &["bs=4k", "count=100"],
+        &["bs=1M", "skip=2"],
+        &["bs=512", "skip=3", "count=20000"],
+        &["bs=3000", "count=1000"],
+    ];
+    for (i, extra) in cases.iter().enumerate() {
+        for fmt in ["raw", "qcow2"] {
+            let ours = d.path(&format!("o{i}.{fmt}"));
+            let theirs = d.path(&format!("t{i}.{fmt}"));
+            let run = |tool_ours: bool, out: &std::path::Path| {
+                let iff = format!("if={}", s(&src));
+                let off = format!("of={}", s(out));
+                let mut a = vec!["dd", "-f", "qcow2", "-O", fmt];
+                a.extend_from_slice(extra);
+                a.extend([iff.as_str(), off.as_str()]);
+                if tool_ours {
+                    img_ok(&a);
+                } else {
+                    qemu_img_ok(&a);
+                }
+            };
+            run(true, &ours);
+            run(false, &theirs);
+            let size = |p: &std::path::Path| {
+                let j: serde_json::Value =
+                    serde_json::from_str(&qemu_img_ok(&["info", "--output=json", &s(p)])).unwrap();
+                j["virtual-size"].as_u64().unwrap()
+            };
+            assert_eq!(size(&ours), size(&theirs), "dd {extra:?} -O {fmt}");
+            assert_identical(&ours, fmt, &theirs, fmt);
+            if fmt == "qcow2" {
+                assert_clean(&ours);
+            }
+        }
+    }
+    let (code, _, err) = img(&["dd", "bs=0", "if=a", "of=b"]);
+    assert_eq!(code, 1, "{err}");
+    let (code, _, err) = img(&["dd", &format!("if={}", s(&src))]);
+    assert_eq!(code, 1, "{err}");
+    let (code, _, err) = img(&["dd", "bogus=1", "if=a", "of=b"]);
+    assert_eq!(code, 1, "{err}");
+}
