@@ -309,7 +309,7 @@ pub fn dd(
     })?;
     let mut len = size - start;
     if let Some(c) = count {
-        len = len.min(c.checked_mul(bs).unwrap_or(u64::MAX));
+        len = len.min(c.saturating_mul(bs));
     }
     create(
         output,
