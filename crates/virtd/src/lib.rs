@@ -3,6 +3,7 @@
 pub mod console;
 pub mod driver;
 pub mod events;
+pub mod http;
 pub mod manager;
 pub mod network;
 pub mod runtime;

@@ -45,9 +45,7 @@ fn pid_alive(pid: u32) -> bool {
 /// Type a shell command on the live console and wait for `expect` in the output.
 fn console_roundtrip(c: &Client, name: &str, command: &str, expect: &str) {
     let mut conn = c.console(name, false).expect("attach console");
-    conn.get_mut()
-        .set_timeouts(Some(Duration::from_millis(500)), None)
-        .unwrap();
+    conn.set_read_timeout(Some(Duration::from_millis(500)));
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut seen = String::new();
     let mut last_send = Instant::now() - Duration::from_secs(10);
@@ -58,13 +56,11 @@ fn console_roundtrip(c: &Client, name: &str, command: &str, expect: &str) {
         );
         // Re-send now and then: keystrokes typed while the shell starts can be lost.
         if last_send.elapsed() > Duration::from_secs(3) {
-            conn.get_mut()
-                .write_all(format!("{command}\n").as_bytes())
-                .unwrap();
+            conn.write_all(format!("{command}\n").as_bytes()).unwrap();
             last_send = Instant::now();
         }
         let mut buf = [0u8; 4096];
-        if let Ok(n) = conn.get_mut().read(&mut buf) {
+        if let Ok(n) = conn.read(&mut buf) {
             seen.push_str(&String::from_utf8_lossy(&buf[..n]));
         }
     }

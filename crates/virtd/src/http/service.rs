@@ -1,0 +1,185 @@
+//! One request: on TCP the bearer token is checked from the headers before anything else; then
+//! the route's body limit is checked against Content-Length and enforced while reading (chunked
+//! included), within the read timeout; then the route runs on the blocking pool. A panic while
+//! answering is logged and answered with a 500; the daemon keeps serving.
+
+use std::any::Any;
+use std::convert::Infallible;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use ferrovirt_api::error::ErrorBody;
+use ferrovirt_api::{ApiError, ErrorCode};
+use futures_util::FutureExt;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Empty, Full, LengthLimitError, Limited};
+use hyper::body::{Body as _, Incoming};
+use hyper::header::{HeaderValue, AUTHORIZATION, CONNECTION, CONTENT_TYPE};
+use hyper::{Response, StatusCode};
+use tokio::sync::OwnedSemaphorePermit;
+
+use super::listen::{Shared, TcpAuth};
+use crate::server::{self, Reply};
+
+/// Every response's body: whole, or a stream (events).
+pub type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+/// Answer one request; never panics out (a panicking handler becomes a 500).
+pub async fn handle(
+    req: hyper::Request<Incoming>,
+    shared: Arc<Shared>,
+    auth: Option<Arc<TcpAuth>>,
+    permit: Arc<OwnedSemaphorePermit>,
+) -> Response<Body> {
+    let answer = AssertUnwindSafe(answer(req, &shared, auth.as_deref(), permit));
+    match answer.catch_unwind().await {
+        Ok(resp) => resp,
+        Err(panic) => internal_error(panic.as_ref()),
+    }
+}
+
+/// Log a handler's panic and say so to the client.
+fn internal_error(panic: &(dyn Any + Send)) -> Response<Body> {
+    let what = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into());
+    eprintln!("ferrovirtd: BUG: a request handler panicked: {what}");
+    error(&ApiError::internal(
+        "ferrovirtd hit a bug answering this request (details in its log); it keeps serving",
+    ))
+}
+
+async fn answer(
+    mut req: hyper::Request<Incoming>,
+    shared: &Arc<Shared>,
+    auth: Option<&TcpAuth>,
+    permit: Arc<OwnedSemaphorePermit>,
+) -> Response<Body> {
+    if let Some(auth) = auth {
+        let given = req
+            .headers()
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        if !server::token_matches(given, &auth.token) {
+            return closing(error(&ApiError::new(
+                ErrorCode::Unauthorized,
+                "missing or wrong bearer token (set FERROVIRT_TOKEN)",
+            )));
+        }
+    }
+    let method = req.method().as_str().to_string();
+    let path = req.uri().path().to_string();
+    let query = server::parse_query(req.uri().query().unwrap_or(""));
+    let replay = matches!(
+        query.iter().find(|(k, _)| k == "replay").map(|(_, v)| v.as_str()),
+        Some("true" | "1" | "yes" | "")
+    );
+    let segments = server::segments(&path);
+    let seg: Vec<&str> = segments.iter().map(String::as_str).collect();
+    match (method.as_str(), seg.as_slice()) {
+        ("GET", ["v1", "events"]) => return super::events::stream(&shared.mgr),
+        ("POST", ["v1", "domains", name, "console"]) => {
+            return super::console::raw(&mut req, name, replay, shared, permit).await
+        }
+        ("GET", ["v1", "domains", name, "console"]) => {
+            return super::console::websocket(&mut req, name, replay, shared, permit).await
+        }
+        _ => {}
+    }
+    let limit = server::body_limit(&method, &seg);
+    if req.body().size_hint().lower() > limit as u64 {
+        return closing(error(&too_large(limit)));
+    }
+    let headers = req
+        .headers()
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    let read_timeout = shared.limits.read_timeout;
+    let body = Limited::new(req.into_body(), limit).collect();
+    let body = match tokio::time::timeout(read_timeout, body).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            return closing(error(&too_large(limit)))
+        }
+        Ok(Err(e)) => {
+            return closing(error(&ApiError::malformed(format!(
+                "bad request body: {e}"
+            ))))
+        }
+        Err(_) => {
+            return closing(error(&ApiError::new(
+                ErrorCode::RequestTimeout,
+                format!(
+                    "the request body did not arrive within {} s",
+                    read_timeout.as_secs()
+                ),
+            )))
+        }
+    };
+    let request = server::Request {
+        method,
+        path,
+        query,
+        headers,
+        body,
+    };
+    let mgr = shared.mgr.clone();
+    match tokio::task::spawn_blocking(move || server::route(&request, &mgr)).await {
+        Ok(Ok(reply)) => match reply {
+            Reply::Json(status, body) => full(status, "application/json", body),
+            Reply::Text(ct, body) => full(200, ct, body),
+            Reply::Empty => empty(StatusCode::NO_CONTENT),
+        },
+        Ok(Err(e)) => error(&e),
+        Err(join) if join.is_panic() => internal_error(join.into_panic().as_ref()),
+        Err(_) => error(&ApiError::internal("the request was cancelled")),
+    }
+}
+
+fn too_large(limit: usize) -> ApiError {
+    ApiError::new(
+        ErrorCode::PayloadTooLarge,
+        format!(
+            "the request body is larger than this route's limit of {} KiB",
+            limit / 1024
+        ),
+    )
+}
+
+/// Ask hyper to close the connection after this answer (the body was not read, or not all).
+pub fn closing(mut resp: Response<Body>) -> Response<Body> {
+    resp.headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("close"));
+    resp
+}
+
+pub fn error_json(e: &ApiError) -> String {
+    serde_json::to_string(&ErrorBody { error: e.clone() }).unwrap_or_default()
+}
+
+pub fn error(e: &ApiError) -> Response<Body> {
+    full(e.code.http_status(), "application/json", error_json(e))
+}
+
+pub fn full(status: u16, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
+    let mut resp = Response::new(Full::new(body.into()).boxed_unsync());
+    *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}
+
+pub fn empty(status: StatusCode) -> Response<Body> {
+    let mut resp = Response::new(Empty::new().boxed_unsync());
+    *resp.status_mut() = status;
+    resp
+}
