@@ -182,7 +182,9 @@ impl Client {
     async fn connect(&self) -> Result<Box<dyn Io>, ClientError> {
         let connected: std::io::Result<Box<dyn Io>> = async {
             Ok(match &self.target {
-                Target::Unix(p) => Box::new(tokio::net::UnixStream::connect(p).await?) as Box<dyn Io>,
+                Target::Unix(p) => {
+                    Box::new(tokio::net::UnixStream::connect(p).await?) as Box<dyn Io>
+                }
                 Target::Tcp { addr, .. } => Box::new(tokio::net::TcpStream::connect(addr).await?),
                 Target::Tls { addr, config, .. } => {
                     let host = addr
@@ -190,8 +192,8 @@ impl Client {
                         .map(|(h, _)| h)
                         .unwrap_or(addr)
                         .trim_matches(['[', ']']);
-                    let name = rustls::pki_types::ServerName::try_from(host.to_string())
-                        .map_err(|e| {
+                    let name =
+                        rustls::pki_types::ServerName::try_from(host.to_string()).map_err(|e| {
                             std::io::Error::new(
                                 std::io::ErrorKind::InvalidInput,
                                 format!("server name '{host}': {e}"),

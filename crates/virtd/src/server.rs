@@ -67,7 +67,10 @@ pub fn parse_query(raw: &str) -> Vec<(String, String)> {
 
 /// The decoded segments of a path.
 pub fn segments(path: &str) -> Vec<String> {
-    path.trim_matches('/').split('/').map(percent_decode).collect()
+    path.trim_matches('/')
+        .split('/')
+        .map(percent_decode)
+        .collect()
 }
 
 /// What a route produces.

@@ -42,6 +42,13 @@ fn put_name_first(args: &[OsString]) {
 }
 
 fn main() {
+    // The workspace's release profile unwinds (ferrovirtd answers a panicking request with a 500
+    // and keeps serving); a VMM whose thread panicked is in no state to go on: end it as before.
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        std::process::abort();
+    }));
     let raw: Vec<OsString> = std::env::args_os().collect();
     put_name_first(&raw);
     let args = match ferrovmm::Args::try_parse_from(&raw) {

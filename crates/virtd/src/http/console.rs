@@ -19,7 +19,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 use super::listen::Shared;
-use super::service::{empty, error, Body};
+use super::service::{closing, empty, error, Body};
 use crate::console::Attached;
 
 /// Largest WebSocket message (and frame) accepted from a client: keystrokes and pastes.
@@ -35,8 +35,13 @@ fn has_token(headers: &HeaderMap, name: hyper::header::HeaderName, token: &str) 
     })
 }
 
+/// A refused upgrade: the client wanted the connection for a stream, so end it.
+fn refused(e: &ApiError) -> Response<Body> {
+    closing(error(e))
+}
+
 fn bad_upgrade(message: &str) -> Response<Body> {
-    error(&ApiError::new(ErrorCode::InvalidArgument, message))
+    refused(&ApiError::new(ErrorCode::InvalidArgument, message))
 }
 
 /// Attach to the domain's console hub (on the blocking pool: it takes the manager's lock).
@@ -66,7 +71,7 @@ pub async fn raw(
     }
     let attached = match attach(shared, name, replay).await {
         Ok(a) => a,
-        Err(e) => return error(&e),
+        Err(e) => return refused(&e),
     };
     let upgrade = hyper::upgrade::on(req);
     tokio::spawn(async move {
@@ -144,7 +149,7 @@ pub async fn websocket(
     let accept = derive_accept_key(key.as_bytes());
     let attached = match attach(shared, name, replay).await {
         Ok(a) => a,
-        Err(e) => return error(&e),
+        Err(e) => return refused(&e),
     };
     let upgrade = hyper::upgrade::on(req);
     tokio::spawn(async move {

@@ -55,7 +55,12 @@ pub async fn serve(
     if let Some((listener, auth)) = tcp {
         listener.set_nonblocking(true)?;
         let listener = TcpListener::from_std(listener)?;
-        tokio::spawn(accept_tcp(listener, Arc::new(auth), shared.clone(), gate.clone()));
+        tokio::spawn(accept_tcp(
+            listener,
+            Arc::new(auth),
+            shared.clone(),
+            gate.clone(),
+        ));
     }
     loop {
         let stream = match unix.accept().await {
@@ -72,7 +77,12 @@ pub async fn serve(
     }
 }
 
-async fn accept_tcp(listener: TcpListener, auth: Arc<TcpAuth>, shared: Arc<Shared>, gate: Arc<Gate>) {
+async fn accept_tcp(
+    listener: TcpListener,
+    auth: Arc<TcpAuth>,
+    shared: Arc<Shared>,
+    gate: Arc<Gate>,
+) {
     let tls = auth.tls.clone().map(TlsAcceptor::from);
     loop {
         let stream = match listener.accept().await {
@@ -84,7 +94,12 @@ async fn accept_tcp(listener: TcpListener, auth: Arc<TcpAuth>, shared: Arc<Share
         };
         let _ = stream.set_nodelay(true);
         let Some((stream, permit)) = (match &tls {
-            Some(_) => gate.open.clone().try_acquire_owned().ok().map(|p| (stream, p)),
+            Some(_) => gate
+                .open
+                .clone()
+                .try_acquire_owned()
+                .ok()
+                .map(|p| (stream, p)),
             // In TLS there is no plaintext 503 to send before the handshake: close instead.
             None => admit(&gate, stream),
         }) else {

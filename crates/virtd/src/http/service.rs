@@ -32,10 +32,31 @@ pub async fn handle(
     auth: Option<Arc<TcpAuth>>,
     permit: Arc<OwnedSemaphorePermit>,
 ) -> Response<Body> {
-    let answer = AssertUnwindSafe(answer(req, &shared, auth.as_deref(), permit));
-    match answer.catch_unwind().await {
+    guarded(answer(req, &shared, auth.as_deref(), permit)).await
+}
+
+/// `fut`'s response, or a 500 if it panics.
+async fn guarded(fut: impl std::future::Future<Output = Response<Body>>) -> Response<Body> {
+    match AssertUnwindSafe(fut).catch_unwind().await {
         Ok(resp) => resp,
         Err(panic) => internal_error(panic.as_ref()),
+    }
+}
+
+/// Run a route on the blocking pool (it may wait on locks, the database, a driver); a panic in
+/// it becomes a 500.
+async fn run_blocking(
+    route: impl FnOnce() -> Result<Reply, ApiError> + Send + 'static,
+) -> Response<Body> {
+    match tokio::task::spawn_blocking(route).await {
+        Ok(Ok(reply)) => match reply {
+            Reply::Json(status, body) => full(status, "application/json", body),
+            Reply::Text(ct, body) => full(200, ct, body),
+            Reply::Empty => empty(StatusCode::NO_CONTENT),
+        },
+        Ok(Err(e)) => error(&e),
+        Err(join) if join.is_panic() => internal_error(join.into_panic().as_ref()),
+        Err(_) => error(&ApiError::internal("the request was cancelled")),
     }
 }
 
@@ -74,7 +95,10 @@ async fn answer(
     let path = req.uri().path().to_string();
     let query = server::parse_query(req.uri().query().unwrap_or(""));
     let replay = matches!(
-        query.iter().find(|(k, _)| k == "replay").map(|(_, v)| v.as_str()),
+        query
+            .iter()
+            .find(|(k, _)| k == "replay")
+            .map(|(_, v)| v.as_str()),
         Some("true" | "1" | "yes" | "")
     );
     let segments = server::segments(&path);
@@ -133,16 +157,7 @@ async fn answer(
         body,
     };
     let mgr = shared.mgr.clone();
-    match tokio::task::spawn_blocking(move || server::route(&request, &mgr)).await {
-        Ok(Ok(reply)) => match reply {
-            Reply::Json(status, body) => full(status, "application/json", body),
-            Reply::Text(ct, body) => full(200, ct, body),
-            Reply::Empty => empty(StatusCode::NO_CONTENT),
-        },
-        Ok(Err(e)) => error(&e),
-        Err(join) if join.is_panic() => internal_error(join.into_panic().as_ref()),
-        Err(_) => error(&ApiError::internal("the request was cancelled")),
-    }
+    run_blocking(move || server::route(&request, &mgr)).await
 }
 
 fn too_large(limit: usize) -> ApiError {
@@ -182,4 +197,37 @@ pub fn empty(status: StatusCode) -> Response<Body> {
     let mut resp = Response::new(Empty::new().boxed_unsync());
     *resp.status_mut() = status;
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn body_text(resp: Response<Body>) -> String {
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    #[tokio::test]
+    async fn a_panicking_handler_answers_500_and_the_next_request_is_served() {
+        let resp = run_blocking(|| panic!("boom in a route")).await;
+        assert_eq!(resp.status(), 500);
+        assert!(body_text(resp).await.contains("\"internal\""));
+        let resp = guarded(async { panic!("boom in the async part") }).await;
+        assert_eq!(resp.status(), 500);
+        let resp = run_blocking(|| Ok(Reply::Json(200, "[]".into()))).await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(body_text(resp).await, "[]");
+    }
+
+    #[test]
+    fn new_error_codes_have_their_statuses() {
+        for (code, status) in [
+            (ErrorCode::PayloadTooLarge, 413),
+            (ErrorCode::TooManyConnections, 503),
+            (ErrorCode::RequestTimeout, 408),
+        ] {
+            assert_eq!(error(&ApiError::new(code, "x")).status().as_u16(), status);
+        }
+    }
 }
