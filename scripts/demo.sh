@@ -24,10 +24,14 @@ cargo run --release -q -p ferrovirt-testkit --example make-demo-guest -- "$REPO/
 
 step "ferrovirtd (state in $DEMO)"
 if [ -f "$DEMO/ferrovirtd.pid" ] && kill -0 "$(cat "$DEMO/ferrovirtd.pid")" 2>/dev/null; then
-    # A previous demo's daemon and VMs: stop them, start clean.
+    # A previous demo's daemon, VM and network: stop them (the network before its state folder
+    # goes, or its bridge would be an orphan), start clean.
+    OLD=$(cat "$DEMO/ferrovirtd.pid")
     FERROVIRT_SOCKET="$DEMO/run/ferrovirtd.sock" target/release/ferrovirt destroy demo >/dev/null 2>&1 || true
-    kill "$(cat "$DEMO/ferrovirtd.pid")" 2>/dev/null || true
-    sleep 0.5
+    FERROVIRT_SOCKET="$DEMO/run/ferrovirtd.sock" target/release/ferrovirt net-destroy default >/dev/null 2>&1 || true
+    kill "$OLD" 2>/dev/null || true
+    i=0
+    while kill -0 "$OLD" 2>/dev/null && [ $i -lt 100 ]; do i=$((i + 1)); sleep 0.05; done
 fi
 rm -rf "$DEMO"
 mkdir -p "$DEMO"
@@ -57,6 +61,14 @@ fi
 NET=none
 if target/release/ferrovirt net-info default 2>/dev/null | grep -q '^Active: *yes'; then
     NET=default
+else
+    # Say why (a subnet in use, an orphaned bridge, a missing package) rather than go on quietly.
+    echo "demo: the default network is not active; trying net-start default:" >&2
+    if target/release/ferrovirt net-start default >&2; then
+        NET=default
+    else
+        echo "demo: the VM runs without a network (see the error above)" >&2
+    fi
 fi
 
 step "ferrovirt install --name demo ... --network $NET"

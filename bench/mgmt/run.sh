@@ -11,10 +11,25 @@ cargo build --release -q -p ferrovirtd -p ferrovirt
 WORK=$(mktemp -d /tmp/fvbench.XXXXXX)
 chmod 755 "$WORK"
 FV_PID=""; LV_PID=""; LOG_PID=""
+# The host is left as it was found: no VM, bridge, firewall table or sysctl change of ours.
+FORWARD_WAS=$(cat /proc/sys/net/ipv4/ip_forward)
+# Waits (bounded) for a pid to be gone.
+wait_gone() { i=0; while kill -0 "$1" 2>/dev/null && [ $i -lt 200 ]; do i=$((i+1)); sleep 0.05; done; }
 cleanup() {
-    [ -n "$FV_PID" ] && kill "$FV_PID" 2>/dev/null
-    [ -n "$LV_PID" ] && kill "$LV_PID" 2>/dev/null
-    [ -n "$LOG_PID" ] && kill "$LOG_PID" 2>/dev/null
+    set +e
+    if [ -n "$FV_PID" ]; then
+        # ferrovirt's VMs outlive the daemon by design: destroy what is still running first.
+        for d in $(target/release/ferrovirt --json list 2>/dev/null | python3 -c 'import json,sys; [print(d["name"]) for d in json.load(sys.stdin)]' 2>/dev/null); do
+            target/release/ferrovirt destroy "$d" >/dev/null 2>&1
+        done
+        kill "$FV_PID" 2>/dev/null; wait_gone "$FV_PID"
+    fi
+    if [ -n "$LV_PID" ]; then
+        for d in $(virsh -c qemu:///system list --name 2>/dev/null); do virsh -c qemu:///system destroy "$d" >/dev/null 2>&1; done
+        kill "$LV_PID" 2>/dev/null; wait_gone "$LV_PID"
+    fi
+    [ -n "$LOG_PID" ] && { kill "$LOG_PID" 2>/dev/null; wait_gone "$LOG_PID"; }
+    echo "$FORWARD_WAS" > /proc/sys/net/ipv4/ip_forward
     rm -rf "$WORK"
 }
 trap cleanup EXIT INT TERM
@@ -23,7 +38,8 @@ trap cleanup EXIT INT TERM
 sh crates/virtd/tests/fixtures/make-guest.sh "$WORK/guest" >/dev/null
 chmod 644 "$WORK/guest/"*
 
-target/release/ferrovirtd --state-dir "$WORK/fv-state" --run-dir "$WORK/fv-run" 2>"$WORK/ferrovirtd.log" &
+# No `default` network: the benchmark's guests need none, and the host keeps its bridges and sysctls.
+FERROVIRT_NO_DEFAULT_NETWORK=1 target/release/ferrovirtd --state-dir "$WORK/fv-state" --run-dir "$WORK/fv-run" 2>"$WORK/ferrovirtd.log" &
 FV_PID=$!
 export FERROVIRT_SOCKET="$WORK/fv-run/ferrovirtd.sock"
 i=0; while ! target/release/ferrovirt list >/dev/null 2>&1; do i=$((i+1)); [ $i -gt 100 ] && { cat "$WORK/ferrovirtd.log"; exit 1; }; sleep 0.05; done
@@ -39,11 +55,14 @@ if [ -z "${NO_LIBVIRT:-}" ]; then
     # TCG once and caches it. Both stacks run the guest with TCG, so this is the fair setup.
     virtlogd >"$WORK/virtlogd.log" 2>&1 &
     LOG_PID=$!
-    if [ -e /sys/module/kvm_pvm ]; then
-        unshare -m sh -c 'mount --bind /dev/null /dev/kvm && exec libvirtd' >"$WORK/libvirtd.log" 2>&1 &
-    else
-        libvirtd >"$WORK/libvirtd.log" 2>&1 &
-    fi
+    # libvirtd runs in a mount namespace of its own where its networks' autostart folder is empty:
+    # it starts no `default` network (virbr0, firewall chains, ip_forward), as ours starts none.
+    mkdir -p "$WORK/no-autostart"
+    HIDE_KVM=""
+    [ -e /sys/module/kvm_pvm ] && HIDE_KVM="mount --bind /dev/null /dev/kvm &&"
+    unshare -m --propagation private sh -c "$HIDE_KVM
+        { [ ! -d /etc/libvirt/qemu/networks/autostart ] || mount --bind '$WORK/no-autostart' /etc/libvirt/qemu/networks/autostart; } &&
+        exec libvirtd" >"$WORK/libvirtd.log" 2>&1 &
     LV_PID=$!
     i=0; while ! virsh -c qemu:///system version >/dev/null 2>&1; do i=$((i+1)); [ $i -gt 200 ] && { cat "$WORK/libvirtd.log"; exit 1; }; sleep 0.05; done
 fi

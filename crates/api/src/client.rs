@@ -15,10 +15,12 @@ use tokio::runtime::Runtime;
 
 use crate::error::{ApiError, ErrorBody};
 use crate::http::{self, percent_encode, Io};
+use crate::job::JobInfo;
 use crate::msg::{
     AutostartRequest, DefineResponse, DisplayInfo, DomainResponse, MemoryRequest, VcpusRequest,
     VersionInfo, VolumeCreateRequest, VolumeInfo,
 };
+use crate::op::DomainOp;
 use crate::state::{DomainInfo, Event};
 
 #[derive(Debug)]
@@ -361,14 +363,36 @@ impl Client {
         self.raw("DELETE", &Self::dom(name), None, b"").map(|_| ())
     }
 
-    /// start, shutdown, destroy, reboot, reset, suspend, resume.
-    pub fn action(&self, name: &str, verb: &str) -> Result<DomainInfo, ClientError> {
+    /// Run an operation on a domain; a busy domain is an error at once (`domain_busy`).
+    pub fn action(&self, name: &str, op: DomainOp) -> Result<DomainInfo, ClientError> {
+        self.action_wait(name, op, None)
+    }
+
+    /// Run an operation; with `wait_secs`, wait up to that long (the daemon caps it) for
+    /// another job on the domain to end first.
+    pub fn action_wait(
+        &self,
+        name: &str,
+        op: DomainOp,
+        wait_secs: Option<u64>,
+    ) -> Result<DomainInfo, ClientError> {
+        let wait = wait_secs.map(|s| format!("?wait={s}")).unwrap_or_default();
         let r: DomainResponse = self.json(
             "POST",
-            &format!("{}/{verb}", Self::dom(name)),
+            &format!("{}/{op}{wait}", Self::dom(name)),
             Some(String::new()),
         )?;
         Ok(r.domain)
+    }
+
+    /// The domain's running job (`job: None` when idle).
+    pub fn job(&self, name: &str) -> Result<JobInfo, ClientError> {
+        self.json("GET", &format!("{}/job", Self::dom(name)), None)
+    }
+
+    /// Ask the domain's running job to stop; answers with the job as it was.
+    pub fn abort_job(&self, name: &str) -> Result<JobInfo, ClientError> {
+        self.json("DELETE", &format!("{}/job", Self::dom(name)), None)
     }
 
     pub fn xml(&self, name: &str) -> Result<String, ClientError> {
@@ -396,10 +420,10 @@ impl Client {
     pub fn set_memory(
         &self,
         name: &str,
-        memory_mib: u64,
+        memory_kib: u64,
         config: bool,
     ) -> Result<DomainInfo, ClientError> {
-        let body = serde_json::to_string(&MemoryRequest { memory_mib, config }).unwrap_or_default();
+        let body = serde_json::to_string(&MemoryRequest { memory_kib, config }).unwrap_or_default();
         let r: DomainResponse =
             self.json("PUT", &format!("{}/memory", Self::dom(name)), Some(body))?;
         Ok(r.domain)

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 use crate::error::ApiError;
+use crate::size;
 
 /// Which hypervisor driver runs the domain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,8 +66,9 @@ impl Action {
     }
 }
 
-fn default_memory() -> u64 {
-    256
+/// 256 MiB.
+fn default_memory_kib() -> u64 {
+    256 * 1024
 }
 fn default_vcpus() -> u32 {
     1
@@ -79,8 +81,11 @@ fn is_default<T: Default + PartialEq>(v: &T) -> bool {
 }
 
 /// A domain definition.
+///
+/// Read through [`DomainDefInput`], which also takes memory as `memory_mib` (older
+/// definitions and stored rows) or `memory` with a unit; written with `memory_kib`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "DomainDefInput")]
 pub struct DomainDef {
     pub name: String,
     /// Assigned by the daemon when absent.
@@ -92,9 +97,8 @@ pub struct DomainDef {
     /// Only for the qemu driver; absent means the host's best.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accel: Option<Accel>,
-    #[serde(default = "default_memory")]
-    pub memory_mib: u64,
-    #[serde(default = "default_vcpus")]
+    /// Memory in KiB, exactly as given (libvirt's unit).
+    pub memory_kib: u64,
     pub vcpus: u32,
     #[serde(default, skip_serializing_if = "is_default")]
     pub os: OsDef,
@@ -104,12 +108,111 @@ pub struct DomainDef {
     pub interfaces: Vec<InterfaceDef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub graphics: Option<GraphicsDef>,
-    #[serde(default)]
     pub on_poweroff: Action,
-    #[serde(default = "restart")]
     pub on_reboot: Action,
-    #[serde(default)]
     pub on_crash: Action,
+}
+
+/// Memory given as `memory = ...`: a number of KiB, or text with a unit ("512MiB", "4G").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum MemoryInput {
+    Kib(u64),
+    Text(String),
+}
+
+/// What TOML and JSON definitions are read as: [`DomainDef`] with the memory spellings.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DomainDefInput {
+    name: String,
+    #[serde(default)]
+    uuid: Option<String>,
+    #[serde(rename = "type", default)]
+    virt_type: Option<VirtType>,
+    #[serde(default)]
+    accel: Option<Accel>,
+    #[serde(default)]
+    memory_kib: Option<u64>,
+    /// The spelling before memory was kept in KiB (stored rows, older TOML files).
+    #[serde(default)]
+    memory_mib: Option<u64>,
+    #[serde(default)]
+    memory: Option<MemoryInput>,
+    #[serde(default = "default_vcpus")]
+    vcpus: u32,
+    #[serde(default)]
+    os: OsDef,
+    #[serde(default, rename = "disk")]
+    disks: Vec<DiskDef>,
+    #[serde(default, rename = "interface")]
+    interfaces: Vec<InterfaceDef>,
+    #[serde(default)]
+    graphics: Option<GraphicsDef>,
+    #[serde(default)]
+    on_poweroff: Action,
+    #[serde(default = "restart")]
+    on_reboot: Action,
+    #[serde(default)]
+    on_crash: Action,
+}
+
+impl DomainDefInput {
+    fn memory_kib(&self) -> Result<u64, String> {
+        let given = [
+            self.memory_kib.map(|_| "memory_kib"),
+            self.memory_mib.map(|_| "memory_mib"),
+            self.memory.as_ref().map(|_| "memory"),
+        ];
+        let given: Vec<&str> = given.into_iter().flatten().collect();
+        if given.len() > 1 {
+            return Err(format!(
+                "memory is given twice ({}): give one of memory_kib, memory_mib, memory",
+                given.join(", ")
+            ));
+        }
+        if let Some(kib) = self.memory_kib {
+            return Ok(kib);
+        }
+        if let Some(mib) = self.memory_mib {
+            return mib
+                .checked_mul(1024)
+                .ok_or_else(|| format!("memory_mib {mib} is too large"));
+        }
+        match &self.memory {
+            None => Ok(default_memory_kib()),
+            Some(MemoryInput::Kib(kib)) => Ok(*kib),
+            Some(MemoryInput::Text(text)) => {
+                let sized =
+                    size::parse(text, "KiB").map_err(|e| format!("memory '{text}': {e}"))?;
+                if !sized.exact {
+                    return Err(format!("memory '{text}' is not a whole number of KiB"));
+                }
+                Ok(sized.kib)
+            }
+        }
+    }
+}
+
+impl TryFrom<DomainDefInput> for DomainDef {
+    type Error = String;
+    fn try_from(i: DomainDefInput) -> Result<Self, String> {
+        Ok(DomainDef {
+            memory_kib: i.memory_kib()?,
+            name: i.name,
+            uuid: i.uuid,
+            virt_type: i.virt_type,
+            accel: i.accel,
+            vcpus: i.vcpus,
+            os: i.os,
+            disks: i.disks,
+            interfaces: i.interfaces,
+            graphics: i.graphics,
+            on_poweroff: i.on_poweroff,
+            on_reboot: i.on_reboot,
+            on_crash: i.on_crash,
+        })
+    }
 }
 
 /// Boot configuration: a direct kernel boot, or firmware booting from disk/cdrom.
@@ -135,22 +238,8 @@ pub enum BootDev {
     Network,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum DiskFormat {
-    #[default]
-    Raw,
-    Qcow2,
-}
-
-impl DiskFormat {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DiskFormat::Raw => "raw",
-            DiskFormat::Qcow2 => "qcow2",
-        }
-    }
-}
+/// The project's one image-format type (raw, qcow2), shared with ferrovmm and ferrovirt-disk.
+pub use ferrovmm_api::DiskFormat;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -224,7 +313,7 @@ impl DomainDef {
             uuid: None,
             virt_type: None,
             accel: None,
-            memory_mib: default_memory(),
+            memory_kib: default_memory_kib(),
             vcpus: default_vcpus(),
             os: OsDef::default(),
             disks: Vec::new(),
@@ -258,13 +347,16 @@ impl DomainDef {
                 )));
             }
         }
-        if self.memory_mib == 0 {
-            return Err(ApiError::invalid("memory must be at least 1 MiB (got 0)"));
-        }
-        if self.memory_mib > 16 * 1024 * 1024 {
+        if self.memory_kib < size::MIN_MEMORY_KIB {
             return Err(ApiError::invalid(format!(
-                "memory {} MiB is more than the 16 TiB ferrovirt supports",
-                self.memory_mib
+                "memory must be at least 1 MiB (got {} KiB)",
+                self.memory_kib
+            )));
+        }
+        if self.memory_kib > size::MAX_MEMORY_KIB {
+            return Err(ApiError::invalid(format!(
+                "memory {} KiB is more than the 16 TiB ferrovirt supports",
+                self.memory_kib
             )));
         }
         if self.vcpus == 0 || self.vcpus > 255 {
@@ -346,6 +438,11 @@ impl DomainDef {
         Ok(())
     }
 
+    /// Memory in whole MiB, rounded up: for a VMM that sizes guest RAM in MiB.
+    pub fn memory_mib_rounded_up(&self) -> u64 {
+        self.memory_kib.div_ceil(1024)
+    }
+
     /// Guest device name of the n-th disk.
     pub fn disk_target(&self, index: usize) -> String {
         if let Some(t) = self.disks.get(index).and_then(|d| d.target.clone()) {
@@ -421,7 +518,7 @@ type = "bridge"
 source = "br0"
 "#;
         let def = DomainDef::from_toml(text).expect("parses");
-        assert_eq!(def.memory_mib, 512);
+        assert_eq!(def.memory_kib, 512 * 1024);
         assert_eq!(def.virt_type, Some(VirtType::Qemu));
         assert_eq!(def.on_crash, Action::Restart);
         assert_eq!(def.on_reboot, Action::Restart);
@@ -429,6 +526,85 @@ source = "br0"
         let again = DomainDef::from_toml(&def.to_toml()).expect("re-parses");
         assert_eq!(def, again);
         def.validate().expect("valid");
+    }
+
+    fn with_memory(line: &str) -> Result<DomainDef, ApiError> {
+        DomainDef::from_toml(&format!("name = \"m\"\n{line}\n[os]\nkernel = \"/k\"\n"))
+    }
+
+    #[test]
+    fn memory_in_every_unit_is_kept_in_kib_through_toml_and_json() {
+        for (line, kib) in [
+            ("memory_kib = 219100", 219100),
+            ("memory = 219100", 219100),
+            ("memory = \"219100\"", 219100),
+            ("memory = \"219100KiB\"", 219100),
+            ("memory = \"219100k\"", 219100),
+            ("memory = \"219100 K\"", 219100),
+            ("memory = \"224358400b\"", 219100),
+            ("memory = \"224358400 bytes\"", 219100),
+            ("memory = \"512M\"", 512 * 1024),
+            ("memory = \"512MiB\"", 512 * 1024),
+            ("memory = \"4GiB\"", 4 << 20),
+            ("memory = \"4G\"", 4 << 20),
+            ("memory = \"1TiB\"", 1 << 30),
+            ("memory = \"1024000KB\"", 1_000_000),
+            ("memory = \"2048MB\"", 2_000_000),
+            ("memory_mib = 300", 300 * 1024),
+        ] {
+            let def = with_memory(line).unwrap_or_else(|e| panic!("{line}: {}", e.message));
+            assert_eq!(def.memory_kib, kib, "{line}");
+            def.validate()
+                .unwrap_or_else(|e| panic!("{line}: {}", e.message));
+            let toml = def.to_toml();
+            assert!(toml.contains(&format!("memory_kib = {kib}\n")), "{toml}");
+            assert_eq!(
+                DomainDef::from_toml(&toml).expect("re-parses"),
+                def,
+                "{line}"
+            );
+            let json = serde_json::to_string(&def).expect("serializes");
+            assert!(json.contains(&format!("\"memory_kib\":{kib},")), "{json}");
+            let again: DomainDef = serde_json::from_str(&json).expect("JSON re-parses");
+            assert_eq!(again, def, "{line}");
+        }
+    }
+
+    #[test]
+    fn a_stored_definition_with_memory_mib_still_loads() {
+        let old = r#"{"name":"old","type":"qemu","memory_mib":512,"vcpus":1,"os":{"kernel":"/k"},"on_poweroff":"destroy","on_reboot":"restart","on_crash":"destroy"}"#;
+        let def: DomainDef = serde_json::from_str(old).expect("loads");
+        assert_eq!(def.memory_kib, 512 * 1024);
+        assert_eq!(DomainDef::new("x").memory_kib, 256 * 1024);
+    }
+
+    #[test]
+    fn bad_memory_is_one_clear_error() {
+        for (line, needle) in [
+            ("memory = \"1000b\"", "not a whole number of KiB"),
+            ("memory = \"12 parsecs\"", "'parsecs'"),
+            ("memory = \"lots\"", "'lots' is not a size"),
+            ("memory_kib = 1024\nmemory_mib = 1", "memory is given twice"),
+            ("memory = \"99999999999EiB\"", "too large"),
+        ] {
+            let err = with_memory(line).expect_err(line);
+            assert_eq!(err.code, crate::ErrorCode::MalformedBody, "{line}");
+            assert!(err.message.contains(needle), "{line}: {}", err.message);
+        }
+        let err = with_memory("memory_kib = 1023")
+            .expect("parses")
+            .validate()
+            .unwrap_err();
+        assert!(err.message.contains("at least 1 MiB"), "{}", err.message);
+    }
+
+    #[test]
+    fn ferrovmm_gets_memory_rounded_up_to_mib() {
+        let mut def = DomainDef::new("a");
+        def.memory_kib = 219100;
+        assert_eq!(def.memory_mib_rounded_up(), 214);
+        def.memory_kib = 512 * 1024;
+        assert_eq!(def.memory_mib_rounded_up(), 512);
     }
 
     #[test]
@@ -442,7 +618,7 @@ source = "br0"
     fn memory_zero_is_rejected() {
         let mut def = DomainDef::new("a");
         def.os.kernel = Some("/k".into());
-        def.memory_mib = 0;
+        def.memory_kib = 0;
         let err = def.validate().unwrap_err();
         assert_eq!(err.code, crate::ErrorCode::InvalidDefinition);
         assert!(err.message.contains("memory"));

@@ -39,6 +39,10 @@ pub enum ErrorCode {
     TooManyConnections,
     /// The request (headers or body) did not arrive in time.
     RequestTimeout,
+    /// Another job runs on the domain (retry, or ask to wait with `?wait=SECONDS`).
+    DomainBusy,
+    /// The VM did not answer within the operation's deadline.
+    Timeout,
 }
 
 impl ErrorCode {
@@ -49,7 +53,11 @@ impl ErrorCode {
             | ErrorCode::InvalidDefinition
             | ErrorCode::InvalidArgument => 400,
             ErrorCode::NoDomain | ErrorCode::NoNetwork | ErrorCode::NotFound => 404,
-            ErrorCode::DomainExists | ErrorCode::OperationInvalid | ErrorCode::StorageError => 409,
+            ErrorCode::DomainExists
+            | ErrorCode::OperationInvalid
+            | ErrorCode::StorageError
+            | ErrorCode::DomainBusy => 409,
+            ErrorCode::Timeout => 504,
             ErrorCode::NotSupported => 501,
             ErrorCode::DriverError | ErrorCode::Internal => 500,
             ErrorCode::Unauthorized => 401,
@@ -77,6 +85,8 @@ impl ErrorCode {
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::TooManyConnections => "too_many_connections",
             ErrorCode::RequestTimeout => "request_timeout",
+            ErrorCode::DomainBusy => "domain_busy",
+            ErrorCode::Timeout => "timeout",
         }
     }
 }

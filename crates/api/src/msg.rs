@@ -35,7 +35,8 @@ pub struct AutostartRequest {
 /// `PUT /v1/domains/{name}/memory`. Only `config: true` (the persistent definition) is supported.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MemoryRequest {
-    pub memory_mib: u64,
+    /// The new memory size in KiB, kept exactly.
+    pub memory_kib: u64,
     #[serde(default)]
     pub config: bool,
 }

@@ -16,7 +16,7 @@
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 
-use roxmltree::{Document, Node};
+use roxmltree::Node;
 use serde::{Deserialize, Serialize};
 
 use crate::client::{Client, ClientError, DefFormat};
@@ -288,8 +288,7 @@ fn netmask_prefix(mask: Ipv4Addr) -> Result<u8, ApiError> {
 
 /// Parse libvirt network XML. Unsupported elements are reported as warnings, never dropped silently.
 pub fn from_xml(text: &str) -> Result<(NetworkDef, Vec<String>), ApiError> {
-    let doc =
-        Document::parse(text).map_err(|e| ApiError::malformed(format!("invalid XML: {e}")))?;
+    let doc = crate::xml_limits::parse(text)?;
     let root = doc.root_element();
     if root.tag_name().name() != "network" {
         return Err(ApiError::malformed(format!(
@@ -683,5 +682,29 @@ mod tests {
         .unwrap_err()
         .message
         .contains("contiguous"));
+    }
+
+    #[test]
+    fn deep_or_attribute_heavy_network_xml_is_refused_naming_the_limit() {
+        let deep = format!(
+            "<network><name>n</name>{}{}</network>",
+            "<x>".repeat(4000),
+            "</x>".repeat(4000)
+        );
+        let err = from_xml(&deep).unwrap_err();
+        assert_eq!(err.code, crate::ErrorCode::MalformedBody);
+        assert!(err.message.contains("limit 64"), "{}", err.message);
+        let mut wide = String::from("<network");
+        for i in 0..200_000 {
+            wide.push_str(&format!(" a{i}='1'"));
+        }
+        wide.push_str("><name>n</name></network>");
+        let err = from_xml(&wide).unwrap_err();
+        assert!(
+            err.message
+                .contains("<network> has more than 64 attributes"),
+            "{}",
+            err.message
+        );
     }
 }

@@ -122,7 +122,8 @@ pub struct DomainInfo {
     pub reason: StateReason,
     pub persistent: bool,
     pub autostart: bool,
-    pub memory_mib: u64,
+    /// Memory of the definition, in KiB exactly as defined.
+    pub memory_kib: u64,
     pub vcpus: u32,
     /// PID of the VM process while active (qemu and kvm drivers).
     pub pid: Option<u32>,

@@ -5,13 +5,16 @@
 //! `serial`, `console`, `graphics`), `on_poweroff`, `on_reboot`, `on_crash`.
 //! Any other element produces a warning naming it; nothing is dropped silently.
 
-use roxmltree::{Document, Node};
+use std::collections::HashSet;
+
+use roxmltree::{Node, NodeId};
 
 use crate::def::{
     Action, BootDev, DiskDef, DiskDevice, DiskFormat, DomainDef, GraphicsDef, GraphicsKind,
     InterfaceDef, InterfaceKind, VirtType,
 };
 use crate::error::ApiError;
+use crate::size;
 
 /// A parsed definition and the warnings about what was ignored.
 #[derive(Debug)]
@@ -22,8 +25,7 @@ pub struct Parsed {
 
 /// Parse libvirt domain XML.
 pub fn parse(text: &str) -> Result<Parsed, ApiError> {
-    let doc =
-        Document::parse(text).map_err(|e| ApiError::malformed(format!("invalid XML: {e}")))?;
+    let doc = crate::xml_limits::parse(text)?;
     let root = doc.root_element();
     if root.tag_name().name() != "domain" {
         return Err(ApiError::malformed(format!(
@@ -31,41 +33,120 @@ pub fn parse(text: &str) -> Result<Parsed, ApiError> {
             root.tag_name().name()
         )));
     }
-    let mut p = Parser {
-        warnings: Vec::new(),
-    };
+    let mut p = Parser::default();
     let def = p.domain(root)?;
+    p.sweep(root);
     Ok(Parsed {
         def,
         warnings: p.warnings,
     })
 }
 
+/// Walks the document recording every element and attribute it honors (or has already warned
+/// about); [`Parser::sweep`] then names everything else, so nothing is dropped silently.
+#[derive(Default)]
 struct Parser {
     warnings: Vec<String>,
-}
-
-fn elements<'a, 'i>(node: Node<'a, 'i>) -> impl Iterator<Item = Node<'a, 'i>> {
-    node.children().filter(|n| n.is_element())
+    /// Elements read (or already warned about as a whole, with their contents).
+    visited: HashSet<NodeId>,
+    /// Attributes read or already warned about: (element, attribute name).
+    used: HashSet<(NodeId, String)>,
 }
 
 fn text(node: Node) -> String {
     node.text().unwrap_or("").trim().to_string()
 }
 
+/// Where an element is, for warnings: `domain/devices/disk/driver`.
+fn path(node: Node) -> String {
+    let mut names: Vec<&str> = node
+        .ancestors()
+        .filter(|n| n.is_element())
+        .map(|n| n.tag_name().name())
+        .collect();
+    names.reverse();
+    names.join("/")
+}
+
 impl Parser {
-    fn ignore(&mut self, path: &str, node: Node) {
-        self.warnings.push(format!(
-            "element <{}> ({path}/{}) is not supported by ferrovirt and was ignored",
-            node.tag_name().name(),
-            node.tag_name().name()
-        ));
+    /// The element children of `node`, each marked as read.
+    fn children<'a, 'i>(&mut self, node: Node<'a, 'i>) -> Vec<Node<'a, 'i>> {
+        let out: Vec<Node> = node.children().filter(|n| n.is_element()).collect();
+        for n in &out {
+            self.visited.insert(n.id());
+        }
+        out
+    }
+
+    /// An attribute's value, marked as honored.
+    fn attr<'a>(&mut self, node: Node<'a, '_>, name: &str) -> Option<&'a str> {
+        let value = node.attribute(name)?;
+        self.used.insert((node.id(), name.to_string()));
+        Some(value)
+    }
+
+    /// An attribute whose only honored values are `honored` (what ferrovirt does anyway); any
+    /// other value gets a warning saying what ferrovirt does instead.
+    fn honor(&mut self, node: Node, name: &str, honored: &[&str], instead: &str) {
+        let Some(value) = self.attr(node, name) else {
+            return;
+        };
+        if !honored.contains(&value) {
+            self.warnings.push(format!(
+                "attribute {name}='{value}' of <{}> ({}) is not supported and was ignored: {instead}",
+                node.tag_name().name(),
+                path(node)
+            ));
+        }
+    }
+
+    /// An element ignored as a whole with a specific warning: its contents are not named again.
+    fn ignored(&mut self, node: Node, warning: String) {
+        self.warnings.push(warning);
+        for n in node.descendants().filter(|n| n.is_element()) {
+            self.visited.insert(n.id());
+            for a in n.attributes() {
+                self.used.insert((n.id(), a.name().to_string()));
+            }
+        }
+    }
+
+    /// Name every element and attribute that was neither honored nor warned about; an element
+    /// not read at all is named once, without its contents.
+    fn sweep(&mut self, root: Node) {
+        let mut skipped: HashSet<NodeId> = HashSet::new();
+        for node in root.descendants().filter(|n| n.is_element()) {
+            if node.parent().is_some_and(|p| skipped.contains(&p.id())) {
+                skipped.insert(node.id());
+                continue;
+            }
+            if node != root && !self.visited.contains(&node.id()) {
+                self.warnings.push(format!(
+                    "element <{}> ({}) is not supported by ferrovirt and was ignored",
+                    node.tag_name().name(),
+                    path(node)
+                ));
+                skipped.insert(node.id());
+                continue;
+            }
+            for a in node.attributes() {
+                if !self.used.contains(&(node.id(), a.name().to_string())) {
+                    self.warnings.push(format!(
+                        "attribute {}='{}' of <{}> ({}) is not supported by ferrovirt and was ignored",
+                        a.name(),
+                        a.value(),
+                        node.tag_name().name(),
+                        path(node)
+                    ));
+                }
+            }
+        }
     }
 
     fn domain(&mut self, root: Node) -> Result<DomainDef, ApiError> {
         let mut def = DomainDef::new("");
         def.on_reboot = Action::Restart;
-        def.virt_type = match root.attribute("type") {
+        def.virt_type = match self.attr(root, "type") {
             None => None,
             Some(t) => Some(VirtType::parse(t).ok_or_else(|| {
                 ApiError::invalid(format!(
@@ -75,16 +156,22 @@ impl Parser {
         };
         let mut have_name = false;
         let mut current_memory = None;
-        for child in elements(root) {
+        for child in self.children(root) {
             match child.tag_name().name() {
                 "name" => {
                     def.name = text(child);
                     have_name = true;
                 }
                 "uuid" => def.uuid = Some(text(child).to_ascii_lowercase()),
-                "memory" => def.memory_mib = memory_mib(child)?,
-                "currentMemory" => current_memory = Some(memory_mib(child)?),
+                "memory" => def.memory_kib = self.memory_kib(child)?,
+                "currentMemory" => current_memory = Some(self.memory_kib(child)?),
                 "vcpu" => {
+                    self.honor(
+                        child,
+                        "placement",
+                        &["static"],
+                        "vCPUs are placed statically",
+                    );
                     def.vcpus = text(child).parse().map_err(|_| {
                         ApiError::invalid(format!("<vcpu> '{}' is not a number", text(child)))
                     })?
@@ -94,21 +181,42 @@ impl Parser {
                 "on_poweroff" => def.on_poweroff = self.action(child)?,
                 "on_reboot" => def.on_reboot = self.action(child)?,
                 "on_crash" => def.on_crash = self.action(child)?,
-                _ => self.ignore("domain", child),
+                _ => {
+                    self.visited.remove(&child.id());
+                }
             }
         }
         if !have_name {
             return Err(ApiError::invalid("the domain XML has no <name>"));
         }
         if let Some(cur) = current_memory {
-            if cur != def.memory_mib {
+            if cur != def.memory_kib {
                 self.warnings.push(format!(
-                    "<currentMemory> {cur} MiB differs from <memory> {} MiB; ballooning is not supported, using <memory>",
-                    def.memory_mib
+                    "<currentMemory> {cur} KiB differs from <memory> {} KiB; ballooning is not supported, using <memory>",
+                    def.memory_kib
                 ));
             }
         }
         Ok(def)
+    }
+
+    /// `<memory unit='...'>N</memory>` in KiB (libvirt's default unit); like libvirt, a size that is
+    /// not a whole number of KiB is rounded up, with a warning.
+    fn memory_kib(&mut self, node: Node) -> Result<u64, ApiError> {
+        let tag = node.tag_name().name();
+        let value: u64 = text(node).parse().map_err(|_| {
+            ApiError::invalid(format!("<{tag}> '{}' is not a whole number", text(node)))
+        })?;
+        let unit = self.attr(node, "unit").unwrap_or("KiB");
+        let sized =
+            size::to_kib(value, unit).map_err(|e| ApiError::invalid(format!("<{tag}>: {e}")))?;
+        if !sized.exact {
+            self.warnings.push(format!(
+                "<{tag} unit='{unit}'>{value}</{tag}> is not a whole number of KiB; rounded up to {} KiB",
+                sized.kib
+            ));
+        }
+        Ok(sized.kib)
     }
 
     fn action(&mut self, node: Node) -> Result<Action, ApiError> {
@@ -137,7 +245,7 @@ impl Parser {
     }
 
     fn os(&mut self, os: Node, def: &mut DomainDef) -> Result<(), ApiError> {
-        for child in elements(os) {
+        for child in self.children(os) {
             match child.tag_name().name() {
                 "type" => {
                     let t = text(child);
@@ -146,7 +254,7 @@ impl Parser {
                             "<os><type> '{t}' is not supported (only hvm)"
                         )));
                     }
-                    if let Some(arch) = child.attribute("arch") {
+                    if let Some(arch) = self.attr(child, "arch") {
                         if arch != "x86_64" {
                             return Err(ApiError::invalid(format!(
                                 "arch '{arch}' is not supported (only x86_64)"
@@ -158,7 +266,7 @@ impl Parser {
                 "initrd" => def.os.initrd = Some(text(child).into()),
                 "cmdline" => def.os.cmdline = Some(text(child)),
                 "boot" => {
-                    let dev = match child.attribute("dev") {
+                    let dev = match self.attr(child, "dev") {
                         Some("hd") => BootDev::Hd,
                         Some("cdrom") => BootDev::Cdrom,
                         Some("network") => BootDev::Network,
@@ -171,14 +279,18 @@ impl Parser {
                     };
                     def.os.boot.push(dev);
                 }
-                _ => self.ignore("domain/os", child),
+                _ => {
+                    self.visited.remove(&child.id());
+                }
             }
         }
         Ok(())
     }
 
     fn devices(&mut self, devices: Node, def: &mut DomainDef) -> Result<(), ApiError> {
-        for child in elements(devices) {
+        let mut serial_seen = false;
+        let mut console_seen = false;
+        for child in self.children(devices) {
             match child.tag_name().name() {
                 "disk" => {
                     if let Some(disk) = self.disk(child)? {
@@ -186,31 +298,77 @@ impl Parser {
                     }
                 }
                 "interface" => def.interfaces.push(self.interface(child)?),
-                // Every ferrovirt VM has one serial console (ttyS0), logged and attachable.
-                "serial" | "console" => {}
-                "graphics" => {
-                    if child.attribute("type") != Some("vnc") {
-                        self.warnings.push(format!(
-                            "<graphics type='{}'> is not supported (only vnc) and was ignored",
-                            child.attribute("type").unwrap_or("")
-                        ));
+                // Every ferrovirt VM has one serial console (ttyS0), logged and attachable:
+                // a first pty <serial> and <console> on port 0 describe exactly that.
+                "serial" | "console" => {
+                    let tag = child.tag_name().name();
+                    let seen = if tag == "serial" {
+                        &mut serial_seen
+                    } else {
+                        &mut console_seen
+                    };
+                    if *seen {
+                        self.ignored(
+                            child,
+                            format!("a second <{tag}> is not supported (every VM has one serial console) and was ignored"),
+                        );
                         continue;
                     }
-                    let listen = child.attribute("listen").unwrap_or("127.0.0.1");
-                    if listen != "127.0.0.1" {
-                        self.warnings.push(format!(
-                            "VNC listen address '{listen}' replaced by 127.0.0.1"
-                        ));
+                    *seen = true;
+                    let one = "every VM has one serial console (ttyS0), logged and attachable with `ferrovirt console`";
+                    self.honor(child, "type", &["pty"], one);
+                    for target in self.children(child) {
+                        if target.tag_name().name() != "target" {
+                            self.visited.remove(&target.id());
+                            continue;
+                        }
+                        self.honor(target, "port", &["0"], one);
+                        self.honor(target, "type", &["serial", "isa-serial"], one);
                     }
-                    def.graphics = Some(GraphicsDef {
-                        kind: GraphicsKind::Vnc,
-                        listen: "127.0.0.1".into(),
-                    });
                 }
-                _ => self.ignore("domain/devices", child),
+                "graphics" => self.graphics(child, def),
+                _ => {
+                    self.visited.remove(&child.id());
+                }
             }
         }
         Ok(())
+    }
+
+    fn graphics(&mut self, node: Node, def: &mut DomainDef) {
+        let kind = self.attr(node, "type").unwrap_or("");
+        if kind != "vnc" {
+            self.ignored(
+                node,
+                format!("<graphics type='{kind}'> is not supported (only vnc) and was ignored"),
+            );
+            return;
+        }
+        self.honor(
+            node,
+            "autoport",
+            &["yes"],
+            "the VNC port is picked automatically (see `ferrovirt domdisplay`)",
+        );
+        self.honor(
+            node,
+            "port",
+            &["-1"],
+            "the VNC port is picked automatically (see `ferrovirt domdisplay`)",
+        );
+        let listen = self.attr(node, "listen").unwrap_or("127.0.0.1");
+        if listen != "127.0.0.1" {
+            self.warnings.push(format!(
+                "VNC listen address '{listen}' replaced by 127.0.0.1"
+            ));
+        }
+        for child in self.children(node) {
+            self.visited.remove(&child.id());
+        }
+        def.graphics = Some(GraphicsDef {
+            kind: GraphicsKind::Vnc,
+            listen: "127.0.0.1".into(),
+        });
     }
 
     fn disk(&mut self, disk: Node) -> Result<Option<DiskDef>, ApiError> {
@@ -218,26 +376,40 @@ impl Parser {
             "disk" => DiskDevice::Disk,
             "cdrom" => DiskDevice::Cdrom,
             other => {
-                self.warnings.push(format!(
-                    "<disk device='{other}'> is not supported and was ignored"
-                ));
+                self.ignored(
+                    disk,
+                    format!("<disk device='{other}'> is not supported and was ignored"),
+                );
                 return Ok(None);
             }
         };
+        self.attr(disk, "device");
+        self.honor(
+            disk,
+            "type",
+            &["file", "block"],
+            "a disk is a host file or block device (<source file=...> or <source dev=...>)",
+        );
         let mut path = None;
         let mut format = DiskFormat::Raw;
         let mut target = None;
         let mut readonly = false;
-        for child in elements(disk) {
+        for child in self.children(disk) {
             match child.tag_name().name() {
                 "source" => {
-                    path = child
-                        .attribute("file")
-                        .or(child.attribute("dev"))
+                    path = self
+                        .attr(child, "file")
+                        .or_else(|| self.attr(child, "dev"))
                         .map(Into::into)
                 }
                 "driver" => {
-                    format = match child.attribute("type").unwrap_or("raw") {
+                    self.honor(
+                        child,
+                        "name",
+                        &["qemu"],
+                        "the image is read by ferrovirt's driver",
+                    );
+                    format = match self.attr(child, "type").unwrap_or("raw") {
                         "raw" => DiskFormat::Raw,
                         "qcow2" => DiskFormat::Qcow2,
                         other => {
@@ -247,9 +419,18 @@ impl Parser {
                         }
                     }
                 }
-                "target" => target = child.attribute("dev").map(str::to_string),
+                "target" => {
+                    target = self.attr(child, "dev").map(str::to_string);
+                    let (bus, instead) = match device {
+                        DiskDevice::Disk => ("virtio", "disks are on virtio (bus='virtio')"),
+                        DiskDevice::Cdrom => ("ide", "CD-ROMs are on IDE (bus='ide')"),
+                    };
+                    self.honor(child, "bus", &[bus], instead);
+                }
                 "readonly" => readonly = true,
-                _ => self.ignore("domain/devices/disk", child),
+                _ => {
+                    self.visited.remove(&child.id());
+                }
             }
         }
         let Some(path) = path else {
@@ -270,9 +451,9 @@ impl Parser {
     }
 
     fn interface(&mut self, nic: Node) -> Result<InterfaceDef, ApiError> {
-        let kind = match nic.attribute("type") {
-            Some("network") => InterfaceKind::Network,
-            Some("bridge") => InterfaceKind::Bridge,
+        let (kind, source_attr) = match self.attr(nic, "type") {
+            Some("network") => (InterfaceKind::Network, "network"),
+            Some("bridge") => (InterfaceKind::Bridge, "bridge"),
             other => {
                 return Err(ApiError::invalid(format!(
                     "<interface type='{}'> is not supported (network or bridge)",
@@ -282,57 +463,24 @@ impl Parser {
         };
         let mut source = String::new();
         let mut mac = None;
-        for child in elements(nic) {
+        for child in self.children(nic) {
             match child.tag_name().name() {
-                "source" => {
-                    source = child
-                        .attribute("network")
-                        .or(child.attribute("bridge"))
-                        .unwrap_or("")
-                        .to_string()
-                }
-                "mac" => mac = child.attribute("address").map(str::to_ascii_lowercase),
+                "source" => source = self.attr(child, source_attr).unwrap_or("").to_string(),
+                "mac" => mac = self.attr(child, "address").map(str::to_ascii_lowercase),
                 "model" => {
-                    if child.attribute("type") != Some("virtio") {
-                        self.warnings.push(format!(
-                            "<model type='{}'> replaced by virtio",
-                            child.attribute("type").unwrap_or("")
-                        ));
+                    let model = self.attr(child, "type").unwrap_or("");
+                    if model != "virtio" {
+                        self.warnings
+                            .push(format!("<model type='{model}'> replaced by virtio"));
                     }
                 }
-                _ => self.ignore("domain/devices/interface", child),
+                _ => {
+                    self.visited.remove(&child.id());
+                }
             }
         }
         Ok(InterfaceDef { kind, source, mac })
     }
-}
-
-fn memory_mib(node: Node) -> Result<u64, ApiError> {
-    let value: u64 = text(node).parse().map_err(|_| {
-        ApiError::invalid(format!(
-            "<{}> '{}' is not a number",
-            node.tag_name().name(),
-            text(node)
-        ))
-    })?;
-    let unit = node.attribute("unit").unwrap_or("KiB");
-    let bytes_per: u64 = match unit {
-        "b" | "bytes" => 1,
-        "KB" => 1000,
-        "k" | "KiB" => 1024,
-        "MB" => 1000 * 1000,
-        "M" | "MiB" => 1 << 20,
-        "GB" => 1000 * 1000 * 1000,
-        "G" | "GiB" => 1 << 30,
-        "TB" => 1000 * 1000 * 1000 * 1000,
-        "T" | "TiB" => 1 << 40,
-        other => {
-            return Err(ApiError::invalid(format!(
-                "memory unit '{other}' is not known"
-            )))
-        }
-    };
-    Ok(value.saturating_mul(bytes_per) / (1 << 20))
 }
 
 fn esc(s: &str) -> String {
@@ -360,7 +508,7 @@ pub fn emit(def: &DomainDef, default_type: VirtType) -> String {
     if let Some(uuid) = &def.uuid {
         let _ = writeln!(x, "  <uuid>{}</uuid>", esc(uuid));
     }
-    let kib = def.memory_mib * 1024;
+    let kib = def.memory_kib;
     let _ = writeln!(x, "  <memory unit='KiB'>{kib}</memory>");
     let _ = writeln!(x, "  <currentMemory unit='KiB'>{kib}</currentMemory>");
     let _ = writeln!(x, "  <vcpu placement='static'>{}</vcpu>", def.vcpus);
@@ -398,7 +546,7 @@ pub fn emit(def: &DomainDef, default_type: VirtType) -> String {
             "disk"
         };
         let bus = if d.device == DiskDevice::Cdrom {
-            "sata"
+            "ide"
         } else {
             "virtio"
         };
@@ -500,7 +648,7 @@ mod tests {
             d.uuid.as_deref(),
             Some("6b0b4a8a-9c3a-4f2e-8e55-0d5d7b1b2c3d")
         );
-        assert_eq!(d.memory_mib, 4096);
+        assert_eq!(d.memory_kib, 4 << 20);
         assert_eq!(d.vcpus, 2);
         assert_eq!(d.virt_type, Some(VirtType::Kvm));
         assert_eq!(d.os.cmdline.as_deref(), Some("console=ttyS0 root=/dev/vda"));
@@ -531,6 +679,221 @@ mod tests {
         let mut expected = parsed.def.clone();
         expected.disks[0].target = Some("vda".into());
         assert_eq!(again.def, expected);
+    }
+
+    fn with_memory(memory: &str) -> Parsed {
+        parse(&format!(
+            "<domain type='test'><name>m</name>{memory}<os><type>hvm</type><kernel>/k</kernel></os></domain>"
+        ))
+        .unwrap_or_else(|e| panic!("{memory}: {}", e.message))
+    }
+
+    #[test]
+    fn memory_in_every_unit_round_trips_in_kib() {
+        for (memory, kib) in [
+            ("<memory unit='KiB'>219100</memory>", 219100),
+            ("<memory>219100</memory>", 219100),
+            ("<memory unit='k'>219100</memory>", 219100),
+            ("<memory unit='K'>219100</memory>", 219100),
+            ("<memory unit='b'>224358400</memory>", 219100),
+            ("<memory unit='bytes'>224358400</memory>", 219100),
+            ("<memory unit='M'>512</memory>", 512 * 1024),
+            ("<memory unit='MiB'>512</memory>", 512 * 1024),
+            ("<memory unit='G'>4</memory>", 4 << 20),
+            ("<memory unit='GiB'>4</memory>", 4 << 20),
+            ("<memory unit='T'>1</memory>", 1 << 30),
+            ("<memory unit='KB'>1024000</memory>", 1_000_000),
+            ("<memory unit='MB'>2048</memory>", 2_000_000),
+            ("<memory unit='GB'>1</memory>", 976_563),
+        ] {
+            let parsed = with_memory(memory);
+            assert_eq!(parsed.def.memory_kib, kib, "{memory}");
+            let xml = emit(&parsed.def, VirtType::Test);
+            assert!(
+                xml.contains(&format!("<memory unit='KiB'>{kib}</memory>")),
+                "{memory}: {xml}"
+            );
+            let again = parse(&xml).expect("re-parses");
+            assert_eq!(again.def, parsed.def, "{memory}");
+        }
+    }
+
+    #[test]
+    fn memory_that_is_not_whole_kib_is_rounded_up_with_a_warning() {
+        let parsed = with_memory("<memory unit='b'>1000000</memory>");
+        assert_eq!(parsed.def.memory_kib, 977);
+        let all = parsed.warnings.join("\n");
+        assert!(all.contains("rounded up to 977 KiB"), "{all}");
+    }
+
+    #[test]
+    fn bad_memory_units_and_values_are_refused() {
+        for (memory, needle) in [
+            ("<memory unit='parsecs'>1</memory>", "'parsecs'"),
+            ("<memory>-5</memory>", "not a whole number"),
+            ("<memory unit='EiB'>99999</memory>", "too large"),
+        ] {
+            let text = format!("<domain><name>m</name>{memory}</domain>");
+            let err = parse(&text).expect_err(memory);
+            assert!(err.message.contains(needle), "{memory}: {}", err.message);
+        }
+    }
+
+    #[test]
+    fn deep_or_attribute_heavy_domain_xml_is_refused_naming_the_limit() {
+        for depth in [4000, 100_000] {
+            let xml = format!(
+                "<domain type='test'><name>d</name><metadata>{}{}</metadata></domain>",
+                "<x>".repeat(depth),
+                "</x>".repeat(depth)
+            );
+            let err = parse(&xml).unwrap_err();
+            assert_eq!(err.code, crate::ErrorCode::MalformedBody);
+            assert!(err.message.contains("deep (limit 64)"), "{}", err.message);
+        }
+        let mut xml = String::from("<domain type='test'><name>d</name><vcpu");
+        for i in 0..200_000 {
+            xml.push_str(&format!(" a{i}='1'"));
+        }
+        xml.push_str(">1</vcpu></domain>");
+        let err = parse(&xml).unwrap_err();
+        assert_eq!(err.code, crate::ErrorCode::MalformedBody);
+        assert!(
+            err.message.contains("<vcpu> has more than 64 attributes"),
+            "{}",
+            err.message
+        );
+    }
+
+    /// A domain as libvirt's dumpxml would show it, with attributes ferrovirt does not honor.
+    const WITH_UNSUPPORTED_ATTRIBUTES: &str = r#"<domain type='kvm' id='3'>
+  <name>web</name>
+  <uuid>6b0b4a8a-9c3a-4f2e-8e55-0d5d7b1b2c3d</uuid>
+  <memory unit='KiB'>219100</memory>
+  <currentMemory unit='KiB'>219100</currentMemory>
+  <vcpu placement='static' current='1'>2</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc-i440fx-7.2'>hvm</type>
+    <kernel>/boot/vmlinuz</kernel>
+    <cmdline>console=ttyS0</cmdline>
+  </os>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>restart</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2' cache='none' io='native'/>
+      <source file='/var/lib/libvirt/images/web.qcow2'/>
+      <target dev='vda' bus='ide'/>
+    </disk>
+    <interface type='bridge'>
+      <mac address='52:54:00:aa:bb:cc'/>
+      <source bridge='br0'/>
+      <model type='virtio'/>
+      <link state='up'/>
+    </interface>
+    <serial type='pty'>
+      <target port='0'/>
+    </serial>
+    <console type='pty'>
+      <target type='serial' port='0'/>
+    </console>
+  </devices>
+</domain>"#;
+
+    #[test]
+    fn every_ignored_attribute_gets_one_warning_naming_it() {
+        let parsed = parse(WITH_UNSUPPORTED_ATTRIBUTES).expect("parses");
+        let expected = [
+            "attribute id='3' of <domain> (domain)",
+            "attribute current='1' of <vcpu> (domain/vcpu)",
+            "attribute machine='pc-i440fx-7.2' of <type> (domain/os/type)",
+            "attribute cache='none' of <driver> (domain/devices/disk/driver)",
+            "attribute io='native' of <driver> (domain/devices/disk/driver)",
+            "attribute bus='ide' of <target> (domain/devices/disk/target)",
+            "element <link> (domain/devices/interface/link)",
+        ];
+        for item in expected {
+            let hits = parsed.warnings.iter().filter(|w| w.contains(item)).count();
+            assert_eq!(hits, 1, "{item}: {:#?}", parsed.warnings);
+        }
+        assert_eq!(
+            parsed.warnings.len(),
+            expected.len(),
+            "{:#?}",
+            parsed.warnings
+        );
+        // What is honored comes back from dumpxml unchanged.
+        let dumped = emit(&parsed.def, VirtType::Qemu);
+        for honored in [
+            "<name>web</name>",
+            "<uuid>6b0b4a8a-9c3a-4f2e-8e55-0d5d7b1b2c3d</uuid>",
+            "<memory unit='KiB'>219100</memory>",
+            "<currentMemory unit='KiB'>219100</currentMemory>",
+            "<kernel>/boot/vmlinuz</kernel>",
+            "<cmdline>console=ttyS0</cmdline>",
+            "<on_poweroff>destroy</on_poweroff>",
+            "<source file='/var/lib/libvirt/images/web.qcow2'/>",
+            "<mac address='52:54:00:aa:bb:cc'/>",
+            "<source bridge='br0'/>",
+            "<model type='virtio'/>",
+            "<target port='0'/>",
+            "<target type='serial' port='0'/>",
+        ] {
+            assert!(dumped.contains(honored), "{honored} lost: {dumped}");
+        }
+        assert!(dumped.starts_with("<domain type='kvm'>"), "{dumped}");
+        assert!(dumped.contains(">2</vcpu>"), "{dumped}");
+        assert!(
+            dumped.contains("<driver name='qemu' type='qcow2'/>"),
+            "{dumped}"
+        );
+        assert!(
+            dumped.contains("<target dev='vda' bus='virtio'/>"),
+            "{dumped}"
+        );
+    }
+
+    #[test]
+    fn dumpxml_output_round_trips_unchanged_and_without_warnings() {
+        let mut def = DomainDef::new("full");
+        def.uuid = Some("6b0b4a8a-9c3a-4f2e-8e55-0d5d7b1b2c3d".into());
+        def.virt_type = Some(VirtType::Qemu);
+        def.memory_kib = 219100;
+        def.vcpus = 3;
+        def.os.kernel = Some("/boot/vmlinuz".into());
+        def.os.initrd = Some("/boot/initrd".into());
+        def.os.cmdline = Some("console=ttyS0".into());
+        def.os.boot = vec![BootDev::Cdrom, BootDev::Hd];
+        def.on_crash = Action::Restart;
+        def.disks.push(DiskDef {
+            path: "/img/a.qcow2".into(),
+            format: DiskFormat::Qcow2,
+            device: DiskDevice::Disk,
+            target: Some("vda".into()),
+            readonly: false,
+        });
+        def.disks.push(DiskDef {
+            path: "/img/b.iso".into(),
+            format: DiskFormat::Raw,
+            device: DiskDevice::Cdrom,
+            target: Some("sdb".into()),
+            readonly: true,
+        });
+        def.interfaces.push(InterfaceDef {
+            kind: InterfaceKind::Network,
+            source: "default".into(),
+            mac: Some("52:54:00:01:02:03".into()),
+        });
+        def.graphics = Some(GraphicsDef {
+            kind: GraphicsKind::Vnc,
+            listen: "127.0.0.1".into(),
+        });
+        let xml = emit(&def, VirtType::Test);
+        let again = parse(&xml).expect("parses");
+        assert!(again.warnings.is_empty(), "{:#?}", again.warnings);
+        assert_eq!(again.def, def);
+        assert_eq!(emit(&again.def, VirtType::Test), xml);
     }
 
     #[test]

@@ -196,3 +196,28 @@ pub fn print(checks: &[Check]) {
         println!("{label:<66}: {verdict} ({})", c.hint);
     }
 }
+
+/// Network objects of ferrovirt's that no network of the daemon owns (an orphan bridge keeps the
+/// `default` network from starting). Without an answer from the daemon nothing is owned.
+pub fn leftovers(known: crate::leftovers::Known, daemon: &str) -> Check {
+    let found = crate::leftovers::find(known);
+    let name = "ferrovirt network leftovers";
+    if found.is_empty() {
+        return check(name, Verdict::Pass, "none");
+    }
+    let owner = match known {
+        Ok(_) => format!("the daemon at {daemon} does not own them"),
+        Err(e) => format!("no daemon answered at {daemon} ({e}); if no other ferrovirtd runs here, they are leftovers"),
+    };
+    let what: Vec<&str> = found.iter().map(|l| l.what.as_str()).collect();
+    let how: Vec<&str> = found.iter().map(|l| l.remove.as_str()).collect();
+    check(
+        name,
+        Verdict::Warn,
+        format!(
+            "{}; {owner}; remove with: {}",
+            what.join(", "),
+            how.join("; ")
+        ),
+    )
+}

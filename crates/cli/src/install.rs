@@ -10,6 +10,7 @@ use ferrovirt_api::def::{
     InterfaceKind,
 };
 use ferrovirt_api::msg::{CloudInitRequest, VolumeCreateRequest};
+use ferrovirt_api::DomainOp;
 use ferrovirt_api::{DomainDef, VirtType};
 
 use crate::sizes::parse_gib;
@@ -120,7 +121,10 @@ pub fn run(client: &Client, a: &InstallArgs, json: bool) -> Result<(), Failure> 
         .memory
         .as_deref()
         .ok_or_else(|| fail("--memory MIB is required (e.g. --memory 1024)"))?;
-    def.memory_mib = first_number(memory, "memory")?;
+    // virt-install's --memory is MiB; the definition keeps KiB.
+    def.memory_kib = first_number(memory, "memory")?
+        .checked_mul(1024)
+        .ok_or_else(|| fail(format!("--memory '{memory}' MiB is too large")))?;
     if let Some(v) = &a.vcpus {
         def.vcpus = first_number(v, "vcpus")? as u32;
     }
@@ -413,7 +417,7 @@ pub fn run(client: &Client, a: &InstallArgs, json: bool) -> Result<(), Failure> 
         if a.autostart {
             client.set_autostart(&a.name, true)?;
         }
-        client.action(&a.name, "start")?
+        client.action(&a.name, DomainOp::Start)?
     };
     if json {
         println!(

@@ -3,6 +3,7 @@
 mod console;
 mod hostval;
 mod install;
+mod leftovers;
 mod net;
 mod output;
 mod sizes;
@@ -14,6 +15,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use ferrovirt_api::client::{Client, ClientError, DefFormat};
 use ferrovirt_api::state::EventKind;
+use ferrovirt_api::DomainOp;
 
 #[derive(Parser)]
 #[command(
@@ -65,19 +67,49 @@ enum Command {
         /// Attach to the console after starting
         #[arg(long)]
         console: bool,
+        #[command(flatten)]
+        wait: WaitArg,
     },
     /// Ask the guest to power off (ACPI power button)
-    Shutdown { domain: String },
+    Shutdown {
+        domain: String,
+        #[command(flatten)]
+        wait: WaitArg,
+    },
     /// Stop the domain at once (pull the plug)
-    Destroy { domain: String },
+    Destroy {
+        domain: String,
+        #[command(flatten)]
+        wait: WaitArg,
+    },
     /// Ask the guest to reboot
-    Reboot { domain: String },
+    Reboot {
+        domain: String,
+        #[command(flatten)]
+        wait: WaitArg,
+    },
     /// Hard reset (press the reset button)
-    Reset { domain: String },
+    Reset {
+        domain: String,
+        #[command(flatten)]
+        wait: WaitArg,
+    },
     /// Pause the domain's vCPUs
-    Suspend { domain: String },
+    Suspend {
+        domain: String,
+        #[command(flatten)]
+        wait: WaitArg,
+    },
     /// Resume a paused domain
-    Resume { domain: String },
+    Resume {
+        domain: String,
+        #[command(flatten)]
+        wait: WaitArg,
+    },
+    /// Show the job running on a domain (operation, elapsed time, progress)
+    Domjobinfo { domain: String },
+    /// Cancel the job running on a domain (when it can be cancelled)
+    Domjobabort { domain: String },
     /// Show information about a domain
     Dominfo { domain: String },
     /// Show the domain's state
@@ -152,6 +184,14 @@ enum Command {
     Net(net::NetCommand),
 }
 
+/// `--wait SECONDS` of the domain operations.
+#[derive(clap::Args)]
+struct WaitArg {
+    /// When another job runs on the domain, wait up to SECONDS for it to end (the daemon caps it)
+    #[arg(long = "wait", value_name = "SECONDS")]
+    secs: Option<u64>,
+}
+
 /// Why a command failed; each maps to one clear line on stderr and exit status 1.
 pub enum Failure {
     Client(ClientError),
@@ -223,36 +263,53 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 println!("Domain '{domain}' has been undefined\n");
             }
         }
-        Command::Start { domain, console } => {
-            let info = client.action(&domain, "start")?;
+        Command::Start { domain, console, wait } => {
+            let info = client.action_wait(&domain, DomainOp::Start, wait.secs)?;
             done(&info, format!("Domain '{domain}' started"));
             if console {
                 console::attach(&client, &domain, true)?;
             }
         }
-        Command::Shutdown { domain } => {
-            let info = client.action(&domain, "shutdown")?;
+        Command::Shutdown { domain, wait } => {
+            let info = client.action_wait(&domain, DomainOp::Shutdown, wait.secs)?;
             done(&info, format!("Domain '{domain}' is being shutdown"));
         }
-        Command::Destroy { domain } => {
-            let info = client.action(&domain, "destroy")?;
+        Command::Destroy { domain, wait } => {
+            let info = client.action_wait(&domain, DomainOp::Destroy, wait.secs)?;
             done(&info, format!("Domain '{domain}' destroyed"));
         }
-        Command::Reboot { domain } => {
-            let info = client.action(&domain, "reboot")?;
+        Command::Reboot { domain, wait } => {
+            let info = client.action_wait(&domain, DomainOp::Reboot, wait.secs)?;
             done(&info, format!("Domain '{domain}' is being rebooted"));
         }
-        Command::Reset { domain } => {
-            let info = client.action(&domain, "reset")?;
+        Command::Reset { domain, wait } => {
+            let info = client.action_wait(&domain, DomainOp::Reset, wait.secs)?;
             done(&info, format!("Domain '{domain}' was reset"));
         }
-        Command::Suspend { domain } => {
-            let info = client.action(&domain, "suspend")?;
+        Command::Suspend { domain, wait } => {
+            let info = client.action_wait(&domain, DomainOp::Suspend, wait.secs)?;
             done(&info, format!("Domain '{domain}' suspended"));
         }
-        Command::Resume { domain } => {
-            let info = client.action(&domain, "resume")?;
+        Command::Resume { domain, wait } => {
+            let info = client.action_wait(&domain, DomainOp::Resume, wait.secs)?;
             done(&info, format!("Domain '{domain}' resumed"));
+        }
+        Command::Domjobinfo { domain } => {
+            let job = client.job(&domain)?;
+            if json {
+                print_json(&job);
+            } else {
+                print!("{}", output::jobinfo(&job));
+            }
+        }
+        Command::Domjobabort { domain } => {
+            let job = client.abort_job(&domain)?;
+            if json {
+                print_json(&job);
+            } else {
+                let name = job.job.map(|j| j.name).unwrap_or_default();
+                println!("Job '{name}' of domain '{domain}' is being cancelled\n");
+            }
         }
         Command::Dominfo { domain } => {
             let info = client.get(&domain)?;
@@ -294,9 +351,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
             run_events(&client, domain, kind, looping, timeout, json)?;
         }
         Command::Setmem { domain, size, config, live, current: _ } => {
-            let mib = sizes::parse_kib_default_to_mib(&size).map_err(Failure::Usage)?;
-            let info = client.set_memory(&domain, mib, config && !live)?;
-            done(&info, format!("Domain '{domain}' memory set to {} KiB in its configuration", mib * 1024));
+            let kib = sizes::parse_memory_kib(&size).map_err(Failure::Usage)?;
+            let info = client.set_memory(&domain, kib, config && !live)?;
+            done(&info, format!("Domain '{domain}' memory set to {kib} KiB in its configuration"));
         }
         Command::Setvcpus { domain, count, config, live, current: _ } => {
             let info = client.set_vcpus(&domain, count, config && !live)?;
@@ -321,7 +378,14 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Command::HostValidate => {
-            let checks = hostval::run();
+            let mut checks = hostval::run();
+            // The daemon says which networks it runs; what carries our mark and none of them owns
+            // is left over (see leftovers.rs).
+            let nets = client.net_list(true).map_err(|e| e.to_string());
+            checks.push(hostval::leftovers(
+                nets.as_deref().map_err(String::as_str),
+                &cli.connect,
+            ));
             if json {
                 print_json(&checks);
             } else {

@@ -1,7 +1,7 @@
 //! Human output in virsh's shapes.
 
 use ferrovirt_api::state::{Event, EventKind};
-use ferrovirt_api::DomainInfo;
+use ferrovirt_api::{DomainInfo, JobInfo};
 
 /// Active domains first by id, then inactive ones by name (as virsh lists them).
 pub fn sort_like_virsh(doms: &mut [DomainInfo]) {
@@ -56,8 +56,8 @@ pub fn dominfo(d: &DomainInfo) -> String {
         ("State", d.state.display().into()),
         ("State reason", d.reason.as_str().into()),
         ("CPU(s)", d.vcpus.to_string()),
-        ("Max memory", format!("{} KiB", d.memory_mib * 1024)),
-        ("Used memory", format!("{} KiB", d.memory_mib * 1024)),
+        ("Max memory", format!("{} KiB", d.memory_kib)),
+        ("Used memory", format!("{} KiB", d.memory_kib)),
         ("Persistent", yes(d.persistent).into()),
         (
             "Autostart",
@@ -69,6 +69,51 @@ pub fn dominfo(d: &DomainInfo) -> String {
     let mut out = String::new();
     for (k, v) in rows {
         out.push_str(&format!("{:<16}{v}\n", format!("{k}:")));
+    }
+    out.push('\n');
+    out
+}
+
+/// virsh domjobinfo: "Job type: None" when idle; otherwise the job, its elapsed time, and its
+/// progress where known ("Bounded" when the total is known, as in libvirt).
+pub fn jobinfo(info: &JobInfo) -> String {
+    let mut rows: Vec<(&str, String)> = Vec::new();
+    match &info.job {
+        None => rows.push(("Job type", "None".into())),
+        Some(job) => {
+            let bounded = job.progress.as_ref().is_some_and(|p| p.total.is_some());
+            rows.push((
+                "Job type",
+                if bounded { "Bounded" } else { "Unbounded" }.into(),
+            ));
+            rows.push(("Operation", job.name.clone()));
+            rows.push(("Time elapsed", format!("{} ms", job.elapsed_ms)));
+            if let Some(p) = &job.progress {
+                if let Some(phase) = &p.phase {
+                    rows.push(("Phase", phase.clone()));
+                }
+                rows.push(("Processed", format!("{} {}", p.done, p.unit)));
+                if let Some(total) = p.total {
+                    rows.push(("Total", format!("{total} {}", p.unit)));
+                    rows.push((
+                        "Remaining",
+                        format!("{} {}", total.saturating_sub(p.done), p.unit),
+                    ));
+                }
+            }
+            let yes = |b: bool| if b { "yes" } else { "no" };
+            rows.push(("Cancellable", yes(job.cancellable).into()));
+            if job.cancel_requested {
+                rows.push(("Cancel requested", "yes".into()));
+            }
+            if job.timed_out {
+                rows.push(("Timed out", "yes (waiting for the driver to return)".into()));
+            }
+        }
+    }
+    let mut out = String::new();
+    for (k, v) in rows {
+        out.push_str(&format!("{:<18}{v}\n", format!("{k}:")));
     }
     out.push('\n');
     out
@@ -111,4 +156,42 @@ pub fn event_line(ev: &Event) -> String {
         capitalize(ev.kind.as_str()),
         capitalize(&ev.detail)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferrovirt_api::{JobProgress, JobStatus};
+
+    #[test]
+    fn jobinfo_reads_like_virsh() {
+        let idle = JobInfo {
+            domain: "a".into(),
+            job: None,
+        };
+        assert_eq!(jobinfo(&idle), "Job type:         None\n\n");
+        let busy = JobInfo {
+            domain: "a".into(),
+            job: Some(JobStatus {
+                name: "shutdown".into(),
+                started_ms: 0,
+                elapsed_ms: 1500,
+                cancellable: false,
+                cancel_requested: false,
+                timed_out: false,
+                progress: Some(JobProgress {
+                    phase: None,
+                    done: 3,
+                    total: Some(10),
+                    unit: "steps".into(),
+                }),
+            }),
+        };
+        let text = jobinfo(&busy);
+        assert!(text.starts_with("Job type:         Bounded\nOperation:        shutdown\nTime elapsed:     1500 ms\n"), "{text}");
+        assert!(
+            text.contains("Remaining:        7 steps\n") && text.contains("Cancellable:      no\n"),
+            "{text}"
+        );
+    }
 }

@@ -1,31 +1,18 @@
-//! Size arguments: virsh's setmem takes KiB by default; suffixes K, M, G, T (binary) are accepted.
+//! Size arguments: virsh's setmem takes KiB by default, with libvirt's units (K, M, G, T, KiB,
+//! MB, ... see ferrovirt_api::size); virt-install's disk sizes are GiB.
 
-/// Parse SIZE (default unit KiB) into MiB; errors say what was wrong.
-pub fn parse_kib_default_to_mib(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("'{s}' is not a size (examples: 524288, 512M, 1G)"))?;
-    let kib_per: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "k" | "kib" | "kb" => 1,
-        "m" | "mib" | "mb" => 1024,
-        "g" | "gib" | "gb" => 1024 * 1024,
-        "t" | "tib" | "tb" => 1024 * 1024 * 1024,
-        other => {
-            return Err(format!(
-                "unknown size unit '{other}' in '{s}' (use K, M, G or T)"
-            ))
-        }
-    };
-    let kib = n
-        .checked_mul(kib_per)
-        .ok_or_else(|| format!("size '{s}' is too large"))?;
-    if kib < 1024 {
+use ferrovirt_api::size;
+
+/// Parse setmem's SIZE (default unit KiB) into KiB, exactly; errors say what was wrong.
+pub fn parse_memory_kib(s: &str) -> Result<u64, String> {
+    let sized = size::parse(s, "KiB")?;
+    if !sized.exact {
+        return Err(format!("size '{s}' is not a whole number of KiB"));
+    }
+    if sized.kib < size::MIN_MEMORY_KIB {
         return Err(format!("size '{s}' is less than 1 MiB"));
     }
-    Ok(kib / 1024)
+    Ok(sized.kib)
 }
 
 /// virt-install's disk size: GiB, fractions allowed ("16", "0.5").
@@ -50,11 +37,13 @@ mod tests {
 
     #[test]
     fn sizes() {
-        assert_eq!(parse_kib_default_to_mib("524288").unwrap(), 512);
-        assert_eq!(parse_kib_default_to_mib("512M").unwrap(), 512);
-        assert_eq!(parse_kib_default_to_mib("2G").unwrap(), 2048);
-        assert!(parse_kib_default_to_mib("0").is_err());
-        assert!(parse_kib_default_to_mib("12X").is_err());
+        assert_eq!(parse_memory_kib("524288").unwrap(), 512 * 1024);
+        assert_eq!(parse_memory_kib("219100").unwrap(), 219100);
+        assert_eq!(parse_memory_kib("512M").unwrap(), 512 * 1024);
+        assert_eq!(parse_memory_kib("2G").unwrap(), 2048 * 1024);
+        assert!(parse_memory_kib("0").is_err());
+        assert!(parse_memory_kib("12X").is_err());
+        assert!(parse_memory_kib("1000000b").is_err());
         assert_eq!(parse_gib("16").unwrap(), 16 << 30);
         assert_eq!(parse_gib("0.5").unwrap(), 512 << 20);
         assert!(parse_gib("0").is_err());

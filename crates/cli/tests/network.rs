@@ -65,6 +65,8 @@ fn require_tools() {
 /// The namespaces, the daemon inside `inner`, and its folders. Everything goes on drop.
 struct World {
     n: u32,
+    /// The inner namespace's net.ipv4.ip_forward before the daemon ran: what it must restore.
+    forward_at_start: bool,
     inner: String,
     outer: String,
     dir: PathBuf,
@@ -73,11 +75,18 @@ struct World {
 
 impl World {
     fn new() -> World {
+        World::with_ip_forward(false)
+    }
+
+    /// A new namespace inherits IPv4 forwarding from the host (or not, by
+    /// net.core.devconf_inherit_init_net): set it, so the test knows what the daemon must restore.
+    fn with_ip_forward(on: bool) -> World {
         require_tools();
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let id = format!("{}-{n}", std::process::id());
         let w = World {
             n,
+            forward_at_start: on,
             inner: format!("fvnet-in-{id}"),
             outer: format!("fvnet-out-{id}"),
             dir: PathBuf::from(format!("/tmp/fvn-{id}")),
@@ -119,7 +128,17 @@ impl World {
             &up_out,
         ]);
         w.outer(&["ip", "link", "set", &up_out, "up"]);
+        w.inner(&[
+            "sh",
+            "-c",
+            &format!("echo {} > /proc/sys/net/ipv4/ip_forward", u8::from(on)),
+        ]);
+        assert_eq!(w.ip_forward(), on, "ip_forward set in {}", w.inner);
         w
+    }
+
+    fn ip_forward(&self) -> bool {
+        self.inner(&["cat", "/proc/sys/net/ipv4/ip_forward"]).trim() == "1"
     }
 
     fn inner(&self, cmd: &[&str]) -> String {
@@ -416,10 +435,7 @@ fn default_network_gives_dhcp_nat_and_leaves_nothing_behind() {
     assert!(w
         .inner(&["ip", "-4", "addr", "show", "fvbr0"])
         .contains("192.168.123.1/24"));
-    assert_eq!(
-        w.inner(&["cat", "/proc/sys/net/ipv4/ip_forward"]).trim(),
-        "1"
-    );
+    assert!(w.ip_forward(), "a NAT network turns forwarding on");
 
     w.outside_server(8080);
     let body = format!(
@@ -528,16 +544,13 @@ fn default_network_gives_dhcp_nat_and_leaves_nothing_behind() {
     let err = w.fails(&["net-undefine", "default"]);
     assert!(err.contains("destroy it first"), "{err}");
 
-    // net-destroy: no bridge, TAP, dnsmasq or table left; ip_forward back to the namespace's 0.
+    // net-destroy: no bridge, TAP, dnsmasq or table left; ip_forward back to what it was.
     w.ok(&["net-destroy", "default"]);
     let (links, tables, dns) = w.census();
     assert!(links.is_empty(), "{links:?}");
     assert!(tables.is_empty(), "{tables:?}");
     assert!(dns.is_empty(), "{dns:?}");
-    assert_eq!(
-        w.inner(&["cat", "/proc/sys/net/ipv4/ip_forward"]).trim(),
-        "0"
-    );
+    assert!(!w.ip_forward(), "ip_forward restored to its starting 0");
     // A VM cannot start on an inactive network: one clear error.
     let err = w.fails(&["start", "vm1"]);
     assert!(
@@ -752,7 +765,8 @@ fn isolated_network_connects_its_guests_and_nothing_else() {
 
 #[test]
 fn default_network_never_takes_a_subnet_the_host_uses_and_undefine_is_final() {
-    let mut w = World::new();
+    // Forwarding on, as on a host that already routes: the daemon must not touch it.
+    let mut w = World::with_ip_forward(true);
     // The "host" already uses 192.168.123.0/24: the default network must not start over it.
     w.inner(&[
         "ip", "link", "add", "fvx0", "type", "veth", "peer", "name", "fvx1",
@@ -776,8 +790,9 @@ fn default_network_never_takes_a_subnet_the_host_uses_and_undefine_is_final() {
     assert_eq!(links, ["fvx0", "fvx1"], "no bridge made");
     assert!(tables.is_empty() && dns.is_empty(), "{tables:?} {dns:?}");
     assert_eq!(
-        w.inner(&["cat", "/proc/sys/net/ipv4/ip_forward"]).trim(),
-        "0"
+        w.ip_forward(),
+        w.forward_at_start,
+        "a network that did not start leaves ip_forward alone"
     );
     let err = w.fails(&["net-start", "default"]);
     assert!(
@@ -831,4 +846,110 @@ fn default_network_never_takes_a_subnet_the_host_uses_and_undefine_is_final() {
     assert!(w.ok(&["net-info", "lab"]).contains("Bridge:         fvbr1"));
     w.ok(&["net-define", &lab]);
     assert!(w.ok(&["net-info", "lab"]).contains("Bridge:         fvbr1"));
+}
+
+#[test]
+fn nat_network_gives_back_ip_forward_that_was_already_on() {
+    // A virtualization host routes already (libvirt's NAT does the same): after the daemon's NAT
+    // network goes, forwarding must stay on, also across a kill -9 of the daemon in between.
+    let mut w = World::with_ip_forward(true);
+    w.start_daemon();
+    assert!(w.ok(&["net-list"]).contains("default"));
+    assert!(w.ip_forward());
+    w.kill9();
+    w.start_daemon();
+    w.ok(&["net-destroy", "default"]);
+    assert!(w.census().0.is_empty(), "bridge removed");
+    assert!(
+        w.ip_forward(),
+        "forwarding was on before the daemon: it stays on"
+    );
+    // And a cycle that starts from on ends on, not at a value saved by an earlier cycle.
+    w.ok(&["net-start", "default"]);
+    w.ok(&["net-destroy", "default"]);
+    assert!(w.ip_forward());
+}
+
+#[test]
+fn orphans_of_a_removed_state_folder_are_named_and_can_be_removed() {
+    let mut w = World::new();
+    w.start_daemon();
+    let check = |w: &World| -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &w.inner])
+            .arg(cli_binary())
+            .arg("-c")
+            .arg(w.socket())
+            .arg("host-validate")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.lines()
+            .find(|l| l.contains("ferrovirt network leftovers"))
+            .unwrap_or_else(|| panic!("no leftovers line:\n{text}"))
+            .to_string()
+    };
+    assert!(
+        check(&w).contains(": PASS (none)"),
+        "the running daemon owns its network's objects: {}",
+        check(&w)
+    );
+
+    // A benchmark or a careless admin: the daemon killed, its folders removed, network running.
+    w.kill9();
+    fs::remove_dir_all(w.dir.join("state")).unwrap();
+    fs::remove_dir_all(w.run_dir()).unwrap();
+    let line = check(&w);
+    assert!(line.contains(": WARN"), "{line}");
+    for part in [
+        "bridge fvbr0 of network 'default'",
+        "nftables table ip ferrovirt_default_",
+        "dnsmasq pid ",
+        "no daemon answered",
+        "ip link del fvbr0",
+        "nft delete table ip ferrovirt_default_",
+    ] {
+        assert!(line.contains(part), "'{part}' missing: {line}");
+    }
+
+    // A new daemon on a fresh state folder defines a new `default` (another uuid): it cannot take
+    // the orphan's bridge, and says what the orphan is and how to remove it.
+    w.start_daemon();
+    let err = w.fails(&["net-start", "default"]);
+    for part in [
+        "device 'fvbr0' already exists",
+        "network 'default'",
+        "this daemon does not know",
+        "ip link del fvbr0",
+        "host-validate",
+    ] {
+        assert!(err.contains(part), "'{part}' missing: {err}");
+    }
+    let line = check(&w);
+    assert!(
+        line.contains("the daemon at") && line.contains("does not own them"),
+        "{line}"
+    );
+
+    // The commands host-validate gives remove everything; then the network starts.
+    let how = line
+        .split("remove with: ")
+        .nth(1)
+        .unwrap()
+        .trim_end_matches(')')
+        .to_string();
+    for cmd in how.split("; ") {
+        let argv: Vec<&str> = cmd.split_whitespace().collect();
+        w.inner(&argv);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !check(&w).contains(": PASS (none)") {
+        assert!(Instant::now() < deadline, "still: {}", check(&w));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    w.ok(&["net-start", "default"]);
+    assert!(check(&w).contains(": PASS (none)"), "{}", check(&w));
+    // (ip_forward: the removed folder held the value to give back; the new daemon found it on.)
+    w.ok(&["net-destroy", "default"]);
+    assert!(w.census().0.is_empty(), "{:?}", w.census());
 }

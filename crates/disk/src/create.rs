@@ -138,7 +138,7 @@ fn create_qcow2(path: &Path, size: u64, opts: &CreateOptions) -> Result<(), Disk
         refcount_order: 4,
         header_length: V3_HEADER_LEN,
         compression: Compression::Zlib,
-        backing_format: opts.backing.as_ref().map(|(_, f)| f.name().to_string()),
+        backing_format: opts.backing.as_ref().map(|(_, f)| f.as_str().to_string()),
         feature_names: Vec::new(),
         other_extensions: Vec::new(),
     };

@@ -48,3 +48,9 @@ impl DiskError {
         }
     }
 }
+
+impl From<ferrovmm_api::UnknownFormat> for DiskError {
+    fn from(e: ferrovmm_api::UnknownFormat) -> Self {
+        DiskError::InvalidArgument(e.to_string())
+    }
+}

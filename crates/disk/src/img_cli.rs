@@ -198,7 +198,7 @@ fn parse_opts(list: &[String]) -> Result<ImgOpts, DiskError> {
 }
 
 fn opt_format(f: &Option<String>) -> Result<Option<Format>, DiskError> {
-    f.as_deref().map(Format::parse).transpose()
+    Ok(f.as_deref().map(Format::parse).transpose()?)
 }
 
 /// Pretty JSON indented like qemu-img's (four spaces).
@@ -305,7 +305,7 @@ fn execute(cmd: Cmd) -> Result<i32, DiskError> {
             println!(
                 "Formatting '{}', fmt={} size={real}",
                 file.display(),
-                format.name()
+                format.as_str()
             );
             Ok(0)
         }

@@ -26,30 +26,9 @@ use std::sync::Arc;
 /// Longest backing chain accepted (the image itself plus this many backing files).
 pub const MAX_BACKING_DEPTH: usize = 32;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Format {
-    Raw,
-    Qcow2,
-}
-
-impl Format {
-    pub fn name(self) -> &'static str {
-        match self {
-            Format::Raw => "raw",
-            Format::Qcow2 => "qcow2",
-        }
-    }
-
-    pub fn parse(s: &str) -> Result<Format, DiskError> {
-        match s {
-            "raw" => Ok(Format::Raw),
-            "qcow2" => Ok(Format::Qcow2),
-            other => Err(DiskError::InvalidArgument(format!(
-                "unknown image format '{other}': use qcow2 or raw"
-            ))),
-        }
-    }
-}
+/// The image format: the project's one format type, shared with domain definitions and
+/// ferrovmm's `--disk` through ferrovmm-api.
+pub use ferrovmm_api::DiskFormat as Format;
 
 #[derive(Clone, Debug, Default)]
 pub struct OpenOptions {

@@ -228,7 +228,7 @@ fn random_workload_mode(
     if let Some(bf) = backing {
         // A backing file with a known pattern, written by qemu-io.
         let base = d.path("base.img");
-        qemu_img_ok(&["create", "-f", bf.name(), &s(&base), &size.to_string()]);
+        qemu_img_ok(&["create", "-f", bf.as_str(), &s(&base), &size.to_string()]);
         let cmds: Vec<String> = (0..12)
             .map(|i| {
                 format!(
@@ -239,7 +239,7 @@ fn random_workload_mode(
                 )
             })
             .collect();
-        qemu_io(&base, bf.name(), &cmds);
+        qemu_io(&base, bf.as_str(), &cmds);
         model = read_all(&*ro(&base));
         o.backing = Some(("base.img".into(), bf));
     }

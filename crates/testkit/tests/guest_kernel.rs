@@ -87,12 +87,17 @@ fn fetching_again_reuses_the_cache() {
 
 #[test]
 fn parallel_fetches_into_an_empty_cache_download_once() {
+    // The .debs come from the warm cache's archive, so this runs without the network once the
+    // cache is warm; "fetching" still marks the one fetch that unpacks into the empty cache.
+    guest_kernel().expect("warm guest kernel cache");
+    let archive = ferrovirt_testkit::cache_dir().join("debs");
     let cache = ferrovirt_testkit::scratch_dir("fresh-cache").unwrap();
     let script = ferrovirt_testkit::repo_root().join("guest/fetch-kernel.sh");
     let spawn = || {
         std::process::Command::new("bash")
             .arg(&script)
             .env("FERROVIRT_GUEST_CACHE", &cache)
+            .env("FERROVIRT_DEB_ARCHIVE", &archive)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()

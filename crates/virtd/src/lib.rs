@@ -1,6 +1,7 @@
 //! ferrovirtd: the ferrovirt management daemon (our libvirtd).
 
 pub mod console;
+pub mod deadline;
 pub mod driver;
 pub mod events;
 pub mod http;

@@ -10,8 +10,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use ferrovirtd::http::listen::TcpAuth;
-use ferrovirtd::http::Limits;
-use ferrovirtd::manager::Manager;
+use ferrovirtd::http::Limits as HttpLimits;
+use ferrovirtd::manager::{Limits, Manager, Setup};
 use ferrovirtd::runtime::Paths;
 
 const USAGE: &str = "usage: ferrovirtd [--socket PATH] [--state-dir DIR] [--run-dir DIR]
@@ -26,6 +26,8 @@ const USAGE: &str = "usage: ferrovirtd [--socket PATH] [--state-dir DIR] [--run-
   --tls-key FILE    and this PEM private key (file mode 0600)
   --max-connections N  open API connections at most (default 512); one more gets a 503
   --read-timeout SECS  time a client has to send a request's headers, then its body (default 10)
+  --op-timeout SECS how long a VM may take to answer one operation (shutdown, suspend, resume,
+                    reset) before it fails with a timeout error (default 10)
 
 Environment: FERROVIRT_QEMU (qemu binary), FERROVIRT_VMM (ferrovmm binary),
 FERROVIRT_NO_DEFAULT_NETWORK=1 (a fresh state dir gets no `default` network; see docs/network.md).";
@@ -37,9 +39,9 @@ struct TcpOptions {
     tls: Option<(PathBuf, PathBuf)>,
 }
 
-/// Command line: paths, the optional TCP listener, and the HTTP limits.
-fn parse_args() -> Result<(Paths, Option<TcpOptions>, Limits), String> {
-    let mut limits = Limits::default();
+/// Command line: paths, the optional TCP listener, the manager's and the HTTP limits.
+fn parse_args() -> Result<(Paths, Option<TcpOptions>, Limits, HttpLimits), String> {
+    let mut http_limits = HttpLimits::default();
     let mut socket = None;
     let mut state_dir = PathBuf::from("/var/lib/ferrovirt");
     let mut run_dir = PathBuf::from("/run/ferrovirt");
@@ -47,6 +49,7 @@ fn parse_args() -> Result<(Paths, Option<TcpOptions>, Limits), String> {
     let mut token_file = None;
     let mut tls_cert = None;
     let mut tls_key = None;
+    let mut limits = Limits::default();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let (flag, inline) = match arg.split_once('=') {
@@ -68,7 +71,7 @@ fn parse_args() -> Result<(Paths, Option<TcpOptions>, Limits), String> {
             "--tls-cert" => tls_cert = Some(PathBuf::from(value("--tls-cert")?)),
             "--tls-key" => tls_key = Some(PathBuf::from(value("--tls-key")?)),
             "--max-connections" => {
-                limits.max_connections = value("--max-connections")?
+                http_limits.max_connections = value("--max-connections")?
                     .parse()
                     .ok()
                     .filter(|n| *n > 0)
@@ -80,7 +83,16 @@ fn parse_args() -> Result<(Paths, Option<TcpOptions>, Limits), String> {
                     .ok()
                     .filter(|n| *n > 0)
                     .ok_or("--read-timeout needs a positive number of seconds")?;
-                limits.read_timeout = Duration::from_secs(secs);
+                http_limits.read_timeout = Duration::from_secs(secs);
+            }
+            "--op-timeout" => {
+                let v = value("--op-timeout")?;
+                let secs: u64 = v
+                    .parse()
+                    .ok()
+                    .filter(|s| (1..=3600).contains(s))
+                    .ok_or(format!("--op-timeout '{v}' is not 1 to 3600 seconds"))?;
+                limits.op = std::time::Duration::from_secs(secs);
             }
             "-h" | "--help" => {
                 println!("{USAGE}");
@@ -116,6 +128,7 @@ fn parse_args() -> Result<(Paths, Option<TcpOptions>, Limits), String> {
         },
         tcp,
         limits,
+        http_limits,
     ))
 }
 
@@ -186,7 +199,7 @@ fn bind(paths: &Paths) -> Result<UnixListener, String> {
 
 /// Connections need file descriptors: raise the soft limit to the hard one, and keep the
 /// connection limit well inside it (VMs' sockets, logs and the database need some too).
-fn fit_to_fd_limit(limits: &mut Limits) {
+fn fit_to_fd_limit(limits: &mut HttpLimits) {
     let mut rl = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -220,8 +233,8 @@ fn fit_to_fd_limit(limits: &mut Limits) {
 
 fn main() -> ExitCode {
     let run = || -> Result<(), String> {
-        let (paths, tcp, mut limits) = parse_args()?;
-        fit_to_fd_limit(&mut limits);
+        let (paths, tcp, limits, mut http_limits) = parse_args()?;
+        fit_to_fd_limit(&mut http_limits);
         let tcp = match tcp {
             Some(o) => {
                 let token = read_token(&o.token_file)?;
@@ -237,7 +250,11 @@ fn main() -> ExitCode {
             None => None,
         };
         let _lock = lock_state_dir(&paths)?;
-        let mgr = Manager::open(paths.clone())?;
+        let setup = Setup {
+            limits,
+            ..Setup::probe()
+        };
+        let mgr = Manager::open(paths.clone(), setup)?;
         let listener = bind(&paths)?;
         let tcp = match tcp {
             Some((addr, auth)) => {
@@ -273,7 +290,12 @@ fn main() -> ExitCode {
             .build()
             .map_err(|e| format!("cannot start the async runtime: {e}"))?;
         runtime
-            .block_on(ferrovirtd::http::listen::serve(mgr, limits, listener, tcp))
+            .block_on(ferrovirtd::http::listen::serve(
+                mgr,
+                http_limits,
+                listener,
+                tcp,
+            ))
             .map_err(|e| format!("serving the API: {e}"))
     };
     match run() {

@@ -2,12 +2,14 @@
 //! (within the route's limit, see [`body_limit`]) in, a reply out. They run on the blocking
 //! pool; crate::http serves them (and the streaming routes: events, console).
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use ferrovirt_api::http::percent_decode;
 use ferrovirt_api::msg::{
     AutostartRequest, DomainResponse, MemoryRequest, VcpusRequest, VersionInfo, VolumeCreateRequest,
 };
-use ferrovirt_api::{xml, ApiError, DomainDef, ErrorCode};
+use ferrovirt_api::{xml, ApiError, DomainDef, DomainOp, ErrorCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -105,6 +107,22 @@ fn flag(req: &Request, name: &str) -> bool {
     matches!(req.query(name), Some("true" | "1" | "yes" | ""))
 }
 
+/// `?wait=SECONDS`: how long an operation may wait for a busy domain (the manager caps it).
+fn wait_param(req: &Request) -> Result<Option<Duration>, ApiError> {
+    match req.query("wait") {
+        None => Ok(None),
+        Some(s) => s
+            .parse::<u64>()
+            .map(|n| Some(Duration::from_secs(n)))
+            .map_err(|_| {
+                ApiError::new(
+                    ErrorCode::InvalidArgument,
+                    format!("wait '{s}' is not a number of seconds"),
+                )
+            }),
+    }
+}
+
 /// Parse a definition in JSON, libvirt XML or TOML (by Content-Type, else by its first character).
 fn parse_definition(req: &Request) -> Result<(DomainDef, Vec<String>), ApiError> {
     let text = std::str::from_utf8(&req.body)
@@ -144,8 +162,7 @@ pub fn route(req: &Request, mgr: &Manager) -> Result<Reply, ApiError> {
     let method = req.method.as_str();
     match (method, seg.as_slice()) {
         ("GET", ["v1", "version"]) => {
-            let mut drivers = vec!["kvm".to_string(), "qemu".to_string(), "test".to_string()];
-            drivers.sort();
+            let drivers = mgr.driver_names();
             Ok(json(
                 200,
                 &VersionInfo {
@@ -203,7 +220,7 @@ pub fn route(req: &Request, mgr: &Manager) -> Result<Reply, ApiError> {
         }
         ("PUT", ["v1", "domains", name, "memory"]) => {
             let r: MemoryRequest = body(req)?;
-            let domain = mgr.update_config(name, r.config, |d| d.memory_mib = r.memory_mib)?;
+            let domain = mgr.update_config(name, r.config, |d| d.memory_kib = r.memory_kib)?;
             Ok(json(200, &DomainResponse { domain }))
         }
         ("PUT", ["v1", "domains", name, "vcpus"]) => {
@@ -211,12 +228,18 @@ pub fn route(req: &Request, mgr: &Manager) -> Result<Reply, ApiError> {
             let domain = mgr.update_config(name, r.config, |d| d.vcpus = r.vcpus)?;
             Ok(json(200, &DomainResponse { domain }))
         }
-        ("POST", ["v1", "domains", name, verb]) => Ok(json(
-            200,
-            &DomainResponse {
-                domain: mgr.action(name, verb)?,
-            },
-        )),
+        ("GET", ["v1", "domains", name, "job"]) => Ok(json(200, &mgr.job_info(name)?)),
+        ("DELETE", ["v1", "domains", name, "job"]) => Ok(json(200, &mgr.abort_job(name)?)),
+        ("POST", ["v1", "domains", name, verb]) => {
+            let op = DomainOp::from_verb(verb).ok_or_else(|| {
+                ApiError::new(
+                    ErrorCode::NotFound,
+                    format!("unknown domain operation '{verb}'"),
+                )
+            })?;
+            let domain = mgr.action(name, op, wait_param(req)?)?;
+            Ok(json(200, &DomainResponse { domain }))
+        }
         (_, ["v1", "networks", ..]) | ("GET", ["v1", "domains", _, "interfaces" | "addresses"]) => {
             Ok(match crate::network::api::route(req, mgr, &seg)? {
                 (204, _, _) => Reply::Empty,

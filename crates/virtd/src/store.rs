@@ -186,13 +186,14 @@ impl Store {
         Ok(id.and_then(|v| v.parse().ok()).unwrap_or(1))
     }
 
-    /// Record a started domain and consume its id, in one transaction (one fsync).
+    /// Record a started domain and consume its id, in one transaction (one fsync). Starts run
+    /// in parallel and may commit out of order: the next id only ever grows.
     pub fn put_started(&self, d: &StoredDomain, used_id: u32) -> Result<(), ApiError> {
         let tx = self.conn.unchecked_transaction().map_err(db_err)?;
         self.conn
             .execute(
-                "UPDATE meta SET value = ?1 WHERE key = 'next_id'",
-                params![(used_id + 1).to_string()],
+                "UPDATE meta SET value = MAX(CAST(value AS INTEGER), ?1) WHERE key = 'next_id'",
+                params![i64::from(used_id) + 1],
             )
             .map_err(db_err)?;
         self.put(d)?;
@@ -243,6 +244,27 @@ mod tests {
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
             .unwrap();
         assert_eq!(mode, "wal");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_row_stored_with_memory_mib_loads_in_kib() {
+        let dir = std::env::temp_dir().join(format!("ferrovirt-store-mib-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = Store::open(&dir.join("state.db")).unwrap();
+        // A definition as written before memory was kept in KiB.
+        let old = r#"{"name":"old","uuid":"00000000-0000-0000-0000-000000000002","type":"test","memory_mib":300,"vcpus":1,"os":{"kernel":"/k"},"on_poweroff":"destroy","on_reboot":"restart","on_crash":"destroy"}"#;
+        store
+            .conn
+            .execute(
+                "INSERT INTO domains (name, uuid, definition, persistent, autostart, state, reason)
+                 VALUES ('old', '00000000-0000-0000-0000-000000000002', ?1, 1, 0, 'shutoff', 'unknown')",
+                params![old],
+            )
+            .unwrap();
+        let all = store.load_all().unwrap();
+        assert_eq!(all[0].def.memory_kib, 300 * 1024);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::{guest, wait_for, Daemon};
 use ferrovirt_api::client::{Client, DefFormat};
+use ferrovirt_api::DomainOp;
 use ferrovirt_api::{DomainState, StateReason};
 
 const BOOT: Duration = Duration::from_secs(90);
@@ -113,7 +114,7 @@ fn boots_a_guest_with_console_log_and_live_console_then_destroys_it() {
     c.define(&qemu_def("tiny", "", ""), DefFormat::Toml, false)
         .unwrap();
     let started = Instant::now();
-    let info = c.action("tiny", "start").unwrap();
+    let info = c.action("tiny", DomainOp::Start).unwrap();
     assert_eq!(info.state, DomainState::Running);
     let pid = info.pid.expect("qemu pid");
     assert!(pid_alive(pid));
@@ -127,12 +128,12 @@ fn boots_a_guest_with_console_log_and_live_console_then_destroys_it() {
     });
 
     // suspend/resume really pause QEMU: ask QMP ourselves.
-    c.action("tiny", "suspend").unwrap();
+    c.action("tiny", DomainOp::Suspend).unwrap();
     assert_eq!(qmp_status(&d, "tiny"), "paused");
-    c.action("tiny", "resume").unwrap();
+    c.action("tiny", DomainOp::Resume).unwrap();
     assert_eq!(qmp_status(&d, "tiny"), "running");
 
-    let info = c.action("tiny", "destroy").unwrap();
+    let info = c.action("tiny", DomainOp::Destroy).unwrap();
     assert_eq!(
         (info.state, info.reason),
         (DomainState::Shutoff, StateReason::Destroyed)
@@ -181,7 +182,7 @@ fn guest_power_off_follows_on_poweroff() {
         false,
     )
     .unwrap();
-    c.action("keeper", "start").unwrap();
+    c.action("keeper", DomainOp::Start).unwrap();
     wait_for("shut off after the guest's poweroff", BOOT, || {
         c.get("keeper").unwrap().state == DomainState::Shutoff
     });
@@ -196,8 +197,8 @@ fn vms_survive_kill_9_of_the_daemon_and_are_reattached() {
         .unwrap();
     c.define(&qemu_def("vanisher", "", ""), DefFormat::Toml, false)
         .unwrap();
-    let pid = c.action("survivor", "start").unwrap().pid.unwrap();
-    let pid2 = c.action("vanisher", "start").unwrap().pid.unwrap();
+    let pid = c.action("survivor", DomainOp::Start).unwrap().pid.unwrap();
+    let pid2 = c.action("vanisher", DomainOp::Start).unwrap().pid.unwrap();
     wait_booted(&d, "survivor");
 
     d.kill9();
@@ -254,7 +255,7 @@ fn cdrom_and_vnc_graphics_with_seabios() {
         iso.display()
     );
     c.define(&def, DefFormat::Toml, false).unwrap();
-    c.action("fw", "start").unwrap();
+    c.action("fw", DomainOp::Start).unwrap();
     let uri = c.display("fw").unwrap().uri.expect("a VNC display");
     let display: u16 = uri
         .strip_prefix("vnc://127.0.0.1:")
@@ -274,7 +275,7 @@ fn cdrom_and_vnc_graphics_with_seabios() {
             && xml.contains("<boot dev='cdrom'/>"),
         "{xml}"
     );
-    c.action("fw", "destroy").unwrap();
+    c.action("fw", DomainOp::Destroy).unwrap();
     assert!(c.display("fw").is_err(), "a stopped domain has no display");
 }
 
@@ -289,7 +290,7 @@ fn a_vm_that_cannot_start_is_a_driver_error_and_changes_nothing() {
     );
     c.define(&def, DefFormat::Toml, false).unwrap();
     let before = c.get("broken").unwrap();
-    match c.action("broken", "start") {
+    match c.action("broken", DomainOp::Start) {
         Err(ferrovirt_api::client::ClientError::Api(e)) => {
             assert_eq!(e.code, ferrovirt_api::ErrorCode::DriverError);
             assert!(e.message.contains("qemu failed to start"), "{}", e.message);

@@ -9,6 +9,7 @@ use std::time::Duration;
 use common::{code, Daemon};
 use ferrovirt_api::client::DefFormat;
 use ferrovirt_api::state::EventKind;
+use ferrovirt_api::DomainOp;
 use ferrovirt_api::{DomainState, ErrorCode, StateReason};
 
 fn toml_def(d: &Daemon, name: &str, extra: &str) -> String {
@@ -58,7 +59,7 @@ fn full_lifecycle_with_states_reasons_and_events() {
         "list without --all shows only active domains"
     );
 
-    let info = c.action("web", "start").unwrap();
+    let info = c.action("web", DomainOp::Start).unwrap();
     assert_eq!(
         (info.state, info.reason),
         (DomainState::Running, StateReason::Booted)
@@ -67,11 +68,11 @@ fn full_lifecycle_with_states_reasons_and_events() {
     assert_eq!(next_event(&events).1, EventKind::Started);
 
     assert_eq!(
-        c.action("web", "suspend").unwrap().state,
+        c.action("web", DomainOp::Suspend).unwrap().state,
         DomainState::Paused
     );
     assert_eq!(next_event(&events).1, EventKind::Suspended);
-    let info = c.action("web", "resume").unwrap();
+    let info = c.action("web", DomainOp::Resume).unwrap();
     assert_eq!(
         (info.state, info.reason),
         (DomainState::Running, StateReason::Unpaused)
@@ -79,7 +80,7 @@ fn full_lifecycle_with_states_reasons_and_events() {
     assert_eq!(next_event(&events).1, EventKind::Resumed);
 
     // reboot with on_reboot = restart (the default): stays running, restarted.
-    let info = c.action("web", "reboot").unwrap();
+    let info = c.action("web", DomainOp::Reboot).unwrap();
     assert_eq!(
         (info.state, info.reason),
         (DomainState::Running, StateReason::Restarted)
@@ -87,7 +88,7 @@ fn full_lifecycle_with_states_reasons_and_events() {
     assert_eq!(next_event(&events).1, EventKind::Shutdown);
     assert_eq!(next_event(&events).1, EventKind::Started);
 
-    let info = c.action("web", "shutdown").unwrap();
+    let info = c.action("web", DomainOp::Shutdown).unwrap();
     assert_eq!(
         (info.state, info.reason),
         (DomainState::Shutoff, StateReason::Shutdown)
@@ -95,9 +96,9 @@ fn full_lifecycle_with_states_reasons_and_events() {
     assert_eq!(next_event(&events).1, EventKind::Shutdown);
     assert_eq!(next_event(&events).1, EventKind::Stopped);
 
-    c.action("web", "start").unwrap();
+    c.action("web", DomainOp::Start).unwrap();
     next_event(&events);
-    let info = c.action("web", "destroy").unwrap();
+    let info = c.action("web", DomainOp::Destroy).unwrap();
     assert_eq!(
         (info.state, info.reason),
         (DomainState::Shutoff, StateReason::Destroyed)
@@ -122,8 +123,8 @@ fn on_poweroff_restart_and_transient_domains() {
         false,
     )
     .unwrap();
-    c.action("phoenix", "start").unwrap();
-    let info = c.action("phoenix", "shutdown").unwrap();
+    c.action("phoenix", DomainOp::Start).unwrap();
+    let info = c.action("phoenix", DomainOp::Shutdown).unwrap();
     assert_eq!(
         (info.state, info.reason),
         (DomainState::Running, StateReason::Restarted)
@@ -135,13 +136,13 @@ fn on_poweroff_restart_and_transient_domains() {
         .unwrap();
     assert!(!r.domain.persistent);
     assert_eq!(r.domain.state, DomainState::Running);
-    c.action("temp", "destroy").unwrap();
+    c.action("temp", DomainOp::Destroy).unwrap();
     assert_eq!(code(c.get("temp")), ErrorCode::NoDomain);
 
     // undefine while running: becomes transient, disappears when stopped.
     c.undefine("phoenix").unwrap();
     assert!(!c.get("phoenix").unwrap().persistent);
-    c.action("phoenix", "destroy").unwrap();
+    c.action("phoenix", DomainOp::Destroy).unwrap();
     assert!(c.list(true).unwrap().is_empty());
 }
 
@@ -154,7 +155,7 @@ fn state_survives_kill_9_and_autostart_starts_domains() {
     c.define(&toml_def(&d, "manual", ""), DefFormat::Toml, false)
         .unwrap();
     c.set_autostart("auto", true).unwrap();
-    c.set_memory("manual", 512, true).unwrap();
+    c.set_memory("manual", 219100, true).unwrap();
     d.kill9();
     d.spawn();
     let c = d.client();
@@ -166,7 +167,7 @@ fn state_survives_kill_9_and_autostart_starts_domains() {
     );
     let manual = c.get("manual").unwrap();
     assert_eq!(manual.state, DomainState::Shutoff);
-    assert_eq!(manual.memory_mib, 512);
+    assert_eq!(manual.memory_kib, 219100);
 }
 
 #[test]
@@ -175,16 +176,16 @@ fn libvirt_xml_define_warns_about_unsupported_elements_and_dumpxml_round_trips()
     let c = d.client();
     let kernel = d.file("vmlinuz", "k");
     let xml = format!(
-        "<domain type='test'><name>fromlibvirt</name><memory unit='MiB'>300</memory><vcpu>2</vcpu>\
+        "<domain type='test'><name>fromlibvirt</name><memory unit='MiB'>300</memory><vcpu current='1'>2</vcpu>\
          <os><type>hvm</type><kernel>{}</kernel></os><features><acpi/></features>\
          <devices><video/><serial type='pty'/></devices></domain>",
         kernel.display()
     );
     let r = c.define(&xml, DefFormat::Xml, false).unwrap();
-    assert_eq!(r.domain.memory_mib, 300);
+    assert_eq!(r.domain.memory_kib, 300 * 1024);
     let w = r.warnings.join("\n");
     assert!(
-        w.contains("<features>") && w.contains("<video>"),
+        w.contains("<features>") && w.contains("<video>") && w.contains("current='1'"),
         "warnings: {w}"
     );
     let dumped = c.xml("fromlibvirt").unwrap();
@@ -204,6 +205,47 @@ fn libvirt_xml_define_warns_about_unsupported_elements_and_dumpxml_round_trips()
     // The native format.
     let toml = c.definition_toml("fromlibvirt").unwrap();
     assert!(toml.contains("vcpus = 3"), "{toml}");
+    // Memory is kept in KiB exactly as given (it used to come back as 218112).
+    let exact = changed.replace(
+        "<memory unit='KiB'>307200</memory>",
+        "<memory unit='KiB'>219100</memory>",
+    );
+    c.define(&exact, DefFormat::Xml, false).unwrap();
+    assert_eq!(c.get("fromlibvirt").unwrap().memory_kib, 219100);
+    let dumped = c.xml("fromlibvirt").unwrap();
+    assert!(
+        dumped.contains("<memory unit='KiB'>219100</memory>")
+            && dumped.contains("<currentMemory unit='KiB'>219100</currentMemory>"),
+        "{dumped}"
+    );
+    let toml = c.definition_toml("fromlibvirt").unwrap();
+    assert!(toml.contains("memory_kib = 219100\n"), "{toml}");
+}
+
+#[test]
+fn hostile_domain_xml_gets_a_clear_error_and_the_daemon_keeps_answering() {
+    let d = Daemon::start();
+    let c = d.client();
+    let deep = format!(
+        "<domain type='test'><name>deep</name>{}{}</domain>",
+        "<x>".repeat(4000),
+        "</x>".repeat(4000)
+    );
+    let mut wide = String::from("<domain type='test'");
+    for i in 0..20_000 {
+        wide.push_str(&format!(" a{i}='1'"));
+    }
+    wide.push_str("><name>wide</name></domain>");
+    for (xml, limit) in [(deep, "deep (limit 64)"), (wide, "(limit 64 per element)")] {
+        match c.define(&xml, DefFormat::Xml, false) {
+            Err(ferrovirt_api::client::ClientError::Api(e)) => {
+                assert_eq!(e.code, ErrorCode::MalformedBody, "{}", e.message);
+                assert!(e.message.contains(limit), "{}", e.message);
+            }
+            other => panic!("expected an API error, got {other:?}"),
+        }
+    }
+    assert!(c.list(true).unwrap().is_empty());
 }
 
 /// Everything observable about the store: the domain list and each definition.
@@ -222,14 +264,14 @@ fn bad_input_gets_a_stable_error_code_and_changes_nothing() {
     let c = d.client();
     c.define(&toml_def(&d, "vm1", ""), DefFormat::Toml, false)
         .unwrap();
-    c.action("vm1", "start").unwrap();
+    c.action("vm1", DomainOp::Start).unwrap();
     let before = snapshot(&d);
 
     let kernel = d.dir.join("vmlinuz");
     let cases: Vec<(&str, ErrorCode, Result<(), ferrovirt_api::client::ClientError>)> = vec![
         ("duplicate name", ErrorCode::DomainExists, c.define(&toml_def(&d, "vm1", ""), DefFormat::Toml, false).map(|_| ())),
         ("duplicate name (create)", ErrorCode::DomainExists, c.define(&toml_def(&d, "vm1", ""), DefFormat::Toml, true).map(|_| ())),
-        ("unknown VM start", ErrorCode::NoDomain, c.action("nosuch", "start").map(|_| ())),
+        ("unknown VM start", ErrorCode::NoDomain, c.action("nosuch", DomainOp::Start).map(|_| ())),
         ("unknown VM info", ErrorCode::NoDomain, c.get("nosuch").map(|_| ())),
         ("unknown VM undefine", ErrorCode::NoDomain, c.undefine("nosuch")),
         ("memory 0", ErrorCode::InvalidDefinition, c.define(&toml_def(&d, "m0", "memory_mib = 0").replace("memory_mib = 128\n", ""), DefFormat::Toml, false).map(|_| ())),
@@ -254,8 +296,8 @@ fn bad_input_gets_a_stable_error_code_and_changes_nothing() {
         ("unknown TOML key", ErrorCode::MalformedBody, c.define("name = \"x\"\nmemroy = 1\n", DefFormat::Toml, false).map(|_| ())),
         ("empty body", ErrorCode::MalformedBody, c.define("", DefFormat::Json, false).map(|_| ())),
         ("bad name", ErrorCode::InvalidDefinition, c.define(&toml_def(&d, "a/b", ""), DefFormat::Toml, false).map(|_| ())),
-        ("start running VM", ErrorCode::OperationInvalid, c.action("vm1", "start").map(|_| ())),
-        ("resume running VM", ErrorCode::OperationInvalid, c.action("vm1", "resume").map(|_| ())),
+        ("start running VM", ErrorCode::OperationInvalid, c.action("vm1", DomainOp::Start).map(|_| ())),
+        ("resume running VM", ErrorCode::OperationInvalid, c.action("vm1", DomainOp::Resume).map(|_| ())),
         ("live setmem", ErrorCode::NotSupported, c.set_memory("vm1", 64, false).map(|_| ())),
         ("setmem 0", ErrorCode::InvalidDefinition, c.set_memory("vm1", 0, true).map(|_| ())),
         ("network default", ErrorCode::NoNetwork, c.define(&toml_def(&d, "n", "[[interface]]\ntype = \"network\"\nsource = \"default\""), DefFormat::Toml, false).map(|_| ())),

@@ -9,16 +9,11 @@ use std::sync::Arc;
 use serde::Serialize;
 use tiny_http::{Header, Method, Request, Response, Server};
 
+use ferrovmm_api::control::{VmInfo, VmState};
+
 use crate::error::{Error, Result};
 use crate::lifecycle::StopReason;
 use crate::vm::Machine;
-
-#[derive(Serialize)]
-struct VmInfo<'a> {
-    state: &'static str,
-    uptime_ms: u128,
-    config: &'a crate::vm::VmConfigInfo,
-}
 
 #[derive(Serialize)]
 struct ErrorBody<'a> {
@@ -126,16 +121,17 @@ fn route(machine: &Machine, request: &Request) -> Reply {
     match path {
         "/vm" => {
             let state = if machine.vcpus.pause.is_paused() {
-                "paused"
+                VmState::Paused
             } else {
-                "running"
+                VmState::Running
             };
             Reply::json(
                 200,
                 &VmInfo {
                     state,
-                    uptime_ms: machine.started.elapsed().as_millis(),
-                    config: &machine.config,
+                    uptime_ms: u64::try_from(machine.started.elapsed().as_millis())
+                        .unwrap_or(u64::MAX),
+                    config: machine.config.clone(),
                 },
             )
         }

@@ -196,7 +196,13 @@ impl<'a> EventLoop<'a> {
             let n = match self.epoll.wait(-1, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return StopReason::Error(format!("epoll_wait failed: {e}")),
+                Err(e) => {
+                    return StopReason::Crash {
+                        cause: ferrovmm_api::CrashCause::Vmm,
+                        detail: format!("epoll_wait failed: {e}"),
+                        dump: String::new(),
+                    }
+                }
             };
             for ev in &events[..n] {
                 match ev.data() {

@@ -28,36 +28,54 @@ use std::sync::Arc;
 
 pub use config::Args;
 pub use error::{Error, Result};
+pub use ferrovmm_api::LaunchConfig;
+
+use ferrovmm_api::{ExitReason, ExitRecord};
 
 /// Runs the VM to its end; returns the process exit status.
-pub fn run(args: Args) -> Result<i32> {
-    config::validate(&args)?;
+pub fn run(config: &LaunchConfig) -> Result<i32> {
+    config::validate(config)?;
     // Bind sockets before the guest runs, so a bad path fails fast and clients
     // that see the socket can use it at once.
-    let console_listener = match &args.serial {
+    let console_listener = match &config.serial {
         config::SerialMode::Socket(path) => Some(console::bind_socket(path, "--serial socket")?),
         _ => None,
     };
-    let machine = Arc::new(vm::build_and_start(&args)?);
-    if let Some(path) = &args.api_socket {
+    let machine = Arc::new(vm::build_and_start(config)?);
+    if let Some(path) = &config.api_socket {
         api::serve(path, machine.clone())?;
     }
-    let stdin = args.serial == config::SerialMode::Stdio;
+    let stdin = config.serial == config::SerialMode::Stdio;
     let reason = console::EventLoop::new(&machine, stdin, console_listener)?.run();
 
     let (line, code) = reason.report();
-    cleanup(&args);
+    record_exit(config.exit_file.as_deref(), reason.exit_reason(), code);
+    cleanup(config);
     eprintln!("{line}");
     teardown::hand_off();
     Ok(code)
 }
 
+/// Writes the exit record to `--exit-file`, if one was asked for. A failure is only logged:
+/// the launcher then finds no record and treats the end as a crash.
+pub fn record_exit(path: Option<&std::path::Path>, reason: ExitReason, status: i32) {
+    let Some(path) = path else {
+        return;
+    };
+    if let Err(e) = (ExitRecord { reason, status }).write_atomic(path) {
+        log::error!(
+            "--exit-file {}: cannot write the exit record: {e}",
+            path.display()
+        );
+    }
+}
+
 /// Removes the sockets this process created.
-pub fn cleanup(args: &Args) {
-    if let Some(path) = &args.api_socket {
+pub fn cleanup(config: &LaunchConfig) {
+    if let Some(path) = &config.api_socket {
         let _ = std::fs::remove_file(path);
     }
-    if let config::SerialMode::Socket(path) = &args.serial {
+    if let config::SerialMode::Socket(path) = &config.serial {
         let _ = std::fs::remove_file(path);
     }
 }

@@ -3,6 +3,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
+use ferrovmm_api::{CrashCause, ExitReason};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Why the VM stopped.
@@ -10,22 +11,43 @@ use vmm_sys_util::eventfd::EventFd;
 pub enum StopReason {
     /// ACPI S5 written by the guest.
     PowerOff,
-    /// i8042 reset, triple fault or a KVM reset event.
+    /// i8042 reset, triple fault, a KVM reset event or the API's reset button.
     Reset,
     /// `PUT /vm/stop` on the API.
     Stopped,
-    /// Something the VMM cannot continue from; the text includes a register dump.
-    Error(String),
+    /// Something the VMM cannot continue from.
+    Crash {
+        cause: CrashCause,
+        /// One line: what happened, on which vCPU.
+        detail: String,
+        /// For the log only: a register dump, when there is one.
+        dump: String,
+    },
 }
 
 impl StopReason {
-    /// The stderr line and the exit status for this reason.
+    /// The stderr text and the exit status for this reason.
     pub fn report(&self) -> (String, i32) {
+        let reason = self.exit_reason();
+        let text = match self {
+            StopReason::Crash { detail, dump, .. } if !dump.is_empty() => {
+                format!("{detail}\n{dump}")
+            }
+            _ => reason.describe(),
+        };
+        (text, reason.status())
+    }
+
+    /// What the exit record says.
+    pub fn exit_reason(&self) -> ExitReason {
         match self {
-            StopReason::PowerOff => ("guest powered off".into(), 0),
-            StopReason::Reset => ("guest reset".into(), 0),
-            StopReason::Stopped => ("vm stopped".into(), 0),
-            StopReason::Error(msg) => (msg.clone(), 1),
+            StopReason::PowerOff => ExitReason::Poweroff,
+            StopReason::Reset => ExitReason::Reset,
+            StopReason::Stopped => ExitReason::Stopped,
+            StopReason::Crash { cause, detail, .. } => ExitReason::Crash {
+                cause: *cause,
+                detail: detail.clone(),
+            },
         }
     }
 }

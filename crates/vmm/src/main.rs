@@ -2,8 +2,9 @@
 
 use std::ffi::{CString, OsString};
 use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
 
-use clap::Parser;
+use ferrovmm_api::ExitReason;
 
 /// `ps` should show a VM as `ferrovmm --name NAME ...`: when --name is not the first
 /// argument, re-execute with it moved to the front (once; management daemons already
@@ -41,6 +42,21 @@ fn put_name_first(args: &[OsString]) {
     unsafe { libc::execv(c"/proc/self/exe".as_ptr(), ptrs.as_ptr()) };
 }
 
+/// The `--exit-file` of a command line clap refused, found without clap, so even a usage
+/// error leaves its record where the launcher looks.
+fn exit_file_of(args: &[OsString]) -> Option<PathBuf> {
+    let mut it = args.iter().skip(1);
+    while let Some(a) = it.next() {
+        if a == "--exit-file" {
+            return it.next().map(PathBuf::from);
+        }
+        if let Some(v) = a.as_bytes().strip_prefix(b"--exit-file=") {
+            return Some(PathBuf::from(std::ffi::OsStr::from_bytes(v)));
+        }
+    }
+    None
+}
+
 fn main() {
     // The workspace's release profile unwinds (ferrovirtd answers a panicking request with a 500
     // and keeps serving); a VMM whose thread panicked is in no state to go on: end it as before.
@@ -51,20 +67,45 @@ fn main() {
     }));
     let raw: Vec<OsString> = std::env::args_os().collect();
     put_name_first(&raw);
-    let args = match ferrovmm::Args::try_parse_from(&raw) {
-        Ok(args) => args,
+    let config = match ferrovmm::config::parse(&raw) {
+        Ok(config) => config,
         Err(e) => {
             let code = if e.use_stderr() { 2 } else { 0 };
             let _ = e.print();
+            if e.use_stderr() {
+                let message = e
+                    .kind()
+                    .as_str()
+                    .unwrap_or("invalid command line")
+                    .to_string();
+                let message = e
+                    .to_string()
+                    .lines()
+                    .next()
+                    .map(|l| l.trim_start_matches("error: ").to_string())
+                    .unwrap_or(message);
+                ferrovmm::record_exit(
+                    exit_file_of(&raw).as_deref(),
+                    ExitReason::Error { message },
+                    code,
+                );
+            }
             std::process::exit(code);
         }
     };
-    ferrovmm::logger::init(args.log_level);
-    match ferrovmm::run(args.clone()) {
+    ferrovmm::logger::init(ferrovmm::config::log_filter(config.log_level));
+    match ferrovmm::run(&config) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
             eprintln!("ferrovmm: {e}");
-            ferrovmm::cleanup(&args);
+            ferrovmm::record_exit(
+                config.exit_file.as_deref(),
+                ExitReason::Error {
+                    message: e.to_string(),
+                },
+                e.exit_code(),
+            );
+            ferrovmm::cleanup(&config);
             std::process::exit(e.exit_code());
         }
     }

@@ -6,7 +6,9 @@ use std::sync::{Arc, Mutex};
 use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::{Args, DiskSpec, NetSpec, SerialMode};
+use crate::config::{
+    ConsoleMode, DiskCache, DiskConfig, LaunchConfig, NetBackend, NetConfig, SerialMode,
+};
 use crate::devices::bus::Bus;
 use crate::devices::serial::SerialOutput;
 use crate::error::{Error, Result};
@@ -23,7 +25,7 @@ use crate::virtio::transport::{VirtioPciDevice, BAR_SIZE};
 use crate::virtio::{EventLoop, GuestMem, VirtioDevice};
 
 /// Opens a `--disk` image, refusing what the guest could not use as asked.
-pub fn open_disk(spec: &DiskSpec) -> Result<Block> {
+pub fn open_disk(spec: &DiskConfig) -> Result<Block> {
     let path = &spec.path;
     let shown = path.display();
     let meta = std::fs::metadata(path).map_err(|e| Error::usage(format!("--disk {shown}: {e}")))?;
@@ -32,30 +34,23 @@ pub fn open_disk(spec: &DiskSpec) -> Result<Block> {
             "--disk {shown}: is a directory, not a disk image"
         )));
     }
-    if !spec.read_only && meta.permissions().mode() & 0o222 == 0 {
+    if !spec.readonly && meta.permissions().mode() & 0o222 == 0 {
         return Err(Error::usage(format!(
             "--disk {shown}: the file is read-only (mode {:o}); add readonly=on, or make it writable",
             meta.permissions().mode() & 0o777
         )));
     }
-    let format = match &spec.format {
-        Some(f) => Some(
-            ferrovirt_disk::Format::parse(f)
-                .map_err(|e| Error::usage(format!("--disk {shown}: {e}")))?,
-        ),
-        None => None,
-    };
     let opts = ferrovirt_disk::OpenOptions {
-        format,
-        read_only: spec.read_only,
-        direct: spec.direct,
+        format: spec.format,
+        read_only: spec.readonly,
+        direct: spec.cache == DiskCache::None,
     };
     let backend = ferrovirt_disk::open(path, &opts)
         .map_err(|e| Error::usage(format!("--disk {shown}: {e}")))?;
     Ok(Block::new(
         backend,
         BlockOptions {
-            read_only: spec.read_only,
+            read_only: spec.readonly,
             serial: spec.serial.clone().unwrap_or_default(),
         },
     ))
@@ -75,14 +70,13 @@ fn random_mac() -> [u8; 6] {
     [0x52, 0x54, 0x00, b[0], b[1], b[2]]
 }
 
-pub fn open_net(spec: &NetSpec) -> Result<Net> {
-    let tap = match (&spec.tap, spec.fd) {
-        (Some(name), _) => Tap::open(name),
-        (None, Some(fd)) => Tap::from_fd(fd),
-        (None, None) => Err("give tap=NAME or fd=N".into()),
+pub fn open_net(spec: &NetConfig) -> Result<Net> {
+    let tap = match &spec.backend {
+        NetBackend::Tap(name) => Tap::open(name),
+        NetBackend::Fd(fd) => Tap::from_fd(*fd),
     }
     .map_err(|e| Error::usage(format!("--net: {e}")))?;
-    Ok(Net::new(tap, spec.mac.unwrap_or_else(random_mac)))
+    Ok(Net::new(tap, spec.mac.map_or_else(random_mac, |m| m.0)))
 }
 
 fn console_device(mode: &SerialMode) -> Result<Console> {
@@ -98,15 +92,15 @@ fn console_device(mode: &SerialMode) -> Result<Console> {
 }
 
 /// Opens every device named on the command line; all failures happen here, before the guest runs.
-pub fn open_devices(args: &Args) -> Result<Vec<Box<dyn VirtioDevice>>> {
+pub fn open_devices(args: &LaunchConfig) -> Result<Vec<Box<dyn VirtioDevice>>> {
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
-    for d in &args.disk {
+    for d in &args.disks {
         devices.push(Box::new(open_disk(d)?));
     }
-    for n in &args.net {
+    for n in &args.nets {
         devices.push(Box::new(open_net(n)?));
     }
-    if let crate::config::ConsoleMode::On(mode) = &args.console {
+    if let ConsoleMode::On(mode) = &args.console {
         devices.push(Box::new(console_device(mode)?));
     }
     if args.rng {

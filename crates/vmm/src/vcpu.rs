@@ -12,6 +12,7 @@ use crate::counters::ExitCounters;
 use crate::cpu::regs;
 use crate::devices::bus::Bus;
 use crate::lifecycle::{Lifecycle, StopReason};
+use ferrovmm_api::CrashCause;
 
 /// Real-time signal used to kick a vCPU out of KVM_RUN.
 fn kick_signal() -> i32 {
@@ -216,8 +217,13 @@ impl Vcpu {
                 match kind {
                     KVM_SYSTEM_EVENT_SHUTDOWN => Flow::Stop(StopReason::PowerOff),
                     KVM_SYSTEM_EVENT_RESET => Flow::Stop(StopReason::Reset),
-                    KVM_SYSTEM_EVENT_CRASH => Flow::Stop(self.fatal("guest crash reported by KVM")),
-                    other => Flow::Stop(self.fatal(&format!("unknown KVM system event {other}"))),
+                    KVM_SYSTEM_EVENT_CRASH => Flow::Stop(
+                        self.fatal(CrashCause::GuestPanic, "guest crash reported by KVM"),
+                    ),
+                    other => Flow::Stop(self.fatal(
+                        CrashCause::UnhandledExit,
+                        &format!("unknown KVM system event {other}"),
+                    )),
                 }
             }
             Ok(VcpuExit::InternalError) => {
@@ -226,18 +232,25 @@ impl Vcpu {
                 // SAFETY: for KVM_EXIT_INTERNAL_ERROR the kernel fills the `internal` member
                 // of the exit union; it is plain integers.
                 let suberror = unsafe { run.__bindgen_anon_1.internal.suberror };
-                Flow::Stop(self.fatal(&format!("KVM internal error (suberror {suberror})")))
+                Flow::Stop(self.fatal(
+                    CrashCause::KvmInternalError,
+                    &format!("KVM internal error (suberror {suberror})"),
+                ))
             }
             Ok(VcpuExit::FailEntry(reason, cpu)) => {
                 ExitCounters::bump(&c.other);
-                Flow::Stop(self.fatal(&format!(
-                    "KVM could not enter the guest (reason {reason:#x}, cpu {cpu})"
-                )))
+                Flow::Stop(self.fatal(
+                    CrashCause::EntryFailed,
+                    &format!("KVM could not enter the guest (reason {reason:#x}, cpu {cpu})"),
+                ))
             }
             Ok(other) => {
                 ExitCounters::bump(&c.other);
                 let text = format!("{other:?}");
-                Flow::Stop(self.fatal(&format!("unhandled vCPU exit {text}")))
+                Flow::Stop(self.fatal(
+                    CrashCause::UnhandledExit,
+                    &format!("unhandled vCPU exit {text}"),
+                ))
             }
             Err(e) if e.errno() == libc::EINTR => {
                 ExitCounters::bump(&c.interrupted);
@@ -245,15 +258,17 @@ impl Vcpu {
                 Flow::Continue
             }
             Err(e) if e.errno() == libc::EAGAIN => Flow::Continue,
-            Err(e) => Flow::Stop(self.fatal(&format!("KVM_RUN failed: {e}"))),
+            Err(e) => {
+                Flow::Stop(self.fatal(CrashCause::VcpuError, &format!("KVM_RUN failed: {e}")))
+            }
         }
     }
 
-    fn fatal(&self, what: &str) -> StopReason {
-        StopReason::Error(
-            format!("vcpu{}: {what}\n{}", self.index, regs::dump(&self.fd))
-                .trim_end()
-                .to_string(),
-        )
+    fn fatal(&self, cause: CrashCause, what: &str) -> StopReason {
+        StopReason::Crash {
+            cause,
+            detail: format!("vcpu{}: {what}", self.index),
+            dump: regs::dump(&self.fd).trim_end().to_string(),
+        }
     }
 }

@@ -5,13 +5,12 @@ use std::time::Instant;
 
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
-use serde::Serialize;
 use vm_superio::{I8042Device, Serial};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::acpi;
 use crate::boot::{self, BootSpec};
-use crate::config::{Args, SerialMode};
+use crate::config::{LaunchConfig, SerialMode};
 use crate::counters::ExitCounters;
 use crate::cpu::{cpuid, msrs, regs};
 use crate::devices::acpi_pm::{self, AcpiPm};
@@ -28,18 +27,6 @@ use crate::vcpu::{self, Vcpu, VcpuSet};
 const KVM_API_VERSION: i32 = 12;
 const TSS_ADDRESS: usize = 0xfffb_d000;
 
-/// The configuration as `GET /vm` reports it.
-#[derive(Serialize, Clone, Debug)]
-pub struct VmConfigInfo {
-    pub name: String,
-    pub memory_mib: u64,
-    pub vcpus: u32,
-    pub kernel: String,
-    pub initrd: Option<String>,
-    pub cmdline: String,
-    pub serial: SerialMode,
-}
-
 /// A running machine.
 pub struct Machine {
     pub vm: Arc<VmFd>,
@@ -53,7 +40,8 @@ pub struct Machine {
     pub serial_input_space: Arc<EventFd>,
     pub serial_clients: Option<SocketClients>,
     pub started: Instant,
-    pub config: VmConfigInfo,
+    /// What the VM was launched with (`GET /vm` reports it; a snapshot keeps it).
+    pub config: LaunchConfig,
 }
 
 /// Opens /dev/kvm and checks it is usable.
@@ -105,7 +93,7 @@ fn serial_output(mode: &SerialMode) -> Result<(SerialOutput, Option<SocketClient
 }
 
 /// Builds the VM described by `args` and starts its vCPUs.
-pub fn build_and_start(args: &Args) -> Result<Machine> {
+pub fn build_and_start(args: &LaunchConfig) -> Result<Machine> {
     let kvm = open_kvm()?;
     let max_vcpus = kvm.get_max_vcpus() as u32;
     if args.vcpus > max_vcpus {
@@ -114,7 +102,7 @@ pub fn build_and_start(args: &Args) -> Result<Machine> {
             args.vcpus
         )));
     }
-    let mem_bytes = args.memory << 20;
+    let mem_bytes = args.memory_mib << 20;
 
     let vm = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
     vm.set_tss_address(TSS_ADDRESS)
@@ -237,15 +225,6 @@ pub fn build_and_start(args: &Args) -> Result<Machine> {
     let vcpus =
         vcpu::start(vcpus).map_err(|e| Error::host(format!("cannot start vCPU threads: {e}")))?;
 
-    let config = VmConfigInfo {
-        name: args.name.clone(),
-        memory_mib: args.memory,
-        vcpus: args.vcpus,
-        kernel: args.kernel.display().to_string(),
-        initrd: args.initrd.as_ref().map(|p| p.display().to_string()),
-        cmdline: args.cmdline.clone(),
-        serial: args.serial.clone(),
-    };
     Ok(Machine {
         vm,
         mem,
@@ -257,6 +236,6 @@ pub fn build_and_start(args: &Args) -> Result<Machine> {
         serial_input_space,
         serial_clients,
         started: Instant::now(),
-        config,
+        config: args.clone(),
     })
 }

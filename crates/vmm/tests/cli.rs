@@ -160,13 +160,20 @@ fn no_permission_on_dev_kvm_is_a_runtime_error() {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+    // Whatever the host's /dev/kvm mode: in a private mount namespace, a copy of the device
+    // node owned by root with mode 0600 stands in its place, so uid 65534 is refused for sure.
+    let out = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c"])
+        .arg(
+            "set -e; mknod \"$2/kvm\" c 10 232; chmod 600 \"$2/kvm\"; \
+             mount --bind \"$2/kvm\" /dev/kvm; \
+             exec setpriv --reuid=65534 --regid=65534 --clear-groups \"$0\" --kernel \"$1\"",
+        )
         .arg(&bin)
-        .arg("--kernel")
         .arg(&k)
+        .arg(dir.path())
         .output()
-        .expect("setpriv (util-linux)");
+        .expect("unshare and setpriv (util-linux)");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
     assert!(

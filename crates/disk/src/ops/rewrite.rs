@@ -168,7 +168,7 @@ pub fn rebase(
                 "rebase applies to qcow2 images only".into(),
             ));
         };
-        return q.set_backing(new_name, fmt.map(|f| f.name().to_string()));
+        return q.set_backing(new_name, fmt.map(|f| f.as_str().to_string()));
     }
     let top = open_chain(path, None, false, false)?;
     let Image::Qcow2(q) = &*top else {
@@ -244,7 +244,7 @@ pub fn rebase(
         }
     }
     top.flush()?;
-    q.set_backing(new_name, fmt.map(|f| f.name().to_string()))
+    q.set_backing(new_name, fmt.map(|f| f.as_str().to_string()))
 }
 
 /// Grows an image to `new_size` bytes (shrinking is refused: it would destroy data).

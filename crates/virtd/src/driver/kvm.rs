@@ -2,20 +2,24 @@
 //! session so it outlives ferrovirtd; controlled over its HTTP API socket.
 //!
 //! Per VM in its run folder: `pid`, `api.sock`, `serial.sock` (the console hub's link), `vmm.log`
-//! (ferrovmm's stderr, whose last line says how the VM ended).
+//! (ferrovmm's stderr) and `exit.json` (ferrovmm's exit record: how the VM ended).
+//! ferrovmm's argv comes from one typed `LaunchConfig` (ferrovmm-api).
 
 use std::fs;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ferrovirt_api::def::DiskDevice;
 use ferrovirt_api::http::unix_request;
 use ferrovirt_api::{ApiError, DomainDef};
+use ferrovmm_api::launch::{DiskConfig, Mac, NetBackend, NetConfig, SerialMode};
+use ferrovmm_api::{ExitReason, ExitRecord, LaunchConfig};
 
-use super::{Driver, ExitNotifier, Started, VmCtx};
+use super::{Driver, ExitNotifier, Started, VmCtx, VmRef};
 use crate::console::ConsoleHub;
+use crate::deadline::Deadline;
 use crate::runtime::{kill, kill_and_wait, pid_alive, pid_has_arg, wait_gone, ExitKind, Runtime};
 
 pub struct KvmDriver {
@@ -38,16 +42,32 @@ impl KvmDriver {
         KvmDriver { binary }
     }
 
-    fn api(&self, dir: &Path, method: &str, path: &str) -> Result<Vec<u8>, ApiError> {
+    /// One call of ferrovmm's API, answered within `deadline`.
+    fn api(
+        &self,
+        dir: &Path,
+        method: &str,
+        path: &str,
+        deadline: &Deadline,
+    ) -> Result<Vec<u8>, ApiError> {
+        deadline.check()?;
         let resp = unix_request(
             &dir.join("api.sock"),
             method,
             path,
             None,
             b"",
-            Some(Duration::from_secs(10)),
+            deadline.io_timeout(),
         )
-        .map_err(|e| ApiError::driver(format!("ferrovmm API: {e}")))?;
+        .map_err(|e| {
+            if deadline.expired() {
+                deadline.timeout(&format!(
+                    "ferrovmm did not answer {method} {path} (is the VM process stopped?)"
+                ))
+            } else {
+                ApiError::driver(format!("ferrovmm API: {e}"))
+            }
+        })?;
         if resp.status >= 300 {
             return Err(ApiError::driver(format!(
                 "ferrovmm {method} {path}: HTTP {}: {}",
@@ -58,66 +78,93 @@ impl KvmDriver {
         Ok(resp.body)
     }
 
-    fn args(&self, ctx: &VmCtx) -> Vec<String> {
-        let def = ctx.def;
-        let p = |f: &str| ctx.vm_dir.join(f).to_string_lossy().into_owned();
-        // --name right after the program name, so `ps` shows which VM a process is.
-        let mut a = vec!["--name".to_string(), def.name.clone()];
-        if let Some(k) = &def.os.kernel {
-            a.extend(["--kernel".into(), k.to_string_lossy().into_owned()]);
-        }
-        if let Some(i) = &def.os.initrd {
-            a.extend(["--initrd".into(), i.to_string_lossy().into_owned()]);
-        }
-        if let Some(c) = &def.os.cmdline {
-            a.extend(["--cmdline".into(), c.clone()]);
-        }
-        a.extend([
-            "--memory".into(),
-            def.memory_mib.to_string(),
-            "--vcpus".into(),
-            def.vcpus.to_string(),
-        ]);
-        a.extend(["--serial".into(), format!("socket={}", p("serial.sock"))]);
-        a.extend(["--api-socket".into(), p("api.sock")]);
-        for d in &def.disks {
-            let mut spec = format!(
-                "path={},format={}",
-                d.path.to_string_lossy(),
-                d.format.as_str()
-            );
-            if d.readonly {
-                spec.push_str(",readonly=on");
-            }
-            a.extend(["--disk".into(), spec]);
-        }
-        // The daemon made each interface's TAP and enslaved it to its bridge (see crate::network).
-        for (i, nic) in def.interfaces.iter().enumerate() {
-            let mut spec = format!("tap={}", crate::network::tap_name(def, i));
-            if let Some(mac) = &nic.mac {
-                spec.push_str(&format!(",mac={mac}"));
-            }
-            a.extend(["--net".into(), spec]);
-        }
-        a
-    }
-
-    /// After the serial socket closed: wait for the process to end and read how it ended.
+    /// After the serial socket closed: wait for the process to end and read its exit record.
     fn watch_exit(dir: PathBuf, pid: u32, on_exit: ExitNotifier) -> Box<dyn FnOnce() + Send> {
         Box::new(move || {
             wait_gone(pid, Duration::from_secs(10));
-            let log = fs::read_to_string(dir.join("vmm.log")).unwrap_or_default();
-            let kind = if log.contains("guest powered off") {
-                ExitKind::Poweroff
-            } else if log.contains("guest reset") {
-                ExitKind::Reboot
-            } else if log.contains("vm stopped") {
-                ExitKind::Destroyed
-            } else {
-                ExitKind::Crash
-            };
-            on_exit(kind);
+            on_exit(exit_kind(&dir));
         })
+    }
+}
+
+/// ferrovmm's exit record in a VM's run folder (see ferrovmm_api::exit).
+pub const EXIT_FILE: &str = "exit.json";
+
+/// The launch configuration of a domain whose run folder is `dir`.
+pub fn launch_config(def: &DomainDef, dir: &Path) -> Result<LaunchConfig, ApiError> {
+    let kernel = def.os.kernel.clone().ok_or_else(|| {
+        ApiError::not_supported("the kvm driver (ferrovmm) needs os.kernel (--boot kernel=...)")
+    })?;
+    let mut c = LaunchConfig::new(def.name.clone(), kernel);
+    c.initrd = def.os.initrd.clone();
+    if let Some(cmdline) = &def.os.cmdline {
+        c.cmdline = cmdline.clone();
+    }
+    // ferrovmm sizes RAM in MiB: round up, the definition keeps its exact KiB.
+    c.memory_mib = def.memory_mib_rounded_up();
+    c.vcpus = def.vcpus;
+    c.serial = SerialMode::Socket(dir.join("serial.sock"));
+    c.api_socket = Some(dir.join("api.sock"));
+    c.exit_file = Some(dir.join(EXIT_FILE));
+    c.disks = def
+        .disks
+        .iter()
+        .map(|d| DiskConfig {
+            format: Some(d.format),
+            readonly: d.readonly,
+            ..DiskConfig::new(d.path.clone())
+        })
+        .collect();
+    // The daemon made each interface's TAP and enslaved it to its bridge (see crate::network).
+    for (i, nic) in def.interfaces.iter().enumerate() {
+        let mac = match &nic.mac {
+            Some(m) => Some(
+                m.parse::<Mac>()
+                    .map_err(|e| ApiError::invalid(format!("interface {i}: {e}")))?,
+            ),
+            None => None,
+        };
+        c.nets.push(NetConfig {
+            backend: NetBackend::Tap(crate::network::tap_name(def, i)),
+            mac,
+        });
+    }
+    c.validate().map_err(|e| {
+        ApiError::invalid(format!(
+            "the kvm driver (ferrovmm) cannot run this domain: {e}"
+        ))
+    })?;
+    Ok(c)
+}
+
+/// How the VM in `dir` ended, from ferrovmm's exit record; none means it died without
+/// writing one (killed, aborted): a crash.
+pub fn exit_kind(dir: &Path) -> ExitKind {
+    match ExitRecord::read(&dir.join(EXIT_FILE)) {
+        Ok(record) => match record.reason {
+            ExitReason::Poweroff => ExitKind::Poweroff,
+            ExitReason::Reset => ExitKind::Reboot,
+            ExitReason::Stopped | ExitReason::Migrated => ExitKind::Destroyed,
+            ExitReason::Crash { cause, detail } => {
+                eprintln!(
+                    "ferrovirtd: VM in {} crashed ({}): {detail}",
+                    dir.display(),
+                    serde_json::to_string(&cause).unwrap_or_default()
+                );
+                ExitKind::Crash
+            }
+            ExitReason::Error { message } => {
+                eprintln!("ferrovirtd: VM in {} failed: {message}", dir.display());
+                ExitKind::Crash
+            }
+        },
+        Err(why) => {
+            eprintln!(
+                "ferrovirtd: VM in {} ended without an exit record ({why})",
+                dir.display()
+            );
+            ExitKind::Crash
+        }
     }
 }
 
@@ -145,19 +192,23 @@ impl Driver for KvmDriver {
                 "the kvm driver (ferrovmm) boots a kernel directly and has no firmware yet: give os.kernel (--boot kernel=...){qemu_hint}"
             )));
         }
-        Ok(())
+        // Everything ferrovmm's command line cannot carry is refused now, not at start.
+        launch_config(def, Path::new("/run/ferrovirt/vms/check")).map(|_| ())
     }
 
     fn start(&self, ctx: VmCtx) -> Result<Started, ApiError> {
         let dir = ctx.vm_dir.clone();
-        for f in ["pid", "api.sock", "serial.sock"] {
+        let argv = launch_config(ctx.def, &dir)?
+            .to_args()
+            .map_err(|e| ApiError::invalid(e.to_string()))?;
+        for f in ["pid", "api.sock", "serial.sock", EXIT_FILE] {
             let _ = fs::remove_file(dir.join(f));
         }
         let log_path = dir.join("vmm.log");
         let log = fs::File::create(&log_path)
             .map_err(|e| ApiError::internal(format!("{}: {e}", log_path.display())))?;
         let mut cmd = Command::new(&self.binary);
-        cmd.args(self.args(&ctx))
+        cmd.args(argv)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
@@ -178,7 +229,7 @@ impl Driver for KvmDriver {
         let pid = child.id();
         let _ = fs::write(dir.join("pid"), format!("{pid}\n"));
         // Wait for the API socket to answer: the contract says it exists once the VM runs.
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = ctx.deadline.within(Duration::from_secs(10));
         loop {
             if let Ok(Some(status)) = child.try_wait() {
                 return Err(ApiError::driver(format!(
@@ -186,10 +237,10 @@ impl Driver for KvmDriver {
                     log_tail(&log_path)
                 )));
             }
-            if self.api(&dir, "GET", "/vm").is_ok() {
+            if self.api(&dir, "GET", "/vm", &deadline).is_ok() {
                 break;
             }
-            if Instant::now() > deadline {
+            if deadline.check().is_err() {
                 kill(pid, libc::SIGKILL);
                 let _ = child.wait();
                 return Err(ApiError::driver(format!(
@@ -225,7 +276,7 @@ impl Driver for KvmDriver {
         let pid = runtime.pid?;
         if !pid_alive(pid)
             || !pid_has_arg(pid, &ctx.def.name)
-            || self.api(&ctx.vm_dir, "GET", "/vm").is_err()
+            || self.api(&ctx.vm_dir, "GET", "/vm", &ctx.deadline).is_err()
         {
             return None;
         }
@@ -242,36 +293,39 @@ impl Driver for KvmDriver {
         })
     }
 
-    fn destroy(&self, _def: &DomainDef, dir: &Path, runtime: &Runtime) -> Result<(), ApiError> {
-        let Some(pid) = runtime.pid else {
+    fn destroy(&self, vm: &VmRef) -> Result<(), ApiError> {
+        let Some(pid) = vm.runtime.pid else {
             return Ok(());
         };
-        if self.api(dir, "PUT", "/vm/stop").is_err() || !wait_gone(pid, Duration::from_secs(5)) {
+        // A polite stop first, briefly: a ferrovmm that does not answer is killed.
+        let polite = vm.deadline.within(Duration::from_secs(3));
+        if self.api(vm.vm_dir, "PUT", "/vm/stop", &polite).is_err()
+            || !wait_gone(pid, vm.deadline.remaining().min(Duration::from_secs(5)))
+        {
             return kill_and_wait(pid, "ferrovmm");
         }
         Ok(())
     }
 
-    fn shutdown(
-        &self,
-        _def: &DomainDef,
-        dir: &Path,
-        _rt: &Runtime,
-    ) -> Result<Option<ExitKind>, ApiError> {
-        self.api(dir, "PUT", "/vm/power-button").map(|_| None)
+    fn shutdown(&self, vm: &VmRef) -> Result<Option<ExitKind>, ApiError> {
+        self.api(vm.vm_dir, "PUT", "/vm/power-button", vm.deadline)
+            .map(|_| None)
     }
 
-    fn suspend(&self, _def: &DomainDef, dir: &Path, _rt: &Runtime) -> Result<(), ApiError> {
-        self.api(dir, "PUT", "/vm/pause").map(|_| ())
+    fn suspend(&self, vm: &VmRef) -> Result<(), ApiError> {
+        self.api(vm.vm_dir, "PUT", "/vm/pause", vm.deadline)
+            .map(|_| ())
     }
 
-    fn resume(&self, _def: &DomainDef, dir: &Path, _rt: &Runtime) -> Result<(), ApiError> {
-        self.api(dir, "PUT", "/vm/resume").map(|_| ())
+    fn resume(&self, vm: &VmRef) -> Result<(), ApiError> {
+        self.api(vm.vm_dir, "PUT", "/vm/resume", vm.deadline)
+            .map(|_| ())
     }
 
-    fn reset(&self, _def: &DomainDef, dir: &Path, _rt: &Runtime) -> Result<(), ApiError> {
+    fn reset(&self, vm: &VmRef) -> Result<(), ApiError> {
         // ferrovmm ends with "guest reset"; the exit watcher reports a reboot and
         // on_reboot (restart by default) brings the VM back.
-        self.api(dir, "PUT", "/vm/reset").map(|_| ())
+        self.api(vm.vm_dir, "PUT", "/vm/reset", vm.deadline)
+            .map(|_| ())
     }
 }

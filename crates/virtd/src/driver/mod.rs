@@ -1,19 +1,22 @@
 //! Hypervisor drivers: `test` (in-process simulation), `qemu` (qemu-system-x86_64 over QMP),
-//! `kvm` (ferrovmm over its API socket).
+//! `kvm` (ferrovmm over its API socket). The manager finds them in a [`registry::Drivers`].
+//!
+//! Every call that waits on a VM carries a [`Deadline`]: a driver never blocks past it.
 
 pub mod kvm;
 pub mod qemu;
 pub mod qmp;
+pub mod registry;
 pub mod test;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use ferrovirt_api::def::Accel;
 use ferrovirt_api::{ApiError, DomainDef};
 
 use crate::console::ConsoleHub;
-use crate::runtime::{ExitKind, Runtime};
+use crate::deadline::Deadline;
+use crate::runtime::{kill_and_wait, ExitKind, Runtime};
 
 /// Called once by a driver's monitor when the VM ends by itself (not through destroy).
 pub type ExitNotifier = Box<dyn FnOnce(ExitKind) + Send>;
@@ -25,8 +28,17 @@ pub struct VmCtx<'a> {
     /// Per-VM runtime folder (sockets, pidfile, VMM log), exists.
     pub vm_dir: PathBuf,
     pub console_log: PathBuf,
-    pub accel: Accel,
     pub on_exit: ExitNotifier,
+    /// The start (or reattach) must be done by then; it also carries the job's cancel token.
+    pub deadline: Deadline,
+}
+
+/// A running VM, for the operations on it.
+pub struct VmRef<'a> {
+    pub def: &'a DomainDef,
+    pub vm_dir: &'a Path,
+    pub runtime: &'a Runtime,
+    pub deadline: &'a Deadline,
 }
 
 /// A started or reattached VM.
@@ -41,18 +53,21 @@ pub trait Driver: Send + Sync {
     /// Reconnect to a VM that was running when the daemon stopped; None when it is gone.
     fn reattach(&self, ctx: VmCtx, runtime: &Runtime) -> Option<Started>;
     /// Force the VM off; returns once the process is gone.
-    fn destroy(&self, def: &DomainDef, vm_dir: &Path, runtime: &Runtime) -> Result<(), ApiError>;
+    fn destroy(&self, vm: &VmRef) -> Result<(), ApiError>;
     /// Ask the guest to power off (ACPI power button). Some(kind) when it ended right away.
-    fn shutdown(
-        &self,
-        def: &DomainDef,
-        vm_dir: &Path,
-        runtime: &Runtime,
-    ) -> Result<Option<ExitKind>, ApiError>;
-    fn suspend(&self, def: &DomainDef, vm_dir: &Path, runtime: &Runtime) -> Result<(), ApiError>;
-    fn resume(&self, def: &DomainDef, vm_dir: &Path, runtime: &Runtime) -> Result<(), ApiError>;
+    fn shutdown(&self, vm: &VmRef) -> Result<Option<ExitKind>, ApiError>;
+    fn suspend(&self, vm: &VmRef) -> Result<(), ApiError>;
+    fn resume(&self, vm: &VmRef) -> Result<(), ApiError>;
     /// Hard reset, the VM keeps running.
-    fn reset(&self, def: &DomainDef, vm_dir: &Path, runtime: &Runtime) -> Result<(), ApiError>;
+    fn reset(&self, vm: &VmRef) -> Result<(), ApiError>;
     /// Refuse a definition this driver cannot run, with a clear message (checked at define/start).
     fn check(&self, def: &DomainDef) -> Result<(), ApiError>;
+    /// SIGKILL the VM process without talking to it: how destroy gets past an operation stuck
+    /// on a VM that does not answer (its calls then fail at once).
+    fn kill(&self, runtime: &Runtime) -> Result<(), ApiError> {
+        match runtime.pid {
+            Some(pid) => kill_and_wait(pid, "VM"),
+            None => Ok(()),
+        }
+    }
 }

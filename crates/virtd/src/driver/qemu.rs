@@ -13,27 +13,36 @@ use ferrovirt_api::{Action, ApiError, DomainDef};
 use serde_json::Value;
 
 use super::qmp::Qmp;
-use super::{Driver, ExitNotifier, Started, VmCtx};
+use super::{Driver, ExitNotifier, Started, VmCtx, VmRef};
 use crate::console::ConsoleHub;
+use crate::deadline::Deadline;
 use crate::runtime::{kill, kill_and_wait, pid_alive, pid_has_arg, wait_gone, ExitKind, Runtime};
 
 pub struct QemuDriver {
     pub binary: PathBuf,
+    /// The accelerator of a definition that names none (from the host's capabilities).
+    pub default_accel: Accel,
 }
 
+/// How long a VM's control socket may take to appear (QEMU creates it before daemonizing).
+const SOCKET_APPEARS: Duration = Duration::from_secs(2);
+
 impl QemuDriver {
-    pub fn from_env() -> Self {
+    pub fn from_env(default_accel: Accel) -> Self {
         let binary = std::env::var_os("FERROVIRT_QEMU")
             .map(PathBuf::from)
             .unwrap_or_else(|| "qemu-system-x86_64".into());
-        QemuDriver { binary }
+        QemuDriver {
+            binary,
+            default_accel,
+        }
     }
 
     fn args(&self, ctx: &VmCtx) -> Vec<String> {
         let def = ctx.def;
         let dir = &ctx.vm_dir;
         let p = |f: &str| dir.join(f).to_string_lossy().into_owned();
-        let accel = match ctx.accel {
+        let accel = match def.accel.unwrap_or(self.default_accel) {
             Accel::Kvm => "kvm",
             Accel::Tcg => "tcg",
         };
@@ -45,7 +54,7 @@ impl QemuDriver {
             "-machine".into(),
             format!("pc,accel={accel}"),
             "-m".into(),
-            format!("{}M", def.memory_mib),
+            format!("{}k", def.memory_kib),
             "-smp".into(),
             def.vcpus.to_string(),
             "-nodefaults".into(),
@@ -138,15 +147,26 @@ impl QemuDriver {
         a
     }
 
-    fn command(&self, dir: &Path, name: &str, args: Option<Value>) -> Result<Value, ApiError> {
-        let mut qmp = Qmp::connect(&dir.join("qmp.sock"), Duration::from_secs(2))
-            .map_err(|e| ApiError::driver(format!("qemu control socket: {e}")))?;
-        qmp.execute(name, args).map_err(ApiError::driver)
+    /// One QMP command on a fresh connection, all of it within `deadline`.
+    fn command(
+        &self,
+        dir: &Path,
+        name: &str,
+        args: Option<Value>,
+        deadline: &Deadline,
+    ) -> Result<Value, ApiError> {
+        let mut qmp = Qmp::connect(&dir.join("qmp.sock"), SOCKET_APPEARS, deadline)?;
+        qmp.execute(name, args, deadline)
     }
 
     /// Watch QMP events until QEMU exits, then report how it ended.
-    fn monitor(dir: &Path, pid: u32, on_exit: ExitNotifier) -> Result<(), String> {
-        let mut qmp = Qmp::connect(&dir.join("qmp-events.sock"), Duration::from_secs(5))?;
+    fn monitor(
+        dir: &Path,
+        pid: u32,
+        on_exit: ExitNotifier,
+        deadline: &Deadline,
+    ) -> Result<(), ApiError> {
+        let mut qmp = Qmp::connect(&dir.join("qmp-events.sock"), SOCKET_APPEARS, deadline)?;
         std::thread::Builder::new()
             .name("qemu-monitor".into())
             .spawn(move || {
@@ -168,7 +188,7 @@ impl QemuDriver {
                 wait_gone(pid, Duration::from_secs(10));
                 on_exit(kind);
             })
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| ApiError::internal(e.to_string()))?;
         Ok(())
     }
 
@@ -180,8 +200,8 @@ impl QemuDriver {
             .ok()
     }
 
-    fn vnc_port(&self, dir: &Path) -> Option<u16> {
-        let v = self.command(dir, "query-vnc", None).ok()?;
+    fn vnc_port(&self, dir: &Path, deadline: &Deadline) -> Option<u16> {
+        let v = self.command(dir, "query-vnc", None, deadline).ok()?;
         v.get("service")
             .and_then(Value::as_str)
             .and_then(|s| s.parse().ok())
@@ -213,18 +233,33 @@ impl Driver for QemuDriver {
             .map_err(|e| ApiError::internal(e.to_string()))?;
         // With -daemonize QEMU forks, sets up the VM, and its first process exits once the VM is
         // ready: from then on QEMU is not our child and survives ferrovirtd.
-        let status = Command::new(&self.binary)
+        let mut child = Command::new(&self.binary)
             .args(self.args(&ctx))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
-            .status()
+            .spawn()
             .map_err(|e| {
                 ApiError::driver(format!(
                     "cannot run {}: {e} (install qemu-system-x86 or set FERROVIRT_QEMU)",
                     self.binary.display()
                 ))
             })?;
+        let status = loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                break status;
+            }
+            if let Err(e) = ctx.deadline.check() {
+                // The daemonizing parent is stuck: take it and whatever it forked down.
+                let _ = child.kill();
+                let _ = child.wait();
+                if let Some(pid) = Self::read_pid(&dir) {
+                    kill(pid, libc::SIGKILL);
+                }
+                return Err(e);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
         if !status.success() {
             return Err(ApiError::driver(format!(
                 "qemu failed to start: {}",
@@ -244,12 +279,12 @@ impl Driver for QemuDriver {
                 return Err(ApiError::driver(e));
             }
         };
-        if let Err(e) = Self::monitor(&dir, pid, ctx.on_exit) {
+        if let Err(e) = Self::monitor(&dir, pid, ctx.on_exit, &ctx.deadline) {
             kill(pid, libc::SIGKILL);
-            return Err(ApiError::driver(e));
+            return Err(e);
         }
         let vnc_port = if ctx.def.graphics.is_some() {
-            self.vnc_port(&dir)
+            self.vnc_port(&dir, &ctx.deadline)
         } else {
             None
         };
@@ -274,44 +309,45 @@ impl Driver for QemuDriver {
             ctx.console_log.clone(),
             Box::new(|| {}),
         );
-        Self::monitor(&ctx.vm_dir, pid, ctx.on_exit).ok()?;
+        Self::monitor(&ctx.vm_dir, pid, ctx.on_exit, &ctx.deadline).ok()?;
         Some(Started {
             runtime: runtime.clone(),
             console: console.ok(),
         })
     }
 
-    fn destroy(&self, _def: &DomainDef, dir: &Path, runtime: &Runtime) -> Result<(), ApiError> {
-        let Some(pid) = runtime.pid else {
+    fn destroy(&self, vm: &VmRef) -> Result<(), ApiError> {
+        let Some(pid) = vm.runtime.pid else {
             return Ok(());
         };
-        if self.command(dir, "quit", None).is_err() {
+        // A polite quit first, briefly: a QEMU that does not answer is killed.
+        let polite = vm.deadline.within(Duration::from_secs(3));
+        if self.command(vm.vm_dir, "quit", None, &polite).is_err() {
             kill(pid, libc::SIGKILL);
         }
-        if !wait_gone(pid, Duration::from_secs(10)) {
+        if !wait_gone(pid, vm.deadline.remaining().min(Duration::from_secs(10))) {
             return kill_and_wait(pid, "qemu");
         }
         Ok(())
     }
 
-    fn shutdown(
-        &self,
-        _def: &DomainDef,
-        dir: &Path,
-        _rt: &Runtime,
-    ) -> Result<Option<ExitKind>, ApiError> {
-        self.command(dir, "system_powerdown", None).map(|_| None)
+    fn shutdown(&self, vm: &VmRef) -> Result<Option<ExitKind>, ApiError> {
+        self.command(vm.vm_dir, "system_powerdown", None, vm.deadline)
+            .map(|_| None)
     }
 
-    fn suspend(&self, _def: &DomainDef, dir: &Path, _rt: &Runtime) -> Result<(), ApiError> {
-        self.command(dir, "stop", None).map(|_| ())
+    fn suspend(&self, vm: &VmRef) -> Result<(), ApiError> {
+        self.command(vm.vm_dir, "stop", None, vm.deadline)
+            .map(|_| ())
     }
 
-    fn resume(&self, _def: &DomainDef, dir: &Path, _rt: &Runtime) -> Result<(), ApiError> {
-        self.command(dir, "cont", None).map(|_| ())
+    fn resume(&self, vm: &VmRef) -> Result<(), ApiError> {
+        self.command(vm.vm_dir, "cont", None, vm.deadline)
+            .map(|_| ())
     }
 
-    fn reset(&self, _def: &DomainDef, dir: &Path, _rt: &Runtime) -> Result<(), ApiError> {
-        self.command(dir, "system_reset", None).map(|_| ())
+    fn reset(&self, vm: &VmRef) -> Result<(), ApiError> {
+        self.command(vm.vm_dir, "system_reset", None, vm.deadline)
+            .map(|_| ())
     }
 }

@@ -1,82 +1,198 @@
 //! A small QMP (QEMU Machine Protocol) client: line-delimited JSON over a Unix socket.
+//!
+//! Every command runs under a [`Deadline`]: the connect does not block when QEMU stopped
+//! accepting (a stopped process with a full listen backlog), and every read and write is bounded,
+//! so a QEMU that does not answer fails the call with a timeout error naming the operation.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use ferrovirt_api::ApiError;
 use serde_json::{json, Value};
+
+use crate::deadline::Deadline;
+
+/// A QMP line longer than this is refused (QEMU's answers to our commands are small).
+const MAX_LINE: u64 = 1 << 20;
 
 pub struct Qmp {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
 }
 
+/// Why a connect attempt failed.
+enum ConnectError {
+    /// Nobody listens yet (QEMU still starting, or gone): retry for a short while.
+    NotThere(std::io::Error),
+    /// The listener exists but accepts nobody: retry until the deadline.
+    Backlog,
+    Other(std::io::Error),
+}
+
+/// One non-blocking connect (std's UnixStream::connect blocks while the backlog is full).
+fn try_connect(path: &Path) -> Result<UnixStream, ConnectError> {
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain data; zeroed is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(ConnectError::Other(std::io::Error::other(
+            "socket path too long",
+        )));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: socket(2) with constant arguments; the result is checked before use.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(ConnectError::Other(std::io::Error::last_os_error()));
+    }
+    // SAFETY: fd is a fresh socket we own; OwnedFd closes it on every path.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: addr is a valid sockaddr_un and the length is its size.
+    let rc = unsafe {
+        libc::connect(
+            fd,
+            &addr as *const libc::sockaddr_un as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(match e.raw_os_error() {
+            Some(libc::EAGAIN) | Some(libc::EINPROGRESS) => ConnectError::Backlog,
+            Some(libc::ENOENT) | Some(libc::ECONNREFUSED) => ConnectError::NotThere(e),
+            _ => ConnectError::Other(e),
+        });
+    }
+    let stream = UnixStream::from(owned);
+    stream.set_nonblocking(false).map_err(ConnectError::Other)?;
+    Ok(stream)
+}
+
 impl Qmp {
-    /// Connect (retrying up to `wait` while QEMU creates the socket) and negotiate capabilities.
-    pub fn connect(path: &Path, wait: Duration) -> Result<Qmp, String> {
-        let deadline = Instant::now() + wait;
+    /// Connect (retrying up to `appear` while QEMU creates the socket, and until the deadline
+    /// while it does not accept) and negotiate capabilities.
+    pub fn connect(path: &Path, appear: Duration, deadline: &Deadline) -> Result<Qmp, ApiError> {
+        let appear = deadline.within(appear);
         let stream = loop {
-            match UnixStream::connect(path) {
+            match try_connect(path) {
                 Ok(s) => break s,
-                Err(e) if Instant::now() >= deadline => {
-                    return Err(format!("QMP socket {}: {e}", path.display()))
+                Err(ConnectError::Backlog) if deadline.expired() => {
+                    return Err(deadline.timeout(
+                        "QEMU does not accept connections on its QMP socket (is the VM process stopped?)",
+                    ))
                 }
-                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                Err(ConnectError::NotThere(e)) if appear.expired() => {
+                    return Err(ApiError::driver(format!(
+                        "QMP socket {}: {e}",
+                        path.display()
+                    )))
+                }
+                Err(ConnectError::Other(e)) => {
+                    return Err(ApiError::driver(format!(
+                        "QMP socket {}: {e}",
+                        path.display()
+                    )))
+                }
+                Err(_) => {
+                    deadline.check()?;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
             }
         };
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .map_err(|e| e.to_string())?;
-        let writer = stream.try_clone().map_err(|e| e.to_string())?;
+        let writer = stream
+            .try_clone()
+            .map_err(|e| ApiError::driver(e.to_string()))?;
         let mut qmp = Qmp {
             reader: BufReader::new(stream),
             writer,
         };
-        let greeting = qmp.read_value()?.ok_or("QMP closed before its greeting")?;
+        let greeting = qmp
+            .read_value(deadline)?
+            .ok_or_else(|| ApiError::driver("QMP closed before its greeting"))?;
         if greeting.get("QMP").is_none() {
-            return Err(format!("unexpected QMP greeting {greeting}"));
+            return Err(ApiError::driver(format!(
+                "unexpected QMP greeting {greeting}"
+            )));
         }
-        qmp.execute("qmp_capabilities", None)?;
+        qmp.execute("qmp_capabilities", None, deadline)?;
         Ok(qmp)
     }
 
-    fn read_value(&mut self) -> Result<Option<Value>, String> {
+    fn read_value(&mut self, deadline: &Deadline) -> Result<Option<Value>, ApiError> {
+        let _ = self
+            .reader
+            .get_ref()
+            .set_read_timeout(deadline.io_timeout());
         let mut line = String::new();
-        match self.reader.read_line(&mut line) {
+        match (&mut self.reader).take(MAX_LINE).read_line(&mut line) {
             Ok(0) => Ok(None),
+            Ok(_) if !line.ends_with('\n') && line.len() as u64 >= MAX_LINE => {
+                Err(ApiError::driver("QMP line too long"))
+            }
             Ok(_) => serde_json::from_str(&line)
                 .map(Some)
-                .map_err(|e| format!("bad QMP line: {e}")),
-            Err(e) => Err(format!("QMP read: {e}")),
+                .map_err(|e| ApiError::driver(format!("bad QMP line: {e}"))),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                Err(deadline
+                    .timeout("QEMU did not answer on its QMP socket (is the VM process stopped?)"))
+            }
+            Err(e) => Err(ApiError::driver(format!("QMP read: {e}"))),
         }
     }
 
     /// Run a command and return its "return" value; events arriving meanwhile are skipped.
-    pub fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value, String> {
+    pub fn execute(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+        deadline: &Deadline,
+    ) -> Result<Value, ApiError> {
         let mut msg = json!({ "execute": command });
         if let Some(args) = arguments {
             msg["arguments"] = args;
         }
         let mut line = msg.to_string();
         line.push('\n');
-        self.writer
-            .write_all(line.as_bytes())
-            .map_err(|e| format!("QMP write: {e}"))?;
+        let _ = self.writer.set_write_timeout(deadline.io_timeout());
+        self.writer.write_all(line.as_bytes()).map_err(|e| {
+            if deadline.expired() {
+                deadline.timeout("QEMU does not read its QMP socket")
+            } else {
+                ApiError::driver(format!("QMP write: {e}"))
+            }
+        })?;
         loop {
             let v = self
-                .read_value()?
-                .ok_or_else(|| format!("QMP closed during '{command}'"))?;
+                .read_value(deadline)?
+                .ok_or_else(|| ApiError::driver(format!("QMP closed during '{command}'")))?;
             if let Some(r) = v.get("return") {
                 return Ok(r.clone());
             }
             if let Some(err) = v.get("error") {
-                return Err(format!(
+                return Err(ApiError::driver(format!(
                     "QMP '{command}': {}",
                     err.get("desc")
                         .and_then(Value::as_str)
                         .unwrap_or("unknown error")
-                ));
+                )));
             }
         }
     }
@@ -85,11 +201,52 @@ impl Qmp {
     pub fn next_event(&mut self) -> Option<Value> {
         let _ = self.reader.get_ref().set_read_timeout(None);
         loop {
-            match self.read_value() {
-                Ok(Some(v)) if v.get("event").is_some() => return Some(v),
-                Ok(Some(_)) => continue,
-                Ok(None) | Err(_) => return None,
+            let mut line = String::new();
+            match (&mut self.reader).take(MAX_LINE).read_line(&mut line) {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => match serde_json::from_str::<Value>(&line) {
+                    Ok(v) if v.get("event").is_some() => return Some(v),
+                    _ => continue,
+                },
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    /// A listener nobody accepts on stands for a stopped QEMU: connect and read are bounded.
+    #[test]
+    fn a_silent_peer_times_out_with_the_operation_named() {
+        let dir = std::env::temp_dir().join(format!("fv-qmp-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("q.sock");
+        let _ = std::fs::remove_file(&path);
+        let _listener = UnixListener::bind(&path).unwrap();
+        let deadline = Deadline::after(Duration::from_millis(300), "domain 'x': shutdown");
+        let e = match Qmp::connect(&path, Duration::from_millis(100), &deadline) {
+            Err(e) => e,
+            Ok(_) => panic!("connected to a peer that never greets"),
+        };
+        assert_eq!(e.code, ferrovirt_api::ErrorCode::Timeout, "{e}");
+        assert!(e.message.contains("domain 'x': shutdown timed out"), "{e}");
+        // A full backlog: connects beyond it are refused at once (EAGAIN), then time out.
+        let mut held = Vec::new();
+        for _ in 0..512 {
+            match try_connect(&path) {
+                Ok(s) => held.push(s),
+                Err(_) => break,
+            }
+        }
+        let deadline = Deadline::after(Duration::from_millis(200), "domain 'x': reset");
+        let e = match Qmp::connect(&path, Duration::from_millis(100), &deadline) {
+            Err(e) => e,
+            Ok(_) => panic!("connected past a full backlog"),
+        };
+        assert_eq!(e.code, ferrovirt_api::ErrorCode::Timeout, "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

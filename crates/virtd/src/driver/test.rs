@@ -1,11 +1,9 @@
 //! The `test` driver: an in-process simulated hypervisor (like libvirt's test:///default).
 //! Guests "run" instantly and obey shutdown at once, so the daemon's logic can be tested fast.
 
-use std::path::Path;
-
 use ferrovirt_api::{ApiError, DomainDef};
 
-use super::{Driver, Started, VmCtx};
+use super::{Driver, Started, VmCtx, VmRef};
 use crate::runtime::{ExitKind, Runtime};
 
 pub struct TestDriver;
@@ -31,28 +29,23 @@ impl Driver for TestDriver {
         })
     }
 
-    fn destroy(
-        &self,
-        _def: &DomainDef,
-        _vm_dir: &Path,
-        _runtime: &Runtime,
-    ) -> Result<(), ApiError> {
+    fn destroy(&self, _vm: &VmRef) -> Result<(), ApiError> {
         Ok(())
     }
 
-    fn shutdown(&self, _: &DomainDef, _: &Path, _: &Runtime) -> Result<Option<ExitKind>, ApiError> {
+    fn shutdown(&self, _vm: &VmRef) -> Result<Option<ExitKind>, ApiError> {
         Ok(Some(ExitKind::Poweroff))
     }
 
-    fn suspend(&self, _: &DomainDef, _: &Path, _: &Runtime) -> Result<(), ApiError> {
+    fn suspend(&self, _vm: &VmRef) -> Result<(), ApiError> {
         Ok(())
     }
 
-    fn resume(&self, _: &DomainDef, _: &Path, _: &Runtime) -> Result<(), ApiError> {
+    fn resume(&self, _vm: &VmRef) -> Result<(), ApiError> {
         Ok(())
     }
 
-    fn reset(&self, _: &DomainDef, _: &Path, _: &Runtime) -> Result<(), ApiError> {
+    fn reset(&self, _vm: &VmRef) -> Result<(), ApiError> {
         Ok(())
     }
 

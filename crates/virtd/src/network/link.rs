@@ -1,8 +1,8 @@
 //! Kernel network objects through iproute2: bridges, TAPs, addresses, routes, IP forwarding.
 //!
-//! Every device ferrovirt creates carries an interface alias, `ferrovirt:net:NETWORK:UUID8`
-//! (bridges) or `ferrovirt:tap:DOMAIN[@NETWORK:UUID8]` (TAPs; UUID8 starts the network's uuid), so a
-//! restarted daemon tells its own leftovers from the host's and from another daemon's.
+//! Every device ferrovirt creates carries an interface alias as its ownership mark
+//! (ferrovirt_api::netmark), so a restarted daemon tells its own leftovers from the host's and
+//! from another daemon's.
 
 use std::fs;
 use std::net::Ipv4Addr;
@@ -10,9 +10,6 @@ use std::path::Path;
 use std::process::Command;
 
 use ferrovirt_api::ApiError;
-
-pub const BRIDGE_ALIAS: &str = "ferrovirt:net:";
-pub const TAP_ALIAS: &str = "ferrovirt:tap:";
 
 /// Run a host command; its stderr becomes the error message.
 pub fn run(program: &str, args: &[&str]) -> Result<String, ApiError> {

@@ -18,7 +18,7 @@ use ferrovirt_api::def::InterfaceKind;
 use ferrovirt_api::network::{
     DhcpLease, DomIfAddr, DomInterface, ForwardMode, IpDef, NetworkDef, NetworkInfo,
 };
-use ferrovirt_api::{ApiError, DomainDef, ErrorCode};
+use ferrovirt_api::{netmark, ApiError, DomainDef, ErrorCode};
 
 use crate::runtime::{new_uuid, Paths};
 use store::{NetStore, StoredNet};
@@ -47,23 +47,13 @@ pub fn tap_name(def: &DomainDef, index: usize) -> String {
     format!("fv{}n{index}", uuid8(def.uuid.as_deref()))
 }
 
-/// The first 8 hex digits of a uuid: tells one daemon's objects from another's.
 fn uuid8(uuid: Option<&str>) -> String {
-    uuid.unwrap_or("")
-        .chars()
-        .filter(|c| c.is_ascii_hexdigit())
-        .take(8)
-        .collect()
+    netmark::uuid8(uuid.unwrap_or(""))
 }
 
 /// The alias marking a network's bridge.
 fn bridge_alias(def: &NetworkDef) -> String {
-    format!(
-        "{}{}:{}",
-        link::BRIDGE_ALIAS,
-        def.name,
-        uuid8(def.uuid.as_deref())
-    )
+    netmark::bridge_alias(&def.name, def.uuid.as_deref().unwrap_or(""))
 }
 
 /// The end of the alias of a TAP on this network (re-attached by net-start).
@@ -72,7 +62,7 @@ fn tap_owner(def: &NetworkDef) -> String {
 }
 
 fn table_of(def: &NetworkDef) -> String {
-    nft::table(&def.name, &uuid8(def.uuid.as_deref()))
+    netmark::table_name(&def.name, def.uuid.as_deref().unwrap_or(""))
 }
 
 fn no_network(name: &str) -> ApiError {
@@ -80,6 +70,26 @@ fn no_network(name: &str) -> ApiError {
         ErrorCode::NoNetwork,
         format!("network '{name}' not found (see `ferrovirt net-list --all`)"),
     )
+}
+
+/// The bridge name is taken. A ferrovirt mark naming a network uuid this daemon does not know is
+/// an orphan (typically of a state folder that was removed while its network ran): say what it
+/// is and how to remove it, instead of a bare "choose another name".
+fn bridge_taken(bridge: &str, alias: &str) -> ApiError {
+    let Some(owner) = netmark::bridge_owner(alias) else {
+        return ApiError::invalid(format!(
+            "device '{bridge}' already exists on the host and is not this network's bridge; choose another bridge name"
+        ));
+    };
+    let table = netmark::table_name(&owner.network, &owner.uuid8);
+    ApiError::invalid(format!(
+        "device '{bridge}' already exists: ferrovirt made it for network '{}' with a uuid starting {}, \
+         which this daemon does not know (a leftover of another state folder, or a network of another \
+         ferrovirtd). If no other ferrovirtd uses it, remove it with `ip link del {bridge}` and \
+         `nft delete table ip {table}`, and stop the dnsmasq serving it (`ferrovirt host-validate` \
+         lists such leftovers); or give this network another bridge name",
+        owner.network, owner.uuid8
+    ))
 }
 
 struct Inner {
@@ -236,7 +246,7 @@ impl Networks {
             .map(|n| n.def.name.clone())
             .collect();
         for (dev, alias) in link::devices() {
-            let stale = if alias.starts_with(link::BRIDGE_ALIAS) {
+            let stale = if alias.starts_with(netmark::BRIDGE_ALIAS) {
                 inner
                     .nets
                     .values()
@@ -246,7 +256,7 @@ impl Networks {
                             || n.def.forward == ForwardMode::Bridge
                             || n.def.bridge.as_deref() != Some(dev.as_str())
                     })
-            } else if alias.starts_with(link::TAP_ALIAS) {
+            } else if alias.starts_with(netmark::TAP_ALIAS) {
                 our_taps.contains(&dev) && !keep_taps.contains(&dev)
             } else {
                 false
@@ -516,10 +526,11 @@ impl Networks {
             }
             return Ok(());
         }
-        if link::exists(&bridge) && link::alias(&bridge) != bridge_alias(def) {
-            return Err(ApiError::invalid(format!(
-                "device '{bridge}' already exists on the host and is not this network's bridge; choose another bridge name"
-            )));
+        if link::exists(&bridge) {
+            let alias = link::alias(&bridge);
+            if alias != bridge_alias(def) {
+                return Err(bridge_taken(&bridge, &alias));
+            }
         }
         if let Some(ip) = &def.ip {
             if let Some(o) = Self::overlapping(inner, &def.name, ip, true) {
@@ -570,7 +581,7 @@ impl Networks {
         // VMs that kept running while the network was down get their TAPs back on the bridge.
         let suffix = tap_owner(def);
         for (dev, alias) in link::devices() {
-            if alias.starts_with(link::TAP_ALIAS) && alias.ends_with(&suffix) {
+            if alias.starts_with(netmark::TAP_ALIAS) && alias.ends_with(&suffix) {
                 link::enslave(&dev, bridge)?;
             }
         }
@@ -731,7 +742,7 @@ impl Networks {
                 };
                 let alias = format!(
                     "{}{}{}",
-                    link::TAP_ALIAS,
+                    netmark::TAP_ALIAS,
                     def.name,
                     owner.unwrap_or_default()
                 );
@@ -750,7 +761,7 @@ impl Networks {
     pub fn unplug(&self, def: &DomainDef) {
         for i in 0..def.interfaces.len() {
             let tap = tap_name(def, i);
-            if link::alias(&tap).starts_with(link::TAP_ALIAS) {
+            if link::alias(&tap).starts_with(netmark::TAP_ALIAS) {
                 if let Err(e) = link::delete(&tap) {
                     eprintln!("ferrovirtd: {e}");
                 }

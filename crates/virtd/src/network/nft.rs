@@ -4,17 +4,11 @@
 use std::fs;
 use std::path::Path;
 
+use ferrovirt_api::netmark::TABLE_PREFIX;
 use ferrovirt_api::network::{ForwardMode, IpDef};
 use ferrovirt_api::ApiError;
 
 use super::link::run;
-
-pub const TABLE_PREFIX: &str = "ferrovirt_";
-
-/// `uuid8`: the start of the network's uuid, so two daemons' networks of one name never share a table.
-pub fn table(network: &str, uuid8: &str) -> String {
-    format!("{TABLE_PREFIX}{network}_{uuid8}")
-}
 
 /// The ruleset of a nat or isolated network.
 pub fn ruleset(table: &str, mode: ForwardMode, bridge: &str, ip: &IpDef) -> String {

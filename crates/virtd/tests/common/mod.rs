@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use ferrovirt_api::client::{Client, ClientError};
+use ferrovirt_api::DomainOp;
 use ferrovirt_api::ErrorCode;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -119,7 +120,7 @@ impl Drop for Daemon {
             let c = self.client();
             if let Ok(doms) = c.list(false) {
                 for d in doms {
-                    let _ = c.action(&d.name, "destroy");
+                    let _ = c.action(&d.name, DomainOp::Destroy);
                 }
             }
         }

@@ -41,23 +41,12 @@ fn ifreq(name: &str, flags: i16) -> IfReq {
     req
 }
 
-/// Checks an interface name the way the kernel does.
-pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() < IFNAMSIZ
-        && name != "."
-        && name != ".."
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':')
-}
-
 impl Tap {
     /// Attaches to the existing TAP interface `name`.
     pub fn open(name: &str) -> Result<Tap, String> {
-        if !valid_name(name) {
+        if !ferrovmm_api::launch::valid_tap_name(name) {
             return Err(format!(
-                "'{name}' is not a valid interface name (1-15 characters, no '/' or ':')"
+                "'{name}' is not a valid interface name (1-15 characters, no '/', ':' or ',')"
             ));
         }
         if !std::path::Path::new("/sys/class/net").join(name).exists() {

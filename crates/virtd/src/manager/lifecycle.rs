@@ -1,0 +1,570 @@
+//! Lifecycle operations (start, shutdown, destroy ...), VM exits with their on_* actions, and
+//! recovery at daemon start. Each runs as the domain's job: no driver call under the lock.
+
+use std::sync::{Arc, MutexGuard};
+use std::time::Duration;
+
+use ferrovirt_api::state::EventKind;
+use ferrovirt_api::{Action, ApiError, DomainDef, DomainInfo, DomainOp, DomainState, StateReason};
+
+use super::commit::{self, Transient};
+use super::jobs::{Job, JobHandle};
+use super::{Inner, Manager};
+use crate::console::rotate_for_boot;
+use crate::deadline::Deadline;
+use crate::driver::{Driver, Started, VmRef};
+use crate::runtime::{ExitKind, Runtime};
+
+/// What an operation copies out of the domain before the lock is released.
+struct Snapshot {
+    def: DomainDef,
+    runtime: Runtime,
+    driver: Arc<dyn Driver>,
+}
+
+/// Whether `op` may run on a domain in `state`.
+fn allowed(op: DomainOp, name: &str, state: DomainState) -> Result<(), ApiError> {
+    let (ok, what) = match op {
+        DomainOp::Start => (
+            !state.is_active(),
+            "it is already active (destroy or shutdown it first)",
+        ),
+        DomainOp::Shutdown | DomainOp::Reboot => {
+            (state == DomainState::Running, "it must be running")
+        }
+        DomainOp::Destroy | DomainOp::Reset => (state.is_active(), "it is not running"),
+        DomainOp::Suspend => (
+            state == DomainState::Running,
+            "only a running domain can be suspended",
+        ),
+        DomainOp::Resume => (
+            state == DomainState::Paused,
+            "only a paused domain can be resumed",
+        ),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::wrong_state(format!(
+            "domain '{name}' is {}: {what}",
+            state.display()
+        )))
+    }
+}
+
+/// How a VM's end is handled: (on_* action, state, reason, event, event detail).
+fn exit_outcome(
+    def: &DomainDef,
+    kind: ExitKind,
+) -> (Action, DomainState, StateReason, EventKind, &'static str) {
+    match kind {
+        ExitKind::Poweroff => (
+            def.on_poweroff,
+            DomainState::Shutoff,
+            StateReason::Shutdown,
+            EventKind::Shutdown,
+            "guest powered off",
+        ),
+        ExitKind::Reboot => (
+            def.on_reboot,
+            DomainState::Shutoff,
+            StateReason::Shutdown,
+            EventKind::Shutdown,
+            "guest rebooted",
+        ),
+        ExitKind::Crash => (
+            def.on_crash,
+            DomainState::Crashed,
+            StateReason::Crashed,
+            EventKind::Crashed,
+            "guest crashed",
+        ),
+        ExitKind::Destroyed => (
+            Action::Destroy,
+            DomainState::Shutoff,
+            StateReason::Destroyed,
+            EventKind::Stopped,
+            "destroyed",
+        ),
+    }
+}
+
+impl Manager {
+    fn limit(&self, op: DomainOp) -> Duration {
+        match op {
+            DomainOp::Start => self.limits.start,
+            DomainOp::Destroy => self.limits.destroy,
+            _ => self.limits.op,
+        }
+    }
+
+    /// Run an operation on a domain. A domain busy with another job is an error at once, unless
+    /// `wait` allows waiting (capped by the limits) for that job to end.
+    pub fn action(
+        &self,
+        name: &str,
+        op: DomainOp,
+        wait: Option<Duration>,
+    ) -> Result<DomainInfo, ApiError> {
+        let mut wait = wait.unwrap_or_default().min(self.limits.max_wait);
+        let mut inner = self.lock();
+        let name = Self::resolve(&inner, name)?;
+        if op == DomainOp::Destroy {
+            let (guard, killed) = self.kill_if_busy(inner, &name)?;
+            inner = guard;
+            if killed {
+                // The stuck job's calls fail now that the process is gone: wait for it to end.
+                wait = wait.max(self.limits.destroy);
+            }
+        }
+        let (inner, name, job) =
+            self.take_job(inner, &name, op.as_str(), op == DomainOp::Start, wait)?;
+        match self.prepare(&inner, &name, op) {
+            Ok(Some(snapshot)) => {
+                drop(inner);
+                let deadline = job.deadline(self.limit(op), format!("domain '{name}': {op}"));
+                let uuid = snapshot.def.uuid.clone().unwrap_or_default();
+                let (memory_kib, vcpus) = (snapshot.def.memory_kib, snapshot.def.vcpus);
+                let virt_type = self.vtype(&snapshot.def);
+                let (worker_name, answer_name) = (name.clone(), name.clone());
+                self.run_job(
+                    &name,
+                    job,
+                    deadline,
+                    move |mgr, job, deadline| mgr.run_op(&worker_name, op, snapshot, job, deadline),
+                    move |mgr| {
+                        let name = answer_name;
+                        // A transient domain that stopped is gone.
+                        mgr.domain(&name).unwrap_or_else(|_| DomainInfo {
+                            id: None,
+                            name: name.clone(),
+                            uuid,
+                            virt_type,
+                            state: DomainState::Shutoff,
+                            reason: if op == DomainOp::Destroy {
+                                StateReason::Destroyed
+                            } else {
+                                StateReason::Shutdown
+                            },
+                            persistent: false,
+                            autostart: false,
+                            memory_kib,
+                            vcpus,
+                            pid: None,
+                            console_log: None,
+                        })
+                    },
+                )
+            }
+            // Destroy found the VM already gone (it killed it to get past a stuck job).
+            Ok(None) => {
+                let info = self.info(Self::get(&inner, &name)?);
+                drop(inner);
+                self.end_job(&name, &job);
+                Ok(info)
+            }
+            Err(e) => {
+                drop(inner);
+                self.end_job(&name, &job);
+                Err(e)
+            }
+        }
+    }
+
+    /// Check the operation against the domain's state and copy out what the driver needs.
+    /// None: nothing to do (a destroy whose VM ended meanwhile).
+    fn prepare(
+        &self,
+        inner: &Inner,
+        name: &str,
+        op: DomainOp,
+    ) -> Result<Option<Snapshot>, ApiError> {
+        let dom = Self::get(inner, name)?;
+        let state = dom.stored.state;
+        if op == DomainOp::Destroy && dom.killed && !state.is_active() {
+            return Ok(None);
+        }
+        allowed(op, name, state)?;
+        Ok(Some(Snapshot {
+            def: dom.stored.def.clone(),
+            runtime: dom.stored.runtime.clone().unwrap_or_default(),
+            driver: self.driver(&dom.stored.def)?,
+        }))
+    }
+
+    /// Destroy of a domain busy with another job: SIGKILL its VM first (like libvirt), so the
+    /// stuck job's calls fail at once instead of at their deadline. Returns whether it killed.
+    fn kill_if_busy<'a>(
+        &'a self,
+        mut inner: MutexGuard<'a, Inner>,
+        name: &str,
+    ) -> Result<(MutexGuard<'a, Inner>, bool), ApiError> {
+        let Some(dom) = inner.doms.get_mut(name) else {
+            return Ok((inner, false));
+        };
+        if dom.job.is_none() || !dom.stored.state.is_active() {
+            return Ok((inner, false));
+        }
+        let driver = self
+            .drivers
+            .get(dom.stored.def.virt_type.unwrap_or(self.default_type))?;
+        dom.killed = true;
+        let runtime = dom.stored.runtime.clone().unwrap_or_default();
+        drop(inner);
+        driver.kill(&runtime)?;
+        Ok((self.lock(), true))
+    }
+
+    /// The slow part of an operation, on the job's worker thread, without the lock.
+    fn run_op(
+        &self,
+        name: &str,
+        op: DomainOp,
+        snap: Snapshot,
+        job: &JobHandle,
+        deadline: &Deadline,
+    ) -> Result<(), ApiError> {
+        if op == DomainOp::Start {
+            return self.start_body(name, job, StateReason::Booted, deadline);
+        }
+        let vm_dir = self.paths.vm_dir(name);
+        let vm = VmRef {
+            def: &snap.def,
+            vm_dir: &vm_dir,
+            runtime: &snap.runtime,
+            deadline,
+        };
+        match op {
+            DomainOp::Start => unreachable!("handled above"),
+            DomainOp::Shutdown | DomainOp::Reboot => {
+                let ended = snap.driver.shutdown(&vm)?;
+                let mut inner = self.lock();
+                if let Some(d) = inner.doms.get_mut(name) {
+                    d.pending_reboot = op == DomainOp::Reboot;
+                    // Ended at once (test driver): handled when this job ends.
+                    if let Some(kind) = ended {
+                        d.pending_exit = Some((d.generation, kind));
+                    }
+                }
+            }
+            DomainOp::Destroy => {
+                snap.driver.destroy(&vm)?;
+                self.networks.unplug(&snap.def);
+                let mut inner = self.lock();
+                inner.commit(
+                    name,
+                    Transient::Forget,
+                    commit::stopped(DomainState::Shutoff, StateReason::Destroyed),
+                )?;
+                Self::stopped_in_memory(&mut inner, name);
+                drop(inner);
+                self.events.emit(name, EventKind::Stopped, "destroyed");
+            }
+            DomainOp::Reset => snap.driver.reset(&vm)?,
+            DomainOp::Suspend => {
+                snap.driver.suspend(&vm)?;
+                self.lock().commit(
+                    name,
+                    Transient::Keep,
+                    commit::state(DomainState::Paused, StateReason::User),
+                )?;
+                self.events.emit(name, EventKind::Suspended, "paused");
+            }
+            DomainOp::Resume => {
+                snap.driver.resume(&vm)?;
+                self.lock().commit(
+                    name,
+                    Transient::Keep,
+                    commit::state(DomainState::Running, StateReason::Unpaused),
+                )?;
+                self.events.emit(name, EventKind::Resumed, "unpaused");
+            }
+        }
+        Ok(())
+    }
+
+    /// Start the domain's VM within the job `job`: networks, driver, then commit. A start that
+    /// cannot be recorded, was cancelled, or whose client stopped waiting is taken down again.
+    pub(super) fn start_body(
+        &self,
+        name: &str,
+        job: &JobHandle,
+        reason: StateReason,
+        deadline: &Deadline,
+    ) -> Result<(), ApiError> {
+        let (def, generation, id, driver) = {
+            let mut inner = self.lock();
+            let dom = Self::get(&inner, name)?;
+            let def = dom.stored.def.clone();
+            let generation = dom.generation + 1;
+            let driver = self.driver(&def)?;
+            let id = inner.next_id;
+            inner.next_id += 1;
+            (def, generation, id, driver)
+        };
+        def.check_paths()?;
+        deadline.check()?;
+        rotate_for_boot(&self.paths.console_log(name));
+        let ctx = self.ctx(&def, id, generation, deadline.clone())?;
+        self.networks.plug(&def)?;
+        let Started { runtime, console } = match driver.start(ctx) {
+            Ok(s) => s,
+            Err(e) => {
+                self.networks.unplug(&def);
+                return Err(e);
+            }
+        };
+        let undo = |e: ApiError| -> ApiError {
+            let vm_dir = self.paths.vm_dir(name);
+            let cleanup = Deadline::after(
+                self.limits.destroy,
+                format!("domain '{name}': destroy after a failed start"),
+            );
+            let vm = VmRef {
+                def: &def,
+                vm_dir: &vm_dir,
+                runtime: &runtime,
+                deadline: &cleanup,
+            };
+            if let Err(d) = driver.destroy(&vm) {
+                eprintln!("ferrovirtd: {d}");
+            }
+            self.networks.unplug(&def);
+            e
+        };
+        if let Err(e) = deadline.check() {
+            return Err(undo(e));
+        }
+        let mut inner = self.lock();
+        if Self::job_timed_out(&inner, name, job) {
+            drop(inner);
+            return Err(undo(deadline.timeout("the VM started too late")));
+        }
+        let record = runtime.clone();
+        if let Err(e) = inner.commit_started(name, id, |s| {
+            s.state = DomainState::Running;
+            s.reason = reason;
+            s.runtime = Some(record);
+        }) {
+            // Not recorded means not started: take the VM down again rather than lose track of it.
+            drop(inner);
+            return Err(undo(e));
+        }
+        if let Some(d) = inner.doms.get_mut(name) {
+            d.generation = generation;
+            d.pending_reboot = false;
+            d.killed = false;
+            d.console = console;
+        }
+        drop(inner);
+        self.events.emit(name, EventKind::Started, reason.as_str());
+        Ok(())
+    }
+
+    /// `create`: start the transient domain just inserted (the caller holds the lock).
+    pub(super) fn create(
+        &self,
+        inner: MutexGuard<'_, Inner>,
+        name: &str,
+    ) -> Result<DomainInfo, ApiError> {
+        let (inner, name, job) = self.take_job(inner, name, "start", true, Duration::ZERO)?;
+        drop(inner);
+        let deadline = job.deadline(self.limits.start, format!("domain '{name}': start"));
+        let (worker_name, answer_name) = (name.clone(), name.clone());
+        // A failed start forgets the domain (end_job drops inactive transient domains).
+        self.run_job(
+            &name,
+            job,
+            deadline,
+            move |mgr, job, deadline| {
+                mgr.start_body(&worker_name, job, StateReason::Booted, deadline)
+            },
+            move |mgr| mgr.domain(&answer_name),
+        )?
+    }
+
+    /// Mark a domain's VM gone in memory (after its record was committed).
+    fn stopped_in_memory(inner: &mut Inner, name: &str) {
+        if let Some(d) = inner.doms.get_mut(name) {
+            d.generation += 1;
+            d.pending_reboot = false;
+            d.pending_exit = None;
+            d.killed = false;
+            d.console = None;
+        }
+    }
+
+    /// A driver's monitor saw the VM end by itself. While a job runs on the domain the exit
+    /// waits for it to end; otherwise it is handled now, as a job of its own, on this (the
+    /// monitor's) thread.
+    pub(super) fn vm_exited(&self, name: &str, generation: u64, kind: ExitKind) {
+        let job = {
+            let mut inner = self.lock();
+            let Some(dom) = inner.doms.get_mut(name) else {
+                return;
+            };
+            if dom.job.is_some() {
+                dom.pending_exit = Some((generation, kind));
+                return;
+            }
+            if dom.generation != generation || !dom.stored.state.is_active() {
+                return;
+            }
+            let (job, handle) = Job::new("exit", false);
+            dom.job = Some(job);
+            handle
+        };
+        self.finish_exit(name, kind, &job);
+        self.end_job(name, &job);
+    }
+
+    /// Within the job `job`: record that the VM ended, then apply on_poweroff / on_reboot /
+    /// on_crash (a restart runs in the same job).
+    pub(super) fn finish_exit(&self, name: &str, kind: ExitKind, job: &JobHandle) {
+        let (def, kind) = {
+            let inner = self.lock();
+            let Some(dom) = inner.doms.get(name) else {
+                return;
+            };
+            let kind = if dom.killed {
+                ExitKind::Destroyed
+            } else if dom.pending_reboot && kind == ExitKind::Poweroff {
+                ExitKind::Reboot
+            } else {
+                kind
+            };
+            (dom.stored.def.clone(), kind)
+        };
+        let (action, state, reason, event, detail) = exit_outcome(&def, kind);
+        // The VM is gone: its TAPs go with it.
+        self.networks.unplug(&def);
+        let restart = action == Action::Restart;
+        let keep = if restart {
+            Transient::Keep
+        } else {
+            Transient::Forget
+        };
+        self.record_stop(name, keep, state, reason);
+        self.events.emit(name, event, detail);
+        if restart {
+            self.rename_job(name, job, "restart");
+            let deadline = job.deadline(self.limits.start, format!("domain '{name}': restart"));
+            if let Err(e) = self.start_body(name, job, StateReason::Restarted, &deadline) {
+                eprintln!("ferrovirtd: restart of '{name}' failed: {e}");
+                self.record_stop(
+                    name,
+                    Transient::Forget,
+                    DomainState::Shutoff,
+                    StateReason::Failed,
+                );
+                self.events.emit(name, EventKind::Stopped, "failed");
+            }
+        } else if event != EventKind::Stopped {
+            self.events.emit(name, EventKind::Stopped, reason.as_str());
+        }
+    }
+
+    /// Commit that a VM ended by itself. Nobody waits for an answer here, and memory must follow
+    /// the VM: when the store fails, memory is updated anyway and the error is logged (the next
+    /// commit of the domain writes the record again).
+    fn record_stop(&self, name: &str, keep: Transient, state: DomainState, reason: StateReason) {
+        let mut inner = self.lock();
+        let change = commit::stopped(state, reason);
+        if let Err(e) = inner.commit(name, keep, change) {
+            eprintln!("ferrovirtd: cannot record that domain '{name}' stopped: {e}");
+            if let Some(d) = inner.doms.get_mut(name) {
+                change(&mut d.stored);
+            }
+        }
+        Self::stopped_in_memory(&mut inner, name);
+    }
+
+    /// Daemon start: reattach to running VMs, mark vanished ones, then autostart. Each is a job
+    /// (no driver call under the lock); the API is not served yet.
+    pub(super) fn recover(&self) {
+        let active: Vec<String> = {
+            let inner = self.lock();
+            inner
+                .doms
+                .values()
+                .filter(|d| d.stored.state.is_active())
+                .map(|d| d.stored.def.name.clone())
+                .collect()
+        };
+        for name in active {
+            let Ok((inner, name, job)) =
+                self.take_job(self.lock(), &name, "reattach", false, Duration::ZERO)
+            else {
+                continue;
+            };
+            self.reattach(inner, &name, &job);
+            self.end_job(&name, &job);
+        }
+        let autostart: Vec<String> = {
+            let inner = self.lock();
+            inner
+                .doms
+                .values()
+                .filter(|d| {
+                    d.stored.persistent && d.stored.autostart && !d.stored.state.is_active()
+                })
+                .map(|d| d.stored.def.name.clone())
+                .collect()
+        };
+        for name in autostart {
+            let Ok((inner, name, job)) =
+                self.take_job(self.lock(), &name, "autostart", true, Duration::ZERO)
+            else {
+                continue;
+            };
+            drop(inner);
+            let deadline = job.deadline(self.limits.start, format!("domain '{name}': autostart"));
+            if let Err(e) = self.start_body(&name, &job, StateReason::Booted, &deadline) {
+                eprintln!("ferrovirtd: autostart of '{name}' failed: {e}");
+            }
+            self.end_job(&name, &job);
+        }
+    }
+
+    /// Within the job `job`: reconnect to a VM recorded as running, or record that it is gone.
+    fn reattach(&self, mut inner: MutexGuard<'_, Inner>, name: &str, job: &JobHandle) {
+        let Some(dom) = inner.doms.get_mut(name) else {
+            return;
+        };
+        let def = dom.stored.def.clone();
+        let runtime = dom.stored.runtime.clone().unwrap_or_default();
+        // The new monitor reports with the next generation; exits before we set it wait for
+        // this job to end.
+        let generation = dom.generation + 1;
+        dom.generation = generation;
+        drop(inner);
+        let deadline = job.deadline(self.limits.op, format!("domain '{name}': reattach"));
+        let started = self.driver(&def).ok().and_then(|driver| {
+            let ctx = self.ctx(&def, runtime.id, generation, deadline).ok()?;
+            driver.reattach(ctx, &runtime)
+        });
+        match started {
+            Some(s) => {
+                let mut inner = self.lock();
+                if let Some(dom) = inner.doms.get_mut(name) {
+                    dom.console = s.console;
+                }
+                eprintln!(
+                    "ferrovirtd: reattached to domain '{name}' (pid {:?})",
+                    s.runtime.pid
+                );
+            }
+            None => {
+                eprintln!("ferrovirtd: domain '{name}' was running but its VM is gone; marking it shut off");
+                self.networks.unplug(&def);
+                self.record_stop(
+                    name,
+                    Transient::Forget,
+                    DomainState::Shutoff,
+                    StateReason::Vanished,
+                );
+                self.events.emit(name, EventKind::Stopped, "vanished");
+            }
+        }
+    }
+}
