@@ -8,11 +8,13 @@ use std::path::{Path, PathBuf};
 use crate::error::ApiError;
 use crate::size;
 
-/// Which hypervisor driver runs the domain.
+/// The domain type (libvirt's `<domain type=...>`); with the host it decides the engine
+/// (see [`crate::engine`]) and so the driver.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum VirtType {
-    /// ferrovmm on /dev/kvm.
+    /// Hardware acceleration (KVM): ferrovmm when it supports the definition, else QEMU with
+    /// accel=kvm. As a driver name: the ferrovmm driver.
     Kvm,
     /// qemu-system-x86_64 over QMP (accel kvm or tcg).
     Qemu,
@@ -97,6 +99,10 @@ pub struct DomainDef {
     /// Only for the qemu driver; absent means the host's best.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accel: Option<Accel>,
+    /// The engine, chosen explicitly (libvirt's `<emulator>`): "ferrovmm", or a qemu-system
+    /// binary (a name, or an absolute path that is then run). Absent: see [`crate::engine`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub emulator: Option<String>,
     /// Memory in KiB, exactly as given (libvirt's unit).
     pub memory_kib: u64,
     pub vcpus: u32,
@@ -132,6 +138,8 @@ struct DomainDefInput {
     virt_type: Option<VirtType>,
     #[serde(default)]
     accel: Option<Accel>,
+    #[serde(default)]
+    emulator: Option<String>,
     #[serde(default)]
     memory_kib: Option<u64>,
     /// The spelling before memory was kept in KiB (stored rows, older TOML files).
@@ -203,6 +211,7 @@ impl TryFrom<DomainDefInput> for DomainDef {
             uuid: i.uuid,
             virt_type: i.virt_type,
             accel: i.accel,
+            emulator: i.emulator,
             vcpus: i.vcpus,
             os: i.os,
             disks: i.disks,
@@ -313,6 +322,7 @@ impl DomainDef {
             uuid: None,
             virt_type: None,
             accel: None,
+            emulator: None,
             memory_kib: default_memory_kib(),
             vcpus: default_vcpus(),
             os: OsDef::default(),
@@ -365,6 +375,7 @@ impl DomainDef {
                 self.vcpus
             )));
         }
+        crate::engine::validate(self)?;
         if self.os.kernel.is_none() && (self.os.initrd.is_some() || self.os.cmdline.is_some()) {
             return Err(ApiError::invalid("os.initrd and os.cmdline need os.kernel"));
         }
@@ -406,6 +417,9 @@ impl DomainDef {
     /// Every host file the definition names: each must exist before define/start.
     pub fn host_paths(&self) -> Vec<(&'static str, &Path)> {
         let mut out = Vec::new();
+        if let Some(binary) = self.emulator_binary() {
+            out.push(("emulator", binary));
+        }
         if let Some(k) = &self.os.kernel {
             out.push(("kernel", k.as_path()));
         }
@@ -436,6 +450,14 @@ impl DomainDef {
             }
         }
         Ok(())
+    }
+
+    /// The program `emulator` names by absolute path, which the driver then runs.
+    pub fn emulator_binary(&self) -> Option<&Path> {
+        self.emulator
+            .as_deref()
+            .map(Path::new)
+            .filter(|p| p.is_absolute())
     }
 
     /// Memory in whole MiB, rounded up: for a VMM that sizes guest RAM in MiB.

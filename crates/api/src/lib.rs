@@ -1,6 +1,7 @@
 //! ferrovirt-api: the types shared by ferrovirtd and the ferrovirt CLI.
 //!
 //! * [`def`]: domain definitions in the native TOML format (documented in docs/api/definition.md)
+//! * [`engine`]: which program runs a domain (ferrovmm, QEMU with kvm or tcg) and why
 //! * [`xml`]: libvirt domain XML import/export for the elements ferrovirt supports
 //! * [`xml_limits`]: the one way XML input is parsed: depth, element and attribute limits
 //! * [`state`]: domain states with reasons, summaries and lifecycle events
@@ -14,6 +15,7 @@
 
 pub mod client;
 pub mod def;
+pub mod engine;
 pub mod error;
 pub mod host;
 pub mod http;

@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::def::VirtType;
+use crate::engine::EngineChoice;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -118,6 +119,8 @@ pub struct DomainInfo {
     pub uuid: String,
     #[serde(rename = "type")]
     pub virt_type: VirtType,
+    /// The program that runs (or would run) the domain on this host, and why.
+    pub engine: EngineChoice,
     pub state: DomainState,
     pub reason: StateReason,
     pub persistent: bool,

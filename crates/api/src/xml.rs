@@ -1,9 +1,10 @@
 //! libvirt domain XML: import (define) and export (dumpxml) for the elements ferrovirt supports.
 //!
 //! Supported: `domain/@type`, `name`, `uuid`, `memory`/`currentMemory` (with `unit`), `vcpu`,
-//! `os` (`type`, `kernel`, `initrd`, `cmdline`, `boot/@dev`), `devices` (`disk`, `interface`,
+//! `os` (`type`, `kernel`, `initrd`, `cmdline`, `boot/@dev`), `devices` (`emulator`, `disk`, `interface`,
 //! `serial`, `console`, `graphics`), `on_poweroff`, `on_reboot`, `on_crash`.
-//! Any other element produces a warning naming it; nothing is dropped silently.
+//! Any other element, and any attribute not honored, produces a warning naming it; nothing is
+//! dropped silently.
 
 use std::collections::HashSet;
 
@@ -298,6 +299,8 @@ impl Parser {
                     }
                 }
                 "interface" => def.interfaces.push(self.interface(child)?),
+                // The engine, chosen explicitly (see crate::engine).
+                "emulator" => def.emulator = Some(text(child)),
                 // Every ferrovirt VM has one serial console (ttyS0), logged and attachable:
                 // a first pty <serial> and <console> on port 0 describe exactly that.
                 "serial" | "console" => {
@@ -539,6 +542,9 @@ pub fn emit(def: &DomainDef, default_type: VirtType) -> String {
     let _ = writeln!(x, "  <on_reboot>{}</on_reboot>", def.on_reboot.as_str());
     let _ = writeln!(x, "  <on_crash>{}</on_crash>", def.on_crash.as_str());
     x.push_str("  <devices>\n");
+    if let Some(e) = &def.emulator {
+        let _ = writeln!(x, "    <emulator>{}</emulator>", esc(e));
+    }
     for (i, d) in def.disks.iter().enumerate() {
         let device = if d.device == DiskDevice::Cdrom {
             "cdrom"
@@ -656,11 +662,11 @@ mod tests {
         assert_eq!(d.disks[0].format, DiskFormat::Qcow2);
         assert_eq!(d.interfaces[0].mac.as_deref(), Some("52:54:00:aa:bb:cc"));
         assert!(d.graphics.is_some());
+        assert_eq!(d.emulator.as_deref(), Some("/usr/bin/qemu-system-x86_64"));
         let all = parsed.warnings.join("\n");
         for name in [
             "<metadata>",
             "<features>",
-            "<emulator>",
             "<video>",
             "<address>",
             "coredump-destroy",
@@ -866,6 +872,7 @@ mod tests {
         def.os.cmdline = Some("console=ttyS0".into());
         def.os.boot = vec![BootDev::Cdrom, BootDev::Hd];
         def.on_crash = Action::Restart;
+        def.emulator = Some("/usr/bin/qemu-system-x86_64".into());
         def.disks.push(DiskDef {
             path: "/img/a.qcow2".into(),
             format: DiskFormat::Qcow2,

@@ -265,7 +265,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Start { domain, console, wait } => {
             let info = client.action_wait(&domain, DomainOp::Start, wait.secs)?;
-            done(&info, format!("Domain '{domain}' started"));
+            done(&info, output::started(&domain, &info));
             if console {
                 console::attach(&client, &domain, true)?;
             }

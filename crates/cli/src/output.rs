@@ -53,6 +53,8 @@ pub fn dominfo(d: &DomainInfo) -> String {
         ("UUID", d.uuid.clone()),
         ("OS Type", "hvm".into()),
         ("Driver", d.virt_type.as_str().into()),
+        ("Engine", d.engine.describe()),
+        ("Engine reason", d.engine.reason.clone()),
         ("State", d.state.display().into()),
         ("State reason", d.reason.as_str().into()),
         ("CPU(s)", d.vcpus.to_string()),
@@ -70,7 +72,23 @@ pub fn dominfo(d: &DomainInfo) -> String {
     for (k, v) in rows {
         out.push_str(&format!("{:<16}{v}\n", format!("{k}:")));
     }
+    if let Some(why) = &d.engine.cannot_start {
+        out.push_str(&format!("{:<16}{why}\n", "Cannot start:"));
+    }
     out.push('\n');
+    out
+}
+
+/// What `start` says: virsh's line, then for a kvm domain the engine that runs it and why.
+pub fn started(domain: &str, d: &DomainInfo) -> String {
+    let mut out = format!("Domain '{domain}' started");
+    if d.virt_type == ferrovirt_api::VirtType::Kvm {
+        out.push_str(&format!(
+            "\nEngine: {} ({})",
+            d.engine.describe(),
+            d.engine.reason
+        ));
+    }
     out
 }
 

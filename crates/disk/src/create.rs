@@ -47,8 +47,23 @@ pub struct CreateOptions {
 
 pub const DEFAULT_CLUSTER_SIZE: u32 = 65536;
 
+/// The largest image size: a file offset (i64) rounded down to whole sectors, as
+/// sizes are rounded up to 512 bytes.
+pub const MAX_IMAGE_SIZE: u64 = i64::MAX as u64 & !511;
+
+/// Refuses sizes no file can have (before any rounding could overflow).
+pub fn check_size(size: u64) -> Result<(), DiskError> {
+    if size > MAX_IMAGE_SIZE {
+        return Err(DiskError::InvalidArgument(format!(
+            "invalid image size {size}: it must be between 0 and {MAX_IMAGE_SIZE} bytes"
+        )));
+    }
+    Ok(())
+}
+
 /// Creates (or overwrites) an image.
 pub fn create(path: &Path, opts: &CreateOptions) -> Result<(), DiskError> {
+    check_size(opts.size)?;
     let mut size = opts.size;
     if let Some((name, fmt)) = &opts.backing {
         if opts.format != Format::Qcow2 {
@@ -71,10 +86,16 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<(), DiskError> {
             size = b.size();
         }
     }
-    match opts.format {
+    let existed = std::fs::symlink_metadata(path).is_ok();
+    let made = match opts.format {
         Format::Raw => create_raw(path, size, opts),
         Format::Qcow2 => create_qcow2(path, size, opts),
+    };
+    if made.is_err() && !existed && std::fs::metadata(path).is_ok_and(|m| m.is_file()) {
+        // No half-made image is left behind (e.g. a size the file system cannot hold).
+        let _ = std::fs::remove_file(path);
     }
+    made
 }
 
 fn create_raw(path: &Path, size: u64, opts: &CreateOptions) -> Result<(), DiskError> {

@@ -107,6 +107,28 @@ enum Cmd {
         #[arg(allow_hyphen_values = true)]
         size: String,
     },
+    /// Internal snapshots: snapshot -l | -a NAME | -c NAME | -d NAME FILE
+    #[command(group(clap::ArgGroup::new("action").required(true).args(["list", "apply", "create", "delete"])))]
+    Snapshot {
+        /// List the snapshots
+        #[arg(short = 'l')]
+        list: bool,
+        /// Revert the image to a snapshot (by id or name)
+        #[arg(short = 'a', value_name = "SNAPSHOT")]
+        apply: Option<String>,
+        /// Take a snapshot with this name
+        #[arg(short = 'c', value_name = "SNAPSHOT")]
+        create: Option<String>,
+        /// Delete a snapshot (by id or name)
+        #[arg(short = 'd', value_name = "SNAPSHOT")]
+        delete: Option<String>,
+        /// Quiet (accepted for qemu-img compatibility; nothing is printed on success)
+        #[arg(short = 'q')]
+        quiet: bool,
+        #[arg(short = 'f')]
+        format: Option<String>,
+        file: PathBuf,
+    },
     /// Show where an image's data lives
     Map {
         #[arg(long, value_enum, default_value = "human")]
@@ -454,6 +476,40 @@ fn execute(cmd: Cmd) -> Result<i32, DiskError> {
             };
             ops::resize(&file, new_size)?;
             println!("Image resized.");
+            Ok(0)
+        }
+        Cmd::Snapshot {
+            list,
+            apply,
+            create,
+            delete,
+            quiet: _,
+            format,
+            file,
+        } => {
+            if opt_format(&format)? == Some(Format::Raw) {
+                return Err(DiskError::InvalidArgument(
+                    "raw images have no internal snapshots; use qcow2".into(),
+                ));
+            }
+            let fail = |verb: &str, name: &str, e: DiskError| {
+                DiskError::InvalidArgument(format!("Could not {verb} snapshot '{name}': {e}"))
+            };
+            if list {
+                let snaps = ops::snapshot_list(&file)?;
+                if !snaps.is_empty() {
+                    println!("Snapshot list:\n{}", ops::snapshot_heading());
+                    for sn in &snaps {
+                        println!("{}", ops::snapshot_line(sn));
+                    }
+                }
+            } else if let Some(name) = create {
+                ops::snapshot_create(&file, &name).map_err(|e| fail("create", &name, e))?;
+            } else if let Some(name) = apply {
+                ops::snapshot_apply(&file, &name).map_err(|e| fail("apply", &name, e))?;
+            } else if let Some(name) = delete {
+                ops::snapshot_delete(&file, &name).map_err(|e| fail("delete", &name, e))?;
+            }
             Ok(0)
         }
         Cmd::Map {

@@ -26,9 +26,41 @@ pub struct FormatSpecific {
     pub data: Qcow2Specific,
 }
 
+/// One internal snapshot as `qemu-img info --output=json` lists it.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub struct SnapshotInfo {
+    pub id: String,
+    pub name: String,
+    pub vm_state_size: u64,
+    pub date_sec: u64,
+    pub date_nsec: u64,
+    pub vm_clock_sec: u64,
+    pub vm_clock_nsec: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub icount: Option<u64>,
+}
+
+impl SnapshotInfo {
+    fn from(s: &crate::ops::Snapshot) -> SnapshotInfo {
+        SnapshotInfo {
+            id: s.id.clone(),
+            name: s.name.clone(),
+            vm_state_size: s.vm_state_size,
+            date_sec: s.date_sec as u64,
+            date_nsec: s.date_nsec as u64,
+            vm_clock_sec: s.vm_clock_nsec / 1_000_000_000,
+            vm_clock_nsec: s.vm_clock_nsec % 1_000_000_000,
+            icount: s.icount,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub struct ImageInfo {
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<SnapshotInfo>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backing_filename_format: Option<String>,
     pub virtual_size: u64,
@@ -49,6 +81,7 @@ pub struct ImageInfo {
 fn layer_info(img: &Image, filename: String) -> Result<ImageInfo, DiskError> {
     match img {
         Image::Raw(r) => Ok(ImageInfo {
+            snapshots: Vec::new(),
             backing_filename_format: None,
             virtual_size: r.size(),
             filename,
@@ -71,6 +104,7 @@ fn layer_info(img: &Image, filename: String) -> Result<ImageInfo, DiskError> {
                 None => None,
             };
             Ok(ImageInfo {
+                snapshots: q.snapshots().iter().map(SnapshotInfo::from).collect(),
                 backing_filename_format: h.backing_file.as_ref().and(h.backing_format.clone()),
                 virtual_size: h.size,
                 filename,
@@ -172,6 +206,25 @@ pub fn human_info(i: &ImageInfo) -> String {
     }
     if let Some(f) = &i.backing_filename_format {
         s += &format!("backing file format: {f}\n");
+    }
+    if !i.snapshots.is_empty() {
+        s += &format!("Snapshot list:\n{}\n", crate::ops::snapshot_heading());
+        for sn in &i.snapshots {
+            let full = crate::ops::Snapshot {
+                l1_table_offset: 0,
+                l1_size: 0,
+                id: sn.id.clone(),
+                name: sn.name.clone(),
+                date_sec: sn.date_sec as u32,
+                date_nsec: sn.date_nsec as u32,
+                vm_clock_nsec: sn.vm_clock_sec * 1_000_000_000 + sn.vm_clock_nsec,
+                vm_state_size: sn.vm_state_size,
+                disk_size: None,
+                icount: sn.icount,
+                extra_tail: Vec::new(),
+            };
+            s += &format!("{}\n", crate::ops::snapshot_line(&full));
+        }
     }
     if let Some(fs) = &i.format_specific {
         let d = &fs.data;

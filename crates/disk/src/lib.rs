@@ -18,7 +18,7 @@ mod raw;
 pub use create::{create, CreateOptions, Preallocation};
 pub use error::DiskError;
 pub use file::{fault_write_count, FAULT_ENV};
-pub use info::{info, FormatSpecific, ImageInfo, Qcow2Specific};
+pub use info::{info, FormatSpecific, ImageInfo, Qcow2Specific, SnapshotInfo};
 
 use std::path::Path;
 use std::sync::Arc;

@@ -432,3 +432,42 @@ fn huge_sparse_images_are_handled_quickly() {
     img_ok(&["check", &s(&base)]);
     assert!(start.elapsed().as_secs() < 20, "took {:?}", start.elapsed());
 }
+
+#[test]
+fn sizes_beyond_a_file_offset_are_refused_like_qemu_img() {
+    let d = Scratch::new("cli-bigsize");
+    for (fmt, size) in [
+        ("raw", "18446744073709551615"),
+        ("raw", "8E"),
+        ("qcow2", "8E"),
+        ("raw", "9223372036854775807"),
+        ("qcow2", "16E"),
+    ] {
+        let f = d.path(&format!("big-{fmt}-{size}"));
+        let (code, out, err) = img(&["create", "-f", fmt, &s(&f), size]);
+        assert_eq!(code, 1, "create -f {fmt} {size}: {out}{err}");
+        assert!(
+            err.contains("invalid image size") || err.contains("invalid size"),
+            "create -f {fmt} {size}: {err}"
+        );
+        assert!(!err.contains("conversion"), "{err}");
+        assert!(!f.exists(), "create -f {fmt} {size} left a file");
+        // qemu-img refuses the same sizes.
+        let q = qemu_img(&["create", "-f", fmt, &s(&d.path("q")), size]);
+        assert!(!q.status.success(), "qemu-img accepted {size}");
+    }
+    // Large sizes that fit work, and a size the file system cannot hold leaves no file.
+    let f = d.path("big.raw");
+    let out = img_ok(&["create", "-f", "raw", &s(&f), "4T"]);
+    assert!(out.contains("size=4398046511104"), "{out}");
+    let f = d.path("max.raw");
+    if img(&["create", "-f", "raw", &s(&f), "9223372036854775296"]).0 != 0 {
+        assert!(!f.exists(), "a failed create left its file");
+    }
+    // Resizing past the limit is refused too and leaves the image as it was.
+    let r = d.path("r.raw");
+    img_ok(&["create", "-f", "raw", &s(&r), "1M"]);
+    let (code, _, err) = img(&["resize", &s(&r), "+8E"]);
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(std::fs::metadata(&r).unwrap().len(), 1 << 20);
+}

@@ -33,6 +33,7 @@ pub mod cpio;
 pub mod elf;
 mod error;
 mod host;
+pub mod image;
 mod initramfs;
 mod kernel;
 mod libs;

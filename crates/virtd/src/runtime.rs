@@ -15,6 +15,9 @@ pub struct Runtime {
     pub pid: Option<u32>,
     /// VNC TCP port on 127.0.0.1 (qemu driver with graphics).
     pub vnc_port: Option<u16>,
+    /// The engine that runs the VM (absent in rows stored before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<ferrovirt_api::engine::Engine>,
 }
 
 /// How a VM ended.
@@ -65,6 +68,18 @@ pub fn pid_alive(pid: u32) -> bool {
             .any(|l| l.starts_with("State:") && l.contains('Z')),
         Err(_) => false,
     }
+}
+
+/// True when the process is stopped (SIGSTOP, `State: T`): it cannot answer a polite request,
+/// so a destroy goes straight to SIGKILL.
+pub fn pid_stopped(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .map(|status| {
+            status
+                .lines()
+                .any(|l| l.starts_with("State:") && l.contains('T'))
+        })
+        .unwrap_or(false)
 }
 
 /// True when the live process's command line contains `needle` as one argument.

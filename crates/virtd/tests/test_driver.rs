@@ -361,8 +361,11 @@ fn socket_mode_and_side_by_side_daemons() {
     assert_eq!(a.client().list(true).unwrap().len(), 1);
 }
 
+/// type='kvm' means hardware acceleration: a kvm domain ferrovmm cannot run (a CD-ROM, graphics)
+/// is defined for QEMU with accel=kvm; on a host without hardware virtualization (this one) its
+/// start is refused naming type 'qemu' (TCG), as libvirt does.
 #[test]
-fn kvm_driver_refuses_what_ferrovmm_cannot_do_yet() {
+fn a_kvm_domain_gets_its_engine_by_what_it_asks_for_and_this_host_offers() {
     let d = Daemon::start();
     let c = d.client();
     let iso = d.file("x.iso", "");
@@ -370,13 +373,51 @@ fn kvm_driver_refuses_what_ferrovmm_cannot_do_yet() {
         "name = \"k\"\ntype = \"kvm\"\n[[disk]]\npath = \"{}\"\ndevice = \"cdrom\"\n[graphics]\ntype = \"vnc\"\n",
         iso.display()
     );
-    match c.define(&def, DefFormat::Toml, false) {
+    let r = c.define(&def, DefFormat::Toml, false).expect("defined");
+    let engine = &r.domain.engine;
+    assert_eq!(engine.engine, ferrovirt_api::engine::Engine::Qemu);
+    assert_eq!(engine.accel, Some(ferrovirt_api::def::Accel::Kvm));
+    assert!(engine.reason.contains("CD-ROMs"), "{}", engine.reason);
+    // An explicit ferrovmm for what ferrovmm cannot run is refused at define.
+    let explicit = def.replace(
+        "type = \"kvm\"\n",
+        "type = \"kvm\"\nemulator = \"ferrovmm\"\n",
+    );
+    match c.define(
+        &explicit.replace("name = \"k\"", "name = \"k2\""),
+        DefFormat::Toml,
+        false,
+    ) {
         Err(ferrovirt_api::client::ClientError::Api(e)) => {
             assert_eq!(e.code, ErrorCode::NotSupported);
-            assert!(e.message.contains("not support"), "{}", e.message);
+            assert!(
+                e.message.contains("ferrovmm does not support CD-ROMs"),
+                "{}",
+                e.message
+            );
         }
         other => panic!("{other:?}"),
     }
+    if ferrovirt_api::host::HostVirt::probe().hardware_kvm() {
+        return;
+    }
+    let why = engine
+        .cannot_start
+        .clone()
+        .expect("no hardware virtualization here");
+    assert!(why.contains("type 'qemu'"), "{why}");
+    match c.action("k", DomainOp::Start) {
+        Err(ferrovirt_api::client::ClientError::Api(e)) => {
+            assert_eq!(e.code, ErrorCode::NotSupported);
+            assert!(
+                e.message.contains("hardware virtualization") && e.message.contains("type 'qemu'"),
+                "{}",
+                e.message
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(c.get("k").unwrap().state, DomainState::Shutoff);
 }
 
 #[test]

@@ -64,6 +64,20 @@ pub enum CrashCause {
     Vmm,
 }
 
+impl CrashCause {
+    /// The name used in the record.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CrashCause::KvmInternalError => "kvm_internal_error",
+            CrashCause::EntryFailed => "entry_failed",
+            CrashCause::UnhandledExit => "unhandled_exit",
+            CrashCause::GuestPanic => "guest_panic",
+            CrashCause::VcpuError => "vcpu_error",
+            CrashCause::Vmm => "vmm",
+        }
+    }
+}
+
 impl ExitReason {
     /// The one line ferrovmm prints on stderr as it ends.
     pub fn describe(&self) -> String {
@@ -184,6 +198,23 @@ mod tests {
         );
         let left: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(left.len(), 1, "no temporary file is left behind");
+    }
+
+    #[test]
+    fn crash_cause_names_are_their_json_names() {
+        for cause in [
+            CrashCause::KvmInternalError,
+            CrashCause::EntryFailed,
+            CrashCause::UnhandledExit,
+            CrashCause::GuestPanic,
+            CrashCause::VcpuError,
+            CrashCause::Vmm,
+        ] {
+            assert_eq!(
+                serde_json::to_string(&cause).unwrap(),
+                format!("\"{}\"", cause.as_str())
+            );
+        }
     }
 
     #[test]

@@ -1,119 +1,276 @@
-//! The control API: HTTP/1.1 + JSON on a Unix socket, served on its own thread.
+//! The control API: HTTP/1.1 + JSON on a Unix socket, served by hyper on its own thread
+//! (a current-thread tokio runtime).
 //!
 //! Resources: `GET /vm`, `PUT /vm/{pause,resume,power-button,reset,stop}`, `GET /vm/counters`.
 //! The OpenAPI description is docs/ferrovmm-api.yaml.
+//!
+//! Nothing a client sends can take the VM down: headers are bounded in size and count and must
+//! arrive within a deadline, no resource takes a body (one announced larger than
+//! [`MAX_REQUEST_BODY`] gets 413 before a byte of it is read; chunked bodies are read through a
+//! cap), connections are limited in number (503 beyond) and in lifetime.
 
+use std::convert::Infallible;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
+use bytes::Bytes;
+use ferrovmm_api::control::{ErrorBody, VmInfo, VmState, MAX_REQUEST_BODY};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
-use tiny_http::{Header, Method, Request, Response, Server};
-
-use ferrovmm_api::control::{VmInfo, VmState};
+use tokio::sync::Semaphore;
 
 use crate::error::{Error, Result};
 use crate::lifecycle::StopReason;
 use crate::vm::Machine;
 
-#[derive(Serialize)]
-struct ErrorBody<'a> {
-    error: ErrorDetail<'a>,
-}
+/// Connections served at once; one more gets a 503 and is closed.
+pub const MAX_CONNECTIONS: usize = 16;
+/// Request line plus headers.
+pub const MAX_HEADER_BYTES: usize = 8 << 10;
+pub const MAX_HEADERS: usize = 32;
+/// A client must send its request headers within this time.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// And a body (there should be none) within this one.
+const BODY_TIMEOUT: Duration = Duration::from_secs(5);
+/// No connection lives longer, however it behaves.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 
-#[derive(Serialize)]
-struct ErrorDetail<'a> {
-    code: &'a str,
-    message: String,
+/// The whole answer to a connection beyond [`MAX_CONNECTIONS`].
+fn busy_response() -> Vec<u8> {
+    let body = serde_json::to_string(&ErrorBody::new(
+        "busy",
+        format!("more than {MAX_CONNECTIONS} API connections; try again shortly"),
+    ))
+    .unwrap_or_default();
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
 }
 
 /// A response ready to send: status and optional JSON body.
 struct Reply {
-    status: u16,
+    status: StatusCode,
     body: Option<String>,
+    /// Ends the VM once this answer is out and the connection closed (the process exits soon
+    /// after a stop, so stopping first could lose the answer).
+    then_stop: Option<StopReason>,
 }
 
 impl Reply {
-    fn json<T: Serialize>(status: u16, value: &T) -> Self {
+    fn json<T: Serialize>(status: StatusCode, value: &T) -> Self {
         Reply {
             status,
             body: Some(serde_json::to_string(value).unwrap_or_else(|_| "{}".into())),
+            then_stop: None,
         }
     }
     fn no_content() -> Self {
         Reply {
-            status: 204,
+            status: StatusCode::NO_CONTENT,
             body: None,
+            then_stop: None,
         }
     }
-    fn error(status: u16, code: &str, message: impl Into<String>) -> Self {
-        Reply::json(
-            status,
-            &ErrorBody {
-                error: ErrorDetail {
-                    code,
-                    message: message.into(),
-                },
-            },
-        )
+    fn stop_after(reason: StopReason) -> Self {
+        Reply {
+            then_stop: Some(reason),
+            ..Reply::no_content()
+        }
+    }
+    fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
+        Reply::json(status, &ErrorBody::new(code, message))
+    }
+
+    fn into_response(self, close: bool, pending_stop: &PendingStop) -> Response<Full<Bytes>> {
+        let close = close || self.then_stop.is_some();
+        if let Some(reason) = self.then_stop {
+            *pending_stop.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+        }
+        let mut resp = Response::new(Full::new(Bytes::from(
+            self.body.clone().unwrap_or_default(),
+        )));
+        *resp.status_mut() = self.status;
+        if self.body.is_some() {
+            resp.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        }
+        if close {
+            resp.headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+        }
+        resp
     }
 }
 
-/// Binds the API socket (replacing a stale one) and serves it on a thread.
+/// Binds the API socket (replacing a stale one, mode 0600) and serves it on a thread.
 pub fn serve(path: &Path, machine: Arc<Machine>) -> Result<()> {
     // Bind ourselves so a stale socket file and permission problems get a clear error.
     let listener = crate::console::bind_socket(path, "--api-socket")?;
-    let server = Server::from_listener(listener, None)
-        .map_err(|e| Error::host(format!("--api-socket {}: {e}", path.display())))?;
+    let bad = |e: std::io::Error| Error::host(format!("--api-socket {}: {e}", path.display()));
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bad)?;
+    listener.set_nonblocking(true).map_err(bad)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+        .map_err(|e| Error::host(format!("cannot start the API runtime: {e}")))?;
+    let listener = {
+        let _entered = runtime.enter();
+        tokio::net::UnixListener::from_std(listener).map_err(bad)?
+    };
     std::thread::Builder::new()
         .name("api".into())
         .stack_size(256 << 10)
-        .spawn(move || {
-            for request in server.incoming_requests() {
-                let reply = route(&machine, &request);
-                respond(request, reply);
-            }
-        })
+        .spawn(move || runtime.block_on(accept_loop(listener, machine)))
         .map_err(|e| Error::host(format!("cannot start the API thread: {e}")))?;
     Ok(())
 }
 
-fn respond(request: Request, reply: Reply) {
-    let result = match reply.body {
-        Some(body) => {
-            let header = Header::from_bytes("Content-Type", "application/json")
-                .expect("static header is valid");
-            request.respond(
-                Response::from_string(body)
-                    .with_status_code(reply.status)
-                    .with_header(header),
-            )
-        }
-        None => request.respond(Response::empty(reply.status)),
-    };
-    if let Err(e) = result {
-        log::debug!("API client went away: {e}");
+fn connection_builder() -> http1::Builder {
+    let mut b = http1::Builder::new();
+    b.timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_headers(MAX_HEADERS)
+        .max_header_size(MAX_HEADER_BYTES)
+        // A client may shut down its sending side once its request is out.
+        .half_close(true);
+    b
+}
+
+async fn accept_loop(listener: tokio::net::UnixListener, machine: Arc<Machine>) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let builder = Arc::new(connection_builder());
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors, say: wait for some to be freed instead of spinning.
+                log::warn!("API socket: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            // One non-blocking write of a short answer, then close: a flood costs no memory.
+            let _ = stream.try_write(&busy_response());
+            continue;
+        };
+        let machine = machine.clone();
+        let builder = builder.clone();
+        tokio::spawn(async move {
+            let pending_stop = PendingStop::default();
+            let service = {
+                let (machine, pending_stop) = (machine.clone(), pending_stop.clone());
+                hyper::service::service_fn(move |req| {
+                    let (machine, pending_stop) = (machine.clone(), pending_stop.clone());
+                    async move { Ok::<_, Infallible>(handle(&machine, req, &pending_stop).await) }
+                })
+            };
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            match tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
+                Ok(Err(e)) => log::debug!("API connection: {e}"),
+                Err(_) => log::debug!("API connection closed after {CONNECTION_LIFETIME:?}"),
+                Ok(Ok(())) => {}
+            }
+            let stop = pending_stop
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            if let Some(reason) = stop {
+                machine.lifecycle.request_stop(reason);
+            }
+            drop(slot);
+        });
     }
 }
 
-fn route(machine: &Machine, request: &Request) -> Reply {
-    let path = request.url().split('?').next().unwrap_or("");
-    let method = request.method();
+/// A stop asked for on a connection, carried out when the connection is done.
+type PendingStop = Arc<std::sync::Mutex<Option<StopReason>>>;
+
+async fn handle(
+    machine: &Machine,
+    req: Request<Incoming>,
+    pending_stop: &PendingStop,
+) -> Response<Full<Bytes>> {
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_REQUEST_BODY) {
+        return body_too_large().into_response(true, pending_stop);
+    }
+    let (parts, body) = req.into_parts();
+    // Read what there is (chunked included) through the cap, within a deadline.
+    let read = tokio::time::timeout(
+        BODY_TIMEOUT,
+        Limited::new(body, MAX_REQUEST_BODY as usize).collect(),
+    )
+    .await;
+    let body_len = match read {
+        Ok(Ok(collected)) => collected.to_bytes().len(),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            return body_too_large().into_response(true, pending_stop)
+        }
+        Ok(Err(_)) => {
+            return Reply::error(
+                StatusCode::BAD_REQUEST,
+                "bad_body",
+                "the request body is malformed",
+            )
+            .into_response(true, pending_stop)
+        }
+        Err(_) => {
+            return Reply::error(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                format!("the request body did not arrive within {BODY_TIMEOUT:?}"),
+            )
+            .into_response(true, pending_stop)
+        }
+    };
+    route(machine, &parts.method, parts.uri.path(), body_len).into_response(false, pending_stop)
+}
+
+fn body_too_large() -> Reply {
+    Reply::error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "body_too_large",
+        format!("no resource takes a request body, and none over {MAX_REQUEST_BODY} bytes is read"),
+    )
+}
+
+fn route(machine: &Machine, method: &Method, path: &str, body_len: usize) -> Reply {
     let allowed = match path {
-        "/vm" | "/vm/counters" => Method::Get,
-        "/vm/pause" | "/vm/resume" | "/vm/power-button" | "/vm/reset" | "/vm/stop" => Method::Put,
-        _ => return Reply::error(404, "not_found", format!("no resource {path}; see GET /vm")),
+        "/vm" | "/vm/counters" => Method::GET,
+        "/vm/pause" | "/vm/resume" | "/vm/power-button" | "/vm/reset" | "/vm/stop" => Method::PUT,
+        _ => {
+            return Reply::error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no resource {path}; see GET /vm"),
+            )
+        }
     };
     if *method != allowed {
         return Reply::error(
-            405,
+            StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
             format!("{path} takes {allowed}, not {method}"),
         );
     }
-    // No resource takes a body; refusing one early also bounds what a client can make us read.
-    if request.body_length().unwrap_or(0) > 0 {
+    if body_len > 0 {
         return Reply::error(
-            400,
+            StatusCode::BAD_REQUEST,
             "unexpected_body",
             format!("{method} {path} takes no request body"),
         );
@@ -126,7 +283,7 @@ fn route(machine: &Machine, request: &Request) -> Reply {
                 VmState::Running
             };
             Reply::json(
-                200,
+                StatusCode::OK,
                 &VmInfo {
                     state,
                     uptime_ms: u64::try_from(machine.started.elapsed().as_millis())
@@ -136,7 +293,7 @@ fn route(machine: &Machine, request: &Request) -> Reply {
             )
         }
         "/vm/counters" => Reply::json(
-            200,
+            StatusCode::OK,
             &serde_json::json!({ "exits": machine.counters.snapshot() }),
         ),
         "/vm/pause" => {
@@ -150,7 +307,7 @@ fn route(machine: &Machine, request: &Request) -> Reply {
         "/vm/power-button" => {
             if machine.vcpus.pause.is_paused() {
                 return Reply::error(
-                    409,
+                    StatusCode::CONFLICT,
                     "vm_paused",
                     "the VM is paused; resume it before pressing the power button",
                 );
@@ -165,13 +322,13 @@ fn route(machine: &Machine, request: &Request) -> Reply {
         "/vm/reset" => {
             // Like the reset button: the VM ends with "guest reset" and whoever
             // manages it decides whether it starts again.
-            machine.lifecycle.request_stop(StopReason::Reset);
-            Reply::no_content()
+            Reply::stop_after(StopReason::Reset)
         }
-        "/vm/stop" => {
-            machine.lifecycle.request_stop(StopReason::Stopped);
-            Reply::no_content()
-        }
-        _ => Reply::error(404, "not_found", format!("no resource {path}")),
+        "/vm/stop" => Reply::stop_after(StopReason::Stopped),
+        _ => Reply::error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no resource {path}"),
+        ),
     }
 }

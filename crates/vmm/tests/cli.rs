@@ -51,6 +51,8 @@ fn help_documents_every_flag() {
         "--vcpus",
         "--serial",
         "--api-socket",
+        "--exit-file",
+        "--log-level",
         "--name",
     ] {
         assert!(

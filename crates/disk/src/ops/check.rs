@@ -1,7 +1,9 @@
 //! `check`: recount every reference and compare with the stored refcounts; repair.
 
 use crate::chain::{open_chain_with, ChainOpts};
-use crate::qcow2::meta::{Mapping, L1_OFFSET_MASK, RT_OFFSET_MASK};
+use crate::qcow2::meta::{be_u64s, Mapping, L1_OFFSET_MASK, RT_OFFSET_MASK};
+use crate::qcow2::refs::{count_l2_trees, l2_multiplicity, Refs};
+use crate::qcow2::snapshot::encode_table;
 use crate::qcow2::Qcow2;
 use crate::{DiskError, Image};
 use serde::Serialize;
@@ -112,12 +114,6 @@ fn check_qcow2(q: &Qcow2, path: &Path) -> Result<(CheckReport, Mismatches), Disk
             "{}: file has {file_clusters} clusters, too many to check",
             path.display()
         )));
-    }
-    if h.nb_snapshots > 0 {
-        return Err(DiskError::Unsupported {
-            path: path.into(),
-            feature: "checking images with internal snapshots".into(),
-        });
     }
     let mut r = CheckReport {
         filename: path.display().to_string(),
@@ -230,6 +226,51 @@ fn check_qcow2(q: &Qcow2, path: &Path) -> Result<(CheckReport, Mismatches), Disk
                     r.compressed_clusters += 1;
                 }
                 _ => {}
+            }
+        }
+    }
+    // Snapshots: the table, their L1 tables, and each L2 tree once per L1 entry that
+    // reaches it (shared tables are read once).
+    if h.nb_snapshots > 0 {
+        let table_len = encode_table(&meta.snapshots).len() as u64;
+        inc(
+            &mut r,
+            h.snapshots_offset / cs,
+            table_len.div_ceil(cs),
+            "snapshot table",
+        );
+        let mut l1s = Vec::new();
+        for sn in meta.snapshots.clone() {
+            let bytes = sn.l1_size as u64 * 8;
+            inc(
+                &mut r,
+                sn.l1_table_offset / cs,
+                bytes.div_ceil(cs),
+                "snapshot L1 table",
+            );
+            if sn.l1_table_offset + bytes > file_len {
+                continue;
+            }
+            let mut b = vec![0u8; bytes as usize];
+            f.read_at(&mut b, sn.l1_table_offset)?;
+            l1s.push(be_u64s(&b));
+        }
+        let views: Vec<&[u64]> = l1s.iter().map(|v| v.as_slice()).collect();
+        let mut snap_refs = Refs::new(file_clusters);
+        count_l2_trees(
+            &geo,
+            file_clusters,
+            &l2_multiplicity(&views),
+            &mut snap_refs,
+            |off| meta.read_l2(f, off),
+        )?;
+        r.corruptions += snap_refs.problems.len() as u64;
+        r.messages.append(&mut snap_refs.problems);
+        for (c, &n) in snap_refs.counts.iter().enumerate() {
+            if n > 0 {
+                if let Some(v) = refs.get_mut(c) {
+                    *v = v.saturating_add(n.min(u16::MAX as u32) as u16);
+                }
             }
         }
     }

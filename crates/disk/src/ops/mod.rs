@@ -3,7 +3,12 @@
 mod check;
 mod map;
 mod rewrite;
+mod snapshot;
 
 pub use check::{check, CheckReport, Repair};
 pub use map::{map, MapEntry};
 pub use rewrite::{commit, convert, convert_options, rebase, resize};
+pub use snapshot::{
+    snapshot_apply, snapshot_create, snapshot_create_with, snapshot_delete, snapshot_heading,
+    snapshot_line, snapshot_list, snapshot_vm_state, Snapshot, SnapshotParams,
+};

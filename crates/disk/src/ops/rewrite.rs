@@ -249,6 +249,7 @@ pub fn rebase(
 
 /// Grows an image to `new_size` bytes (shrinking is refused: it would destroy data).
 pub fn resize(path: &Path, new_size: u64) -> Result<(), DiskError> {
+    crate::create::check_size(new_size)?;
     let img = open_chain_with(
         path,
         None,

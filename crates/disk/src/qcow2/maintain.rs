@@ -13,7 +13,7 @@ impl Qcow2 {
         {
             let _g = self.gate.write().unwrap_or_else(|p| p.into_inner());
             let mut meta = self.lock();
-            let clusters = self.size.div_ceil(self.cluster_size);
+            let clusters = self.cur_size().div_ceil(self.cluster_size);
             let per = meta.geo.l2_entries;
             // Only the ranges that have an L2 table can hold mappings.
             let mapped: Vec<u64> = (0..meta.l1_len() as u64)
@@ -50,6 +50,8 @@ impl Qcow2 {
         self.file.write_at(&new_size.to_be_bytes(), 24)?;
         self.file.sync()?;
         meta.header.size = new_size;
+        self.size
+            .store(new_size, std::sync::atomic::Ordering::Release);
         drop(meta);
         Ok(())
     }
@@ -90,7 +92,7 @@ impl Qcow2 {
         if prealloc == P::Off {
             return meta.writeback(&self.file);
         }
-        let clusters = self.size.div_ceil(cs);
+        let clusters = self.cur_size().div_ceil(cs);
         let per = meta.geo.l2_entries;
         let mut gc = 0;
         let mut data_runs = Vec::new();

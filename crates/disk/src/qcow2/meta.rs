@@ -152,6 +152,8 @@ pub struct Meta {
     pub end: u64,
     /// Clusters at or past this index were never written: they read as zeros.
     fresh_from: u64,
+    /// The internal snapshots, as the snapshot table lists them.
+    pub snapshots: Vec<super::snapshot::Snapshot>,
 }
 
 pub fn rc_get(block: &[u8], idx: u64, order: u32) -> u64 {
@@ -168,7 +170,7 @@ pub fn rc_get(block: &[u8], idx: u64, order: u32) -> u64 {
     }
 }
 
-fn rc_set(block: &mut [u8], idx: u64, order: u32, value: u64) {
+pub fn rc_set(block: &mut [u8], idx: u64, order: u32, value: u64) {
     let i = idx as usize;
     match order {
         0..=3 => {
@@ -183,14 +185,14 @@ fn rc_set(block: &mut [u8], idx: u64, order: u32, value: u64) {
     }
 }
 
-fn be_u64s(bytes: &[u8]) -> Vec<u64> {
+pub fn be_u64s(bytes: &[u8]) -> Vec<u64> {
     bytes
         .chunks_exact(8)
         .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
         .collect()
 }
 
-fn to_be_bytes(v: &[u64]) -> Vec<u8> {
+pub fn to_be_bytes(v: &[u64]) -> Vec<u8> {
     v.iter().flat_map(|e| e.to_be_bytes()).collect()
 }
 
@@ -205,7 +207,15 @@ impl Meta {
         f.read_at(&mut rt_bytes, header.refcount_table_offset)?;
         let rt = be_u64s(&rt_bytes);
         let end = f.len()?.div_ceil(geo.cluster_size);
+        let snapshots = super::snapshot::read_table(
+            f,
+            header.snapshots_offset,
+            header.nb_snapshots,
+            geo.cluster_size,
+            header.version,
+        )?;
         Ok(Meta {
+            snapshots,
             header,
             geo,
             l1,
@@ -322,10 +332,23 @@ impl Meta {
         }
         let mut l2_off = self.l1[l1_idx] & L1_OFFSET_MASK;
         if l2_off != 0 && self.l1[l1_idx] & COPIED == 0 {
-            return Err(DiskError::Unsupported {
-                path: f.path().into(),
-                feature: "writing to L2 tables shared with internal snapshots".into(),
-            });
+            // Shared with a snapshot: write a private copy and drop our reference to
+            // the shared one once the L1 table points at the copy.
+            let entries = self.l2_table(f, l2_off)?.entries.clone();
+            let (idx, _) = self.alloc(f, 1)?;
+            let copy = idx << self.geo.cluster_bits;
+            self.maybe_evict(f)?;
+            self.l2.insert(
+                copy,
+                Table {
+                    entries,
+                    dirty: true,
+                },
+            );
+            self.l1[l1_idx] = copy | COPIED;
+            self.mark_l1_dirty(l1_idx);
+            self.free_later(l2_off >> self.geo.cluster_bits, 1);
+            l2_off = copy;
         }
         if l2_off == 0 {
             let (idx, _) = self.alloc(f, 1)?;
@@ -710,6 +733,16 @@ impl Meta {
 
     pub fn set_free_hint(&mut self, hint: u64) {
         self.free_hint = hint;
+    }
+
+    /// An L2 table's entries, from the cache or the file (without caching it).
+    pub fn read_l2(&self, f: &ImageFile, l2_off: u64) -> Result<Vec<u64>, DiskError> {
+        if let Some(t) = self.l2.get(&l2_off) {
+            return Ok(t.entries.clone());
+        }
+        let mut bytes = vec![0u8; self.geo.cluster_size as usize];
+        f.read_at(&mut bytes, l2_off)?;
+        Ok(be_u64s(&bytes))
     }
 
     pub fn refcount_table(&self) -> &[u64] {

@@ -5,6 +5,11 @@ pub mod header;
 mod io;
 mod maintain;
 pub mod meta;
+pub mod refs;
+pub mod snapshot;
+mod snapshot_ops;
+
+pub use snapshot_ops::SnapshotParams;
 
 use crate::file::{AlignedBuf, ImageFile};
 use crate::{BlockBackend, DiskError, Image};
@@ -12,11 +17,13 @@ use header::{
     Compression, Header, INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY,
 };
 use meta::{Mapping, Meta, COPIED, ZERO};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 
 pub struct Qcow2 {
     file: ImageFile,
-    size: u64,
+    /// Virtual size; changes only when a snapshot of another size is applied.
+    size: AtomicU64,
     cluster_bits: u32,
     cluster_size: u64,
     read_only: bool,
@@ -97,14 +104,6 @@ impl Qcow2 {
                     reason: "the dirty bit is set (lazy refcounts were not written back)".into(),
                 });
             }
-            if header.nb_snapshots > 0 {
-                return Err(DiskError::Unsupported {
-                    path,
-                    feature:
-                        "writing to images with internal snapshots (open read-only or convert it)"
-                            .into(),
-                });
-            }
             if header.refcount_order > 6 {
                 return Err(DiskError::Unsupported {
                     path,
@@ -122,7 +121,7 @@ impl Qcow2 {
         let meta = Meta::load(&file, header)?;
         let h = &meta.header;
         Ok(Qcow2 {
-            size: h.size,
+            size: AtomicU64::new(h.size),
             cluster_bits: h.cluster_bits,
             cluster_size: h.cluster_size(),
             compression: h.compression,
@@ -133,6 +132,10 @@ impl Qcow2 {
             file,
             gate: RwLock::new(()),
         })
+    }
+
+    pub(crate) fn cur_size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, Meta> {
@@ -156,11 +159,11 @@ impl Qcow2 {
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<(), DiskError> {
-        if offset.checked_add(len).is_none_or(|e| e > self.size) {
+        if offset.checked_add(len).is_none_or(|e| e > self.cur_size()) {
             return Err(DiskError::OutOfRange {
                 offset,
                 len,
-                size: self.size,
+                size: self.cur_size(),
             });
         }
         Ok(())
@@ -244,7 +247,7 @@ impl Qcow2 {
             Mapping::Unallocated => {
                 let mut b = AlignedBuf::zeroed(cs);
                 let start = guest_cluster * self.cluster_size;
-                let n = (self.size - start).min(self.cluster_size) as usize;
+                let n = (self.cur_size() - start).min(self.cluster_size) as usize;
                 self.read_backing(&mut b[..n], start)?;
                 Some(b)
             }
@@ -290,21 +293,17 @@ impl Qcow2 {
         data: &[u8],
         m: Mapping,
     ) -> Result<(), DiskError> {
-        let (host, fresh) = match m {
+        let (host, fresh, reused) = match m {
             Mapping::Zero { host: Some(h) }
                 if meta.l2_entry(&self.file, guest_cluster)? & COPIED != 0 =>
             {
-                (h, false)
+                (h, false, true)
             }
-            Mapping::Data { copied: false, .. } => {
-                return Err(DiskError::Unsupported {
-                    path: self.file.path().into(),
-                    feature: "writing to clusters shared with internal snapshots".into(),
-                })
-            }
+            // Everything else, including clusters shared with a snapshot (Data without
+            // COPIED), gets a new cluster: copy-on-write.
             _ => {
                 let (i, fr) = meta.alloc(&self.file, 1)?;
-                (i << self.cluster_bits, fr)
+                (i << self.cluster_bits, fr, false)
             }
         };
         self.ensure_not_metadata(&meta, host)?;
@@ -314,7 +313,8 @@ impl Qcow2 {
         let mut meta = self.lock();
         meta.inflight.remove(&guest_cluster);
         let mapped = filled.and_then(|()| {
-            if let Mapping::Compressed { .. } = m {
+            // The old mapping's reference is dropped once the new one is durable.
+            if !reused {
                 if let Some((first, n)) = m.host_clusters(&meta.geo) {
                     meta.free_later(first, n);
                 }
@@ -338,7 +338,7 @@ impl Qcow2 {
         fresh: bool,
     ) -> Result<(), DiskError> {
         let cs = self.cluster_size;
-        let valid = (self.size - guest_cluster * cs).min(cs);
+        let valid = (self.cur_size() - guest_cluster * cs).min(cs);
         let full = in_cluster == 0 && data.len() as u64 >= valid;
         if fresh {
             // O_DIRECT writes that extend the file are slow (the file system serialises
@@ -398,7 +398,7 @@ impl Qcow2 {
     /// (runs are merged across clusters with the same status and contiguous host offsets).
     pub fn layer_status(&self, offset: u64, max_len: u64) -> Result<(LayerStatus, u64), DiskError> {
         let cs = self.cluster_size;
-        let max_len = max_len.min(self.size.saturating_sub(offset));
+        let max_len = max_len.min(self.cur_size().saturating_sub(offset));
         let end = offset + max_len;
         let span = cs * (cs / 8); // guest bytes mapped by one L2 table
         let mut meta = self.lock();
@@ -458,7 +458,7 @@ impl Qcow2 {
         let cs = self.cluster_size;
         let v3 = self.lock().header.version >= 3;
         for (gc, in_c, n) in self.pieces(offset, len) {
-            let valid = (self.size - gc * cs).min(cs);
+            let valid = (self.cur_size() - gc * cs).min(cs);
             let whole = in_c == 0 && n >= valid;
             let _g = self.gate.read().unwrap_or_else(|p| p.into_inner());
             let mut meta = self.lock_settled(gc);
@@ -495,7 +495,7 @@ impl Qcow2 {
 
 impl BlockBackend for Qcow2 {
     fn size(&self) -> u64 {
-        self.size
+        self.cur_size()
     }
 
     fn read_only(&self) -> bool {

@@ -1,4 +1,4 @@
-//! The `kvm` driver: one ferrovmm process per VM (see notes/FERROVMM-CONTRACT.md), in its own
+//! The `kvm` driver: one ferrovmm process per VM (see docs/ferrovmm-contract.md), in its own
 //! session so it outlives ferrovirtd; controlled over its HTTP API socket.
 //!
 //! Per VM in its run folder: `pid`, `api.sock`, `serial.sock` (the console hub's link), `vmm.log`
@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use ferrovirt_api::def::DiskDevice;
 use ferrovirt_api::http::unix_request;
 use ferrovirt_api::{ApiError, DomainDef};
 use ferrovmm_api::launch::{DiskConfig, Mac, NetBackend, NetConfig, SerialMode};
@@ -20,7 +19,9 @@ use ferrovmm_api::{ExitReason, ExitRecord, LaunchConfig};
 use super::{Driver, ExitNotifier, Started, VmCtx, VmRef};
 use crate::console::ConsoleHub;
 use crate::deadline::Deadline;
-use crate::runtime::{kill, kill_and_wait, pid_alive, pid_has_arg, wait_gone, ExitKind, Runtime};
+use crate::runtime::{
+    kill, kill_and_wait, pid_alive, pid_has_arg, pid_stopped, wait_gone, ExitKind, Runtime,
+};
 
 pub struct KvmDriver {
     pub binary: PathBuf,
@@ -149,7 +150,7 @@ pub fn exit_kind(dir: &Path) -> ExitKind {
                 eprintln!(
                     "ferrovirtd: VM in {} crashed ({}): {detail}",
                     dir.display(),
-                    serde_json::to_string(&cause).unwrap_or_default()
+                    cause.as_str()
                 );
                 ExitKind::Crash
             }
@@ -176,20 +177,11 @@ fn log_tail(path: &Path) -> String {
 
 impl Driver for KvmDriver {
     fn check(&self, def: &DomainDef) -> Result<(), ApiError> {
-        let qemu_hint = "; use --virt-type qemu (type = \"qemu\") for now";
-        if def.disks.iter().any(|d| d.device == DiskDevice::Cdrom) {
+        // A kvm domain that needs more runs on QEMU (ferrovirt_api::engine); this refuses only
+        // what reaches ferrovmm anyway.
+        if let Some(what) = ferrovirt_api::engine::ferrovmm_lacks(def) {
             return Err(ApiError::not_supported(format!(
-                "the kvm driver (ferrovmm) does not support CD-ROMs (--cdrom) yet: it has no firmware to boot one{qemu_hint}"
-            )));
-        }
-        if def.graphics.is_some() {
-            return Err(ApiError::not_supported(format!(
-                "the kvm driver (ferrovmm) does not support graphics (--graphics vnc) yet: it has no display device{qemu_hint}"
-            )));
-        }
-        if def.os.kernel.is_none() {
-            return Err(ApiError::not_supported(format!(
-                "the kvm driver (ferrovmm) boots a kernel directly and has no firmware yet: give os.kernel (--boot kernel=...){qemu_hint}"
+                "ferrovmm does not support {what} yet; use --virt-type qemu (type = \"qemu\") or no emulator"
             )));
         }
         // Everything ferrovmm's command line cannot carry is refused now, not at start.
@@ -207,7 +199,7 @@ impl Driver for KvmDriver {
         let log_path = dir.join("vmm.log");
         let log = fs::File::create(&log_path)
             .map_err(|e| ApiError::internal(format!("{}: {e}", log_path.display())))?;
-        let mut cmd = Command::new(&self.binary);
+        let mut cmd = Command::new(ctx.def.emulator_binary().unwrap_or(&self.binary));
         cmd.args(argv)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -267,6 +259,8 @@ impl Driver for KvmDriver {
                 id: ctx.id,
                 pid: Some(pid),
                 vnc_port: None,
+                // Recorded by the manager, which chose the engine.
+                engine: None,
             },
             console: Some(console),
         })
@@ -299,7 +293,8 @@ impl Driver for KvmDriver {
         };
         // A polite stop first, briefly: a ferrovmm that does not answer is killed.
         let polite = vm.deadline.within(Duration::from_secs(3));
-        if self.api(vm.vm_dir, "PUT", "/vm/stop", &polite).is_err()
+        if pid_stopped(pid)
+            || self.api(vm.vm_dir, "PUT", "/vm/stop", &polite).is_err()
             || !wait_gone(pid, vm.deadline.remaining().min(Duration::from_secs(5)))
         {
             return kill_and_wait(pid, "ferrovmm");

@@ -16,7 +16,9 @@ use super::qmp::Qmp;
 use super::{Driver, ExitNotifier, Started, VmCtx, VmRef};
 use crate::console::ConsoleHub;
 use crate::deadline::Deadline;
-use crate::runtime::{kill, kill_and_wait, pid_alive, pid_has_arg, wait_gone, ExitKind, Runtime};
+use crate::runtime::{
+    kill, kill_and_wait, pid_alive, pid_has_arg, pid_stopped, wait_gone, ExitKind, Runtime,
+};
 
 pub struct QemuDriver {
     pub binary: PathBuf,
@@ -233,7 +235,8 @@ impl Driver for QemuDriver {
             .map_err(|e| ApiError::internal(e.to_string()))?;
         // With -daemonize QEMU forks, sets up the VM, and its first process exits once the VM is
         // ready: from then on QEMU is not our child and survives ferrovirtd.
-        let mut child = Command::new(&self.binary)
+        let binary = ctx.def.emulator_binary().unwrap_or(&self.binary);
+        let mut child = Command::new(binary)
             .args(self.args(&ctx))
             .stdin(Stdio::null())
             .stdout(log)
@@ -242,7 +245,7 @@ impl Driver for QemuDriver {
             .map_err(|e| {
                 ApiError::driver(format!(
                     "cannot run {}: {e} (install qemu-system-x86 or set FERROVIRT_QEMU)",
-                    self.binary.display()
+                    binary.display()
                 ))
             })?;
         let status = loop {
@@ -293,6 +296,7 @@ impl Driver for QemuDriver {
                 id: ctx.id,
                 pid: Some(pid),
                 vnc_port,
+                engine: None,
             },
             console: Some(console),
         })
@@ -322,7 +326,7 @@ impl Driver for QemuDriver {
         };
         // A polite quit first, briefly: a QEMU that does not answer is killed.
         let polite = vm.deadline.within(Duration::from_secs(3));
-        if self.command(vm.vm_dir, "quit", None, &polite).is_err() {
+        if pid_stopped(pid) || self.command(vm.vm_dir, "quit", None, &polite).is_err() {
             kill(pid, libc::SIGKILL);
         }
         if !wait_gone(pid, vm.deadline.remaining().min(Duration::from_secs(10))) {

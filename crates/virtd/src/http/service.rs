@@ -231,3 +231,24 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod blocking_client_tests {
+    /// Drivers call ferrovmm's API with a synchronous client (its own small runtime) from route
+    /// handlers on the blocking pool: that must work there.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_synchronous_client_call_works_on_the_blocking_pool() {
+        let r = tokio::task::spawn_blocking(|| {
+            ferrovirt_api::http::unix_request(
+                std::path::Path::new("/nonexistent/api.sock"),
+                "GET",
+                "/vm",
+                None,
+                b"",
+                Some(std::time::Duration::from_secs(1)),
+            )
+        })
+        .await;
+        assert!(r.expect("no panic on the blocking pool").is_err());
+    }
+}

@@ -5,7 +5,9 @@ use std::sync::{Arc, MutexGuard};
 use std::time::Duration;
 
 use ferrovirt_api::state::EventKind;
-use ferrovirt_api::{Action, ApiError, DomainDef, DomainInfo, DomainOp, DomainState, StateReason};
+use ferrovirt_api::{
+    Action, ApiError, DomainDef, DomainInfo, DomainOp, DomainState, JobProgress, StateReason,
+};
 
 use super::commit::{self, Transient};
 use super::jobs::{Job, JobHandle};
@@ -14,6 +16,9 @@ use crate::console::rotate_for_boot;
 use crate::deadline::Deadline;
 use crate::driver::{Driver, Started, VmRef};
 use crate::runtime::{ExitKind, Runtime};
+
+/// The steps of a start, for its job's progress.
+const START_STEPS: u64 = 4;
 
 /// What an operation copies out of the domain before the lock is released.
 struct Snapshot {
@@ -109,8 +114,10 @@ impl Manager {
         let mut wait = wait.unwrap_or_default().min(self.limits.max_wait);
         let mut inner = self.lock();
         let name = Self::resolve(&inner, name)?;
+        let mut killed = false;
         if op == DomainOp::Destroy {
-            let (guard, killed) = self.kill_if_busy(inner, &name)?;
+            let guard;
+            (guard, killed) = self.kill_if_busy(inner, &name)?;
             inner = guard;
             if killed {
                 // The stuck job's calls fail now that the process is gone: wait for it to end.
@@ -119,13 +126,14 @@ impl Manager {
         }
         let (inner, name, job) =
             self.take_job(inner, &name, op.as_str(), op == DomainOp::Start, wait)?;
-        match self.prepare(&inner, &name, op) {
+        match self.prepare(&inner, &name, op, killed) {
             Ok(Some(snapshot)) => {
                 drop(inner);
                 let deadline = job.deadline(self.limit(op), format!("domain '{name}': {op}"));
                 let uuid = snapshot.def.uuid.clone().unwrap_or_default();
                 let (memory_kib, vcpus) = (snapshot.def.memory_kib, snapshot.def.vcpus);
                 let virt_type = self.vtype(&snapshot.def);
+                let engine = self.engine(&snapshot.def);
                 let (worker_name, answer_name) = (name.clone(), name.clone());
                 self.run_job(
                     &name,
@@ -140,6 +148,7 @@ impl Manager {
                             name: name.clone(),
                             uuid,
                             virt_type,
+                            engine,
                             state: DomainState::Shutoff,
                             reason: if op == DomainOp::Destroy {
                                 StateReason::Destroyed
@@ -172,23 +181,29 @@ impl Manager {
     }
 
     /// Check the operation against the domain's state and copy out what the driver needs.
-    /// None: nothing to do (a destroy whose VM ended meanwhile).
+    /// None: nothing to do (a destroy that killed the VM, whose end was handled meanwhile).
     fn prepare(
         &self,
         inner: &Inner,
         name: &str,
         op: DomainOp,
+        killed: bool,
     ) -> Result<Option<Snapshot>, ApiError> {
         let dom = Self::get(inner, name)?;
         let state = dom.stored.state;
-        if op == DomainOp::Destroy && dom.killed && !state.is_active() {
+        if killed && !state.is_active() {
             return Ok(None);
         }
         allowed(op, name, state)?;
         Ok(Some(Snapshot {
             def: dom.stored.def.clone(),
             runtime: dom.stored.runtime.clone().unwrap_or_default(),
-            driver: self.driver(&dom.stored.def)?,
+            driver: match &dom.stored.runtime {
+                Some(runtime) if state.is_active() => {
+                    self.running_driver(&dom.stored.def, runtime)?
+                }
+                _ => self.driver(&dom.stored.def)?,
+            },
         }))
     }
 
@@ -205,11 +220,12 @@ impl Manager {
         if dom.job.is_none() || !dom.stored.state.is_active() {
             return Ok((inner, false));
         }
-        let driver = self
-            .drivers
-            .get(dom.stored.def.virt_type.unwrap_or(self.default_type))?;
-        dom.killed = true;
         let runtime = dom.stored.runtime.clone().unwrap_or_default();
+        let driver = self.running_driver(&dom.stored.def, &runtime)?;
+        let Some(dom) = inner.doms.get_mut(name) else {
+            return Ok((inner, false));
+        };
+        dom.killed = true;
         drop(inner);
         driver.kill(&runtime)?;
         Ok((self.lock(), true))
@@ -292,28 +308,55 @@ impl Manager {
         reason: StateReason,
         deadline: &Deadline,
     ) -> Result<(), ApiError> {
-        let (def, generation, id, driver) = {
+        let (def, generation, id, driver, engine) = {
             let mut inner = self.lock();
             let dom = Self::get(&inner, name)?;
-            let def = dom.stored.def.clone();
+            let mut def = dom.stored.def.clone();
             let generation = dom.generation + 1;
-            let driver = self.driver(&def)?;
+            let engine = self.engine(&def);
+            engine.check_startable()?;
+            // QEMU runs a kvm domain with accel=kvm: the driver reads the accelerator from the
+            // definition it is handed (a copy; the stored one is unchanged).
+            if engine.accel.is_some() {
+                def.accel = engine.accel;
+            }
+            let driver = self.drivers.get(engine.engine.driver())?;
             let id = inner.next_id;
             inner.next_id += 1;
-            (def, generation, id, driver)
+            (def, generation, id, driver, engine)
         };
+        let step = |done: u64, phase: &str| {
+            job.set_progress(Some(JobProgress {
+                phase: Some(phase.to_string()),
+                done,
+                total: Some(START_STEPS),
+                unit: "steps".into(),
+            }))
+        };
+        step(0, "checking files");
         def.check_paths()?;
         deadline.check()?;
         rotate_for_boot(&self.paths.console_log(name));
         let ctx = self.ctx(&def, id, generation, deadline.clone())?;
+        step(1, "plugging network interfaces");
         self.networks.plug(&def)?;
-        let Started { runtime, console } = match driver.start(ctx) {
+        step(2, "starting the VM");
+        eprintln!(
+            "ferrovirtd: starting domain '{name}' on {}: {}",
+            engine.describe(),
+            engine.reason
+        );
+        let Started {
+            mut runtime,
+            console,
+        } = match driver.start(ctx) {
             Ok(s) => s,
             Err(e) => {
                 self.networks.unplug(&def);
                 return Err(e);
             }
         };
+        runtime.engine = Some(engine.engine);
         let undo = |e: ApiError| -> ApiError {
             let vm_dir = self.paths.vm_dir(name);
             let cleanup = Deadline::after(
@@ -335,6 +378,7 @@ impl Manager {
         if let Err(e) = deadline.check() {
             return Err(undo(e));
         }
+        step(3, "recording");
         let mut inner = self.lock();
         if Self::job_timed_out(&inner, name, job) {
             drop(inner);
@@ -539,7 +583,7 @@ impl Manager {
         dom.generation = generation;
         drop(inner);
         let deadline = job.deadline(self.limits.op, format!("domain '{name}': reattach"));
-        let started = self.driver(&def).ok().and_then(|driver| {
+        let started = self.running_driver(&def, &runtime).ok().and_then(|driver| {
             let ctx = self.ctx(&def, runtime.id, generation, deadline).ok()?;
             driver.reattach(ctx, &runtime)
         });

@@ -18,6 +18,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use ferrovirt_api::def::VirtType;
+use ferrovirt_api::engine::{choose_engine, EngineChoice};
 use ferrovirt_api::host::HostVirt;
 use ferrovirt_api::msg::{DefineResponse, DisplayInfo, VolumeCreateRequest, VolumeInfo};
 use ferrovirt_api::state::EventKind;
@@ -29,7 +30,7 @@ use crate::driver::registry::Drivers;
 use crate::driver::{Driver, VmCtx};
 use crate::events::EventBus;
 use crate::network::Networks;
-use crate::runtime::{new_mac, new_uuid, ExitKind, Paths};
+use crate::runtime::{new_mac, new_uuid, ExitKind, Paths, Runtime};
 use crate::store::{Store, StoredDomain};
 use crate::volume;
 use commit::Transient;
@@ -212,12 +213,51 @@ impl Manager {
         self.drivers.names()
     }
 
+    /// The driver that starts `def`: the one of its engine.
     fn driver(&self, def: &DomainDef) -> Result<Arc<dyn Driver>, ApiError> {
-        self.drivers.get(self.vtype(def))
+        self.drivers.get(self.engine(def).engine.driver())
+    }
+
+    /// The driver of a running VM: the one that started it (rows stored before the engine was
+    /// recorded: the one a start would use).
+    fn running_driver(
+        &self,
+        def: &DomainDef,
+        runtime: &Runtime,
+    ) -> Result<Arc<dyn Driver>, ApiError> {
+        match runtime.engine {
+            Some(engine) => self.drivers.get(engine.driver()),
+            None => self.driver(def),
+        }
     }
 
     fn vtype(&self, def: &DomainDef) -> VirtType {
         def.virt_type.unwrap_or(self.default_type)
+    }
+
+    /// The engine that would run `def` on this host, and why (see ferrovirt_api::engine).
+    fn engine(&self, def: &DomainDef) -> EngineChoice {
+        if def.virt_type.is_some() {
+            return choose_engine(&self.host, def);
+        }
+        let mut typed = def.clone();
+        typed.virt_type = Some(self.default_type);
+        choose_engine(&self.host, &typed)
+    }
+
+    /// The engine for dominfo: the one running the VM, else the one a start would use.
+    fn engine_info(&self, s: &StoredDomain) -> EngineChoice {
+        let choice = self.engine(&s.def);
+        let running = s.runtime.as_ref().and_then(|r| r.engine);
+        match running {
+            Some(engine) if s.state.is_active() && engine != choice.engine => EngineChoice {
+                engine,
+                accel: None,
+                reason: "started before the definition was changed".into(),
+                cannot_start: None,
+            },
+            _ => choice,
+        }
     }
 
     fn ctx<'a>(
@@ -259,6 +299,7 @@ impl Manager {
             name: s.def.name.clone(),
             uuid: s.def.uuid.clone().unwrap_or_default(),
             virt_type: self.vtype(&s.def),
+            engine: self.engine_info(s),
             state: s.state,
             reason: s.reason,
             persistent: s.persistent,
@@ -326,7 +367,11 @@ impl Manager {
     fn check_definition(&self, def: &DomainDef, dry_run: bool) -> Result<(), ApiError> {
         def.validate()?;
         self.driver(def)?.check(def)?;
-        // A dry run is install's pre-check: the VM is about to start, so its networks must run.
+        // A dry run is install's pre-check: the VM is about to start, so this host must be able
+        // to run it and its networks must run.
+        if dry_run {
+            self.engine(def).check_startable()?;
+        }
         self.networks.check_interfaces(def, dry_run)?;
         if dry_run {
             let pool = self.paths.images();

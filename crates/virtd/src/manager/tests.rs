@@ -108,6 +108,7 @@ impl Driver for FakeDriver {
                 id: ctx.id,
                 pid: None,
                 vnc_port: None,
+                engine: None,
             },
             console: None,
         })
@@ -221,6 +222,11 @@ fn queries_and_other_domains_answer_while_a_start_is_blocked_in_the_driver() {
     assert_eq!(state(&f.mgr, "stuck").0, DomainState::Shutoff);
     let job = f.mgr.job_info("stuck").unwrap().job.expect("a job");
     assert_eq!((job.name.as_str(), job.cancellable), ("start", true));
+    let progress = job.progress.expect("a start reports its steps");
+    assert_eq!(
+        (progress.phase.as_deref(), progress.done, progress.total),
+        (Some("starting the VM"), 2, Some(4))
+    );
     assert!(f.mgr.job_info("other").unwrap().job.is_none());
     let paused = f.mgr.action("other", DomainOp::Suspend, None).unwrap();
     assert_eq!(paused.state, DomainState::Paused);
