@@ -284,7 +284,7 @@ fn main() -> ExitCode {
         // the blocking pool, whose threads end when idle.
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
-            .max_blocking_threads(64)
+            .max_blocking_threads(128)
             .thread_name("api")
             .enable_all()
             .build()

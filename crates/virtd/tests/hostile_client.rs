@@ -310,6 +310,48 @@ fn a_connection_flood_gets_503_and_the_daemon_recovers() {
     assert_serving(&d);
 }
 
+/// CPU time (user + system) the process has used, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // After the command name in parentheses: state is field 3, utime 14, stime 15.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn out_of_file_descriptors_the_daemon_backs_off_instead_of_spinning() {
+    // 40 descriptors: fewer than the (minimum) 16 connections plus what the daemon holds, so
+    // accept() hits EMFILE before the connection limit.
+    let d = Daemon::start_limited(&[], Some(40));
+    let pid = d.child.as_ref().unwrap().id();
+    let mut held = Vec::new();
+    for _ in 0..60 {
+        if let Ok(s) = UnixStream::connect(d.socket()) {
+            held.push(s);
+        }
+    }
+    wait_for("the daemon to report EMFILE", ANSWER, || {
+        d.log().contains("pausing new connections")
+    });
+    // While descriptors stay exhausted the accept loop sleeps between tries: over a second it
+    // uses a small fraction of a second of CPU (a spin would use all of it).
+    let before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(1));
+    let used = cpu_ticks(pid) - before;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    assert!(
+        used * 2 < hz,
+        "the daemon used {used} of {hz} ticks in a second: it spins on accept"
+    );
+    drop(held);
+    wait_for("the daemon to serve again", ANSWER, || {
+        status(&exchange(unix(&d), LIST)) == 200
+    });
+    assert_serving(&d);
+}
+
 #[test]
 fn slow_senders_and_idle_connections_are_cut_off() {
     let d = Daemon::start_with(&["--read-timeout", "1"]);

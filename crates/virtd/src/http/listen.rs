@@ -4,6 +4,7 @@
 
 use std::convert::Infallible;
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -173,9 +174,18 @@ async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S) {
 /// accept() failed: out of file descriptors or memory, or the peer left early. Wait a moment
 /// instead of retrying at once (which would spin while the condition lasts).
 async fn back_off(e: &io::Error) {
+    /// When the last such message was logged (seconds since the epoch): at most one per minute.
+    static LOGGED: AtomicU64 = AtomicU64::new(0);
     let pause = match e.raw_os_error() {
         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
-            eprintln!("ferrovirtd: accept: {e}; pausing new connections for 100 ms");
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            if now >= LOGGED.load(Ordering::Relaxed) + 60 {
+                LOGGED.store(now, Ordering::Relaxed);
+                eprintln!("ferrovirtd: accept: {e}; pausing new connections for 100 ms at a time");
+            }
             Duration::from_millis(100)
         }
         _ => Duration::from_millis(1),

@@ -17,6 +17,8 @@ pub struct Daemon {
     pub dir: PathBuf,
     pub child: Option<Child>,
     pub extra_args: Vec<String>,
+    /// RLIMIT_NOFILE (soft and hard) for the daemon process, if set.
+    pub fd_limit: Option<u64>,
 }
 
 pub fn daemon_binary() -> PathBuf {
@@ -30,6 +32,11 @@ impl Daemon {
 
     /// Start with extra command-line arguments; `{dir}` in them is replaced by the test folder.
     pub fn start_with(extra: &[&str]) -> Daemon {
+        Self::start_limited(extra, None)
+    }
+
+    /// Start with extra arguments and, if given, this file descriptor limit.
+    pub fn start_limited(extra: &[&str], fd_limit: Option<u64>) -> Daemon {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         // Short paths: Unix socket paths are limited to 108 bytes.
         let dir = PathBuf::from(format!("/tmp/fvd-{}-{n}", std::process::id()));
@@ -43,6 +50,7 @@ impl Daemon {
             dir,
             child: None,
             extra_args,
+            fd_limit,
         };
         d.spawn();
         d
@@ -68,7 +76,24 @@ impl Daemon {
             .append(true)
             .open(self.dir.join("daemon.log"))
             .expect("log");
-        let child = Command::new(daemon_binary())
+        let mut cmd = Command::new(daemon_binary());
+        if let Some(n) = self.fd_limit {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: only setrlimit (async-signal-safe) runs between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let rl = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &rl) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd
             .arg("--state-dir")
             .arg(self.state_dir())
             .arg("--run-dir")
