@@ -12,12 +12,23 @@ pub struct JobInfo {
     pub job: Option<JobStatus>,
 }
 
+/// What a job is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobKind {
+    /// A lifecycle operation a client asked for (start, shutdown, destroy ...).
+    Operation,
+    /// Work the daemon does by itself: a VM's exit and its on_* action, reattach, autostart.
+    Internal,
+}
+
 /// One running job.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobStatus {
     /// What runs: an operation's verb ("start", "shutdown" ...) or an internal job
     /// ("autostart", "restart"); later "snapshot", "backup", "migration".
     pub name: String,
+    pub kind: JobKind,
     /// Wall-clock start, milliseconds since the Unix epoch.
     pub started_ms: u64,
     pub elapsed_ms: u64,

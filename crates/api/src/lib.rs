@@ -32,7 +32,7 @@ pub mod xml_limits;
 
 pub use def::{Action, DomainDef, VirtType};
 pub use error::{ApiError, ErrorCode};
-pub use job::{JobInfo, JobProgress, JobStatus};
+pub use job::{JobInfo, JobKind, JobProgress, JobStatus};
 pub use op::DomainOp;
 pub use state::{DomainInfo, DomainState, Event, StateReason};
 

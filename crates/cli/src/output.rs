@@ -192,6 +192,7 @@ mod tests {
             domain: "a".into(),
             job: Some(JobStatus {
                 name: "shutdown".into(),
+                kind: ferrovirt_api::JobKind::Operation,
                 started_ms: 0,
                 elapsed_ms: 1500,
                 cancellable: false,

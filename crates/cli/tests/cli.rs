@@ -215,13 +215,18 @@ fn virsh_verbs_and_output_shapes() {
 #[test]
 fn errors_are_one_clear_line_with_a_code_and_exit_1() {
     let e = Env::start();
-    let err = e.fails(&["start", "ghost"]);
+    // Every error below: exactly one line on stderr.
+    let one_line = |err: String| -> String {
+        assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err:?}");
+        err
+    };
+    let err = one_line(e.fails(&["start", "ghost"]));
     assert!(
         err.starts_with("error: domain 'ghost' not found") && err.contains("[no_domain]"),
         "{err}"
     );
     let bad = e.file("bad.xml", "<domain><name>x</domain>");
-    assert!(e.fails(&["define", &bad]).contains("[malformed_body]"));
+    assert!(one_line(e.fails(&["define", &bad])).contains("[malformed_body]"));
     let zero = e.file(
         "zero.toml",
         &format!(
@@ -229,28 +234,25 @@ fn errors_are_one_clear_line_with_a_code_and_exit_1() {
             e.kernel()
         ),
     );
-    let err = e.fails(&["define", &zero]);
+    let err = one_line(e.fails(&["define", &zero]));
     assert!(
         err.contains("memory") && err.contains("[invalid_definition]"),
         "{err}"
     );
-    assert!(e
-        .fails(&["define", "/nonexistent.toml"])
+    assert!(one_line(e.fails(&["define", "/nonexistent.toml"]))
         .contains("cannot read /nonexistent.toml"));
     let out = Command::new(cli_binary())
         .args(["-c", "/tmp/no-such-ferrovirtd.sock", "list"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = one_line(String::from_utf8_lossy(&out.stderr).into_owned());
     assert!(
         err.contains("cannot talk to ferrovirtd at /tmp/no-such-ferrovirtd.sock")
             && err.contains("is the daemon running"),
         "{err}"
     );
-    assert!(e
-        .fails(&["setmem", "x", "12Q", "--config"])
-        .contains("unknown size unit"));
+    assert!(one_line(e.fails(&["setmem", "x", "12Q", "--config"])).contains("unknown size unit"));
 }
 
 #[test]
@@ -394,15 +396,82 @@ fn install_accepts_virt_install_options_and_creates_thin_volumes() {
     assert!(err.contains("install method"), "{err}");
 }
 
+/// `ferrovirt event` running in the background, its stdout read line by line.
+struct EventWatcher {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl EventWatcher {
+    fn spawn(e: &Env, args: &[&str]) -> EventWatcher {
+        let mut child = e.cmd(args).stdout(Stdio::piped()).spawn().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout).lines() {
+                if line.map(|l| tx.send(l)).is_err() {
+                    break;
+                }
+            }
+        });
+        EventWatcher {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Wait (at most `within`) for a line containing `text`; true when it came.
+    fn saw(&mut self, text: &str, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        loop {
+            if self.seen.iter().any(|l| l.contains(text)) {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self.seen.push(line),
+                Err(_) => return false,
+            }
+        }
+    }
+
+    /// Handshake: define and undefine a probe domain until its event is printed, so the
+    /// subscription is known to be live (no guess of how long subscribing takes).
+    fn until_subscribed(&mut self, e: &Env) {
+        let probe = e.file(
+            "probe.toml",
+            &format!(
+                "name = \"probe\"\ntype = \"test\"\n[os]\nkernel = \"{}\"\n",
+                e.kernel()
+            ),
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.saw("for domain 'probe'", Duration::from_millis(100)) {
+            assert!(
+                Instant::now() < deadline,
+                "event never saw the probe domain"
+            );
+            e.ok(&["define", &probe]);
+            e.ok(&["undefine", "probe"]);
+        }
+    }
+}
+
+impl Drop for EventWatcher {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 #[test]
 fn event_prints_lifecycle_events() {
     let e = Env::start();
-    let mut ev = e
-        .cmd(&["event", "--loop", "--timeout", "20"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    let mut ev = EventWatcher::spawn(&e, &["event", "--loop", "--timeout", "60"]);
+    ev.until_subscribed(&e);
     let def = e.file(
         "ev.toml",
         &format!(
@@ -413,35 +482,48 @@ fn event_prints_lifecycle_events() {
     e.ok(&["define", &def]);
     e.ok(&["start", "ev"]);
     e.ok(&["destroy", "ev"]);
-    std::thread::sleep(Duration::from_millis(300));
-    let _ = ev.kill();
-    let out = ev.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    for line in [
+        "event 'lifecycle' for domain 'ev': Defined Added",
+        "event 'lifecycle' for domain 'ev': Started Booted",
+        "event 'lifecycle' for domain 'ev': Stopped Destroyed",
+    ] {
+        assert!(
+            ev.saw(line, Duration::from_secs(10)),
+            "no '{line}' in {:?}",
+            ev.seen
+        );
+    }
+    // In the order they happened.
+    let own: Vec<&String> = ev.seen.iter().filter(|l| l.contains("'ev'")).collect();
+    assert_eq!(own.len(), 3, "{own:?}");
+    assert!(own[0].contains("Defined") && own[1].contains("Started") && own[2].contains("Stopped"));
+
+    // Without --loop: one event of the domain, then exit. Which one depends on when the
+    // subscription became live (a filtered watcher cannot be probed): start and destroy until
+    // it has one.
+    let mut one = EventWatcher::spawn(&e, &["event", "--domain", "ev", "--timeout", "60"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while one.child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "event --domain ev did not exit");
+        e.ok(&["start", "ev"]);
+        e.ok(&["destroy", "ev"]);
+    }
+    assert!(one.child.try_wait().unwrap().unwrap().success());
     assert!(
-        text.contains("event 'lifecycle' for domain 'ev': Defined Added"),
-        "{text}"
+        one.saw("events received: 1", Duration::from_secs(5)),
+        "{:?}",
+        one.seen
     );
+    let printed: Vec<&String> = one
+        .seen
+        .iter()
+        .filter(|l| l.contains("event 'lifecycle'"))
+        .collect();
+    assert_eq!(printed.len(), 1, "{printed:?}");
     assert!(
-        text.contains("event 'lifecycle' for domain 'ev': Started Booted"),
-        "{text}"
-    );
-    assert!(
-        text.contains("event 'lifecycle' for domain 'ev': Stopped Destroyed"),
-        "{text}"
-    );
-    // Without --loop: one event, then exit.
-    let one = e
-        .cmd(&["event", "--domain", "ev", "--timeout", "20"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    e.ok(&["start", "ev"]);
-    let out = one.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        text.contains("Started Booted") && text.contains("events received: 1"),
-        "{text}"
+        printed[0].contains("for domain 'ev': Started Booted")
+            || printed[0].contains("for domain 'ev': Stopped Destroyed"),
+        "{printed:?}"
     );
 }
 

@@ -120,7 +120,7 @@ fn signal(pid: &str, sig: &str) {
 
 #[test]
 fn a_stopped_vm_times_out_its_own_operations_and_list_keeps_answering() {
-    let e = Env::start(&["--op-timeout", "3"]);
+    let e = Env::start(&["--op-timeout", "6"]);
     let (kernel, initrd) = guest();
     let def = e.dir.join("stuck.toml");
     std::fs::write(
@@ -139,7 +139,7 @@ fn a_stopped_vm_times_out_its_own_operations_and_list_keeps_answering() {
     for _ in 0..2 {
         let err = e.fails(&["shutdown", "stuck"]);
         assert!(
-            err.starts_with("error: domain 'stuck': shutdown timed out after 3 s:")
+            err.starts_with("error: domain 'stuck': shutdown timed out after 6 s:")
                 && err.trim_end().ends_with("[timeout]"),
             "{err}"
         );

@@ -535,7 +535,15 @@ fn default_network_gives_dhcp_nat_and_leaves_nothing_behind() {
     w.kill9();
     // SAFETY: kill(2) of the QEMU process of this test's VM.
     unsafe { libc::kill(pid, libc::SIGKILL) };
-    std::thread::sleep(Duration::from_millis(300));
+    // Dead means gone or a zombie (init reaps orphans late here): its TAP is closed then.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
+        !s.lines()
+            .any(|l| l.starts_with("State:") && l.contains('Z'))
+    }) {
+        assert!(Instant::now() < deadline, "QEMU {pid} survived SIGKILL");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     w.start_daemon();
     assert_eq!(w.census().0, vec!["fvbr0".to_string()], "{}", w.log());
     assert!(w.ok(&["domstate", "--reason", "vm1"]).contains("shut off"));

@@ -1,6 +1,7 @@
 //! An image file: positioned I/O (pread/pwrite), durability, hole punching, O_DIRECT,
 //! and the test-only write-counting fault hook.
 
+use crate::journal::{self, Event};
 use crate::DiskError;
 use std::fs::{File, OpenOptions as FsOpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -177,17 +178,31 @@ impl ImageFile {
             Some(d) if Self::aligned(buf.as_ptr() as usize, buf.len(), offset) => d,
             _ => &self.file,
         };
-        file.write_all_at(buf, offset).map_err(|e| self.err(e))
+        file.write_all_at(buf, offset).map_err(|e| self.err(e))?;
+        self.journal(Event::Write {
+            offset,
+            data: buf.to_vec(),
+        });
+        Ok(())
+    }
+
+    /// Test-only: the change or sync as it reached the file (see journal.rs).
+    fn journal(&self, event: Event) {
+        journal::record(&self.path, &event);
     }
 
     /// fdatasync: every completed write is durable on return.
     pub fn sync(&self) -> Result<(), DiskError> {
-        self.file.sync_data().map_err(|e| self.err(e))
+        self.file.sync_data().map_err(|e| self.err(e))?;
+        self.journal(Event::Sync);
+        Ok(())
     }
 
     pub fn set_len(&self, len: u64) -> Result<(), DiskError> {
         count_write();
-        self.file.set_len(len).map_err(|e| self.err(e))
+        self.file.set_len(len).map_err(|e| self.err(e))?;
+        self.journal(Event::SetLen { len });
+        Ok(())
     }
 
     fn fallocate(&self, mode: i32, offset: u64, len: u64) -> std::io::Result<()> {
@@ -218,7 +233,10 @@ impl ImageFile {
             offset,
             len,
         ) {
-            Ok(()) => Ok(true),
+            Ok(()) => {
+                self.journal(Event::Zero { offset, len });
+                Ok(true)
+            }
             Err(e) if is_unsupported(&e) => Ok(false),
             Err(e) => Err(self.err(e)),
         }
@@ -235,7 +253,10 @@ impl ImageFile {
             offset,
             len,
         ) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.journal(Event::Zero { offset, len });
+                Ok(())
+            }
             Err(e) if is_unsupported(&e) => self.write_zeros(offset, len),
             Err(e) => Err(self.err(e)),
         }
@@ -271,7 +292,13 @@ impl ImageFile {
         let new_end = (offset + len + AHEAD).div_ceil(AHEAD) * AHEAD;
         count_write();
         match self.fallocate(0, cur, new_end - cur) {
-            Ok(()) => self.reserved_end.store(new_end, Ordering::Release),
+            Ok(()) => {
+                self.journal(Event::Allocate {
+                    offset: cur,
+                    len: new_end - cur,
+                });
+                self.reserved_end.store(new_end, Ordering::Release)
+            }
             Err(e) if is_unsupported(&e) => {}
             Err(e) => return Err(self.err(e)),
         }
@@ -284,7 +311,9 @@ impl ImageFile {
             return Ok(());
         }
         count_write();
-        self.fallocate(0, offset, len).map_err(|e| self.err(e))
+        self.fallocate(0, offset, len).map_err(|e| self.err(e))?;
+        self.journal(Event::Allocate { offset, len });
+        Ok(())
     }
 }
 

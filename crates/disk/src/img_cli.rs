@@ -129,6 +129,34 @@ enum Cmd {
         format: Option<String>,
         file: PathBuf,
     },
+    /// Persistent dirty bitmaps: bitmap (--add [-g G] | --remove | --clear | --enable | --disable | --merge SRC)... FILE BITMAP
+    #[command(group(clap::ArgGroup::new("op").required(true).multiple(true).args(["add", "remove", "clear", "enable", "disable", "merge"])))]
+    Bitmap {
+        /// Create the bitmap (enabled unless --disable is also given)
+        #[arg(long)]
+        add: bool,
+        #[arg(long)]
+        remove: bool,
+        /// Mark everything clean
+        #[arg(long)]
+        clear: bool,
+        /// Record writes into the bitmap
+        #[arg(long)]
+        enable: bool,
+        /// Stop recording writes into the bitmap
+        #[arg(long)]
+        disable: bool,
+        /// Also mark what bitmap SOURCE (of the same image) marks
+        #[arg(long, value_name = "SOURCE")]
+        merge: Vec<String>,
+        /// Granularity for --add (bytes, or with a suffix)
+        #[arg(short = 'g')]
+        granularity: Option<String>,
+        #[arg(short = 'f')]
+        format: Option<String>,
+        file: PathBuf,
+        bitmap: String,
+    },
     /// Show where an image's data lives
     Map {
         #[arg(long, value_enum, default_value = "human")]
@@ -510,6 +538,51 @@ fn execute(cmd: Cmd) -> Result<i32, DiskError> {
             } else if let Some(name) = delete {
                 ops::snapshot_delete(&file, &name).map_err(|e| fail("delete", &name, e))?;
             }
+            Ok(0)
+        }
+        Cmd::Bitmap {
+            add,
+            remove,
+            clear,
+            enable,
+            disable,
+            merge,
+            granularity,
+            format,
+            file,
+            bitmap,
+        } => {
+            if opt_format(&format)? == Some(Format::Raw) {
+                return Err(DiskError::InvalidArgument(
+                    "raw images have no bitmaps; use qcow2".into(),
+                ));
+            }
+            if granularity.is_some() && !add {
+                return Err(DiskError::InvalidArgument(
+                    "-g applies to --add only".into(),
+                ));
+            }
+            let mut list = Vec::new();
+            if add {
+                list.push(ops::BitmapOp::Add {
+                    granularity: granularity.as_deref().map(parse_size).transpose()?,
+                    disabled: disable,
+                });
+            }
+            if clear {
+                list.push(ops::BitmapOp::Clear);
+            }
+            list.extend(merge.into_iter().map(ops::BitmapOp::Merge));
+            if enable {
+                list.push(ops::BitmapOp::Enable);
+            }
+            if disable && !add {
+                list.push(ops::BitmapOp::Disable);
+            }
+            if remove {
+                list.push(ops::BitmapOp::Remove);
+            }
+            ops::bitmap(&file, &bitmap, &list)?;
             Ok(0)
         }
         Cmd::Map {

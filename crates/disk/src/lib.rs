@@ -10,6 +10,8 @@ mod error;
 mod file;
 pub mod img_cli;
 mod info;
+#[doc(hidden)]
+pub mod journal;
 mod lock;
 pub mod ops;
 mod qcow2;
@@ -18,7 +20,7 @@ mod raw;
 pub use create::{create, CreateOptions, Preallocation};
 pub use error::DiskError;
 pub use file::{fault_write_count, FAULT_ENV};
-pub use info::{info, FormatSpecific, ImageInfo, Qcow2Specific, SnapshotInfo};
+pub use info::{info, BitmapJson, FormatSpecific, ImageInfo, Qcow2Specific, SnapshotInfo};
 
 use std::path::Path;
 use std::sync::Arc;

@@ -13,7 +13,7 @@ use ferrovirt_api::client::{Client, ClientError, DefFormat};
 use ferrovirt_api::{ApiError, DomainOp, DomainState, ErrorCode, StateReason};
 
 /// The daemon's deadline for one operation on a VM (`--op-timeout`).
-const OP_TIMEOUT: &str = "3";
+const OP_TIMEOUT: &str = "6";
 const PATIENCE: Duration = Duration::from_secs(60);
 
 fn qemu_def(name: &str) -> String {

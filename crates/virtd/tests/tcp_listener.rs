@@ -106,9 +106,11 @@ fn tls_listener_serves_the_api_with_token_and_certificate() {
     let (tx, rx) = std::sync::mpsc::channel();
     let events = Client::tls(&addr, TOKEN, &ca).unwrap();
     std::thread::spawn(move || {
-        let _ = events.events(|ev| tx.send(ev.kind).is_ok());
+        let _ = events.events(|ev| tx.send((ev.domain, ev.kind)).is_ok());
     });
-    std::thread::sleep(Duration::from_millis(200));
+    common::until_subscribed(&d, &c, |t| {
+        rx.recv_timeout(t).is_ok_and(|ev| ev.0 == common::PROBE)
+    });
     let kernel = d.file("k", "k");
     c.define(
         &format!(
@@ -119,9 +121,14 @@ fn tls_listener_serves_the_api_with_token_and_certificate() {
         false,
     )
     .unwrap();
+    let first_own_event = std::iter::from_fn(|| rx.recv_timeout(Duration::from_secs(5)).ok())
+        .find(|ev| ev.0 != common::PROBE);
     assert_eq!(
-        rx.recv_timeout(Duration::from_secs(5)).unwrap(),
-        ferrovirt_api::state::EventKind::Defined
+        first_own_event,
+        Some((
+            "overtls".to_string(),
+            ferrovirt_api::state::EventKind::Defined
+        ))
     );
     assert_eq!(c.list(true).unwrap().len(), 1);
     // A client that trusts another certificate does not get through.

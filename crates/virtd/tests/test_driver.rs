@@ -30,13 +30,22 @@ fn subscribe(d: &Daemon) -> mpsc::Receiver<(String, EventKind, String)> {
     std::thread::spawn(move || {
         let _ = client.events(|ev| tx.send((ev.domain, ev.kind, ev.detail)).is_ok());
     });
-    std::thread::sleep(Duration::from_millis(100));
+    common::until_subscribed(d, &d.client(), |t| {
+        rx.recv_timeout(t).is_ok_and(|ev| ev.0 == common::PROBE)
+    });
     rx
 }
 
+/// The next event of a test's own domains (the subscription probe's are skipped).
 fn next_event(rx: &mpsc::Receiver<(String, EventKind, String)>) -> (String, EventKind, String) {
-    rx.recv_timeout(Duration::from_secs(5))
-        .expect("an event within 5 s")
+    loop {
+        let ev = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("an event within 5 s");
+        if ev.0 != common::PROBE {
+            return ev;
+        }
+    }
 }
 
 #[test]

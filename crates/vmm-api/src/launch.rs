@@ -131,8 +131,16 @@ impl LaunchConfig {
         for d in &self.disks {
             d.check().map_err(|e| LaunchError(format!("--disk: {e}")))?;
         }
-        for n in &self.nets {
+        for (i, n) in self.nets.iter().enumerate() {
             n.check().map_err(|e| LaunchError(format!("--net: {e}")))?;
+            // A descriptor has one owner: two NICs on it would close it twice.
+            if let NetBackend::Fd(fd) = n.backend {
+                if self.nets[..i].iter().any(|m| m.backend == n.backend) {
+                    return err(format!(
+                        "--net fd={fd} is given twice; each NIC needs its own TAP descriptor"
+                    ));
+                }
+            }
         }
         if let Some(p) = &self.api_socket {
             check_path("--api-socket", p)?;
@@ -716,6 +724,10 @@ mod tests {
             "not a valid interface name",
         );
         refused(&|c| c.nets[1].backend = NetBackend::Fd(2), "fd=2");
+        refused(
+            &|c| c.nets[0].backend = NetBackend::Fd(7),
+            "fd=7 is given twice",
+        );
         refused(&|c| c.name = "".into(), "--name");
         refused(&|c| c.name = "a\nb".into(), "--name");
         refused(&|c| c.name = "n".repeat(65), "--name");

@@ -359,3 +359,178 @@ fn the_teardown_helper_never_outlives_the_vm() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// xorshift64*: seeded, so a failing run can be replayed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+    fn pick(&mut self, items: &[String]) -> String {
+        items[self.below(items.len())].clone()
+    }
+}
+
+#[test]
+fn randomized_command_lines_end_in_a_clear_status_never_a_panic() {
+    use std::ffi::OsString;
+    use std::os::unix::ffi::OsStringExt;
+    let seed = std::env::var("FERROVMM_CLI_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        })
+        | 1;
+    let count: usize = std::env::var("FERROVMM_CLI_FUZZ_COUNT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    println!("CLI fuzz: seed {seed} ({count} runs); replay with FERROVMM_CLI_FUZZ_SEED={seed}");
+    let dir = common::tempdir();
+    let kernel = hello_kernel(dir.path());
+    let disk = dir.path().join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let d = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
+    let k = kernel.to_string_lossy().into_owned();
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<String>>();
+    let numbers = s(&[
+        "0",
+        "1",
+        "7",
+        "8",
+        "16",
+        "32",
+        "-1",
+        "4294967296",
+        "18446744073709551615",
+        "99999999999999999999",
+        "1e3",
+        "0x10",
+        "",
+        " 16",
+    ]);
+    let disk_path = disk.to_string_lossy().into_owned();
+    let disks: Vec<String> = vec![
+        format!("path={disk_path}"),
+        format!("path={disk_path},format=qcow2"),
+        format!("path={disk_path},format=raw,readonly=on,serial=s1,cache=none"),
+        format!("path={disk_path},serial={}", "x".repeat(30)),
+        format!("path={disk_path},cache=bogus"),
+        format!("path={k},format=qcow2"),
+        "path=".into(),
+        "path=/dev/null".into(),
+        format!("path={}", dir.path().display()),
+        format!("path={}", d("missing.img")),
+        "format=raw".into(),
+        ",,,".into(),
+        "path=a,path=b".into(),
+    ];
+    let nets = s(&[
+        "tap=lo",
+        "tap=",
+        "tap=waytoolonginterfacename",
+        "fd=0",
+        "fd=3",
+        "fd=2147483647",
+        "fd=-5",
+        "tap=fvnotthere0,mac=52:54:00:00:00:01",
+        "tap=t,mac=ff:ff:ff:ff:ff:ff",
+        "mac=52:54:00:00:00:01",
+        "tap=a,fd=4",
+    ]);
+    let long = format!("/tmp/{}", "p".repeat(200));
+    let serials: Vec<String> = vec![
+        "stdio".into(),
+        "none".into(),
+        format!("file={}", d("serial.log")),
+        format!("file={}", d("no/such/dir/serial.log")),
+        format!("socket={}", d("s.sock")),
+        format!("socket={long}"),
+        "file=".into(),
+        "tcp:1".into(),
+    ];
+    let consoles = s(&["off", "stdio", "none", "socket=/x", "bogus"]);
+    let names: Vec<String> = vec![
+        "vm".into(),
+        "".into(),
+        "-dash".into(),
+        "a\tb".into(),
+        "n".repeat(65),
+        "ünï".into(),
+    ];
+    let mut rng = Rng(seed);
+    for run in 0..count {
+        let mut args: Vec<OsString> = vec!["--name".into(), rng.pick(&names).into()];
+        args.push("--kernel".into());
+        args.push(match rng.below(6) {
+            0 => d("missing-kernel").into(),
+            1 => dir.path().as_os_str().to_owned(),
+            2 => OsString::from_vec(vec![b'/', 0xff, 0xfe]),
+            _ => k.clone().into(),
+        });
+        args.extend([
+            "--serial".into(),
+            "none".into(),
+            "--memory".into(),
+            "16".into(),
+        ]);
+        for _ in 0..rng.below(6) {
+            let (flag, value): (&str, Option<String>) = match rng.below(11) {
+                0 => ("--memory", Some(rng.pick(&numbers))),
+                1 => ("--vcpus", Some(rng.pick(&numbers))),
+                2 => ("--disk", Some(rng.pick(&disks))),
+                3 => ("--net", Some(rng.pick(&nets))),
+                4 => ("--serial", Some(rng.pick(&serials))),
+                5 => ("--console", Some(rng.pick(&consoles))),
+                6 => ("--cmdline", Some("c".repeat(rng.below(5000)))),
+                7 => (
+                    "--log-level",
+                    Some(rng.pick(&s(&["debug", "LOUD", "off", ""]))),
+                ),
+                8 => (
+                    "--api-socket",
+                    Some(rng.pick(&[d("api.sock"), long.clone()])),
+                ),
+                9 => ("--rng", None),
+                _ => ("--bogus", None),
+            };
+            args.push(flag.into());
+            if let Some(v) = value {
+                args.push(v.into());
+            }
+        }
+        if rng.below(4) == 0 {
+            // A flag without its value, at the end.
+            args.push("--disk".into());
+        }
+        let child = Command::new(common::ferrovmm_bin())
+            .args(&args)
+            .arg("--exit-file")
+            .arg(dir.path().join("exit.json"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start ferrovmm");
+        let result = common::wait_with_timeout(child, Duration::from_secs(30));
+        assert!(
+            [0, 1, 2].contains(&result.status) && !result.stderr.contains("panicked"),
+            "seed {seed}, run {run}: {args:?} ended with status {} (-1: a signal)\nstderr: {}",
+            result.status,
+            result.stderr
+        );
+        let _ = std::fs::remove_file(dir.path().join("s.sock"));
+        let _ = std::fs::remove_file(dir.path().join("api.sock"));
+    }
+}

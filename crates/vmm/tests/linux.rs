@@ -37,7 +37,9 @@ fn boot_linux(kernel_kind: &str, vcpus: u32) -> Boot {
          --cmdline 'console=ttyS0 panic=-1 quiet ferrovirt.test=1'"
     );
     let boot = if hardware_kvm() {
-        let out = Command::new(env!("CARGO_BIN_EXE_ferrovmm"))
+        // As the nested harness does, bound the run: a guest that hangs must not hang the suite.
+        let out = Command::new("timeout")
+            .args(["--kill-after=5", "300", env!("CARGO_BIN_EXE_ferrovmm")])
             .args(shell_words(
                 &args
                     .replace("/guest/kernel", image.to_str().unwrap())
@@ -156,8 +158,8 @@ fn linux_shuts_down_cleanly_on_the_acpi_power_button() {
                   wait $VMM; echo VMM-EXIT=$?\n\
                   cat $W/serial.log $W/vmm.err";
     let o = if hardware_kvm() {
-        let out = Command::new("sh")
-            .args(["-c", script])
+        let out = Command::new("timeout")
+            .args(["--kill-after=5", "300", "sh", "-c", script])
             .env("K", &kernel.vmlinux)
             .env("I", dir.join("initrd.cpio.gz"))
             .env("W", &dir)

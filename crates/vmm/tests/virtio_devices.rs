@@ -15,6 +15,8 @@ use ferrovmm::virtio::rng::Rng;
 use vm_memory::{Bytes, GuestAddress};
 
 const T: Duration = Duration::from_secs(10);
+/// How long a hostile round waits for the device to show it took the entries.
+const REACTION: Duration = Duration::from_millis(500);
 const VIRTIO_BLK_T_IN: u32 = 0;
 const VIRTIO_BLK_T_OUT: u32 = 1;
 const VIRTIO_BLK_T_FLUSH: u32 = 4;
@@ -582,7 +584,9 @@ fn random_hostile_rings_never_break_the_block_device() {
         0x8000_0000_0000,
     ];
     let interesting_lens = [0u32, 1, 15, 16, 512, 4096, 0x1000_0000, u32::MAX];
+    let (mut exercised, mut reacted) = (0, 0);
     for round in 0..200 {
+        let used_before = d.used_idx(0);
         // Fill the whole 64-entry table with random descriptors.
         for i in 0..64u16 {
             let addr = if r.below(2) == 0 {
@@ -608,7 +612,8 @@ fn random_hostile_rings_never_break_the_block_device() {
             .write_obj((r.below(16)) as u32, GuestAddress(HDR))
             .unwrap();
         d.mem.write_obj(r.next(), GuestAddress(HDR + 8)).unwrap();
-        for _ in 0..r.below(8) {
+        let published = r.below(8);
+        for _ in 0..published {
             let head = if r.below(8) == 0 {
                 r.next() as u16
             } else {
@@ -620,9 +625,14 @@ fn random_hostile_rings_never_break_the_block_device() {
             d.set_avail_idx(0, r.next() as u16);
         }
         d.kick(0);
-        // Give the device a moment, then check it is alive: either it asked for a reset,
-        // or it keeps completing. Either way a reset brings it back.
-        std::thread::sleep(Duration::from_millis(2));
+        // Wait until the device took the entries (completed some or asked for a reset), so
+        // every round exercises it however loaded the host is; then a reset brings it back.
+        if published > 0 {
+            exercised += 1;
+            if d.wait_reaction(0, used_before, REACTION) {
+                reacted += 1;
+            }
+        }
         if round % 20 == 19 || d.status() & STATUS_NEEDS_RESET != 0 {
             d.init(None, 64);
             let (st, len) = request(&mut d, VIRTIO_BLK_T_IN, 1, &[(BUF, 512, true)]);
@@ -633,6 +643,11 @@ fn random_hostile_rings_never_break_the_block_device() {
             );
         }
     }
+    eprintln!("block device reacted visibly in {reacted} of {exercised} rounds with new entries");
+    assert!(
+        reacted * 10 >= exercised * 9,
+        "the device took the entries of only {reacted} of {exercised} rounds"
+    );
 }
 
 #[test]
@@ -640,16 +655,24 @@ fn random_hostile_rings_never_break_rng() {
     let mut d = Driver::new(Box::new(Rng::default()), 64);
     d.init(None, 32);
     let mut r = Rand::from_env_or(42);
+    let (mut exercised, mut reacted) = (0, 0);
     for round in 0..100 {
+        let used_before = d.used_idx(0);
         for i in 0..32u16 {
             let (addr, len) = (r.next() >> (r.below(64)), r.next() as u32 >> r.below(32));
             d.set_desc(0, i, addr, len, (r.next() & 0x7) as u16, r.below(40) as u16);
         }
-        for _ in 0..r.below(6) {
+        let published = r.below(6);
+        for _ in 0..published {
             d.publish(0, r.below(40) as u16);
         }
         d.kick(0);
-        std::thread::sleep(Duration::from_millis(1));
+        if published > 0 {
+            exercised += 1;
+            if d.wait_reaction(0, used_before, REACTION) {
+                reacted += 1;
+            }
+        }
         if round % 10 == 9 || d.status() & STATUS_NEEDS_RESET != 0 {
             d.init(None, 32);
             d.post(0, &[(BUF, 32, true)]);
@@ -657,6 +680,11 @@ fn random_hostile_rings_never_break_rng() {
             assert_eq!(d.wait_used(0, 1, T)[0].1, 32, "round {round}");
         }
     }
+    eprintln!("rng reacted visibly in {reacted} of {exercised} rounds with new entries");
+    assert!(
+        reacted * 10 >= exercised * 9,
+        "the device took the entries of only {reacted} of {exercised} rounds"
+    );
 }
 
 #[test]
@@ -674,17 +702,26 @@ fn random_hostile_rings_never_break_net() {
         );
         d.init(None, 32);
         let mut r = Rand::from_env_or(7);
+        let (mut exercised, mut reacted) = (0, 0);
         for round in 0..100 {
             let q = r.below(2) as usize;
+            let used_before = d.used_idx(q);
             for i in 0..32u16 {
                 let (addr, len) = (r.next() >> r.below(64), r.next() as u32 >> r.below(32));
                 d.set_desc(q, i, addr, len, (r.next() & 0x7) as u16, r.below(40) as u16);
             }
-            for _ in 0..r.below(6) {
+            let published = r.below(6);
+            for _ in 0..published {
                 d.publish(q, r.below(40) as u16);
             }
             d.kick(q);
-            std::thread::sleep(Duration::from_millis(1));
+            // Receive buffers are taken only when a frame arrives: only transmit rounds show.
+            if q == 1 && published > 0 {
+                exercised += 1;
+                if d.wait_reaction(q, used_before, REACTION) {
+                    reacted += 1;
+                }
+            }
             if round % 10 == 9 || d.status() & STATUS_NEEDS_RESET != 0 {
                 d.init(None, 32);
                 // A valid frame still goes out.
@@ -698,5 +735,12 @@ fn random_hostile_rings_never_break_net() {
                 assert_eq!(d.wait_used(1, 1, T).len(), 1, "round {round}");
             }
         }
+        eprintln!(
+            "net reacted visibly in {reacted} of {exercised} transmit rounds with new entries"
+        );
+        assert!(
+            reacted * 10 >= exercised * 9,
+            "the device took the entries of only {reacted} of {exercised} rounds"
+        );
     });
 }

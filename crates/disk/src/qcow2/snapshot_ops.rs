@@ -425,6 +425,9 @@ impl Qcow2 {
             );
             l1s.push(self.read_l1(s.l1_table_offset, s.l1_size)?);
         }
+        for (first, n) in super::bitmaps::referenced_clusters(&self.file, h, &geo)? {
+            refs.add(first, n, 1, "bitmap cluster");
+        }
         let views: Vec<&[u64]> = l1s.iter().map(|v| v.as_slice()).collect();
         let mult = l2_multiplicity(&views);
         let file_clusters = self.file.len()?.div_ceil(cs);

@@ -12,7 +12,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use ferrovirt_api::{ApiError, ErrorCode, JobInfo, JobProgress, JobStatus};
+use ferrovirt_api::{ApiError, DomainOp, ErrorCode, JobInfo, JobKind, JobProgress, JobStatus};
 
 use super::{Inner, Manager};
 use crate::deadline::{human, CancelToken, Deadline};
@@ -20,10 +20,42 @@ use crate::runtime::now_ms;
 
 static NEXT_JOB_ID: AtomicU64 = AtomicU64::new(1);
 
+/// The job that records a VM's end and runs its on_* action (renamed "restart" when it restarts).
+pub const EXIT: JobSpec = JobSpec::internal("exit", false);
+
+/// Which job to take: its name, kind, and whether domjobabort may cancel it.
+#[derive(Debug, Clone, Copy)]
+pub struct JobSpec {
+    pub name: &'static str,
+    pub kind: JobKind,
+    pub cancellable: bool,
+}
+
+impl JobSpec {
+    /// A client's operation; a start can be cancelled (it is undone).
+    pub fn operation(op: DomainOp) -> JobSpec {
+        JobSpec {
+            name: op.as_str(),
+            kind: JobKind::Operation,
+            cancellable: op == DomainOp::Start,
+        }
+    }
+
+    /// Work of the daemon's own ("exit", "reattach", "autostart").
+    pub const fn internal(name: &'static str, cancellable: bool) -> JobSpec {
+        JobSpec {
+            name,
+            kind: JobKind::Internal,
+            cancellable,
+        }
+    }
+}
+
 /// The job a domain is busy with (kept in the domain's entry, under the manager lock).
 pub struct Job {
     id: u64,
     name: String,
+    kind: JobKind,
     started: Instant,
     started_ms: u64,
     cancellable: bool,
@@ -43,7 +75,7 @@ pub struct JobHandle {
 }
 
 impl Job {
-    pub fn new(name: &str, cancellable: bool) -> (Job, JobHandle) {
+    pub fn new(spec: JobSpec) -> (Job, JobHandle) {
         let id = NEXT_JOB_ID.fetch_add(1, Ordering::Relaxed);
         let cancel = CancelToken::default();
         let progress = Arc::new(Mutex::new(None));
@@ -54,10 +86,11 @@ impl Job {
         };
         let job = Job {
             id,
-            name: name.to_string(),
+            name: spec.name.to_string(),
+            kind: spec.kind,
             started: Instant::now(),
             started_ms: now_ms(),
-            cancellable,
+            cancellable: spec.cancellable,
             cancel,
             progress,
             timed_out: false,
@@ -76,6 +109,7 @@ impl Job {
     pub fn status(&self) -> JobStatus {
         JobStatus {
             name: self.name.clone(),
+            kind: self.kind,
             started_ms: self.started_ms,
             elapsed_ms: self.started.elapsed().as_millis() as u64,
             cancellable: self.cancellable,
@@ -123,8 +157,7 @@ impl Manager {
         &'a self,
         mut inner: MutexGuard<'a, Inner>,
         name: &str,
-        job_name: &str,
-        cancellable: bool,
+        spec: JobSpec,
         wait: Duration,
     ) -> Result<(MutexGuard<'a, Inner>, String, JobHandle), ApiError> {
         let give_up = Instant::now() + wait;
@@ -136,7 +169,7 @@ impl Manager {
                 .ok_or_else(|| ApiError::no_domain(&name))?;
             match &dom.job {
                 None => {
-                    let (job, handle) = Job::new(job_name, cancellable);
+                    let (job, handle) = Job::new(spec);
                     dom.job = Some(job);
                     return Ok((inner, name, handle));
                 }
@@ -169,7 +202,7 @@ impl Manager {
                         dom.job = None;
                         if let Some((generation, kind)) = dom.pending_exit.take() {
                             if generation == dom.generation && dom.stored.state.is_active() {
-                                let (job, h) = Job::new("exit", false);
+                                let (job, h) = Job::new(EXIT);
                                 dom.job = Some(job);
                                 next = Some((h, kind));
                             }

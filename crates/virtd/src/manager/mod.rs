@@ -4,11 +4,13 @@
 //! One lock guards the domain table and the store, and it is never held across a driver call:
 //! an operation takes the domain's job ([`jobs`]), copies out what the driver needs, releases
 //! the lock, calls the driver under a deadline, then re-locks and commits ([`commit`]).
-//! Lifecycle operations and VM exits are in [`lifecycle`].
+//! Lifecycle operations are in [`lifecycle`], VM exits in [`exits`], daemon start in [`recover`].
 
 mod commit;
+mod exits;
 pub mod jobs;
 mod lifecycle;
+mod recover;
 #[cfg(test)]
 mod tests;
 

@@ -140,7 +140,7 @@ impl Driver for FakeDriver {
     fn check(&self, _def: &DomainDef) -> Result<(), ApiError> {
         Ok(())
     }
-    fn kill(&self, _runtime: &Runtime) -> Result<(), ApiError> {
+    fn kill(&self, _vm: &VmRef) -> Result<(), ApiError> {
         self.lock().killed = true;
         self.changed.notify_all();
         Ok(())
@@ -221,7 +221,10 @@ fn queries_and_other_domains_answer_while_a_start_is_blocked_in_the_driver() {
     assert_eq!(f.mgr.list(true).len(), 2);
     assert_eq!(state(&f.mgr, "stuck").0, DomainState::Shutoff);
     let job = f.mgr.job_info("stuck").unwrap().job.expect("a job");
-    assert_eq!((job.name.as_str(), job.cancellable), ("start", true));
+    assert_eq!(
+        (job.name.as_str(), job.kind, job.cancellable),
+        ("start", ferrovirt_api::JobKind::Operation, true)
+    );
     let progress = job.progress.expect("a start reports its steps");
     assert_eq!(
         (progress.phase.as_deref(), progress.done, progress.total),
@@ -283,10 +286,9 @@ fn a_second_operation_on_a_busy_domain_is_refused_with_409_or_waits_when_asked()
         Some(Duration::from_secs(30)),
     );
     f.fake.release("shutdown");
-    assert_eq!(
-        shutdown.join().unwrap().unwrap().state,
-        DomainState::Running
-    );
+    // The shutdown answers with the domain as it is then: running, or already paused by the
+    // suspend that waited for it.
+    shutdown.join().unwrap().expect("the shutdown went through");
     assert_eq!(suspend.join().unwrap().unwrap().state, DomainState::Paused);
     let e = f.mgr.abort_job("web").unwrap_err();
     assert!(e.message.contains("has no job running"), "{e}");
@@ -297,7 +299,8 @@ fn short_limits() -> Limits {
         op: Duration::from_millis(200),
         start: Duration::from_millis(300),
         destroy: Duration::from_secs(5),
-        grace: Duration::from_millis(50),
+        // Long enough that a driver honoring its deadline answers first, even on a busy machine.
+        grace: Duration::from_secs(1),
         max_wait: Duration::from_secs(30),
     }
 }
@@ -433,4 +436,71 @@ fn commits_store_first_and_a_store_failure_leaves_memory_unchanged() {
     f.mgr.action("db", DomainOp::Suspend, None).unwrap();
     assert_eq!(stored_state(), "paused");
     assert_eq!(state(&f.mgr, "db").0, DomainState::Paused);
+}
+
+/// The generation the running VM of `name` reports its exit with.
+fn generation(mgr: &Manager, name: &str) -> u64 {
+    mgr.lock().doms.get(name).map(|d| d.generation).unwrap()
+}
+
+#[test]
+fn a_vm_exit_during_a_job_is_handled_when_the_job_ends() {
+    let f = fixture(Limits::default());
+    define(&f, "x");
+    f.mgr.action("x", DomainOp::Start, None).unwrap();
+    f.fake.hold("suspend", false);
+    let suspend = in_background(&f.mgr, "x", DomainOp::Suspend, None);
+    f.fake.wait_inside("suspend");
+    // The guest powers off while the suspend is inside the driver: the monitor does not wait.
+    f.mgr
+        .vm_exited("x", generation(&f.mgr, "x"), ExitKind::Poweroff);
+    assert_eq!(state(&f.mgr, "x").0, DomainState::Running);
+    f.fake.release("suspend");
+    suspend.join().unwrap().unwrap();
+    assert_eq!(
+        state(&f.mgr, "x"),
+        (DomainState::Shutoff, StateReason::Shutdown)
+    );
+    assert!(f.mgr.job_info("x").unwrap().job.is_none());
+    // A late report from that VM changes nothing.
+    f.mgr.action("x", DomainOp::Start, None).unwrap();
+    f.mgr
+        .vm_exited("x", generation(&f.mgr, "x") - 1, ExitKind::Crash);
+    assert_eq!(state(&f.mgr, "x").0, DomainState::Running);
+}
+
+#[test]
+fn a_restart_after_an_exit_runs_as_a_job_off_the_monitor_thread() {
+    let f = fixture(Limits::default());
+    define(&f, "phoenix");
+    f.mgr
+        .update_config("phoenix", true, |d| {
+            d.on_crash = ferrovirt_api::Action::Restart
+        })
+        .unwrap();
+    f.mgr.action("phoenix", DomainOp::Start, None).unwrap();
+    f.fake.hold("start", false);
+    let gen = generation(&f.mgr, "phoenix");
+    let mgr = f.mgr.clone();
+    let monitor = thread::spawn(move || mgr.vm_exited("phoenix", gen, ExitKind::Crash));
+    f.fake.wait_inside("start");
+    // The restart is inside the driver: queries answer and show it.
+    let job = f
+        .mgr
+        .job_info("phoenix")
+        .unwrap()
+        .job
+        .expect("the restart job");
+    assert_eq!(
+        (job.name.as_str(), job.kind),
+        ("restart", ferrovirt_api::JobKind::Internal)
+    );
+    assert_eq!(state(&f.mgr, "phoenix").0, DomainState::Crashed);
+    assert_eq!(f.mgr.list(true).len(), 1);
+    f.fake.release("start");
+    monitor.join().unwrap();
+    assert_eq!(
+        state(&f.mgr, "phoenix"),
+        (DomainState::Running, StateReason::Restarted)
+    );
 }

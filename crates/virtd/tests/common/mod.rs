@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use ferrovirt_api::client::{Client, ClientError};
+use ferrovirt_api::client::{Client, ClientError, DefFormat};
 use ferrovirt_api::DomainOp;
 use ferrovirt_api::ErrorCode;
 
@@ -167,6 +167,36 @@ pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     while !cond() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The domain `until_subscribed` defines and undefines; tests skip its events.
+pub const PROBE: &str = "events-probe";
+
+/// Wait until a new event subscription is live: define and undefine a probe domain (test driver)
+/// until `seen_probe` (waiting at most the given time) reports one of its events, instead of
+/// guessing how long subscribing takes.
+pub fn until_subscribed(d: &Daemon, c: &Client, mut seen_probe: impl FnMut(Duration) -> bool) {
+    let kernel = d.file(
+        "probe-kernel",
+        "not a kernel: the test driver boots nothing",
+    );
+    let def = format!(
+        "name = \"{PROBE}\"\ntype = \"test\"\n[os]\nkernel = \"{}\"\n",
+        kernel.display()
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        c.define(&def, DefFormat::Toml, false)
+            .expect("define the probe");
+        c.undefine(PROBE).expect("undefine the probe");
+        if seen_probe(Duration::from_millis(100)) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the event subscription never saw the probe domain"
+        );
     }
 }
 

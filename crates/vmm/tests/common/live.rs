@@ -4,7 +4,7 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub struct LiveVm {
@@ -12,9 +12,12 @@ pub struct LiveVm {
     pub api: PathBuf,
     pub output: Arc<Mutex<String>>,
     pub stderr: Arc<Mutex<String>>,
+    /// Each pipe reader says here when it reached the end of its pipe.
+    drained: mpsc::Receiver<()>,
 }
 
-fn collect<R: Read + Send + 'static>(mut r: R, into: Arc<Mutex<String>>) {
+/// Copy a pipe into `into` until its end, then report on `done`.
+fn collect<R: Read + Send + 'static>(mut r: R, into: Arc<Mutex<String>>, done: mpsc::Sender<()>) {
     std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
         while let Ok(n) = r.read(&mut buf) {
@@ -25,6 +28,7 @@ fn collect<R: Read + Send + 'static>(mut r: R, into: Arc<Mutex<String>>) {
                 .unwrap()
                 .push_str(&String::from_utf8_lossy(&buf[..n]));
         }
+        let _ = done.send(());
     });
 }
 
@@ -48,13 +52,15 @@ impl LiveVm {
             .expect("start ferrovmm");
         let output = Arc::new(Mutex::new(String::new()));
         let stderr = Arc::new(Mutex::new(String::new()));
-        collect(child.stdout.take().unwrap(), output.clone());
-        collect(child.stderr.take().unwrap(), stderr.clone());
+        let (done, drained) = mpsc::channel();
+        collect(child.stdout.take().unwrap(), output.clone(), done.clone());
+        collect(child.stderr.take().unwrap(), stderr.clone(), done);
         let vm = LiveVm {
             child,
             api: api.to_path_buf(),
             output,
             stderr,
+            drained,
         };
         vm.wait_for(|| vm.api.exists(), "the API socket");
         vm
@@ -103,8 +109,12 @@ impl LiveVm {
             }
             std::thread::sleep(Duration::from_millis(5));
         };
-        // Let the reader threads drain the pipes.
-        std::thread::sleep(Duration::from_millis(50));
+        // Both pipes read to their end (no helper process may keep them open).
+        for pipe in ["stdout", "stderr"] {
+            self.drained
+                .recv_timeout(Duration::from_secs(10))
+                .unwrap_or_else(|_| panic!("ferrovmm's {pipe} stayed open after it exited"));
+        }
         let stdout = output.lock().unwrap().clone();
         let stderr = stderr.lock().unwrap().clone();
         super::Run {

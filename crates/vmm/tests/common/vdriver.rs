@@ -296,6 +296,22 @@ impl Driver {
         out
     }
 
+    /// After hostile entries were published and kicked: waits (at most `timeout`) until the
+    /// device shows it took them, by moving the used index past `used_before` or asking for a
+    /// reset. False when it showed neither (it may have dropped them silently).
+    pub fn wait_reaction(&mut self, q: usize, used_before: u16, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.used_idx(q) != used_before || self.status() & STATUS_NEEDS_RESET != 0 {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
     /// Waits until the device reports DEVICE_NEEDS_RESET.
     pub fn wait_needs_reset(&mut self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
