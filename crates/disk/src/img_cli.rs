@@ -157,6 +157,38 @@ enum Cmd {
         file: PathBuf,
         bitmap: String,
     },
+    /// Pull the backing chain's data into FILE and drop its backing file (qemu-img has
+    /// no such verb; `rebase -b ""` does the same in one pass)
+    Stream {
+        #[arg(short = 'f')]
+        format: Option<String>,
+        file: PathBuf,
+    },
+    /// Serve an image over NBD until SIGTERM/SIGINT (the role of qemu-nbd)
+    #[command(group(clap::ArgGroup::new("listen").required(true).args(["socket", "bind"])))]
+    Nbd {
+        /// Refuse writes
+        #[arg(long)]
+        read_only: bool,
+        /// Offer the persistent bitmap NAME as the qemu:dirty-bitmap:NAME context
+        #[arg(long, value_name = "NAME")]
+        bitmap: Option<String>,
+        /// Export name (default "", as qemu-nbd's)
+        #[arg(short = 'x', long, default_value = "")]
+        export_name: String,
+        /// Export an internal snapshot (by id or name), read-only
+        #[arg(long, value_name = "NAME")]
+        snapshot: Option<String>,
+        /// Listen on a Unix socket (created 0600; must not exist)
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        /// Listen on TCP HOST:PORT
+        #[arg(long, value_name = "HOST:PORT")]
+        bind: Option<String>,
+        #[arg(short = 'f')]
+        format: Option<String>,
+        file: PathBuf,
+    },
     /// Show where an image's data lives
     Map {
         #[arg(long, value_enum, default_value = "human")]
@@ -583,6 +615,44 @@ fn execute(cmd: Cmd) -> Result<i32, DiskError> {
                 list.push(ops::BitmapOp::Remove);
             }
             ops::bitmap(&file, &bitmap, &list)?;
+            Ok(0)
+        }
+        Cmd::Stream { format, file } => {
+            if opt_format(&format)? == Some(Format::Raw) {
+                return Err(DiskError::InvalidArgument(
+                    "a raw image has no backing file to stream from".into(),
+                ));
+            }
+            crate::jobs::stream_offline(&file)?;
+            println!("Image streamed.");
+            Ok(0)
+        }
+        Cmd::Nbd {
+            read_only,
+            bitmap,
+            export_name,
+            snapshot,
+            socket,
+            bind,
+            format: _,
+            file,
+        } => {
+            let listen = match (socket, bind) {
+                (Some(p), _) => crate::nbd::Listen::Unix(p),
+                (None, Some(a)) => crate::nbd::Listen::Tcp(a),
+                (None, None) => {
+                    return Err(DiskError::InvalidArgument(
+                        "--socket PATH or --bind HOST:PORT is needed".into(),
+                    ))
+                }
+            };
+            let opts = crate::nbd::ExportOptions {
+                read_only,
+                bitmap,
+                name: export_name,
+                snapshot,
+            };
+            crate::nbd::serve(&file, &opts, &listen, || {})?;
             Ok(0)
         }
         Cmd::Map {

@@ -26,6 +26,8 @@ const USAGE: &str = "usage: ferrovirtd [--socket PATH] [--state-dir DIR] [--run-
   --tls-key FILE    and this PEM private key (file mode 0600)
   --max-connections N  open API connections at most (default 512); one more gets a 503
   --read-timeout SECS  time a client has to send a request's headers, then its body (default 10)
+  --allow-remote-vnc  let a domain's VNC listen beyond loopback (only with a VNC password);
+                    without it every VNC display listens on 127.0.0.1/::1 only
   --op-timeout SECS how long a VM may take to answer one operation (shutdown, suspend, resume,
                     reset) before it fails with a timeout error (default 10)
 
@@ -39,8 +41,9 @@ struct TcpOptions {
     tls: Option<(PathBuf, PathBuf)>,
 }
 
-/// Command line: paths, the optional TCP listener, the manager's and the HTTP limits.
-fn parse_args() -> Result<(Paths, Option<TcpOptions>, Limits, HttpLimits), String> {
+/// Command line: paths, the optional TCP listener, the manager's and the HTTP limits, and
+/// whether VNC may listen beyond loopback.
+fn parse_args() -> Result<(Paths, Option<TcpOptions>, Limits, HttpLimits, bool), String> {
     let mut http_limits = HttpLimits::default();
     let mut socket = None;
     let mut state_dir = PathBuf::from("/var/lib/ferrovirt");
@@ -50,6 +53,7 @@ fn parse_args() -> Result<(Paths, Option<TcpOptions>, Limits, HttpLimits), Strin
     let mut tls_cert = None;
     let mut tls_key = None;
     let mut limits = Limits::default();
+    let mut allow_remote_vnc = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let (flag, inline) = match arg.split_once('=') {
@@ -85,6 +89,7 @@ fn parse_args() -> Result<(Paths, Option<TcpOptions>, Limits, HttpLimits), Strin
                     .ok_or("--read-timeout needs a positive number of seconds")?;
                 http_limits.read_timeout = Duration::from_secs(secs);
             }
+            "--allow-remote-vnc" if inline.is_none() => allow_remote_vnc = true,
             "--op-timeout" => {
                 let v = value("--op-timeout")?;
                 let secs: u64 = v
@@ -129,6 +134,7 @@ fn parse_args() -> Result<(Paths, Option<TcpOptions>, Limits, HttpLimits), Strin
         tcp,
         limits,
         http_limits,
+        allow_remote_vnc,
     ))
 }
 
@@ -232,8 +238,10 @@ fn fit_to_fd_limit(limits: &mut HttpLimits) {
 }
 
 fn main() -> ExitCode {
+    // Everything the daemon and its VMs create is private (state 0700/0600, see files.rs).
+    ferrovirtd::files::restrict_umask();
     let run = || -> Result<(), String> {
-        let (paths, tcp, limits, mut http_limits) = parse_args()?;
+        let (paths, tcp, limits, mut http_limits, allow_remote_vnc) = parse_args()?;
         fit_to_fd_limit(&mut http_limits);
         let tcp = match tcp {
             Some(o) => {
@@ -252,6 +260,7 @@ fn main() -> ExitCode {
         let _lock = lock_state_dir(&paths)?;
         let setup = Setup {
             limits,
+            allow_remote_vnc,
             ..Setup::probe()
         };
         let mgr = Manager::open(paths.clone(), setup)?;

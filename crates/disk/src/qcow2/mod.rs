@@ -10,9 +10,11 @@ pub mod meta;
 pub mod refs;
 pub mod snapshot;
 mod snapshot_ops;
+mod snapshot_view;
 
 pub use bitmap_ops::BitmapInfo;
 pub use snapshot_ops::SnapshotParams;
+pub use snapshot_view::SnapshotView;
 
 use crate::file::{AlignedBuf, ImageFile};
 use crate::{BlockBackend, DiskError, Image};
@@ -382,6 +384,21 @@ impl Qcow2 {
                 self.file.write_at(&b[..valid as usize], host)
             }
         }
+    }
+
+    /// Copies a guest cluster the image does not map from the backing chain into the
+    /// image (stream). A cluster the guest has written meanwhile is left alone: the
+    /// check and the mapping happen under the same rules as an allocating write.
+    pub(crate) fn copy_up(&self, guest_cluster: u64) -> Result<bool, DiskError> {
+        self.check_writable()?;
+        let _g = self.gate.read().unwrap_or_else(|p| p.into_inner());
+        let mut meta = self.lock_settled(guest_cluster);
+        let m = meta.lookup(&self.file, guest_cluster)?;
+        if m != Mapping::Unallocated || self.backing.is_none() {
+            return Ok(false);
+        }
+        self.allocating_write(meta, guest_cluster, 0, &[], m)?;
+        Ok(true)
     }
 
     /// The metadata lock, once no allocating write to `guest_cluster` is in flight.

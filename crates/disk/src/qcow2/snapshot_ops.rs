@@ -259,7 +259,7 @@ impl Qcow2 {
         Ok(out)
     }
 
-    fn read_l1(&self, offset: u64, entries: u32) -> Result<Vec<u64>, DiskError> {
+    pub(super) fn read_l1(&self, offset: u64, entries: u32) -> Result<Vec<u64>, DiskError> {
         let mut b = vec![0u8; entries as usize * 8];
         if self.file.len()? < offset + b.len() as u64 {
             return Err(DiskError::Corrupt {

@@ -197,7 +197,7 @@ impl Driver for KvmDriver {
             let _ = fs::remove_file(dir.join(f));
         }
         let log_path = dir.join("vmm.log");
-        let log = fs::File::create(&log_path)
+        let log = crate::files::create_private(&log_path)
             .map_err(|e| ApiError::internal(format!("{}: {e}", log_path.display())))?;
         let mut cmd = Command::new(ctx.def.emulator_binary().unwrap_or(&self.binary));
         cmd.args(argv)
@@ -259,6 +259,7 @@ impl Driver for KvmDriver {
                 id: ctx.id,
                 pid: Some(pid),
                 vnc_port: None,
+                vnc_listen: None,
                 // Recorded by the manager, which chose the engine.
                 engine: None,
             },

@@ -286,6 +286,7 @@ impl Manager {
             let generation = dom.generation + 1;
             let engine = self.engine(&def);
             engine.check_startable()?;
+            self.check_policy(&def)?;
             // QEMU runs a kvm domain with accel=kvm: the driver reads the accelerator from the
             // definition it is handed (a copy; the stored one is unchanged).
             if engine.accel.is_some() {
