@@ -4,6 +4,7 @@ use std::ffi::{CString, OsString};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
+use clap::Parser;
 use ferrovmm_api::ExitReason;
 
 /// `ps` should show a VM as `ferrovmm --name NAME ...`: when --name is not the first
@@ -57,6 +58,46 @@ fn exit_file_of(args: &[OsString]) -> Option<PathBuf> {
     None
 }
 
+/// `ferrovmm --restore DIR ...`: its own flags, the same exit statuses and exit record.
+fn restore(raw: &[OsString]) -> ! {
+    let args = match ferrovmm::restore::RestoreArgs::try_parse_from(raw) {
+        Ok(args) => args,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            if e.use_stderr() {
+                ferrovmm::record_exit(
+                    exit_file_of(raw).as_deref(),
+                    ExitReason::Error {
+                        message: "invalid command line".into(),
+                    },
+                    code,
+                );
+            }
+            std::process::exit(code);
+        }
+    };
+    ferrovmm::logger::init(ferrovmm::config::log_filter(args.log_level));
+    let (api_socket, exit_file) = (args.api_socket.clone(), args.exit_file.clone());
+    match ferrovmm::restore::run(args) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("ferrovmm: {e}");
+            ferrovmm::record_exit(
+                exit_file.as_deref(),
+                ExitReason::Error {
+                    message: e.to_string(),
+                },
+                e.exit_code(),
+            );
+            if let Some(p) = api_socket {
+                let _ = std::fs::remove_file(p);
+            }
+            std::process::exit(e.exit_code());
+        }
+    }
+}
+
 fn main() {
     // The workspace's release profile unwinds (ferrovirtd answers a panicking request with a 500
     // and keeps serving); a VMM whose thread panicked is in no state to go on: end it as before.
@@ -67,6 +108,9 @@ fn main() {
     }));
     let raw: Vec<OsString> = std::env::args_os().collect();
     put_name_first(&raw);
+    if ferrovmm::restore::requested(&raw) {
+        restore(&raw);
+    }
     let config = match ferrovmm::config::parse(&raw) {
         Ok(config) => config,
         Err(e) => {

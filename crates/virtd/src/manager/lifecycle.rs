@@ -226,6 +226,7 @@ impl Manager {
             DomainOp::Shutdown | DomainOp::Reboot => {
                 let ended = snap.driver.shutdown(&vm)?;
                 let mut inner = self.lock();
+                Self::settle(&mut inner, name, job);
                 if let Some(d) = inner.doms.get_mut(name) {
                     d.pending_reboot = op == DomainOp::Reboot;
                     // Ended at once (test driver): handled when this job ends.
@@ -238,6 +239,8 @@ impl Manager {
                 snap.driver.destroy(&vm)?;
                 self.networks.unplug(&snap.def);
                 let mut inner = self.lock();
+                // The VM is gone whoever still waits: record it.
+                Self::settle(&mut inner, name, job);
                 inner.commit(
                     name,
                     Transient::Forget,
@@ -247,10 +250,15 @@ impl Manager {
                 drop(inner);
                 self.events.emit(name, EventKind::Stopped, "destroyed");
             }
-            DomainOp::Reset => snap.driver.reset(&vm)?,
+            DomainOp::Reset => {
+                snap.driver.reset(&vm)?;
+                Self::settle(&mut self.lock(), name, job);
+            }
             DomainOp::Suspend => {
                 snap.driver.suspend(&vm)?;
-                self.lock().commit(
+                let mut inner = self.lock();
+                Self::settle(&mut inner, name, job);
+                inner.commit(
                     name,
                     Transient::Keep,
                     commit::state(DomainState::Paused, StateReason::User),
@@ -259,7 +267,9 @@ impl Manager {
             }
             DomainOp::Resume => {
                 snap.driver.resume(&vm)?;
-                self.lock().commit(
+                let mut inner = self.lock();
+                Self::settle(&mut inner, name, job);
+                inner.commit(
                     name,
                     Transient::Keep,
                     commit::state(DomainState::Running, StateReason::Unpaused),
@@ -352,7 +362,7 @@ impl Manager {
         }
         step(3, "recording");
         let mut inner = self.lock();
-        if Self::job_timed_out(&inner, name, job) {
+        if !Self::settle(&mut inner, name, job) {
             drop(inner);
             return Err(undo(deadline.timeout("the VM started too late")));
         }
