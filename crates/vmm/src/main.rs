@@ -124,6 +124,10 @@ fn main() {
         }
     };
     ferrovmm::logger::init(ferrovmm::config::log_filter(config.log_level));
+    // A record left by an earlier run must not pass for this one's (if this run is killed).
+    if let Some(path) = &config.exit_file {
+        let _ = std::fs::remove_file(path);
+    }
     match ferrovmm::run(&config) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
