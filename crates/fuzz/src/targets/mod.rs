@@ -2,4 +2,9 @@
 //! what the target drives, for the stateful ones) with a [`crate::Target`] description.
 
 pub mod definitions;
+pub mod http;
 pub mod launch;
+pub mod nbd;
+pub mod qcow2;
+pub mod snapshot;
+pub mod virtio;
