@@ -3,6 +3,7 @@
 //! domain's operations fail with a timeout error, `domjobinfo` shows the job, `domjobabort`
 //! says it cannot be cancelled; after SIGCONT everything works again.
 
+use ferrovirt_testkit::{RunWithin, TOOL_TIMEOUT};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -102,7 +103,11 @@ fn guest() -> (String, String) {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest");
     let script =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../virtd/tests/fixtures/make-guest.sh");
-    let out = Command::new("sh").arg(&script).arg(&dir).output().unwrap();
+    let out = Command::new("sh")
+        .arg(&script)
+        .arg(&dir)
+        .output_within(TOOL_TIMEOUT)
+        .unwrap();
     assert!(
         out.status.success(),
         "make-guest.sh failed: {}",
@@ -115,7 +120,9 @@ fn guest() -> (String, String) {
 }
 
 fn signal(pid: &str, sig: &str) {
-    let _ = Command::new("kill").args([sig, pid]).status();
+    let _ = Command::new("kill")
+        .args([sig, pid])
+        .status_within(TOOL_TIMEOUT);
 }
 
 #[test]

@@ -14,6 +14,7 @@ mod common;
 use common::*;
 use ferrovirt_disk::journal::{self, Event};
 use ferrovirt_disk::{open, OpenOptions, FAULT_ENV};
+use ferrovirt_testkit::{RunWithin, TOOL_TIMEOUT};
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::Command;
@@ -126,7 +127,7 @@ fn run_child(dir: &Path, fault_after: u64) -> bool {
         .env(journal::JOURNAL_ENV, dir.join("journal"))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
-        .output()
+        .output_within(TOOL_TIMEOUT)
         .expect("spawn child");
     if out.status.success() {
         return true;

@@ -10,6 +10,7 @@ mod common;
 
 use common::*;
 use ferrovirt_disk::{open, ops, OpenOptions, FAULT_ENV};
+use ferrovirt_testkit::{RunWithin, TOOL_TIMEOUT};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
@@ -141,7 +142,7 @@ fn run_child(dir: &Path, fault_after: u64) -> bool {
         .env(FAULT_ENV, fault_after.to_string())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
-        .status()
+        .status_within(TOOL_TIMEOUT)
         .expect("spawn child")
         .success()
 }

@@ -39,6 +39,7 @@ mod kernel;
 mod libs;
 mod modules;
 mod nested;
+pub mod process;
 mod qemu;
 mod rootdisk;
 
@@ -53,5 +54,6 @@ pub use initramfs::{
 pub use kernel::{busybox, guest_kernel, GuestKernel};
 pub use libs::shared_libraries;
 pub use nested::{Nested, NestedOutput};
+pub use process::{RunWithin, TOOL_TIMEOUT};
 pub use qemu::{qemu_binary, qemu_tcg_boot, ConsoleRun, TcgVm};
 pub use rootdisk::make_root_disk;

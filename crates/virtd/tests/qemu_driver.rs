@@ -11,6 +11,7 @@ use common::{guest, wait_for, Daemon};
 use ferrovirt_api::client::{Client, DefFormat};
 use ferrovirt_api::DomainOp;
 use ferrovirt_api::{DomainState, StateReason};
+use ferrovirt_testkit::{RunWithin, TOOL_TIMEOUT};
 
 const BOOT: Duration = Duration::from_secs(90);
 
@@ -195,7 +196,7 @@ fn unsafe_kill(pid: u32) {
     let status = std::process::Command::new("kill")
         .arg("-9")
         .arg(pid.to_string())
-        .status()
+        .status_within(TOOL_TIMEOUT)
         .unwrap();
     assert!(status.success());
 }
@@ -210,7 +211,7 @@ fn cdrom_and_vnc_graphics_with_seabios() {
         .args(["-quiet", "-volid", "EMPTY", "-o"])
         .arg(&iso)
         .arg(d.file("readme.txt", "nothing to boot here\n"))
-        .status()
+        .status_within(TOOL_TIMEOUT)
         .expect("genisoimage (Debian package genisoimage) is needed");
     assert!(made.success());
     let def = format!(

@@ -11,6 +11,7 @@ use std::time::Duration;
 use common::{guest, wait_for, Daemon};
 use ferrovirt_api::client::{Client, ClientError, DefFormat};
 use ferrovirt_api::{ApiError, DomainOp, DomainState, ErrorCode, StateReason};
+use ferrovirt_testkit::{RunWithin, TOOL_TIMEOUT};
 
 /// The daemon's deadline for one operation on a VM (`--op-timeout`).
 const OP_TIMEOUT: &str = "6";
@@ -28,7 +29,7 @@ fn qemu_def(name: &str) -> String {
 fn signal(pid: u32, sig: &str) {
     let status = std::process::Command::new("kill")
         .args([sig, &pid.to_string()])
-        .status()
+        .status_within(TOOL_TIMEOUT)
         .expect("run kill");
     assert!(status.success(), "kill {sig} {pid}");
 }
@@ -56,7 +57,7 @@ impl Drop for Stopped {
         let _ = std::process::Command::new("kill")
             .args(["-CONT", &self.0.to_string()])
             .stderr(std::process::Stdio::null())
-            .status();
+            .status_within(TOOL_TIMEOUT);
     }
 }
 

@@ -10,6 +10,7 @@ use std::time::Duration;
 use common::{code, daemon_binary, wait_for, Daemon};
 use ferrovirt_api::client::Client;
 use ferrovirt_api::ErrorCode;
+use ferrovirt_testkit::{RunWithin, TOOL_TIMEOUT};
 
 const TOKEN: &str = "s3cret-token-for-tests-0123456789";
 
@@ -82,7 +83,7 @@ fn tcp_without_a_safe_token_is_refused_at_start() {
             .arg("--run-dir")
             .arg(dir.join("r"))
             .args(args)
-            .output()
+            .output_within(TOOL_TIMEOUT)
             .unwrap()
     };
     let out = run(&["--listen-tcp", "127.0.0.1:0"]);
@@ -108,7 +109,7 @@ fn tcp_without_a_safe_token_is_refused_at_start() {
 fn openssl(args: &[&str]) {
     let out = Command::new("openssl")
         .args(args)
-        .output()
+        .output_within(TOOL_TIMEOUT)
         .expect("openssl is needed to make test certificates");
     assert!(
         out.status.success(),

@@ -9,6 +9,7 @@ use std::time::Duration;
 use ferrovirt_testkit::{
     guest_kernel, hardware_kvm, linux_guest_script, make_root_disk, scratch_dir, Nested,
 };
+use ferrovirt_testkit::{RunWithin, TOOL_TIMEOUT};
 
 const MODULES: &[&str] = &[
     "virtio_pci",
@@ -86,7 +87,7 @@ fn root_on_virtio_blk_ext4_keeps_a_synced_file_and_stays_clean() {
 fn qemu_img(args: &[&str]) {
     let st = Command::new("qemu-img")
         .args(args)
-        .status()
+        .status_within(TOOL_TIMEOUT)
         .expect("qemu-img (qemu-utils)");
     assert!(st.success(), "qemu-img {args:?}");
 }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use ferrovirt_api::client::{Client, ClientError, DefFormat};
 use ferrovirt_api::DomainOp;
 use ferrovirt_api::ErrorCode;
+use ferrovirt_testkit::{RunWithin, TOOL_TIMEOUT};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -181,7 +182,7 @@ pub fn guest() -> (PathBuf, PathBuf) {
     let out = Command::new("sh")
         .arg(&script)
         .arg(&dir)
-        .output()
+        .output_within(TOOL_TIMEOUT)
         .expect("run make-guest.sh");
     assert!(
         out.status.success(),
