@@ -324,7 +324,7 @@ fn install_accepts_virt_install_options_and_creates_thin_volumes() {
 
     // A working install (test driver), mixing both option forms.
     let kernel = e.kernel();
-    let boot = format!("kernel={kernel},kernel_args=console=ttyS0 quiet");
+    let boot = format!("kernel={kernel},kernel_args=console=ttyS0 quiet no_timer_check");
     let out = e.ok(&[
         "install",
         "--name",
@@ -359,7 +359,8 @@ fn install_accepts_virt_install_options_and_creates_thin_volumes() {
     assert!(images.join("inst-1.qcow2").exists());
     let xml = e.ok(&["dumpxml", "inst"]);
     assert!(
-        xml.contains("inst.qcow2") && xml.contains("<cmdline>console=ttyS0 quiet</cmdline>"),
+        xml.contains("inst.qcow2")
+            && xml.contains("<cmdline>console=ttyS0 quiet no_timer_check</cmdline>"),
         "{xml}"
     );
     assert_eq!(e.ok(&["domstate", "inst"]), "running\n\n");
@@ -630,7 +631,8 @@ fn guest() -> (String, String) {
 fn install_with_qemu_attaches_the_console_and_ctrl_close_bracket_detaches() {
     let e = Env::start();
     let (kernel, initrd) = guest();
-    let boot = format!("kernel={kernel},initrd={initrd},kernel_args=console=ttyS0 quiet");
+    let boot =
+        format!("kernel={kernel},initrd={initrd},kernel_args=console=ttyS0 quiet no_timer_check");
     let mut child = e
         .cmd(&[
             "install",

@@ -132,7 +132,7 @@ fn a_stopped_vm_times_out_its_own_operations_and_list_keeps_answering() {
     let def = e.dir.join("stuck.toml");
     std::fs::write(
         &def,
-        format!("name = \"stuck\"\ntype = \"qemu\"\naccel = \"tcg\"\nmemory_mib = 128\n[os]\nkernel = \"{kernel}\"\ninitrd = \"{initrd}\"\ncmdline = \"console=ttyS0 quiet\"\n"),
+        format!("name = \"stuck\"\ntype = \"qemu\"\naccel = \"tcg\"\nmemory_mib = 128\n[os]\nkernel = \"{kernel}\"\ninitrd = \"{initrd}\"\ncmdline = \"console=ttyS0 quiet no_timer_check\"\n"),
     )
     .unwrap();
     e.ok(&["define", &def.to_string_lossy()]);

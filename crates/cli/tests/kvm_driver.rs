@@ -45,7 +45,7 @@ wait_log() { # NAME TEXT
 }
 start_daemon
 ferrovirt version | grep 'Default driver'
-BOOT="kernel=/guest/vmlinux,initrd=/guest/initrd,kernel_args=console=ttyS0 panic=-1 quiet"
+BOOT="kernel=/guest/vmlinux,initrd=/guest/initrd,kernel_args=console=ttyS0 panic=-1 quiet no_timer_check"
 ferrovirt install --name once --memory 128 --boot "$BOOT" --network none --noautoconsole 2>&1
 wait_state once 'shut off'
 echo "ONCE: $(ferrovirt domstate --reason once)"
@@ -121,9 +121,22 @@ fn kvm_driver_runs_linux_guests_under_ferrovmm() {
     assert!(o.contains("REATTACHED: running"), "{o}");
     assert!(o.contains("DESTROYED: shut off (destroyed)"), "{o}");
     assert!(o.contains("VMM-GONE"), "{o}");
+    // The seed's line asks for a CD-ROM and VNC: not ferrovmm's yet, so the engine would be
+    // QEMU with accel=kvm; this harness has neither QEMU nor a `default` network. Either way:
+    // one clear error, and nothing is created.
+    let seed = o
+        .split("WARNING --os-variant")
+        .nth(1)
+        .and_then(|rest| rest.split("SEED-EXIT:").next())
+        .unwrap_or("");
     assert!(
-        o.contains("does not support CD-ROMs (--cdrom) yet") && o.contains("SEED-EXIT: 1"),
+        o.contains("SEED-EXIT: 1")
+            && seed.lines().filter(|l| l.starts_with("error: ")).count() == 1,
         "seed line:\n{o}"
+    );
+    assert!(
+        !o.contains("CentOSVM"),
+        "nothing created by the seed line:\n{o}"
     );
 }
 
@@ -162,7 +175,7 @@ ip link add br0 type bridge && ip addr add 10.0.3.1/24 dev br0 && ip link set br
 FERROVIRT_NO_DEFAULT_NETWORK=1 FERROVIRT_VMM=/bin/ferrovmm ferrovirtd --state-dir /var/fv --run-dir /run/fv >>/var/d.log 2>&1 &
 i=0; while ! ferrovirt list >/dev/null 2>&1; do i=$((i+1)); [ $i -gt 200 ] && { cat /var/d.log; exit 1; }; sleep 0.05; done
 ferrovirt install --virt-type=kvm --name nic1 --memory 128 --network bridge=br0,mac=52:54:00:12:34:99 \
-  --boot "kernel=/guest/vmlinux,initrd=/guest/initrd,kernel_args=console=ttyS0 panic=-1 quiet" --noautoconsole 2>&1
+  --boot "kernel=/guest/vmlinux,initrd=/guest/initrd,kernel_args=console=ttyS0 panic=-1 quiet no_timer_check" --noautoconsole 2>&1
 echo "IFLIST: $(ferrovirt domiflist nic1 | grep -c 52:54:00:12:34:99)"
 i=0; while ! ferrovirt domstate nic1 | grep -q '^shut off'; do i=$((i+1)); [ $i -gt 900 ] && { echo TIMEOUT; break; }; sleep 0.1; done
 cat /var/fv/logs/nic1.log

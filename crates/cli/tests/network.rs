@@ -391,7 +391,7 @@ fn install_args(w: &World, name: &str, networks: &[&str]) -> Vec<String> {
     .collect();
     a.push("--boot".into());
     a.push(format!(
-        "kernel={},initrd={},kernel_args=console=ttyS0",
+        "kernel={},initrd={},kernel_args=console=ttyS0 no_timer_check",
         kernel.display(),
         initrd.display()
     ));
@@ -407,7 +407,7 @@ fn vm_def(w: &World, name: &str, network: &str, mac: &str, body: &str) -> String
         &format!("{name}.toml"),
         &format!(
             "name = \"{name}\"\ntype = \"qemu\"\naccel = \"tcg\"\nmemory_mib = 160\n\
-             [os]\nkernel = \"{}\"\ninitrd = \"{}\"\ncmdline = \"console=ttyS0 quiet\"\n\
+             [os]\nkernel = \"{}\"\ninitrd = \"{}\"\ncmdline = \"console=ttyS0 quiet no_timer_check\"\n\
              [[interface]]\ntype = \"network\"\nsource = \"{network}\"\nmac = \"{mac}\"\n",
             kernel.display(),
             initrd.display()

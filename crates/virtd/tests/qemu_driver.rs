@@ -18,7 +18,7 @@ const BOOT: Duration = Duration::from_secs(90);
 fn qemu_def(name: &str, cmdline_extra: &str, extra: &str) -> String {
     let (kernel, initrd) = guest();
     format!(
-        "name = \"{name}\"\ntype = \"qemu\"\naccel = \"tcg\"\nmemory_mib = 192\n{extra}\n[os]\nkernel = \"{}\"\ninitrd = \"{}\"\ncmdline = \"console=ttyS0 quiet {cmdline_extra}\"\n",
+        "name = \"{name}\"\ntype = \"qemu\"\naccel = \"tcg\"\nmemory_mib = 192\n{extra}\n[os]\nkernel = \"{}\"\ninitrd = \"{}\"\ncmdline = \"console=ttyS0 quiet no_timer_check {cmdline_extra}\"\n",
         kernel.display(),
         initrd.display()
     )

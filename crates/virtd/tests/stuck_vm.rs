@@ -20,7 +20,7 @@ const PATIENCE: Duration = Duration::from_secs(60);
 fn qemu_def(name: &str) -> String {
     let (kernel, initrd) = guest();
     format!(
-        "name = \"{name}\"\ntype = \"qemu\"\naccel = \"tcg\"\nmemory_mib = 128\n[os]\nkernel = \"{}\"\ninitrd = \"{}\"\ncmdline = \"console=ttyS0 quiet\"\n",
+        "name = \"{name}\"\ntype = \"qemu\"\naccel = \"tcg\"\nmemory_mib = 128\n[os]\nkernel = \"{}\"\ninitrd = \"{}\"\ncmdline = \"console=ttyS0 quiet no_timer_check\"\n",
         kernel.display(),
         initrd.display()
     )
