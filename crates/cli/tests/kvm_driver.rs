@@ -134,8 +134,13 @@ fn kvm_driver_runs_linux_guests_under_ferrovmm() {
             && seed.lines().filter(|l| l.starts_with("error: ")).count() == 1,
         "seed line:\n{o}"
     );
+    let list_after = o
+        .split("SEED-EXIT:")
+        .nth(1)
+        .and_then(|rest| rest.split("SCRIPT-DONE").next())
+        .unwrap_or("");
     assert!(
-        !o.contains("CentOSVM"),
+        !list_after.contains("CentOSVM"),
         "nothing created by the seed line:\n{o}"
     );
 }
