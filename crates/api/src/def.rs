@@ -305,9 +305,73 @@ pub enum GraphicsKind {
 pub struct GraphicsDef {
     #[serde(rename = "type")]
     pub kind: GraphicsKind,
-    /// Listen address; only loopback is offered for now.
+    /// Listen address (an IP address). Loopback unless the daemon runs with
+    /// --allow-remote-vnc, and then only with a password (see [`GraphicsDef::check_listen`]).
     #[serde(default = "loopback")]
     pub listen: String,
+    /// VNC password (libvirt's `passwd`; the VNC protocol uses at most 8 characters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub passwd: Option<String>,
+}
+
+/// The VNC protocol's password limit (DES key).
+pub const VNC_PASSWORD_MAX: usize = 8;
+
+impl GraphicsDef {
+    /// A VNC display on 127.0.0.1 without password.
+    pub fn vnc_loopback() -> GraphicsDef {
+        GraphicsDef {
+            kind: GraphicsKind::Vnc,
+            listen: loopback(),
+            passwd: None,
+        }
+    }
+
+    /// The listen address as an IP address.
+    pub fn listen_ip(&self) -> Result<std::net::IpAddr, ApiError> {
+        self.listen.parse().map_err(|_| {
+            ApiError::invalid(format!(
+                "VNC listen address '{}' is not an IP address (e.g. 127.0.0.1 or ::1)",
+                self.listen
+            ))
+        })
+    }
+
+    /// Checks that need no host: an IP address, a password of 1 to 8 characters.
+    pub fn validate(&self) -> Result<(), ApiError> {
+        self.listen_ip()?;
+        if let Some(p) = &self.passwd {
+            let n = p.chars().count();
+            if n == 0 || n > VNC_PASSWORD_MAX || p.chars().any(char::is_control) {
+                return Err(ApiError::invalid(format!(
+                    "the VNC password must be 1 to {VNC_PASSWORD_MAX} printable characters (the VNC protocol uses no more), got {n}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The daemon's policy: VNC listens on loopback only, unless it runs with
+    /// --allow-remote-vnc (`allow_remote`), and then only with a password.
+    pub fn check_listen(&self, allow_remote: bool) -> Result<(), ApiError> {
+        self.validate()?;
+        if self.listen_ip()?.is_loopback() {
+            return Ok(());
+        }
+        if !allow_remote {
+            return Err(ApiError::invalid(format!(
+                "VNC listen address '{}' is not loopback: ferrovirtd serves VNC on 127.0.0.1/::1 only (reach it through an SSH tunnel), unless it runs with --allow-remote-vnc",
+                self.listen
+            )));
+        }
+        if self.passwd.is_none() {
+            return Err(ApiError::invalid(format!(
+                "VNC listen address '{}' is not loopback: a VNC display reachable from other hosts needs a password (graphics.passwd, <graphics passwd=...>)",
+                self.listen
+            )));
+        }
+        Ok(())
+    }
 }
 
 fn loopback() -> String {
@@ -398,6 +462,9 @@ impl DomainDef {
                 }
                 targets.push(t.clone());
             }
+        }
+        if let Some(g) = &self.graphics {
+            g.validate()?;
         }
         for nic in &self.interfaces {
             if nic.source.is_empty() {

@@ -226,7 +226,7 @@ pub fn choose_engine(host: &HostVirt, def: &DomainDef) -> EngineChoice {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::def::{DiskDef, DiskFormat, GraphicsDef, GraphicsKind};
+    use crate::def::{DiskDef, DiskFormat, GraphicsDef};
 
     /// This host: /dev/kvm opens but is PVM, no vmx/svm.
     fn pvm_host() -> HostVirt {
@@ -292,10 +292,7 @@ mod tests {
         assert!(c.reason.contains("CD-ROMs"), "{}", c.reason);
         assert_eq!(c.describe(), "qemu (accel=kvm)");
         let mut graphics = kvm_def();
-        graphics.graphics = Some(GraphicsDef {
-            kind: GraphicsKind::Vnc,
-            listen: "127.0.0.1".into(),
-        });
+        graphics.graphics = Some(GraphicsDef::vnc_loopback());
         let c = choose_engine(&host, &graphics);
         assert_eq!(c.engine, Engine::Qemu);
         assert!(c.reason.contains("graphics"), "{}", c.reason);

@@ -359,18 +359,29 @@ impl Parser {
             &["-1"],
             "the VNC port is picked automatically (see `ferrovirt domdisplay`)",
         );
-        let listen = self.attr(node, "listen").unwrap_or("127.0.0.1");
-        if listen != "127.0.0.1" {
-            self.warnings.push(format!(
-                "VNC listen address '{listen}' replaced by 127.0.0.1"
-            ));
-        }
+        // The listen address is checked against the daemon's policy at define and start.
+        let mut listen = self.attr(node, "listen").map(str::to_string);
         for child in self.children(node) {
-            self.visited.remove(&child.id());
+            if child.tag_name().name() != "listen" {
+                self.visited.remove(&child.id());
+                continue;
+            }
+            match self.attr(child, "type") {
+                Some("address") => {
+                    if let Some(address) = self.attr(child, "address") {
+                        listen.get_or_insert_with(|| address.to_string());
+                    }
+                }
+                other => self.warnings.push(format!(
+                    "<listen type='{}'> of <graphics> is not supported (only type='address') and was ignored",
+                    other.unwrap_or("")
+                )),
+            }
         }
         def.graphics = Some(GraphicsDef {
             kind: GraphicsKind::Vnc,
-            listen: "127.0.0.1".into(),
+            listen: listen.unwrap_or_else(|| "127.0.0.1".into()),
+            passwd: self.attr(node, "passwd").map(str::to_string),
         });
     }
 
@@ -594,10 +605,12 @@ pub fn emit(def: &DomainDef, default_type: VirtType) -> String {
         "    <console type='pty'>\n      <target type='serial' port='0'/>\n    </console>\n",
     );
     if let Some(g) = &def.graphics {
+        // As libvirt writes it; the password is not shown (libvirt shows it only with
+        // --security-info).
+        let listen = esc(&g.listen);
         let _ = writeln!(
             x,
-            "    <graphics type='vnc' autoport='yes' listen='{}'/>",
-            esc(&g.listen)
+            "    <graphics type='vnc' autoport='yes' listen='{listen}'>\n      <listen type='address' address='{listen}'/>\n    </graphics>"
         );
     }
     x.push_str("  </devices>\n</domain>\n");
@@ -892,10 +905,7 @@ mod tests {
             source: "default".into(),
             mac: Some("52:54:00:01:02:03".into()),
         });
-        def.graphics = Some(GraphicsDef {
-            kind: GraphicsKind::Vnc,
-            listen: "127.0.0.1".into(),
-        });
+        def.graphics = Some(GraphicsDef::vnc_loopback());
         let xml = emit(&def, VirtType::Test);
         let again = parse(&xml).expect("parses");
         assert!(again.warnings.is_empty(), "{:#?}", again.warnings);

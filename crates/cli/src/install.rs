@@ -323,17 +323,17 @@ pub fn run(client: &Client, a: &InstallArgs, json: bool) -> Result<(), Failure> 
         None => {}
         Some((Some(kind), kv)) if kind == "none" && kv.is_empty() => {}
         Some((Some(kind), kv)) if kind == "vnc" => {
-            let listen = kv
-                .iter()
-                .find(|(k, _)| k == "listen")
-                .map(|(_, v)| v.clone())
-                .unwrap_or("127.0.0.1".into());
-            if listen != "127.0.0.1" && listen != "localhost" {
-                return Err(fail(format!("VNC listen address '{listen}' is not supported: only 127.0.0.1 (use an SSH tunnel)")));
-            }
+            let get = |key: &str| kv.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
+            // The daemon decides whether the address is allowed (loopback unless it runs with
+            // --allow-remote-vnc, and then with a password).
+            let listen = match get("listen").as_deref() {
+                None | Some("localhost") => "127.0.0.1".to_string(),
+                Some(other) => other.to_string(),
+            };
             def.graphics = Some(GraphicsDef {
                 kind: GraphicsKind::Vnc,
-                listen: "127.0.0.1".into(),
+                listen,
+                passwd: get("password"),
             });
         }
         Some(_) => {

@@ -259,6 +259,43 @@ fn errors_are_one_clear_line_with_a_code_and_exit_1() {
     assert!(one_line(e.fails(&["setmem", "x", "12Q", "--config"])).contains("unknown size unit"));
 }
 
+/// What a user sees of the engine behind type='kvm': dominfo's Engine lines, and on a host
+/// without hardware virtualization a start refused with the way out (type 'qemu').
+#[test]
+fn dominfo_shows_the_engine_and_a_kvm_start_without_hardware_names_type_qemu() {
+    let e = Env::start();
+    let def = e.file(
+        "k.toml",
+        &format!(
+            "name = \"k\"\ntype = \"kvm\"\nmemory = \"219100KiB\"\n[os]\nkernel = \"{}\"\n",
+            e.kernel()
+        ),
+    );
+    e.ok(&["define", &def]);
+    let info = e.ok(&["dominfo", "k"]);
+    assert!(info.contains("Engine:         ferrovmm\n"), "{info}");
+    assert!(
+        info.contains("Engine reason:  type 'kvm' and ferrovmm supports everything"),
+        "{info}"
+    );
+    assert!(info.contains("Max memory:     219100 KiB\n"), "{info}");
+    if ferrovirt_api::host::HostVirt::probe().hardware_kvm() {
+        return;
+    }
+    assert!(
+        info.contains("Cannot start:   type 'kvm' needs hardware virtualization"),
+        "{info}"
+    );
+    let err = e.fails(&["start", "k"]);
+    assert!(
+        err.contains("hardware virtualization")
+            && err.contains("type 'qemu'")
+            && err.contains("[not_supported]"),
+        "{err}"
+    );
+    assert_eq!(e.ok(&["domstate", "k"]), "shut off\n\n");
+}
+
 #[test]
 fn install_accepts_virt_install_options_and_creates_thin_volumes() {
     let e = Env::start();

@@ -129,6 +129,66 @@ enum Cmd {
         format: Option<String>,
         file: PathBuf,
     },
+    /// Persistent dirty bitmaps: bitmap (--add [-g G] | --remove | --clear | --enable | --disable | --merge SRC)... FILE BITMAP
+    #[command(group(clap::ArgGroup::new("op").required(true).multiple(true).args(["add", "remove", "clear", "enable", "disable", "merge"])))]
+    Bitmap {
+        /// Create the bitmap (enabled unless --disable is also given)
+        #[arg(long)]
+        add: bool,
+        #[arg(long)]
+        remove: bool,
+        /// Mark everything clean
+        #[arg(long)]
+        clear: bool,
+        /// Record writes into the bitmap
+        #[arg(long)]
+        enable: bool,
+        /// Stop recording writes into the bitmap
+        #[arg(long)]
+        disable: bool,
+        /// Also mark what bitmap SOURCE (of the same image) marks
+        #[arg(long, value_name = "SOURCE")]
+        merge: Vec<String>,
+        /// Granularity for --add (bytes, or with a suffix)
+        #[arg(short = 'g')]
+        granularity: Option<String>,
+        #[arg(short = 'f')]
+        format: Option<String>,
+        file: PathBuf,
+        bitmap: String,
+    },
+    /// Pull the backing chain's data into FILE and drop its backing file (qemu-img has
+    /// no such verb; `rebase -b ""` does the same in one pass)
+    Stream {
+        #[arg(short = 'f')]
+        format: Option<String>,
+        file: PathBuf,
+    },
+    /// Serve an image over NBD until SIGTERM/SIGINT (the role of qemu-nbd)
+    #[command(group(clap::ArgGroup::new("listen").required(true).args(["socket", "bind"])))]
+    Nbd {
+        /// Refuse writes
+        #[arg(long)]
+        read_only: bool,
+        /// Offer the persistent bitmap NAME as the qemu:dirty-bitmap:NAME context
+        #[arg(long, value_name = "NAME")]
+        bitmap: Option<String>,
+        /// Export name (default "", as qemu-nbd's)
+        #[arg(short = 'x', long, default_value = "")]
+        export_name: String,
+        /// Export an internal snapshot (by id or name), read-only
+        #[arg(long, value_name = "NAME")]
+        snapshot: Option<String>,
+        /// Listen on a Unix socket (created 0600; must not exist)
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        /// Listen on TCP HOST:PORT
+        #[arg(long, value_name = "HOST:PORT")]
+        bind: Option<String>,
+        #[arg(short = 'f')]
+        format: Option<String>,
+        file: PathBuf,
+    },
     /// Show where an image's data lives
     Map {
         #[arg(long, value_enum, default_value = "human")]
@@ -510,6 +570,89 @@ fn execute(cmd: Cmd) -> Result<i32, DiskError> {
             } else if let Some(name) = delete {
                 ops::snapshot_delete(&file, &name).map_err(|e| fail("delete", &name, e))?;
             }
+            Ok(0)
+        }
+        Cmd::Bitmap {
+            add,
+            remove,
+            clear,
+            enable,
+            disable,
+            merge,
+            granularity,
+            format,
+            file,
+            bitmap,
+        } => {
+            if opt_format(&format)? == Some(Format::Raw) {
+                return Err(DiskError::InvalidArgument(
+                    "raw images have no bitmaps; use qcow2".into(),
+                ));
+            }
+            if granularity.is_some() && !add {
+                return Err(DiskError::InvalidArgument(
+                    "-g applies to --add only".into(),
+                ));
+            }
+            let mut list = Vec::new();
+            if add {
+                list.push(ops::BitmapOp::Add {
+                    granularity: granularity.as_deref().map(parse_size).transpose()?,
+                    disabled: disable,
+                });
+            }
+            if clear {
+                list.push(ops::BitmapOp::Clear);
+            }
+            list.extend(merge.into_iter().map(ops::BitmapOp::Merge));
+            if enable {
+                list.push(ops::BitmapOp::Enable);
+            }
+            if disable && !add {
+                list.push(ops::BitmapOp::Disable);
+            }
+            if remove {
+                list.push(ops::BitmapOp::Remove);
+            }
+            ops::bitmap(&file, &bitmap, &list)?;
+            Ok(0)
+        }
+        Cmd::Stream { format, file } => {
+            if opt_format(&format)? == Some(Format::Raw) {
+                return Err(DiskError::InvalidArgument(
+                    "a raw image has no backing file to stream from".into(),
+                ));
+            }
+            crate::jobs::stream_offline(&file)?;
+            println!("Image streamed.");
+            Ok(0)
+        }
+        Cmd::Nbd {
+            read_only,
+            bitmap,
+            export_name,
+            snapshot,
+            socket,
+            bind,
+            format: _,
+            file,
+        } => {
+            let listen = match (socket, bind) {
+                (Some(p), _) => crate::nbd::Listen::Unix(p),
+                (None, Some(a)) => crate::nbd::Listen::Tcp(a),
+                (None, None) => {
+                    return Err(DiskError::InvalidArgument(
+                        "--socket PATH or --bind HOST:PORT is needed".into(),
+                    ))
+                }
+            };
+            let opts = crate::nbd::ExportOptions {
+                read_only,
+                bitmap,
+                name: export_name,
+                snapshot,
+            };
+            crate::nbd::serve(&file, &opts, &listen, || {})?;
             Ok(0)
         }
         Cmd::Map {

@@ -14,6 +14,8 @@ pub struct Qcow2Specific {
     pub compat: String,
     pub compression_type: String,
     pub lazy_refcounts: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bitmaps: Option<Vec<BitmapJson>>,
     pub refcount_bits: u32,
     pub corrupt: bool,
     pub extended_l2: bool,
@@ -24,6 +26,15 @@ pub struct FormatSpecific {
     #[serde(rename = "type")]
     pub kind: String,
     pub data: Qcow2Specific,
+}
+
+/// One persistent bitmap as `qemu-img info` lists it.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct BitmapJson {
+    /// "in-use" (left by a process that did not close the image: inconsistent), "auto".
+    pub flags: Vec<String>,
+    pub name: String,
+    pub granularity: u64,
 }
 
 /// One internal snapshot as `qemu-img info --output=json` lists it.
@@ -117,6 +128,22 @@ fn layer_info(img: &Image, filename: String) -> Result<ImageInfo, DiskError> {
                         compat: if h.version >= 3 { "1.1" } else { "0.10" }.into(),
                         compression_type: h.compression.name().into(),
                         lazy_refcounts: h.compatible_features & COMPAT_LAZY_REFCOUNTS != 0,
+                        bitmaps: {
+                            let list = q.bitmap_list();
+                            (!list.is_empty()).then(|| {
+                                list.into_iter()
+                                    .map(|b| BitmapJson {
+                                        flags: [(b.in_use, "in-use"), (b.auto, "auto")]
+                                            .iter()
+                                            .filter(|(on, _)| *on)
+                                            .map(|(_, n)| n.to_string())
+                                            .collect(),
+                                        name: b.name,
+                                        granularity: b.granularity,
+                                    })
+                                    .collect()
+                            })
+                        },
                         refcount_bits: 1 << h.refcount_order,
                         corrupt: h.incompatible_features & INCOMPAT_CORRUPT != 0,
                         extended_l2: h.incompatible_features & INCOMPAT_EXTL2 != 0,
@@ -229,8 +256,25 @@ pub fn human_info(i: &ImageInfo) -> String {
     if let Some(fs) = &i.format_specific {
         let d = &fs.data;
         s += &format!(
-            "Format specific information:\n    compat: {}\n    compression type: {}\n    lazy refcounts: {}\n    refcount bits: {}\n    corrupt: {}\n    extended l2: {}\n",
-            d.compat, d.compression_type, d.lazy_refcounts, d.refcount_bits, d.corrupt, d.extended_l2
+            "Format specific information:\n    compat: {}\n    compression type: {}\n    lazy refcounts: {}\n",
+            d.compat, d.compression_type, d.lazy_refcounts
+        );
+        if let Some(list) = &d.bitmaps {
+            s += "    bitmaps:\n";
+            for (i, b) in list.iter().enumerate() {
+                s += &format!("        [{i}]:\n            flags:\n");
+                for (j, f) in b.flags.iter().enumerate() {
+                    s += &format!("                [{j}]: {f}\n");
+                }
+                s += &format!(
+                    "            name: {}\n            granularity: {}\n",
+                    b.name, b.granularity
+                );
+            }
+        }
+        s += &format!(
+            "    refcount bits: {}\n    corrupt: {}\n    extended l2: {}\n",
+            d.refcount_bits, d.corrupt, d.extended_l2
         );
     }
     s

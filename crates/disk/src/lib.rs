@@ -10,9 +10,11 @@ mod error;
 mod file;
 pub mod img_cli;
 mod info;
+pub mod jobs;
 #[doc(hidden)]
 pub mod journal;
 mod lock;
+pub mod nbd;
 pub mod ops;
 mod qcow2;
 mod raw;
@@ -20,7 +22,8 @@ mod raw;
 pub use create::{create, CreateOptions, Preallocation};
 pub use error::DiskError;
 pub use file::{fault_write_count, FAULT_ENV};
-pub use info::{info, FormatSpecific, ImageInfo, Qcow2Specific, SnapshotInfo};
+pub use info::{info, BitmapJson, FormatSpecific, ImageInfo, Qcow2Specific, SnapshotInfo};
+pub use jobs::{open_disk, Disk, JobHandle, JobOutcome, JobProgress};
 
 use std::path::Path;
 use std::sync::Arc;

@@ -1,7 +1,7 @@
 //! Serial console hub: reads a VM's serial socket, keeps a capped log file, and fans the output
 //! out to attached clients; their keystrokes go back to the guest.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::net::UnixStream;
 
@@ -29,7 +29,7 @@ struct CappedLog {
 
 impl CappedLog {
     fn open(path: &Path) -> Self {
-        let file = OpenOptions::new().create(true).append(true).open(path).ok();
+        let file = crate::files::append_private(path).ok();
         let size = file
             .as_ref()
             .and_then(|f| f.metadata().ok())
@@ -45,11 +45,7 @@ impl CappedLog {
     fn write(&mut self, data: &[u8]) {
         if self.size + data.len() as u64 > LOG_CAP {
             let _ = fs::rename(&self.path, rotated(&self.path));
-            self.file = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&self.path)
-                .ok();
+            self.file = crate::files::append_private(&self.path).ok();
             self.size = 0;
         }
         if let Some(f) = &mut self.file {

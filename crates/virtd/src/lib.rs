@@ -4,6 +4,7 @@ pub mod console;
 pub mod deadline;
 pub mod driver;
 pub mod events;
+pub mod files;
 pub mod manager;
 pub mod network;
 pub mod runtime;

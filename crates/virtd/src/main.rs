@@ -20,6 +20,8 @@ const USAGE: &str = "usage: ferrovirtd [--socket PATH] [--state-dir DIR] [--run-
   --token-file FILE bearer token for the TCP listener (16+ characters, file mode 0600)
   --tls-cert FILE   serve the TCP listener in TLS with this PEM certificate (chain)
   --tls-key FILE    and this PEM private key (file mode 0600)
+  --allow-remote-vnc  let a domain's VNC listen beyond loopback (only with a VNC password);
+                    without it every VNC display listens on 127.0.0.1/::1 only
   --op-timeout SECS how long a VM may take to answer one operation (shutdown, suspend, resume,
                     reset) before it fails with a timeout error (default 10)
 
@@ -34,7 +36,7 @@ struct TcpOptions {
 }
 
 /// Command line: paths, and the optional TCP listener.
-fn parse_args() -> Result<(Paths, Option<TcpOptions>, Limits), String> {
+fn parse_args() -> Result<(Paths, Option<TcpOptions>, Limits, bool), String> {
     let mut socket = None;
     let mut state_dir = PathBuf::from("/var/lib/ferrovirt");
     let mut run_dir = PathBuf::from("/run/ferrovirt");
@@ -43,6 +45,7 @@ fn parse_args() -> Result<(Paths, Option<TcpOptions>, Limits), String> {
     let mut tls_cert = None;
     let mut tls_key = None;
     let mut limits = Limits::default();
+    let mut allow_remote_vnc = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let (flag, inline) = match arg.split_once('=') {
@@ -63,6 +66,7 @@ fn parse_args() -> Result<(Paths, Option<TcpOptions>, Limits), String> {
             "--token-file" => token_file = Some(PathBuf::from(value("--token-file")?)),
             "--tls-cert" => tls_cert = Some(PathBuf::from(value("--tls-cert")?)),
             "--tls-key" => tls_key = Some(PathBuf::from(value("--tls-key")?)),
+            "--allow-remote-vnc" if inline.is_none() => allow_remote_vnc = true,
             "--op-timeout" => {
                 let v = value("--op-timeout")?;
                 let secs: u64 = v
@@ -106,6 +110,7 @@ fn parse_args() -> Result<(Paths, Option<TcpOptions>, Limits), String> {
         },
         tcp,
         limits,
+        allow_remote_vnc,
     ))
 }
 
@@ -175,8 +180,10 @@ fn bind(paths: &Paths) -> Result<UnixListener, String> {
 }
 
 fn main() -> ExitCode {
+    // Everything the daemon and its VMs create is private (state 0700/0600, see files.rs).
+    ferrovirtd::files::restrict_umask();
     let run = || -> Result<(), String> {
-        let (paths, tcp, limits) = parse_args()?;
+        let (paths, tcp, limits, allow_remote_vnc) = parse_args()?;
         let tcp = match tcp {
             Some(o) => {
                 let token = read_token(&o.token_file)?;
@@ -194,6 +201,7 @@ fn main() -> ExitCode {
         let _lock = lock_state_dir(&paths)?;
         let setup = Setup {
             limits,
+            allow_remote_vnc,
             ..Setup::probe()
         };
         let mgr = Manager::open(paths.clone(), setup)?;

@@ -13,8 +13,11 @@ pub struct Runtime {
     pub id: u32,
     /// VM process (qemu / ferrovmm); None for the test driver.
     pub pid: Option<u32>,
-    /// VNC TCP port on 127.0.0.1 (qemu driver with graphics).
+    /// VNC TCP port (qemu driver with graphics).
     pub vnc_port: Option<u16>,
+    /// The address VNC really listens on, as QEMU reports it (absent: 127.0.0.1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vnc_listen: Option<String>,
     /// The engine that runs the VM (absent in rows stored before it was recorded).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub engine: Option<ferrovirt_api::engine::Engine>,

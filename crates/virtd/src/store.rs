@@ -5,6 +5,7 @@ use std::path::Path;
 use ferrovirt_api::{ApiError, DomainDef, DomainState, StateReason};
 use rusqlite::{params, Connection, OptionalExtension};
 
+use crate::files;
 use crate::runtime::Runtime;
 
 /// Schema migrations; index + 1 is the schema version (PRAGMA user_version). Append only.
@@ -56,6 +57,18 @@ pub(crate) fn db_err(e: rusqlite::Error) -> ApiError {
 /// Opens the state database (WAL, synchronous writes) and brings its schema up to date.
 /// Every table of the daemon is in the migrations, whichever module uses it.
 pub(crate) fn connect(path: &Path) -> Result<Connection, String> {
+    // The database holds definitions (and VNC passwords): 0600, with its -wal and -shm, which
+    // SQLite creates with the database's mode.
+    if !path.exists() {
+        files::create_private(path)
+            .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+    }
+    for suffix in ["", "-wal", "-shm"] {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        files::make_private(Path::new(&p))
+            .map_err(|e| format!("cannot chmod {}: {e}", Path::new(&p).display()))?;
+    }
     let mut conn =
         Connection::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
     conn.pragma_update(None, "journal_mode", "WAL")
@@ -265,6 +278,29 @@ mod tests {
             .unwrap();
         let all = store.load_all().unwrap();
         assert_eq!(all[0].def.memory_kib, 300 * 1024);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Starts run in parallel and commit in any order: the next id never goes back.
+    #[test]
+    fn started_ids_committed_out_of_order_never_lower_the_next_id() {
+        let dir = std::env::temp_dir().join(format!("ferrovirt-store-ids-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = Store::open(&dir.join("state.db")).unwrap();
+        let mut def = DomainDef::new("a");
+        def.uuid = Some("00000000-0000-0000-0000-000000000002".into());
+        let d = StoredDomain {
+            def,
+            persistent: true,
+            autostart: false,
+            state: DomainState::Running,
+            reason: StateReason::Booted,
+            runtime: None,
+        };
+        store.put_started(&d, 5).unwrap();
+        store.put_started(&d, 3).unwrap();
+        assert_eq!(store.peek_next_id().unwrap(), 6);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -5,6 +5,8 @@ use std::process::Command;
 
 use ferrovirt_disk::{CreateOptions, Format, Preallocation};
 
+use crate::files;
+
 use ferrovirt_api::def::validate_name;
 use ferrovirt_api::msg::{CloudInitRequest, VolumeCreateRequest, VolumeInfo};
 use ferrovirt_api::{ApiError, ErrorCode};
@@ -77,9 +79,10 @@ pub fn create_cloud_init(pool: &Path, req: &CloudInitRequest) -> Result<VolumeIn
             format!("{}: {e}", staging.display()),
         )
     };
-    std::fs::create_dir_all(&staging).map_err(io)?;
-    std::fs::write(staging.join("user-data"), &req.user_data).map_err(io)?;
-    std::fs::write(staging.join("meta-data"), &req.meta_data).map_err(io)?;
+    // user-data may hold passwords and keys: private staging, private seed.
+    files::dir_with_mode(&staging, files::DIR_MODE).map_err(io)?;
+    files::write_private(&staging.join("user-data"), &req.user_data).map_err(io)?;
+    files::write_private(&staging.join("meta-data"), &req.meta_data).map_err(io)?;
     let mut result = Err(ApiError::new(
         ErrorCode::StorageError,
         "making a cloud-init seed ISO needs genisoimage or xorriso: apt-get install genisoimage",
@@ -123,6 +126,12 @@ pub fn create_cloud_init(pool: &Path, req: &CloudInitRequest) -> Result<VolumeIn
     }
     let _ = std::fs::remove_dir_all(&staging);
     result?;
+    files::make_private(&path).map_err(|e| {
+        ApiError::new(
+            ErrorCode::StorageError,
+            format!("cannot chmod {}: {e}", path.display()),
+        )
+    })?;
     let capacity_bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
     Ok(VolumeInfo {
         name: req.name.clone(),
@@ -165,11 +174,15 @@ fn create_image(path: &Path, format: &str, size: u64) -> Result<(), ApiError> {
         preallocation: Preallocation::Off,
         backing: None,
     };
-    ferrovirt_disk::create(path, &opts).map_err(|e| {
-        let _ = std::fs::remove_file(path);
-        ApiError::new(
-            ErrorCode::StorageError,
-            format!("cannot create {}: {e}", path.display()),
-        )
-    })
+    // Guest data: 0600 (the umask already makes it so; explicit for the record).
+    ferrovirt_disk::create(path, &opts)
+        .map_err(|e| e.to_string())
+        .and_then(|()| files::make_private(path).map_err(|e| e.to_string()))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(path);
+            ApiError::new(
+                ErrorCode::StorageError,
+                format!("cannot create {}: {e}", path.display()),
+            )
+        })
 }

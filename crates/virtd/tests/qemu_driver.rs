@@ -225,13 +225,8 @@ fn cdrom_and_vnc_graphics_with_seabios() {
         .strip_prefix("vnc://127.0.0.1:")
         .and_then(|n| n.parse().ok())
         .expect(&uri);
-    // A real VNC server answers with its RFB protocol version.
-    let mut s =
-        std::net::TcpStream::connect(("127.0.0.1", 5900 + display)).expect("connect to VNC");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut banner = [0u8; 12];
-    s.read_exact(&mut banner).unwrap();
-    assert!(banner.starts_with(b"RFB 003."), "{banner:?}");
+    // A real VNC server; on loopback without a password it offers security type None (1).
+    assert_eq!(vnc_security_types(5900 + display), vec![1]);
     let xml = c.xml("fw").unwrap();
     assert!(
         xml.contains("<graphics type='vnc'")
@@ -241,6 +236,49 @@ fn cdrom_and_vnc_graphics_with_seabios() {
     );
     c.action("fw", DomainOp::Destroy).unwrap();
     assert!(c.display("fw").is_err(), "a stopped domain has no display");
+}
+
+/// The RFB handshake up to the server's list of security types (1 None, 2 VNC password).
+fn vnc_security_types(port: u16) -> Vec<u8> {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to VNC");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut banner = [0u8; 12];
+    s.read_exact(&mut banner).unwrap();
+    assert!(banner.starts_with(b"RFB 003."), "{banner:?}");
+    s.write_all(b"RFB 003.008\n").unwrap();
+    let mut n = [0u8; 1];
+    s.read_exact(&mut n).unwrap();
+    let mut types = vec![0u8; n[0] as usize];
+    s.read_exact(&mut types).unwrap();
+    types
+}
+
+/// With --allow-remote-vnc a display may listen beyond loopback, with a password: QEMU then
+/// asks for it, and domdisplay says where it really listens. Console and QEMU logs are 0600.
+#[test]
+fn remote_vnc_has_a_password_and_domdisplay_says_where_it_listens() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = Daemon::start_with(&["--allow-remote-vnc"]);
+    let c = d.client();
+    let def = qemu_def(
+        "rvnc",
+        "",
+        "[graphics]\ntype = \"vnc\"\nlisten = \"0.0.0.0\"\npasswd = \"s3cret\"\n",
+    );
+    c.define(&def, DefFormat::Toml, false).unwrap();
+    c.action("rvnc", DomainOp::Start).unwrap();
+    let uri = c.display("rvnc").unwrap().uri.expect("a VNC display");
+    let display: u16 = uri
+        .strip_prefix("vnc://0.0.0.0:")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("domdisplay should say 0.0.0.0: {uri}"));
+    assert_eq!(vnc_security_types(5900 + display), vec![2]);
+    let mode = |p: std::path::PathBuf| std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(d.state_dir().join("logs/rvnc.log")), 0o600);
+    assert_eq!(mode(d.run_dir().join("vms/rvnc/qemu.log")), 0o600);
+    assert_eq!(mode(d.run_dir().join("vms/rvnc")), 0o700);
+    c.action("rvnc", DomainOp::Destroy).unwrap();
 }
 
 #[test]

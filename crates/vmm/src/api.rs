@@ -121,6 +121,9 @@ pub fn serve(path: &Path, machine: Arc<Machine>) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .enable_time()
+        // Requests run on these (pause waits for every vCPU): one per connection at most.
+        .max_blocking_threads(MAX_CONNECTIONS)
+        .thread_stack_size(256 << 10)
         .build()
         .map_err(|e| Error::host(format!("cannot start the API runtime: {e}")))?;
     let listener = {
@@ -172,7 +175,7 @@ async fn accept_loop(listener: tokio::net::UnixListener, machine: Arc<Machine>) 
                 let (machine, pending_stop) = (machine.clone(), pending_stop.clone());
                 hyper::service::service_fn(move |req| {
                     let (machine, pending_stop) = (machine.clone(), pending_stop.clone());
-                    async move { Ok::<_, Infallible>(handle(&machine, req, &pending_stop).await) }
+                    async move { Ok::<_, Infallible>(handle(machine, req, &pending_stop).await) }
                 })
             };
             let conn = builder.serve_connection(TokioIo::new(stream), service);
@@ -197,7 +200,7 @@ async fn accept_loop(listener: tokio::net::UnixListener, machine: Arc<Machine>) 
 type PendingStop = Arc<std::sync::Mutex<Option<StopReason>>>;
 
 async fn handle(
-    machine: &Machine,
+    machine: Arc<Machine>,
     req: Request<Incoming>,
     pending_stop: &PendingStop,
 ) -> Response<Full<Bytes>> {
@@ -238,7 +241,20 @@ async fn handle(
             .into_response(true, pending_stop)
         }
     };
-    route(machine, &parts.method, parts.uri.path(), body_len).into_response(false, pending_stop)
+    // Off the connection thread: a pause that waits for a busy vCPU must not hold up the
+    // other connections (GET /vm, stop).
+    let path = parts.uri.path().to_string();
+    let reply =
+        tokio::task::spawn_blocking(move || route(&machine, &parts.method, &path, body_len))
+            .await
+            .unwrap_or_else(|_| {
+                Reply::error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "the request could not be carried out",
+                )
+            });
+    reply.into_response(false, pending_stop)
 }
 
 fn body_too_large() -> Reply {

@@ -66,17 +66,10 @@ fn main() {
             let code = if e.use_stderr() { 2 } else { 0 };
             let _ = e.print();
             if e.use_stderr() {
-                let message = e
-                    .kind()
-                    .as_str()
-                    .unwrap_or("invalid command line")
-                    .to_string();
-                let message = e
-                    .to_string()
-                    .lines()
-                    .next()
-                    .map(|l| l.trim_start_matches("error: ").to_string())
-                    .unwrap_or(message);
+                // clap's first line, e.g. "invalid value 'x' for '--memory <MIB>': ...".
+                let text = e.to_string();
+                let first = text.lines().next().unwrap_or_default();
+                let message = first.strip_prefix("error: ").unwrap_or(first).to_string();
                 ferrovmm::record_exit(
                     exit_file_of(&raw).as_deref(),
                     ExitReason::Error { message },

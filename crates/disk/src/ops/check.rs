@@ -229,6 +229,18 @@ fn check_qcow2(q: &Qcow2, path: &Path) -> Result<(CheckReport, Mismatches), Disk
             }
         }
     }
+    // Persistent bitmaps: directory, tables and data clusters.
+    match crate::qcow2::bitmaps::referenced_clusters(f, &h, &geo) {
+        Ok(list) => {
+            for (first, n) in list {
+                inc(&mut r, first, n, "bitmap cluster");
+            }
+        }
+        Err(e) => {
+            r.corruptions += 1;
+            r.messages.push(format!("ERROR bitmaps extension: {e}"));
+        }
+    }
     // Snapshots: the table, their L1 tables, and each L2 tree once per L1 entry that
     // reaches it (shared tables are read once).
     if h.nb_snapshots > 0 {

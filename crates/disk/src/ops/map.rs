@@ -26,7 +26,7 @@ pub struct MapEntry {
 }
 
 /// Status of the chain at `pos`: the layer that decides it and how far it holds.
-pub(super) fn chain_status(
+pub(crate) fn chain_status(
     top: &Arc<Image>,
     pos: u64,
     max_len: u64,

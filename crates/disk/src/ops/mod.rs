@@ -1,11 +1,14 @@
 //! Whole-image operations behind `ferrovirt img`: check, map, convert, commit, rebase, resize.
 
+mod bitmap;
 mod check;
 mod map;
 mod rewrite;
 mod snapshot;
 
+pub use bitmap::{bitmap, bitmap_extents, bitmap_list, BitmapInfo, BitmapOp};
 pub use check::{check, CheckReport, Repair};
+pub(crate) use map::chain_status;
 pub use map::{map, MapEntry};
 pub use rewrite::{commit, convert, convert_options, rebase, resize};
 pub use snapshot::{

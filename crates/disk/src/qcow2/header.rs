@@ -361,6 +361,14 @@ impl Header {
         if let Some(f) = &self.backing_format {
             push_ext(&mut b, EXT_BACKING_FORMAT, f.as_bytes());
         }
+        // The bitmaps extension first, so that it stays inside the first sector.
+        for (ty, data) in self
+            .other_extensions
+            .iter()
+            .filter(|(t, _)| *t == 0x2385_2875)
+        {
+            push_ext(&mut b, *ty, data);
+        }
         if v3 && feature_table {
             let mut table = Vec::new();
             for (ty, bit, name) in [
@@ -381,7 +389,11 @@ impl Header {
             }
             push_ext(&mut b, EXT_FEATURE_TABLE, &table);
         }
-        for (ty, data) in &self.other_extensions {
+        for (ty, data) in self
+            .other_extensions
+            .iter()
+            .filter(|(t, _)| *t != 0x2385_2875)
+        {
             push_ext(&mut b, *ty, data);
         }
         if v3 || self.backing_file.is_some() {

@@ -1,6 +1,8 @@
 //! qcow2 images: read/write with copy-on-write from a backing image, zero clusters,
 //! discard, compressed-cluster reads, and the block-status walk used by map/convert.
 
+mod bitmap_ops;
+pub mod bitmaps;
 pub mod header;
 mod io;
 mod maintain;
@@ -8,8 +10,11 @@ pub mod meta;
 pub mod refs;
 pub mod snapshot;
 mod snapshot_ops;
+mod snapshot_view;
 
+pub use bitmap_ops::BitmapInfo;
 pub use snapshot_ops::SnapshotParams;
+pub use snapshot_view::SnapshotView;
 
 use crate::file::{AlignedBuf, ImageFile};
 use crate::{BlockBackend, DiskError, Image};
@@ -35,6 +40,10 @@ pub struct Qcow2 {
     /// Data I/O holds this shared; making freed clusters reusable holds it exclusively,
     /// so no request in flight can land in a cluster that was handed to another one.
     gate: RwLock<()>,
+    /// Persistent dirty bitmaps (see bitmap_ops).
+    bitmaps: Mutex<bitmap_ops::BitmapState>,
+    /// Whether any bitmap records writes (checked without the lock on every write).
+    tracking: std::sync::atomic::AtomicBool,
 }
 
 /// What one layer says about a run of guest bytes.
@@ -112,15 +121,24 @@ impl Qcow2 {
             }
         }
         if !read_only && header.autoclear_features != 0 {
-            // We maintain none of the autoclear extensions (e.g. dirty bitmaps): clearing
-            // the bits tells other software those extensions are stale.
-            header.autoclear_features = 0;
-            file.write_at(&0u64.to_be_bytes(), 88)?;
-            file.sync()?;
+            // We maintain the bitmaps extension and no other autoclear extension:
+            // clearing their bits tells other software those extensions are stale.
+            let keep = match bitmaps::parse_ext(&header) {
+                Some(Ok(_)) if bitmaps::read_directory(&file, &header).is_ok() => {
+                    bitmaps::AUTOCLEAR_BITMAPS
+                }
+                _ => 0,
+            };
+            let bits = header.autoclear_features & keep;
+            if bits != header.autoclear_features {
+                header.autoclear_features = bits;
+                file.write_at(&bits.to_be_bytes(), 88)?;
+                file.sync()?;
+            }
         }
         let meta = Meta::load(&file, header)?;
         let h = &meta.header;
-        Ok(Qcow2 {
+        let q = Qcow2 {
             size: AtomicU64::new(h.size),
             cluster_bits: h.cluster_bits,
             cluster_size: h.cluster_size(),
@@ -131,7 +149,11 @@ impl Qcow2 {
             alloc_done: Condvar::new(),
             file,
             gate: RwLock::new(()),
-        })
+            bitmaps: Mutex::new(Default::default()),
+            tracking: std::sync::atomic::AtomicBool::new(false),
+        };
+        q.open_bitmaps()?;
+        Ok(q)
     }
 
     pub(crate) fn cur_size(&self) -> u64 {
@@ -364,6 +386,21 @@ impl Qcow2 {
         }
     }
 
+    /// Copies a guest cluster the image does not map from the backing chain into the
+    /// image (stream). A cluster the guest has written meanwhile is left alone: the
+    /// check and the mapping happen under the same rules as an allocating write.
+    pub(crate) fn copy_up(&self, guest_cluster: u64) -> Result<bool, DiskError> {
+        self.check_writable()?;
+        let _g = self.gate.read().unwrap_or_else(|p| p.into_inner());
+        let mut meta = self.lock_settled(guest_cluster);
+        let m = meta.lookup(&self.file, guest_cluster)?;
+        if m != Mapping::Unallocated || self.backing.is_none() {
+            return Ok(false);
+        }
+        self.allocating_write(meta, guest_cluster, 0, &[], m)?;
+        Ok(true)
+    }
+
     /// The metadata lock, once no allocating write to `guest_cluster` is in flight.
     fn lock_settled(&self, guest_cluster: u64) -> MutexGuard<'_, Meta> {
         let mut meta = self.lock();
@@ -508,6 +545,7 @@ impl BlockBackend for Qcow2 {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), DiskError> {
+        self.mark_dirty(offset, buf.len() as u64);
         self.write_impl(buf, offset)
             .map_err(|e| self.note_corruption(e))
     }
@@ -527,11 +565,13 @@ impl BlockBackend for Qcow2 {
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<(), DiskError> {
+        self.mark_dirty(offset, len);
         self.write_zeroes_impl(offset, len, true)
             .map_err(|e| self.note_corruption(e))
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<(), DiskError> {
+        self.mark_dirty(offset, len);
         self.write_zeroes_impl(offset, len, may_unmap)
             .map_err(|e| self.note_corruption(e))
     }
@@ -540,7 +580,9 @@ impl BlockBackend for Qcow2 {
 impl Drop for Qcow2 {
     fn drop(&mut self) {
         if !self.read_only {
-            // Best effort: callers that care call flush() and see its error.
+            // Best effort: callers that care call flush() (and close_bitmaps()) and see
+            // their errors.
+            let _ = self.store_bitmaps();
             let _ = self.flush();
         }
     }

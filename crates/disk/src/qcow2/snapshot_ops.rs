@@ -259,7 +259,7 @@ impl Qcow2 {
         Ok(out)
     }
 
-    fn read_l1(&self, offset: u64, entries: u32) -> Result<Vec<u64>, DiskError> {
+    pub(super) fn read_l1(&self, offset: u64, entries: u32) -> Result<Vec<u64>, DiskError> {
         let mut b = vec![0u8; entries as usize * 8];
         if self.file.len()? < offset + b.len() as u64 {
             return Err(DiskError::Corrupt {
@@ -424,6 +424,9 @@ impl Qcow2 {
                 "snapshot L1 table",
             );
             l1s.push(self.read_l1(s.l1_table_offset, s.l1_size)?);
+        }
+        for (first, n) in super::bitmaps::referenced_clusters(&self.file, h, &geo)? {
+            refs.add(first, n, 1, "bitmap cluster");
         }
         let views: Vec<&[u64]> = l1s.iter().map(|v| v.as_slice()).collect();
         let mult = l2_multiplicity(&views);

@@ -197,7 +197,7 @@ impl Driver for KvmDriver {
             let _ = fs::remove_file(dir.join(f));
         }
         let log_path = dir.join("vmm.log");
-        let log = fs::File::create(&log_path)
+        let log = crate::files::create_private(&log_path)
             .map_err(|e| ApiError::internal(format!("{}: {e}", log_path.display())))?;
         let mut cmd = Command::new(ctx.def.emulator_binary().unwrap_or(&self.binary));
         cmd.args(argv)
@@ -259,6 +259,7 @@ impl Driver for KvmDriver {
                 id: ctx.id,
                 pid: Some(pid),
                 vnc_port: None,
+                vnc_listen: None,
                 // Recorded by the manager, which chose the engine.
                 engine: None,
             },
@@ -322,5 +323,67 @@ impl Driver for KvmDriver {
         // on_reboot (restart by default) brings the VM back.
         self.api(vm.vm_dir, "PUT", "/vm/reset", vm.deadline)
             .map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferrovmm_api::{DiskFormat, LogLevel};
+
+    fn def(extra: &str) -> DomainDef {
+        DomainDef::from_toml(&format!(
+            "name = \"web\"\nuuid = \"0123abcd-0000-4000-8000-000000000000\"\nmemory_kib = 200001\nvcpus = 2\n{extra}\n[os]\nkernel = \"/k\"\ncmdline = \"console=ttyS0\"\n"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_definition_becomes_one_launch_config() {
+        let d = def(
+            "[[disk]]\npath = \"/img/a.qcow2\"\nformat = \"qcow2\"\nreadonly = true\n[[interface]]\ntype = \"bridge\"\nsource = \"br0\"\nmac = \"52:54:00:AA:BB:CC\"\n",
+        );
+        let dir = Path::new("/run/fv/vms/web");
+        let c = launch_config(&d, dir).unwrap();
+        assert_eq!(c.name, "web");
+        assert_eq!(c.kernel, Path::new("/k"));
+        assert_eq!(c.cmdline, "console=ttyS0");
+        // 200001 KiB is 195.3 MiB: ferrovmm gets whole MiB, rounded up.
+        assert_eq!(c.memory_mib, 196);
+        assert_eq!(c.vcpus, 2);
+        assert_eq!(c.serial, SerialMode::Socket(dir.join("serial.sock")));
+        assert_eq!(
+            c.api_socket.as_deref(),
+            Some(dir.join("api.sock").as_path())
+        );
+        assert_eq!(c.exit_file.as_deref(), Some(dir.join(EXIT_FILE).as_path()));
+        assert_eq!(c.disks[0].format, Some(DiskFormat::Qcow2));
+        assert!(c.disks[0].readonly);
+        assert_eq!(
+            c.nets[0].backend,
+            NetBackend::Tap(crate::network::tap_name(&d, 0))
+        );
+        assert_eq!(c.nets[0].mac.unwrap().to_string(), "52:54:00:aa:bb:cc");
+        assert_eq!(c.log_level, None::<LogLevel>);
+        let argv = c.to_args().unwrap();
+        assert_eq!(argv[..2], ["--name", "web"]);
+    }
+
+    #[test]
+    fn what_ferrovmm_cannot_be_given_is_refused_at_define() {
+        let e = launch_config(
+            &def("[[disk]]\npath = \"/img/a,b.img\"\n"),
+            Path::new("/run"),
+        )
+        .unwrap_err();
+        assert!(e.message.contains("contains ','"), "{}", e.message);
+        let e = launch_config(
+            &def(
+                "[[interface]]\ntype = \"bridge\"\nsource = \"br0\"\nmac = \"01:00:5e:00:00:01\"\n",
+            ),
+            Path::new("/run"),
+        )
+        .unwrap_err();
+        assert!(e.message.contains("multicast"), "{}", e.message);
     }
 }

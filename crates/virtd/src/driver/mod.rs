@@ -16,7 +16,7 @@ use ferrovirt_api::{ApiError, DomainDef};
 
 use crate::console::ConsoleHub;
 use crate::deadline::Deadline;
-use crate::runtime::{kill_and_wait, ExitKind, Runtime};
+use crate::runtime::{kill_and_wait, pid_alive, pid_has_arg, ExitKind, Runtime};
 
 /// Called once by a driver's monitor when the VM ends by itself (not through destroy).
 pub type ExitNotifier = Box<dyn FnOnce(ExitKind) + Send>;
@@ -63,11 +63,14 @@ pub trait Driver: Send + Sync {
     /// Refuse a definition this driver cannot run, with a clear message (checked at define/start).
     fn check(&self, def: &DomainDef) -> Result<(), ApiError>;
     /// SIGKILL the VM process without talking to it: how destroy gets past an operation stuck
-    /// on a VM that does not answer (its calls then fail at once).
-    fn kill(&self, runtime: &Runtime) -> Result<(), ApiError> {
-        match runtime.pid {
-            Some(pid) => kill_and_wait(pid, "VM"),
-            None => Ok(()),
+    /// on a VM that does not answer (its calls then fail at once). Only a live process whose
+    /// command line names the domain is killed (a recorded pid may have been reused).
+    fn kill(&self, vm: &VmRef) -> Result<(), ApiError> {
+        match vm.runtime.pid {
+            Some(pid) if pid_alive(pid) && pid_has_arg(pid, &vm.def.name) => {
+                kill_and_wait(pid, "VM")
+            }
+            _ => Ok(()),
         }
     }
 }

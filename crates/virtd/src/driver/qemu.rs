@@ -136,12 +136,24 @@ impl QemuDriver {
         }
         match &def.graphics {
             Some(g) if g.kind == GraphicsKind::Vnc => {
-                // `to=` lets QEMU pick the first free display from 0 up; the port is read back over QMP.
+                // `to=` lets QEMU pick the first free display from 0 up; the port is read back over
+                // QMP. The manager checked the address against its policy (loopback unless
+                // --allow-remote-vnc, then with a password, set over QMP after start).
+                let host = if g.listen.contains(':') {
+                    format!("[{}]", g.listen)
+                } else {
+                    g.listen.clone()
+                };
+                let password = if g.passwd.is_some() {
+                    ",password=on"
+                } else {
+                    ""
+                };
                 a.extend([
                     "-vga".into(),
                     "std".into(),
                     "-vnc".into(),
-                    format!("{}:0,to=99", g.listen),
+                    format!("{host}:0,to=99{password}"),
                 ]);
             }
             _ => a.extend(["-display".into(), "none".into()]),
@@ -202,11 +214,15 @@ impl QemuDriver {
             .ok()
     }
 
-    fn vnc_port(&self, dir: &Path, deadline: &Deadline) -> Option<u16> {
+    /// Where VNC really listens: (host, port), as QEMU reports it.
+    fn vnc_address(&self, dir: &Path, deadline: &Deadline) -> Option<(String, u16)> {
         let v = self.command(dir, "query-vnc", None, deadline).ok()?;
-        v.get("service")
+        let port = v
+            .get("service")
             .and_then(Value::as_str)
-            .and_then(|s| s.parse().ok())
+            .and_then(|s| s.parse().ok())?;
+        let host = v.get("host").and_then(Value::as_str)?.to_string();
+        Some((host, port))
     }
 }
 
@@ -228,7 +244,7 @@ impl Driver for QemuDriver {
             let _ = fs::remove_file(dir.join(f));
         }
         let log_path = dir.join("qemu.log");
-        let log = fs::File::create(&log_path)
+        let log = crate::files::create_private(&log_path)
             .map_err(|e| ApiError::internal(format!("{}: {e}", log_path.display())))?;
         let log2 = log
             .try_clone()
@@ -286,8 +302,16 @@ impl Driver for QemuDriver {
             kill(pid, libc::SIGKILL);
             return Err(e);
         }
-        let vnc_port = if ctx.def.graphics.is_some() {
-            self.vnc_port(&dir, &ctx.deadline)
+        // Until the password is set, VNC with password=on lets nobody in.
+        if let Some(passwd) = ctx.def.graphics.as_ref().and_then(|g| g.passwd.clone()) {
+            let args = serde_json::json!({"protocol": "vnc", "password": passwd});
+            if let Err(e) = self.command(&dir, "set_password", Some(args), &ctx.deadline) {
+                kill(pid, libc::SIGKILL);
+                return Err(e);
+            }
+        }
+        let vnc = if ctx.def.graphics.is_some() {
+            self.vnc_address(&dir, &ctx.deadline)
         } else {
             None
         };
@@ -295,7 +319,8 @@ impl Driver for QemuDriver {
             runtime: Runtime {
                 id: ctx.id,
                 pid: Some(pid),
-                vnc_port,
+                vnc_port: vnc.as_ref().map(|(_, port)| *port),
+                vnc_listen: vnc.map(|(host, _)| host),
                 engine: None,
             },
             console: Some(console),

@@ -15,6 +15,7 @@ impl Driver for TestDriver {
                 id: ctx.id,
                 pid: None,
                 vnc_port: None,
+                vnc_listen: None,
                 engine: None,
             },
             console: None,

@@ -64,6 +64,9 @@ pub struct Job {
     /// The client stopped waiting at the deadline: the job's result must not be committed as a
     /// success nobody heard of (a late start is taken down again).
     timed_out: bool,
+    /// The operation's outcome is decided (committed, or about to be answered): a client whose
+    /// deadline passes from now on waits for that answer instead.
+    settled: bool,
 }
 
 /// What the operation running a job holds: its identity, the cancel token, the progress slot.
@@ -94,6 +97,7 @@ impl Job {
             cancel,
             progress,
             timed_out: false,
+            settled: false,
         };
         (job, handle)
     }
@@ -270,7 +274,7 @@ impl Manager {
                 let still_running = {
                     let mut inner = self.lock();
                     match inner.doms.get_mut(name).and_then(|d| d.job.as_mut()) {
-                        Some(job) if job.is(&handle) => {
+                        Some(job) if job.is(&handle) && !job.settled => {
                             job.timed_out = true;
                             true
                         }
@@ -281,7 +285,7 @@ impl Manager {
                     Err(deadline
                         .timeout("the driver did not return; the domain stays busy until it does"))
                 } else {
-                    // It ended while we looked: its answer is on the way.
+                    // It settled or ended while we looked: its answer is on the way.
                     rx.recv().unwrap_or_else(|_| {
                         Err(ApiError::internal("the job thread ended without an answer"))
                     })
@@ -290,13 +294,16 @@ impl Manager {
         }
     }
 
-    /// True when the job's client gave up waiting (checked under the lock before a commit).
-    pub(super) fn job_timed_out(inner: &Inner, name: &str, handle: &JobHandle) -> bool {
-        inner
-            .doms
-            .get(name)
-            .and_then(|d| d.job.as_ref())
-            .is_some_and(|j| j.is(handle) && j.timed_out)
+    /// Decide the job's outcome, under the lock right before its commit: from now on its client
+    /// waits for the answer. False when the client already gave up (a start is then undone).
+    pub(super) fn settle(inner: &mut Inner, name: &str, handle: &JobHandle) -> bool {
+        match inner.doms.get_mut(name).and_then(|d| d.job.as_mut()) {
+            Some(job) if job.is(handle) => {
+                job.settled = true;
+                !job.timed_out
+            }
+            _ => true,
+        }
     }
 
     /// Give the running job a more telling name (an exit that becomes a restart).

@@ -1,24 +1,22 @@
-//! Lifecycle operations (start, shutdown, destroy ...), VM exits with their on_* actions, and
-//! recovery at daemon start. Each runs as the domain's job: no driver call under the lock.
+//! Lifecycle operations (start, shutdown, destroy ...): each runs as the domain's job, with no
+//! driver call under the lock. VM exits are in [`super::exits`], daemon start in
+//! [`super::recover`].
 
 use std::sync::{Arc, MutexGuard};
 use std::time::Duration;
 
 use ferrovirt_api::state::EventKind;
 use ferrovirt_api::{
-    Action, ApiError, DomainDef, DomainInfo, DomainOp, DomainState, JobProgress, StateReason,
+    ApiError, DomainDef, DomainInfo, DomainOp, DomainState, JobProgress, StateReason,
 };
 
 use super::commit::{self, Transient};
-use super::jobs::{Job, JobHandle, JobSpec, EXIT};
+use super::jobs::{JobHandle, JobSpec};
 use super::{Inner, Manager};
 use crate::console::rotate_for_boot;
 use crate::deadline::Deadline;
 use crate::driver::{Driver, Started, VmRef};
-use crate::runtime::{ExitKind, Runtime};
-
-const REATTACH: JobSpec = JobSpec::internal("reattach", false);
-const AUTOSTART: JobSpec = JobSpec::internal("autostart", true);
+use crate::runtime::Runtime;
 
 /// The steps of a start, for its job's progress.
 const START_STEPS: u64 = 4;
@@ -57,43 +55,6 @@ fn allowed(op: DomainOp, name: &str, state: DomainState) -> Result<(), ApiError>
             "domain '{name}' is {}: {what}",
             state.display()
         )))
-    }
-}
-
-/// How a VM's end is handled: (on_* action, state, reason, event, event detail).
-fn exit_outcome(
-    def: &DomainDef,
-    kind: ExitKind,
-) -> (Action, DomainState, StateReason, EventKind, &'static str) {
-    match kind {
-        ExitKind::Poweroff => (
-            def.on_poweroff,
-            DomainState::Shutoff,
-            StateReason::Shutdown,
-            EventKind::Shutdown,
-            "guest powered off",
-        ),
-        ExitKind::Reboot => (
-            def.on_reboot,
-            DomainState::Shutoff,
-            StateReason::Shutdown,
-            EventKind::Shutdown,
-            "guest rebooted",
-        ),
-        ExitKind::Crash => (
-            def.on_crash,
-            DomainState::Crashed,
-            StateReason::Crashed,
-            EventKind::Crashed,
-            "guest crashed",
-        ),
-        ExitKind::Destroyed => (
-            Action::Destroy,
-            DomainState::Shutoff,
-            StateReason::Destroyed,
-            EventKind::Stopped,
-            "destroyed",
-        ),
     }
 }
 
@@ -228,8 +189,16 @@ impl Manager {
             return Ok((inner, false));
         };
         dom.killed = true;
+        let def = dom.stored.def.clone();
         drop(inner);
-        driver.kill(&runtime)?;
+        let vm_dir = self.paths.vm_dir(name);
+        let deadline = Deadline::after(self.limits.destroy, format!("domain '{name}': destroy"));
+        driver.kill(&VmRef {
+            def: &def,
+            vm_dir: &vm_dir,
+            runtime: &runtime,
+            deadline: &deadline,
+        })?;
         Ok((self.lock(), true))
     }
 
@@ -257,6 +226,7 @@ impl Manager {
             DomainOp::Shutdown | DomainOp::Reboot => {
                 let ended = snap.driver.shutdown(&vm)?;
                 let mut inner = self.lock();
+                Self::settle(&mut inner, name, job);
                 if let Some(d) = inner.doms.get_mut(name) {
                     d.pending_reboot = op == DomainOp::Reboot;
                     // Ended at once (test driver): handled when this job ends.
@@ -269,6 +239,8 @@ impl Manager {
                 snap.driver.destroy(&vm)?;
                 self.networks.unplug(&snap.def);
                 let mut inner = self.lock();
+                // The VM is gone whoever still waits: record it.
+                Self::settle(&mut inner, name, job);
                 inner.commit(
                     name,
                     Transient::Forget,
@@ -278,10 +250,15 @@ impl Manager {
                 drop(inner);
                 self.events.emit(name, EventKind::Stopped, "destroyed");
             }
-            DomainOp::Reset => snap.driver.reset(&vm)?,
+            DomainOp::Reset => {
+                snap.driver.reset(&vm)?;
+                Self::settle(&mut self.lock(), name, job);
+            }
             DomainOp::Suspend => {
                 snap.driver.suspend(&vm)?;
-                self.lock().commit(
+                let mut inner = self.lock();
+                Self::settle(&mut inner, name, job);
+                inner.commit(
                     name,
                     Transient::Keep,
                     commit::state(DomainState::Paused, StateReason::User),
@@ -290,7 +267,9 @@ impl Manager {
             }
             DomainOp::Resume => {
                 snap.driver.resume(&vm)?;
-                self.lock().commit(
+                let mut inner = self.lock();
+                Self::settle(&mut inner, name, job);
+                inner.commit(
                     name,
                     Transient::Keep,
                     commit::state(DomainState::Running, StateReason::Unpaused),
@@ -317,6 +296,7 @@ impl Manager {
             let generation = dom.generation + 1;
             let engine = self.engine(&def);
             engine.check_startable()?;
+            self.check_policy(&def)?;
             // QEMU runs a kvm domain with accel=kvm: the driver reads the accelerator from the
             // definition it is handed (a copy; the stored one is unchanged).
             if engine.accel.is_some() {
@@ -382,7 +362,7 @@ impl Manager {
         }
         step(3, "recording");
         let mut inner = self.lock();
-        if Self::job_timed_out(&inner, name, job) {
+        if !Self::settle(&mut inner, name, job) {
             drop(inner);
             return Err(undo(deadline.timeout("the VM started too late")));
         }
@@ -432,190 +412,5 @@ impl Manager {
             },
             move |mgr| mgr.domain(&answer_name),
         )?
-    }
-
-    /// Mark a domain's VM gone in memory (after its record was committed).
-    fn stopped_in_memory(inner: &mut Inner, name: &str) {
-        if let Some(d) = inner.doms.get_mut(name) {
-            d.generation += 1;
-            d.pending_reboot = false;
-            d.pending_exit = None;
-            d.killed = false;
-            d.console = None;
-        }
-    }
-
-    /// A driver's monitor saw the VM end by itself. While a job runs on the domain the exit
-    /// waits for it to end; otherwise it is handled now, as a job of its own, on this (the
-    /// monitor's) thread.
-    pub(super) fn vm_exited(&self, name: &str, generation: u64, kind: ExitKind) {
-        let job = {
-            let mut inner = self.lock();
-            let Some(dom) = inner.doms.get_mut(name) else {
-                return;
-            };
-            if dom.job.is_some() {
-                dom.pending_exit = Some((generation, kind));
-                return;
-            }
-            if dom.generation != generation || !dom.stored.state.is_active() {
-                return;
-            }
-            let (job, handle) = Job::new(EXIT);
-            dom.job = Some(job);
-            handle
-        };
-        self.finish_exit(name, kind, &job);
-        self.end_job(name, &job);
-    }
-
-    /// Within the job `job`: record that the VM ended, then apply on_poweroff / on_reboot /
-    /// on_crash (a restart runs in the same job).
-    pub(super) fn finish_exit(&self, name: &str, kind: ExitKind, job: &JobHandle) {
-        let (def, kind) = {
-            let inner = self.lock();
-            let Some(dom) = inner.doms.get(name) else {
-                return;
-            };
-            let kind = if dom.killed {
-                ExitKind::Destroyed
-            } else if dom.pending_reboot && kind == ExitKind::Poweroff {
-                ExitKind::Reboot
-            } else {
-                kind
-            };
-            (dom.stored.def.clone(), kind)
-        };
-        let (action, state, reason, event, detail) = exit_outcome(&def, kind);
-        // The VM is gone: its TAPs go with it.
-        self.networks.unplug(&def);
-        let restart = action == Action::Restart;
-        let keep = if restart {
-            Transient::Keep
-        } else {
-            Transient::Forget
-        };
-        self.record_stop(name, keep, state, reason);
-        self.events.emit(name, event, detail);
-        if restart {
-            self.rename_job(name, job, "restart");
-            let deadline = job.deadline(self.limits.start, format!("domain '{name}': restart"));
-            if let Err(e) = self.start_body(name, job, StateReason::Restarted, &deadline) {
-                eprintln!("ferrovirtd: restart of '{name}' failed: {e}");
-                self.record_stop(
-                    name,
-                    Transient::Forget,
-                    DomainState::Shutoff,
-                    StateReason::Failed,
-                );
-                self.events.emit(name, EventKind::Stopped, "failed");
-            }
-        } else if event != EventKind::Stopped {
-            self.events.emit(name, EventKind::Stopped, reason.as_str());
-        }
-    }
-
-    /// Commit that a VM ended by itself. Nobody waits for an answer here, and memory must follow
-    /// the VM: when the store fails, memory is updated anyway and the error is logged (the next
-    /// commit of the domain writes the record again).
-    fn record_stop(&self, name: &str, keep: Transient, state: DomainState, reason: StateReason) {
-        let mut inner = self.lock();
-        let change = commit::stopped(state, reason);
-        if let Err(e) = inner.commit(name, keep, change) {
-            eprintln!("ferrovirtd: cannot record that domain '{name}' stopped: {e}");
-            if let Some(d) = inner.doms.get_mut(name) {
-                change(&mut d.stored);
-            }
-        }
-        Self::stopped_in_memory(&mut inner, name);
-    }
-
-    /// Daemon start: reattach to running VMs, mark vanished ones, then autostart. Each is a job
-    /// (no driver call under the lock); the API is not served yet.
-    pub(super) fn recover(&self) {
-        let active: Vec<String> = {
-            let inner = self.lock();
-            inner
-                .doms
-                .values()
-                .filter(|d| d.stored.state.is_active())
-                .map(|d| d.stored.def.name.clone())
-                .collect()
-        };
-        for name in active {
-            let Ok((inner, name, job)) =
-                self.take_job(self.lock(), &name, REATTACH, Duration::ZERO)
-            else {
-                continue;
-            };
-            self.reattach(inner, &name, &job);
-            self.end_job(&name, &job);
-        }
-        let autostart: Vec<String> = {
-            let inner = self.lock();
-            inner
-                .doms
-                .values()
-                .filter(|d| {
-                    d.stored.persistent && d.stored.autostart && !d.stored.state.is_active()
-                })
-                .map(|d| d.stored.def.name.clone())
-                .collect()
-        };
-        for name in autostart {
-            let Ok((inner, name, job)) =
-                self.take_job(self.lock(), &name, AUTOSTART, Duration::ZERO)
-            else {
-                continue;
-            };
-            drop(inner);
-            let deadline = job.deadline(self.limits.start, format!("domain '{name}': autostart"));
-            if let Err(e) = self.start_body(&name, &job, StateReason::Booted, &deadline) {
-                eprintln!("ferrovirtd: autostart of '{name}' failed: {e}");
-            }
-            self.end_job(&name, &job);
-        }
-    }
-
-    /// Within the job `job`: reconnect to a VM recorded as running, or record that it is gone.
-    fn reattach(&self, mut inner: MutexGuard<'_, Inner>, name: &str, job: &JobHandle) {
-        let Some(dom) = inner.doms.get_mut(name) else {
-            return;
-        };
-        let def = dom.stored.def.clone();
-        let runtime = dom.stored.runtime.clone().unwrap_or_default();
-        // The new monitor reports with the next generation; exits before we set it wait for
-        // this job to end.
-        let generation = dom.generation + 1;
-        dom.generation = generation;
-        drop(inner);
-        let deadline = job.deadline(self.limits.op, format!("domain '{name}': reattach"));
-        let started = self.running_driver(&def, &runtime).ok().and_then(|driver| {
-            let ctx = self.ctx(&def, runtime.id, generation, deadline).ok()?;
-            driver.reattach(ctx, &runtime)
-        });
-        match started {
-            Some(s) => {
-                let mut inner = self.lock();
-                if let Some(dom) = inner.doms.get_mut(name) {
-                    dom.console = s.console;
-                }
-                eprintln!(
-                    "ferrovirtd: reattached to domain '{name}' (pid {:?})",
-                    s.runtime.pid
-                );
-            }
-            None => {
-                eprintln!("ferrovirtd: domain '{name}' was running but its VM is gone; marking it shut off");
-                self.networks.unplug(&def);
-                self.record_stop(
-                    name,
-                    Transient::Forget,
-                    DomainState::Shutoff,
-                    StateReason::Vanished,
-                );
-                self.events.emit(name, EventKind::Stopped, "vanished");
-            }
-        }
     }
 }

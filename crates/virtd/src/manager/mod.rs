@@ -4,16 +4,17 @@
 //! One lock guards the domain table and the store, and it is never held across a driver call:
 //! an operation takes the domain's job ([`jobs`]), copies out what the driver needs, releases
 //! the lock, calls the driver under a deadline, then re-locks and commits ([`commit`]).
-//! Lifecycle operations and VM exits are in [`lifecycle`].
+//! Lifecycle operations are in [`lifecycle`], VM exits in [`exits`], daemon start in [`recover`].
 
 mod commit;
+mod exits;
 pub mod jobs;
 mod lifecycle;
+mod recover;
 #[cfg(test)]
 mod tests;
 
 use std::collections::BTreeMap;
-use std::fs;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -29,6 +30,7 @@ use crate::deadline::Deadline;
 use crate::driver::registry::Drivers;
 use crate::driver::{Driver, VmCtx};
 use crate::events::EventBus;
+use crate::files;
 use crate::network::Networks;
 use crate::runtime::{new_mac, new_uuid, ExitKind, Paths, Runtime};
 use crate::store::{Store, StoredDomain};
@@ -64,11 +66,13 @@ impl Default for Limits {
     }
 }
 
-/// What the manager is built from: the host, its drivers, the time limits.
+/// What the manager is built from: the host, its drivers, the time limits, the policy.
 pub struct Setup {
     pub host: HostVirt,
     pub drivers: Drivers,
     pub limits: Limits,
+    /// --allow-remote-vnc: VNC may listen beyond loopback (then only with a password).
+    pub allow_remote_vnc: bool,
 }
 
 impl Setup {
@@ -79,6 +83,7 @@ impl Setup {
             drivers: Drivers::for_host(&host),
             host,
             limits: Limits::default(),
+            allow_remote_vnc: false,
         }
     }
 }
@@ -131,6 +136,8 @@ pub struct Manager {
     pub default_reason: String,
     drivers: Drivers,
     limits: Limits,
+    /// --allow-remote-vnc (see Setup).
+    allow_remote_vnc: bool,
     /// Virtual networks and the domains' TAP devices.
     pub networks: Arc<Networks>,
     /// Serializes volume creation and deletion (not the domains: creating an image can be slow).
@@ -138,22 +145,21 @@ pub struct Manager {
     me: Weak<Manager>,
 }
 
-fn mkdir(path: &std::path::Path) -> Result<(), String> {
-    fs::create_dir_all(path).map_err(|e| format!("cannot create {}: {e}", path.display()))
-}
-
 impl Manager {
     /// Open the state, reattach to running VMs, mark vanished ones, then autostart.
     pub fn open(paths: Paths, setup: Setup) -> Result<Arc<Manager>, String> {
+        // Private folders (tightened if an older version made them 0755); the run folder lets
+        // the socket's group reach the socket, nothing more.
         for dir in [
             &paths.state_dir,
-            &paths.run_dir,
             &paths.images(),
             &paths.logs(),
             &paths.run_dir.join("vms"),
         ] {
-            mkdir(dir)?;
+            files::private_dir(dir)?;
         }
+        files::dir_with_mode(&paths.run_dir, files::SOCKET_DIR_MODE)
+            .map_err(|e| format!("cannot create {}: {e}", paths.run_dir.display()))?;
         let store = Store::open(&paths.db())?;
         let loaded = store.load_all()?;
         let next_id = store.peek_next_id().map_err(|e| e.message)?;
@@ -175,6 +181,7 @@ impl Manager {
             host,
             drivers,
             limits,
+            allow_remote_vnc,
         } = setup;
         let (default_type, default_reason) = host.default_driver();
         let doms = loaded
@@ -195,6 +202,7 @@ impl Manager {
             default_reason,
             drivers,
             limits,
+            allow_remote_vnc,
             networks,
             volumes: Mutex::new(()),
             me: me.clone(),
@@ -268,8 +276,7 @@ impl Manager {
         deadline: Deadline,
     ) -> Result<VmCtx<'a>, ApiError> {
         let vm_dir = self.paths.vm_dir(&def.name);
-        fs::create_dir_all(&vm_dir)
-            .map_err(|e| ApiError::internal(format!("{}: {e}", vm_dir.display())))?;
+        files::private_dir(&vm_dir).map_err(ApiError::internal)?;
         let me = self.me.clone();
         let name = def.name.clone();
         Ok(VmCtx {
@@ -361,11 +368,21 @@ impl Manager {
         Self::get(&inner, name).map(|d| d.stored.def.clone())
     }
 
+    /// The daemon's own rules, checked at define and again at start (its options may have
+    /// changed since): VNC on loopback unless --allow-remote-vnc, and then with a password.
+    fn check_policy(&self, def: &DomainDef) -> Result<(), ApiError> {
+        match &def.graphics {
+            Some(g) => g.check_listen(self.allow_remote_vnc),
+            None => Ok(()),
+        }
+    }
+
     /// Checks every definition must pass before it is stored.
     /// Order matters for the user: what the driver cannot do at all comes before missing files.
     /// `dry_run` skips files that would be created in the default pool (install checks first).
     fn check_definition(&self, def: &DomainDef, dry_run: bool) -> Result<(), ApiError> {
         def.validate()?;
+        self.check_policy(def)?;
         self.driver(def)?.check(def)?;
         // A dry run is install's pre-check: the VM is about to start, so this host must be able
         // to run it and its networks must run.
@@ -548,9 +565,19 @@ impl Manager {
                 "domain '{name}' is not running"
             )));
         }
-        let port = dom.stored.runtime.as_ref().and_then(|r| r.vnc_port);
+        // The address VNC really listens on (recorded from QEMU at start).
+        let runtime = dom.stored.runtime.as_ref();
+        let port = runtime.and_then(|r| r.vnc_port);
+        let host = runtime
+            .and_then(|r| r.vnc_listen.clone())
+            .unwrap_or_else(|| "127.0.0.1".into());
+        let host = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host
+        };
         Ok(DisplayInfo {
-            uri: port.map(|p| format!("vnc://127.0.0.1:{}", p.saturating_sub(5900))),
+            uri: port.map(|p| format!("vnc://{host}:{}", p.saturating_sub(5900))),
         })
     }
 
@@ -595,11 +622,13 @@ impl Manager {
         let path = self.paths.images().join(name);
         // Under the domains' lock, so no define can start using it between check and delete.
         let inner = self.lock();
-        if let Some(user) = inner
-            .doms
-            .values()
-            .find(|d| d.stored.def.disks.iter().any(|disk| disk.path == path))
-        {
+        if let Some(user) = inner.doms.values().find(|d| {
+            d.stored
+                .def
+                .disks
+                .iter()
+                .any(|disk| files::same_file(&disk.path, &path))
+        }) {
             return Err(ApiError::new(
                 ErrorCode::StorageError,
                 format!(

@@ -108,6 +108,7 @@ impl Driver for FakeDriver {
                 id: ctx.id,
                 pid: None,
                 vnc_port: None,
+                vnc_listen: None,
                 engine: None,
             },
             console: None,
@@ -140,7 +141,7 @@ impl Driver for FakeDriver {
     fn check(&self, _def: &DomainDef) -> Result<(), ApiError> {
         Ok(())
     }
-    fn kill(&self, _runtime: &Runtime) -> Result<(), ApiError> {
+    fn kill(&self, _vm: &VmRef) -> Result<(), ApiError> {
         self.lock().killed = true;
         self.changed.notify_all();
         Ok(())
@@ -177,6 +178,7 @@ fn fixture(limits: Limits) -> Fixture {
         host: HostVirt::probe(),
         drivers,
         limits,
+        allow_remote_vnc: false,
     };
     let mgr = Manager::open(paths, setup).expect("open manager");
     Fixture { dir, mgr, fake }
@@ -503,4 +505,24 @@ fn a_restart_after_an_exit_runs_as_a_job_off_the_monitor_thread() {
         state(&f.mgr, "phoenix"),
         (DomainState::Running, StateReason::Restarted)
     );
+}
+
+#[test]
+fn a_wait_longer_than_the_cap_ends_with_the_busy_error() {
+    let f = fixture(Limits {
+        max_wait: Duration::from_millis(300),
+        ..Limits::default()
+    });
+    define(&f, "capped");
+    f.mgr.action("capped", DomainOp::Start, None).unwrap();
+    f.fake.hold("reset", false);
+    let reset = in_background(&f.mgr, "capped", DomainOp::Reset, None);
+    f.fake.wait_inside("reset");
+    let e = f
+        .mgr
+        .action("capped", DomainOp::Suspend, Some(Duration::from_secs(3600)))
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::DomainBusy, "{e}");
+    f.fake.release("reset");
+    reset.join().unwrap().unwrap();
 }

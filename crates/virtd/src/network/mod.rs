@@ -110,7 +110,7 @@ impl Networks {
         let run_dir = paths.run_dir.join("networks");
         let state_dir = paths.state_dir.join("networks");
         for d in [&run_dir, &state_dir] {
-            fs::create_dir_all(d).map_err(|e| format!("cannot create {}: {e}", d.display()))?;
+            crate::files::private_dir(d)?;
         }
         let store = NetStore::open(&paths.db())?;
         let nets = store
@@ -575,8 +575,7 @@ impl Networks {
             };
         };
         let dir = self.run_dir.join(&def.name);
-        fs::create_dir_all(&dir)
-            .map_err(|e| ApiError::internal(format!("cannot create {}: {e}", dir.display())))?;
+        crate::files::private_dir(&dir).map_err(ApiError::internal)?;
         link::bridge_up(bridge, &bridge_alias(def), ip.address, ip.prefix)?;
         // VMs that kept running while the network was down get their TAPs back on the bridge.
         let suffix = tap_owner(def);
