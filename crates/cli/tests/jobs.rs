@@ -4,7 +4,7 @@
 //! says it cannot be cancelled; after SIGCONT everything works again.
 
 use ferrovirt_testkit::{RunWithin, TOOL_TIMEOUT};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -99,23 +99,12 @@ impl Drop for Env {
     }
 }
 
+/// The qemu-driver test guest, as strings for definitions and command lines.
 fn guest() -> (String, String) {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest");
-    let script =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../virtd/tests/fixtures/make-guest.sh");
-    let out = Command::new("sh")
-        .arg(&script)
-        .arg(&dir)
-        .output_within(TOOL_TIMEOUT)
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "make-guest.sh failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (kernel, initrd) = ferrovirt_testkit::qemu_test_guest();
     (
-        dir.join("vmlinuz").to_string_lossy().into_owned(),
-        dir.join("initrd.img").to_string_lossy().into_owned(),
+        kernel.to_string_lossy().into_owned(),
+        initrd.to_string_lossy().into_owned(),
     )
 }
 

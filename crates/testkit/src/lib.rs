@@ -42,6 +42,7 @@ mod nested;
 pub mod process;
 mod qemu;
 mod rootdisk;
+mod test_guest;
 
 pub use cache::{cache_dir, repo_root, scratch_dir};
 pub use elf::{elf_notes, pvh_entry, ElfNote, XEN_ELFNOTE_PHYS32_ENTRY};
@@ -57,3 +58,4 @@ pub use nested::{Nested, NestedOutput};
 pub use process::{RunWithin, TOOL_TIMEOUT};
 pub use qemu::{qemu_binary, qemu_tcg_boot, ConsoleRun, TcgVm};
 pub use rootdisk::make_root_disk;
+pub use test_guest::qemu_test_guest;

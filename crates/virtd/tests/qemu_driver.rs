@@ -1,5 +1,5 @@
 //! End-to-end tests of the qemu driver: real qemu-system-x86_64 (TCG) booting Debian's cloud
-//! kernel with a busybox initramfs (tests/fixtures/make-guest.sh).
+//! kernel with a busybox initramfs (guest/make-test-guest.sh).
 
 mod common;
 
@@ -7,10 +7,11 @@ use std::io::{Read, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{guest, wait_for, Daemon};
+use common::{wait_for, Daemon};
 use ferrovirt_api::client::{Client, DefFormat};
 use ferrovirt_api::DomainOp;
 use ferrovirt_api::{DomainState, StateReason};
+use ferrovirt_testkit::qemu_test_guest as guest;
 use ferrovirt_testkit::{RunWithin, TOOL_TIMEOUT};
 
 const BOOT: Duration = Duration::from_secs(90);

@@ -8,9 +8,10 @@ mod common;
 use std::thread;
 use std::time::Duration;
 
-use common::{guest, wait_for, Daemon};
+use common::{wait_for, Daemon};
 use ferrovirt_api::client::{Client, ClientError, DefFormat};
 use ferrovirt_api::{ApiError, DomainOp, DomainState, ErrorCode, StateReason};
+use ferrovirt_testkit::qemu_test_guest as guest;
 use ferrovirt_testkit::{RunWithin, TOOL_TIMEOUT};
 
 /// The daemon's deadline for one operation on a VM (`--op-timeout`).

@@ -1,7 +1,7 @@
 //! Shared helpers for end-to-end tests: a real ferrovirtd in a temporary folder.
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use ferrovirt_api::client::{Client, ClientError, DefFormat};
 use ferrovirt_api::DomainOp;
 use ferrovirt_api::ErrorCode;
-use ferrovirt_testkit::{RunWithin, TOOL_TIMEOUT};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -173,21 +172,4 @@ pub fn until_subscribed(d: &Daemon, c: &Client, mut seen_probe: impl FnMut(Durat
             "the event subscription never saw the probe domain"
         );
     }
-}
-
-/// The test guest (Debian cloud kernel + busybox initramfs), built once per target dir.
-pub fn guest() -> (PathBuf, PathBuf) {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/make-guest.sh");
-    let out = Command::new("sh")
-        .arg(&script)
-        .arg(&dir)
-        .output_within(TOOL_TIMEOUT)
-        .expect("run make-guest.sh");
-    assert!(
-        out.status.success(),
-        "building the test guest failed (needs apt-get, busybox-static, cpio): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (dir.join("vmlinuz"), dir.join("initrd.img"))
 }
