@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 # left in the caller's environment would change what the tests see. Test controls are kept.
 for v in $(env | sed -n 's/^\(FERROVIRT_[A-Z0-9_]*\)=.*/\1/p'); do
     case "$v" in
-    FERROVIRT_TEST_SEED | FERROVIRT_GUEST_CACHE | FERROVIRT_DEB_ARCHIVE | FERROVIRT_KERNEL_PACKAGE | FERROVIRT_KERNEL_REFRESH) ;;
+    FERROVIRT_TEST_SEED | FERROVIRT_FUZZ_* | FERROVIRT_GUEST_CACHE | FERROVIRT_DEB_ARCHIVE | FERROVIRT_KERNEL_PACKAGE | FERROVIRT_KERNEL_REFRESH) ;;
     *)
         echo "test.sh: ignoring $v from the environment (it would change what the tests see)"
         unset "$v"

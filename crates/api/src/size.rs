@@ -17,7 +17,8 @@ pub fn unit_bytes(unit: &str) -> Option<u64> {
         "" => return None,
         _ => {}
     }
-    let (letter, rest) = u.split_at(1);
+    // A unit starting with a multi-byte character is simply unknown (split_at would panic).
+    let (letter, rest) = u.split_at_checked(1)?;
     let power = match letter {
         "k" => 1,
         "m" => 2,
@@ -122,5 +123,13 @@ mod tests {
         assert!(parse("M", "KiB").is_err());
         assert!(parse("-1", "KiB").is_err());
         assert!(parse("1.5G", "KiB").is_err());
+    }
+
+    /// Found by the domain_xml fuzz target: `<currentMemory unit='\u{fffd}iB'>` panicked.
+    #[test]
+    fn a_unit_starting_with_a_multibyte_character_is_unknown() {
+        assert_eq!(unit_bytes("\u{fffd}iB"), None);
+        assert_eq!(unit_bytes("\u{e9}"), None);
+        assert!(to_kib(4, "\u{fffd}iB").is_err());
     }
 }

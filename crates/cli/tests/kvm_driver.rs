@@ -38,7 +38,7 @@ start_daemon() {
     i=0; while ! ferrovirt list >/dev/null 2>&1; do i=$((i+1)); [ $i -gt 200 ] && { echo DAEMON-DID-NOT-START; cat /var/ferrovirtd.log; exit 1; }; sleep 0.05; done
 }
 wait_state() { # NAME STATE
-    i=0; while ! ferrovirt domstate "$1" | grep -q "^$2"; do i=$((i+1)); [ $i -gt 600 ] && { echo "TIMEOUT waiting for $1 $2"; ferrovirt dominfo "$1"; cat /var/fv/logs/$1.log; cat /run/fv/vms/$1/vmm.log; return 1; }; sleep 0.1; done
+    i=0; while ! ferrovirt domstate "$1" | grep -q "^$2"; do i=$((i+1)); [ $i -gt 600 ] && { echo "TIMEOUT waiting for $1 $2"; ferrovirt dominfo "$1"; cat /var/fv/logs/$1.log; cat /run/fv/vms/$1/vmm.log; cat /run/fv/vms/$1/exit.json; return 1; }; sleep 0.1; done
 }
 wait_log() { # NAME TEXT
     i=0; while ! grep -q "$2" /var/fv/logs/$1.log 2>/dev/null; do i=$((i+1)); [ $i -gt 600 ] && { echo "TIMEOUT waiting for $2 in $1"; cat /var/fv/logs/$1.log; cat /run/fv/vms/$1/vmm.log; return 1; }; sleep 0.1; done

@@ -165,3 +165,32 @@ fn a_vmm_that_dies_without_an_exit_record_is_a_crash() {
         d.log()
     );
 }
+
+#[test]
+fn a_start_that_ferrovmm_refuses_fails_with_the_message_of_its_exit_record() {
+    ferrovmm_present();
+    let d = Daemon::start();
+    // A kernel file that is neither an ELF nor a bzImage.
+    let kernel = d.file("not-a-kernel", "just text\n");
+    let def = format!(
+        "name = \"bad\"\ntype = \"kvm\"\nemulator = \"ferrovmm\"\nmemory_mib = 16\n[os]\nkernel = \"{}\"\n",
+        kernel.display()
+    );
+    let c = d.client();
+    c.define(&def, DefFormat::Toml, false).expect("define");
+    let err = match c.action("bad", DomainOp::Start) {
+        Err(ferrovirt_api::client::ClientError::Api(e)) => e,
+        other => panic!("the start should fail: {other:?}"),
+    };
+    let record = exit_json(&d, "bad");
+    let record: serde_json::Value =
+        serde_json::from_str(&record).unwrap_or_else(|e| panic!("no exit record ({e}): {record}"));
+    assert_eq!(record["reason"], "error", "{record}");
+    let message = record["message"].as_str().unwrap();
+    assert!(
+        err.message.contains(message),
+        "the start error should carry ferrovmm's message {message:?}: {}",
+        err.message
+    );
+    assert_eq!(c.get("bad").unwrap().state, DomainState::Shutoff);
+}

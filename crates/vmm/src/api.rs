@@ -1,7 +1,8 @@
 //! The control API: HTTP/1.1 + JSON on a Unix socket, served by hyper on its own thread
 //! (a current-thread tokio runtime).
 //!
-//! Resources: `GET /vm`, `PUT /vm/{pause,resume,power-button,reset,stop}`, `GET /vm/counters`.
+//! Resources: `GET /vm`, `PUT /vm/{pause,resume,power-button,reset,stop}`, `GET /vm/counters`,
+//! `PUT /vm/snapshot` (the one resource with a body).
 //! The OpenAPI description is docs/ferrovmm-api.yaml.
 //!
 //! Nothing a client sends can take the VM down: headers are bounded in size and count and must
@@ -219,8 +220,8 @@ async fn handle(
         Limited::new(body, MAX_REQUEST_BODY as usize).collect(),
     )
     .await;
-    let body_len = match read {
-        Ok(Ok(collected)) => collected.to_bytes().len(),
+    let body = match read {
+        Ok(Ok(collected)) => collected.to_bytes(),
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
             return body_too_large().into_response(true, pending_stop)
         }
@@ -244,31 +245,62 @@ async fn handle(
     // Off the connection thread: a pause that waits for a busy vCPU must not hold up the
     // other connections (GET /vm, stop).
     let path = parts.uri.path().to_string();
-    let reply =
-        tokio::task::spawn_blocking(move || route(&machine, &parts.method, &path, body_len))
-            .await
-            .unwrap_or_else(|_| {
-                Reply::error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal",
-                    "the request could not be carried out",
-                )
-            });
+    let reply = tokio::task::spawn_blocking(move || route(&machine, &parts.method, &path, &body))
+        .await
+        .unwrap_or_else(|_| {
+            Reply::error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the request could not be carried out",
+            )
+        });
     reply.into_response(false, pending_stop)
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SnapshotRequest {
+    path: std::path::PathBuf,
+}
+
+/// `PUT /vm/snapshot {"path": DIR}`: writes DIR/state and DIR/memory of a paused VM.
+fn snapshot(machine: &Machine, body: &[u8]) -> Reply {
+    use crate::snapshot::SnapshotError;
+    let req: SnapshotRequest = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => {
+            return Reply::error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("PUT /vm/snapshot takes {{\"path\": DIR}}: {e}"),
+            )
+        }
+    };
+    match crate::snapshot::take(machine, &req.path) {
+        Ok(report) => Reply::json(StatusCode::OK, &report),
+        Err(e @ SnapshotError::Running) => {
+            Reply::error(StatusCode::CONFLICT, "vm_running", e.to_string())
+        }
+        Err(SnapshotError::Invalid(m)) => Reply::error(StatusCode::BAD_REQUEST, "bad_request", m),
+        Err(SnapshotError::Host(m)) => {
+            Reply::error(StatusCode::INTERNAL_SERVER_ERROR, "snapshot_failed", m)
+        }
+    }
 }
 
 fn body_too_large() -> Reply {
     Reply::error(
         StatusCode::PAYLOAD_TOO_LARGE,
         "body_too_large",
-        format!("no resource takes a request body, and none over {MAX_REQUEST_BODY} bytes is read"),
+        format!("no request body over {MAX_REQUEST_BODY} bytes is read"),
     )
 }
 
-fn route(machine: &Machine, method: &Method, path: &str, body_len: usize) -> Reply {
+fn route(machine: &Machine, method: &Method, path: &str, body: &[u8]) -> Reply {
     let allowed = match path {
         "/vm" | "/vm/counters" => Method::GET,
         "/vm/pause" | "/vm/resume" | "/vm/power-button" | "/vm/reset" | "/vm/stop" => Method::PUT,
+        "/vm/snapshot" => Method::PUT,
         _ => {
             return Reply::error(
                 StatusCode::NOT_FOUND,
@@ -284,7 +316,10 @@ fn route(machine: &Machine, method: &Method, path: &str, body_len: usize) -> Rep
             format!("{path} takes {allowed}, not {method}"),
         );
     }
-    if body_len > 0 {
+    if path == "/vm/snapshot" {
+        return snapshot(machine, body);
+    }
+    if !body.is_empty() {
         return Reply::error(
             StatusCode::BAD_REQUEST,
             "unexpected_body",

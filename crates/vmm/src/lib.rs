@@ -10,15 +10,20 @@ pub mod config;
 pub mod console;
 pub mod counters;
 pub mod cpu;
+pub mod device_manager;
 pub mod devices;
 pub mod error;
 pub mod irq;
+pub mod kvm_state;
 pub mod layout;
 pub mod lifecycle;
 pub mod logger;
 pub mod memory;
 pub mod pci;
 pub mod pci_devices;
+pub mod persist;
+pub mod restore;
+pub mod snapshot;
 pub mod teardown;
 pub mod vcpu;
 pub mod virtio;
@@ -35,15 +40,24 @@ use ferrovmm_api::{ExitReason, ExitRecord};
 /// Runs the VM to its end; returns the process exit status.
 pub fn run(config: &LaunchConfig) -> Result<i32> {
     config::validate(config)?;
+    run_machine(config, vm::Origin::Boot, true)
+}
+
+/// Builds the machine (booted or restored), serves the API and the console until
+/// the VM ends. A restored machine starts paused unless `resume`.
+pub fn run_machine(config: &LaunchConfig, origin: vm::Origin, resume: bool) -> Result<i32> {
     // Bind sockets before the guest runs, so a bad path fails fast and clients
     // that see the socket can use it at once.
     let console_listener = match &config.serial {
         config::SerialMode::Socket(path) => Some(console::bind_socket(path, "--serial socket")?),
         _ => None,
     };
-    let machine = Arc::new(vm::build_and_start(config)?);
+    let machine = Arc::new(vm::build(config, origin)?);
     if let Some(path) = &config.api_socket {
         api::serve(path, machine.clone())?;
+    }
+    if resume {
+        machine.vcpus.resume();
     }
     let stdin = config.serial == config::SerialMode::Stdio;
     let reason = console::EventLoop::new(&machine, stdin, console_listener)?.run();

@@ -4,6 +4,7 @@ use std::ffi::{CString, OsString};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
+use clap::Parser;
 use ferrovmm_api::ExitReason;
 
 /// `ps` should show a VM as `ferrovmm --name NAME ...`: when --name is not the first
@@ -57,9 +58,52 @@ fn exit_file_of(args: &[OsString]) -> Option<PathBuf> {
     None
 }
 
+/// `ferrovmm --restore DIR ...`: its own flags, the same exit statuses and exit record.
+fn restore(raw: &[OsString]) -> ! {
+    let args = match ferrovmm::restore::RestoreArgs::try_parse_from(raw) {
+        Ok(args) => args,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            if e.use_stderr() {
+                ferrovmm::record_exit(
+                    exit_file_of(raw).as_deref(),
+                    ExitReason::Error {
+                        message: "invalid command line".into(),
+                    },
+                    code,
+                );
+            }
+            std::process::exit(code);
+        }
+    };
+    ferrovmm::logger::init(ferrovmm::config::log_filter(args.log_level));
+    let (api_socket, exit_file) = (args.api_socket.clone(), args.exit_file.clone());
+    match ferrovmm::restore::run(args) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("ferrovmm: {e}");
+            ferrovmm::record_exit(
+                exit_file.as_deref(),
+                ExitReason::Error {
+                    message: e.to_string(),
+                },
+                e.exit_code(),
+            );
+            if let Some(p) = api_socket {
+                let _ = std::fs::remove_file(p);
+            }
+            std::process::exit(e.exit_code());
+        }
+    }
+}
+
 fn main() {
     let raw: Vec<OsString> = std::env::args_os().collect();
     put_name_first(&raw);
+    if ferrovmm::restore::requested(&raw) {
+        restore(&raw);
+    }
     let config = match ferrovmm::config::parse(&raw) {
         Ok(config) => config,
         Err(e) => {
@@ -80,6 +124,10 @@ fn main() {
         }
     };
     ferrovmm::logger::init(ferrovmm::config::log_filter(config.log_level));
+    // A record left by an earlier run must not pass for this one's (if this run is killed).
+    if let Some(path) = &config.exit_file {
+        let _ = std::fs::remove_file(path);
+    }
     match ferrovmm::run(&config) {
         Ok(code) => std::process::exit(code),
         Err(e) => {

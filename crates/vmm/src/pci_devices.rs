@@ -109,6 +109,15 @@ pub fn open_devices(args: &LaunchConfig) -> Result<Vec<Box<dyn VirtioDevice>>> {
     Ok(devices)
 }
 
+/// What `attach` built: handles the device manager keeps for pause, save and restore.
+pub struct PciBus {
+    pub root: Arc<PciRoot>,
+    pub config_io: Arc<Mutex<PciConfigIo>>,
+    /// Each virtio function with its slot on bus 0, in command-line order.
+    pub virtio: Vec<(usize, Arc<Mutex<VirtioPciDevice>>)>,
+    pub event_loop: Arc<EventLoop>,
+}
+
 /// Builds bus 0 with `devices`, maps config access (ports and ECAM) and starts the device thread.
 pub fn attach(
     vm: &Arc<VmFd>,
@@ -116,11 +125,12 @@ pub fn attach(
     pio: &Bus,
     mmio: &Arc<Bus>,
     devices: Vec<Box<dyn VirtioDevice>>,
-) -> Result<()> {
+) -> Result<PciBus> {
     let router: Arc<dyn MsiRouter> = Arc::new(KvmGsiRouter::new(vm.clone()));
     let event_loop = EventLoop::new().map_err(|e| Error::host(format!("epoll: {e}")))?;
     let mut root = PciRoot::new(mmio.clone());
     let mut next_bar = layout::PCI_MMIO_START;
+    let mut virtio = Vec::new();
     for device in devices {
         let vectors = device.queue_max_sizes().len() as u16 + 1;
         let gsi_base = router.allocate(u32::from(vectors))?;
@@ -150,19 +160,21 @@ pub fn attach(
             Some(Box::new(vm.clone())),
         )
         .map_err(Error::host)?;
-        root.add_device(Arc::new(Mutex::new(transport)))
-            .map_err(Error::usage)?;
+        let transport = Arc::new(Mutex::new(transport));
+        let slot = root.add_device(transport.clone()).map_err(Error::usage)?;
+        virtio.push((slot, transport));
         next_bar += u64::from(BAR_SIZE);
     }
     let root = Arc::new(root);
+    let config_io = Arc::new(Mutex::new(PciConfigIo::new(root.clone())));
     pio.insert(
-        Arc::new(Mutex::new(PciConfigIo::new(root.clone()))),
+        config_io.clone(),
         u64::from(CONFIG_ADDRESS_PORT),
         CONFIG_PORTS_LEN,
     )
     .map_err(Error::host)?;
     mmio.insert(
-        Arc::new(Mutex::new(PciEcam::new(root))),
+        Arc::new(Mutex::new(PciEcam::new(root.clone()))),
         layout::PCI_ECAM_START,
         layout::PCI_ECAM_SIZE,
     )
@@ -170,5 +182,10 @@ pub fn attach(
     event_loop
         .spawn()
         .map_err(|e| Error::host(format!("cannot start the device thread: {e}")))?;
-    Ok(())
+    Ok(PciBus {
+        root,
+        config_io,
+        virtio,
+        event_loop,
+    })
 }

@@ -11,6 +11,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use crate::counters::ExitCounters;
 use crate::cpu::regs;
 use crate::devices::bus::Bus;
+use crate::kvm_state::VcpuState;
 use crate::lifecycle::{Lifecycle, StopReason};
 use ferrovmm_api::CrashCause;
 
@@ -38,18 +39,37 @@ pub struct PauseControl {
 struct PauseState {
     requested: bool,
     parked: u32,
+    /// Bumped to ask every parked vCPU for its KVM state.
+    save_generation: u64,
+    saved: Vec<Option<Result<VcpuState, String>>>,
 }
 
 impl PauseControl {
-    /// Called by a vCPU before entering the guest: parks while a pause is requested.
-    fn checkpoint(&self, lifecycle: &Lifecycle) {
+    /// Called by a vCPU before entering the guest: parks while a pause is requested,
+    /// and saves its KVM state there when asked (only its own thread holds its fd).
+    fn checkpoint(&self, vcpu: &mut Vcpu) {
+        let lifecycle = vcpu.lifecycle.clone();
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if !st.requested {
             return;
         }
         st.parked += 1;
+        let mut seen = st.save_generation;
         self.changed.notify_all();
         while st.requested && !lifecycle.is_stopping() {
+            if st.save_generation != seen {
+                seen = st.save_generation;
+                drop(st);
+                vcpu.complete_pending_io();
+                let state = VcpuState::save(&vcpu.fd, &vcpu.msr_indices)
+                    .map_err(|e| format!("vcpu{}: {e}", vcpu.index));
+                st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(slot) = st.saved.get_mut(vcpu.index as usize) {
+                    *slot = Some(state);
+                }
+                self.changed.notify_all();
+                continue;
+            }
             st = self
                 .changed
                 .wait_timeout(st, Duration::from_millis(50))
@@ -108,6 +128,49 @@ impl VcpuSet {
         }
     }
 
+    /// The KVM state of every vCPU; the VM must be paused.
+    pub fn save_states(&self, lifecycle: &Lifecycle) -> Result<Vec<VcpuState>, String> {
+        let count = self.threads.len();
+        let mut st = self.pause.state.lock().unwrap_or_else(|p| p.into_inner());
+        if !st.requested {
+            return Err("the vCPUs are not paused".into());
+        }
+        // Threads of a just-restored VM may still be on their way to parking.
+        while (st.parked as usize) < count {
+            if lifecycle.is_stopping() {
+                return Err("the VM stopped while its state was being saved".into());
+            }
+            st = self
+                .pause
+                .changed
+                .wait_timeout(st, Duration::from_millis(50))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        st.save_generation += 1;
+        st.saved = (0..count).map(|_| None).collect();
+        self.pause.changed.notify_all();
+        while st.saved.iter().any(|s| s.is_none()) {
+            if lifecycle.is_stopping() {
+                return Err("the VM stopped while its state was being saved".into());
+            }
+            st = self
+                .pause
+                .changed
+                .wait_timeout(st, Duration::from_millis(50))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        std::mem::take(&mut st.saved)
+            .into_iter()
+            .map(|s| s.unwrap_or_else(|| Err("vCPU state missing".into())))
+            .collect()
+    }
+
+    pub fn count(&self) -> usize {
+        self.threads.len()
+    }
+
     pub fn resume(&self) {
         let mut st = self.pause.state.lock().unwrap_or_else(|p| p.into_inner());
         st.requested = false;
@@ -123,11 +186,19 @@ pub struct Vcpu {
     pub mmio: Arc<Bus>,
     pub lifecycle: Arc<Lifecycle>,
     pub counters: Arc<ExitCounters>,
+    /// The MSRs a snapshot saves (KVM_GET_MSR_INDEX_LIST), read once per VM.
+    pub msr_indices: Arc<Vec<u32>>,
 }
 
-/// Starts one thread per vCPU.
-pub fn start(vcpus: Vec<Vcpu>) -> std::io::Result<VcpuSet> {
+/// Starts one thread per vCPU; with `paused` they park before entering the guest
+/// until `resume` (a restored VM waits for `PUT /vm/resume`).
+pub fn start(vcpus: Vec<Vcpu>, paused: bool) -> std::io::Result<VcpuSet> {
     let pause = Arc::new(PauseControl::default());
+    pause
+        .state
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .requested = paused;
     let mut threads = Vec::with_capacity(vcpus.len());
     for vcpu in vcpus {
         let pause = pause.clone();
@@ -153,7 +224,7 @@ impl Vcpu {
             if self.lifecycle.is_stopping() {
                 return;
             }
-            pause.checkpoint(&self.lifecycle);
+            pause.checkpoint(&mut self);
             let flow = self.run_once();
             if let Flow::Stop(reason) = flow {
                 self.lifecycle.request_stop(reason);
@@ -262,6 +333,18 @@ impl Vcpu {
                 Flow::Stop(self.fatal(CrashCause::VcpuError, &format!("KVM_RUN failed: {e}")))
             }
         }
+    }
+
+    /// Lets KVM finish the instruction of the last I/O exit (the RIP advance of an
+    /// OUT, the register load of an IN) without running the guest: KVM_RUN with
+    /// immediate_exit. Saved state taken without this would replay the I/O.
+    fn complete_pending_io(&mut self) {
+        self.fd.set_kvm_immediate_exit(1);
+        match self.fd.run() {
+            Err(e) if e.errno() == libc::EINTR => {}
+            other => log::debug!("vcpu{}: completing pending I/O: {other:?}", self.index),
+        }
+        self.fd.set_kvm_immediate_exit(0);
     }
 
     fn fatal(&self, cause: CrashCause, what: &str) -> StopReason {

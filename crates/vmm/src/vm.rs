@@ -13,12 +13,14 @@ use crate::boot::{self, BootSpec};
 use crate::config::{LaunchConfig, SerialMode};
 use crate::counters::ExitCounters;
 use crate::cpu::{cpuid, msrs, regs};
+use crate::device_manager::{Devices, DevicesState};
 use crate::devices::acpi_pm::{self, AcpiPm};
 use crate::devices::bus::Bus;
 use crate::devices::cmos::Cmos;
 use crate::devices::i8042::{ResetLine, I8042};
 use crate::devices::serial::{InputSpace, IrqTrigger, SerialOutput, SerialPort, SocketClients};
 use crate::error::{kvm_err, Error, Result};
+use crate::kvm_state::{self, VcpuState, VmState};
 use crate::layout;
 use crate::lifecycle::Lifecycle;
 use crate::memory::{self, GuestMemoryMmap};
@@ -42,6 +44,7 @@ pub struct Machine {
     pub started: Instant,
     /// What the VM was launched with (`GET /vm` reports it; a snapshot keeps it).
     pub config: LaunchConfig,
+    pub devices: Devices,
 }
 
 /// Opens /dev/kvm and checks it is usable.
@@ -92,8 +95,50 @@ fn serial_output(mode: &SerialMode) -> Result<(SerialOutput, Option<SocketClient
     })
 }
 
+/// The whole machine's state apart from RAM: what a snapshot stores beside the memory file.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct MachineState {
+    pub vm: VmState,
+    pub vcpus: Vec<VcpuState>,
+    pub devices: DevicesState,
+}
+
+/// Where a machine's RAM and CPU state come from.
+pub enum Origin {
+    /// Load the kernel and start the boot vCPU at its entry point.
+    Boot,
+    /// Map RAM from a snapshot's memory file and load the saved state; the vCPUs
+    /// start paused.
+    Restore {
+        memory: std::path::PathBuf,
+        eager: bool,
+        state: Box<MachineState>,
+    },
+}
+
+impl Machine {
+    /// The state of a paused machine. The caller holds device I/O (`devices.pause_io`)
+    /// so that devices and RAM do not move while it and the memory are saved.
+    pub fn save_state(&self) -> std::result::Result<MachineState, String> {
+        if !self.vcpus.pause.is_paused() {
+            return Err("the VM is running; pause it first".into());
+        }
+        Ok(MachineState {
+            vcpus: self.vcpus.save_states(&self.lifecycle)?,
+            vm: VmState::save(&self.vm)?,
+            devices: self.devices.save(),
+        })
+    }
+}
+
 /// Builds the VM described by `args` and starts its vCPUs.
 pub fn build_and_start(args: &LaunchConfig) -> Result<Machine> {
+    build(args, Origin::Boot)
+}
+
+/// Builds the machine `args` describe, from scratch or from a snapshot, and starts
+/// its vCPU threads (paused when restoring).
+pub fn build(args: &LaunchConfig, origin: Origin) -> Result<Machine> {
     let kvm = open_kvm()?;
     let max_vcpus = kvm.get_max_vcpus() as u32;
     if args.vcpus > max_vcpus {
@@ -117,7 +162,26 @@ pub fn build_and_start(args: &LaunchConfig) -> Result<Machine> {
 
     // Open disks and TAPs first: a bad --disk or --net fails before any guest setup.
     let devices = crate::pci_devices::open_devices(args)?;
-    let mem = memory::create_guest_memory(mem_bytes)?;
+    let (mem, restore) = match origin {
+        Origin::Boot => (memory::create_guest_memory(mem_bytes)?, None),
+        Origin::Restore {
+            memory,
+            eager,
+            state,
+        } => {
+            if state.vcpus.len() != args.vcpus as usize {
+                return Err(Error::usage(format!(
+                    "the snapshot has {} vCPU states for {} vCPUs",
+                    state.vcpus.len(),
+                    args.vcpus
+                )));
+            }
+            (
+                memory::map_from_file(&memory, mem_bytes, eager)?,
+                Some(state),
+            )
+        }
+    };
     // Registering memory is a slow ioctl on some hosts (milliseconds under nested
     // virtualization); it runs while the kernel is loaded and the vCPUs are set up.
     let slots = memory::slots(&mem);
@@ -129,17 +193,23 @@ pub fn build_and_start(args: &LaunchConfig) -> Result<Machine> {
             .map_err(|e| Error::host(format!("cannot start a thread: {e}")))?
     };
 
-    let rsdp = acpi::write_tables(&mem, args.vcpus)?;
-    let boot_info = boot::load(
-        &mem,
-        &BootSpec {
-            kernel: &args.kernel,
-            initrd: args.initrd.as_deref(),
-            cmdline: &args.cmdline,
-            mem_bytes,
-            rsdp,
-        },
-    )?;
+    // A restored machine's RAM already holds its ACPI tables, kernel and boot structures.
+    let boot_info = match restore {
+        Some(_) => None,
+        None => {
+            let rsdp = acpi::write_tables(&mem, args.vcpus)?;
+            Some(boot::load(
+                &mem,
+                &BootSpec {
+                    kernel: &args.kernel,
+                    initrd: args.initrd.as_deref(),
+                    cmdline: &args.cmdline,
+                    mem_bytes,
+                    rsdp,
+                },
+            )?)
+        }
+    };
 
     let lifecycle = Arc::new(Lifecycle::new().map_err(|e| Error::host(format!("eventfd: {e}")))?);
     let counters = Arc::new(ExitCounters::default());
@@ -173,8 +243,8 @@ pub fn build_and_start(args: &LaunchConfig) -> Result<Machine> {
             .map_err(|e| Error::host(format!("port bus: {e}")))
     };
     insert(&pio, serial.clone(), layout::COM1_PORT, 8)?;
-    insert(&pio, i8042, layout::I8042_PORT, 5)?;
-    insert(&pio, cmos, layout::CMOS_PORT, 2)?;
+    insert(&pio, i8042.clone(), layout::I8042_PORT, 5)?;
+    insert(&pio, cmos.clone(), layout::CMOS_PORT, 2)?;
     insert(
         &pio,
         acpi_pm.clone(),
@@ -190,23 +260,39 @@ pub fn build_and_start(args: &LaunchConfig) -> Result<Machine> {
     )?;
     let mem = Arc::new(mem);
     let mmio = Arc::new(Bus::new());
-    crate::pci_devices::attach(&vm, &mem, &pio, &mmio, devices)?;
+    let pci = crate::pci_devices::attach(&vm, &mem, &pio, &mmio, devices)?;
     let pio = Arc::new(pio);
+    let devices = Devices {
+        serial: serial.clone(),
+        i8042,
+        cmos,
+        acpi_pm: acpi_pm.clone(),
+        pci,
+    };
 
     // vCPUs: CPUID, MSRs, FPU and LAPIC on each; registers only on the boot vCPU.
+    // A restore loads all of that from the snapshot instead.
     let base_cpuid = cpuid::supported(&kvm)?;
+    let msr_indices = Arc::new(kvm_state::msr_index_list(&kvm).map_err(Error::host)?);
     let mut vcpus = Vec::with_capacity(args.vcpus as usize);
     for index in 0..args.vcpus {
         let fd = vm
             .create_vcpu(u64::from(index))
             .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-        fd.set_cpuid2(&cpuid::for_vcpu(&base_cpuid, index, args.vcpus))
-            .map_err(kvm_err("KVM_SET_CPUID2"))?;
-        msrs::setup(&fd)?;
-        regs::setup_fpu(&fd)?;
-        regs::setup_lapic(&fd)?;
-        if index == 0 {
-            regs::setup_boot_vcpu(&fd, &mem, &boot_info)?;
+        match (&restore, &boot_info) {
+            (Some(state), _) => state.vcpus[index as usize]
+                .restore(&fd)
+                .map_err(|e| Error::usage(format!("cannot restore vcpu{index}: {e}")))?,
+            (None, boot_info) => {
+                fd.set_cpuid2(&cpuid::for_vcpu(&base_cpuid, index, args.vcpus))
+                    .map_err(kvm_err("KVM_SET_CPUID2"))?;
+                msrs::setup(&fd)?;
+                regs::setup_fpu(&fd)?;
+                regs::setup_lapic(&fd)?;
+                if let (0, Some(info)) = (index, boot_info) {
+                    regs::setup_boot_vcpu(&fd, &mem, info)?;
+                }
+            }
         }
         vcpus.push(Vcpu {
             fd,
@@ -215,15 +301,27 @@ pub fn build_and_start(args: &LaunchConfig) -> Result<Machine> {
             mmio: mmio.clone(),
             lifecycle: lifecycle.clone(),
             counters: counters.clone(),
+            msr_indices: msr_indices.clone(),
         });
     }
     registration
         .join()
         .map_err(|_| Error::host("memory registration thread panicked"))??;
+    let paused = restore.is_some();
+    if let Some(state) = restore {
+        let state = *state;
+        state
+            .vm
+            .restore(&vm)
+            .map_err(|e| Error::usage(format!("cannot restore the VM: {e}")))?;
+        devices
+            .restore(state.devices)
+            .map_err(|e| Error::usage(format!("cannot restore the devices: {e}")))?;
+    }
     vcpu::install_kick_handler()
         .map_err(|e| Error::host(format!("cannot install the vCPU kick handler: {e}")))?;
-    let vcpus =
-        vcpu::start(vcpus).map_err(|e| Error::host(format!("cannot start vCPU threads: {e}")))?;
+    let vcpus = vcpu::start(vcpus, paused)
+        .map_err(|e| Error::host(format!("cannot start vCPU threads: {e}")))?;
 
     Ok(Machine {
         vm,
@@ -237,5 +335,6 @@ pub fn build_and_start(args: &LaunchConfig) -> Result<Machine> {
         serial_clients,
         started: Instant::now(),
         config: args.clone(),
+        devices,
     })
 }

@@ -99,13 +99,18 @@ fn an_api_stop_is_recorded() {
     let dir = common::tempdir();
     let kernel = pvh_kernel(dir.path(), "idle.elf", g, vec![]);
     let exit = dir.path().join("exit.json");
+    // A stale record from an earlier run.
+    std::fs::write(&exit, r#"{"reason":"poweroff","status":0}"#).unwrap();
     let vm = LiveVm::start(
         &kernel,
         &dir.path().join("api.sock"),
         &["--exit-file", exit.to_str().unwrap()],
     );
     vm.wait_for_output("up\n");
-    assert!(!exit.exists(), "no record while the VM runs");
+    assert!(
+        !exit.exists(),
+        "no record while the VM runs, not even an old one"
+    );
     assert_eq!(vm.api("PUT", "/vm/stop").0, 204);
     assert_eq!(vm.finish().status, 0);
     assert_eq!(

@@ -169,6 +169,14 @@ pub fn exit_kind(dir: &Path) -> ExitKind {
     }
 }
 
+/// Why ferrovmm ended: its exit record, else the end of its log.
+fn why_it_ended(dir: &Path, log: &Path) -> String {
+    match ExitRecord::read(&dir.join(EXIT_FILE)) {
+        Ok(record) => record.reason.describe(),
+        Err(_) => log_tail(log),
+    }
+}
+
 fn log_tail(path: &Path) -> String {
     let text = fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
@@ -226,7 +234,7 @@ impl Driver for KvmDriver {
             if let Ok(Some(status)) = child.try_wait() {
                 return Err(ApiError::driver(format!(
                     "ferrovmm exited at start ({status}): {}",
-                    log_tail(&log_path)
+                    why_it_ended(&dir, &log_path)
                 )));
             }
             if self.api(&dir, "GET", "/vm", &deadline).is_ok() {
@@ -251,8 +259,17 @@ impl Driver for KvmDriver {
         let on_eof = Self::watch_exit(dir.clone(), pid, ctx.on_exit);
         let console = ConsoleHub::start(&dir.join("serial.sock"), ctx.console_log.clone(), on_eof)
             .map_err(|e| {
-                kill(pid, libc::SIGKILL);
-                ApiError::driver(e)
+                // A guest that ends at once takes its console socket with it.
+                match ExitRecord::read(&dir.join(EXIT_FILE)) {
+                    Ok(record) => ApiError::driver(format!(
+                        "the VM ended as soon as it started: {}",
+                        record.reason.describe()
+                    )),
+                    Err(_) => {
+                        kill(pid, libc::SIGKILL);
+                        ApiError::driver(e)
+                    }
+                }
             })?;
         Ok(Started {
             runtime: Runtime {

@@ -120,3 +120,83 @@ mod tests {
         assert_eq!(topology_shift(5), 3);
     }
 }
+
+/// Feature registers a guest may have relied on: (leaf, subleaf, register name,
+/// bits that are not features but reflect state or topology and so may differ).
+const FEATURE_REGS: &[(u32, u32, &str, u32)] = &[
+    // ECX: OSXSAVE (27) mirrors CR4; HYPERVISOR (31) is ours.
+    (LEAF_FEATURES, 0, "ecx", (1 << 27) | ECX_HYPERVISOR_BIT),
+    // EDX: HTT depends on the vCPU count.
+    (LEAF_FEATURES, 0, "edx", EDX_HTT_BIT),
+    // ECX: OSPKE (4) mirrors CR4.
+    (0x7, 0, "ebx", 0),
+    (0x7, 0, "ecx", 1 << 4),
+    (0x7, 0, "edx", 0),
+    (0xd, 1, "eax", 0),
+    (LEAF_AMD_EXT_FEATURES, 0, "ecx", ECX_AMD_CMP_LEGACY_BIT),
+    (LEAF_AMD_EXT_FEATURES, 0, "edx", 0),
+];
+
+fn reg(e: &kvm_bindings::kvm_cpuid_entry2, name: &str) -> u32 {
+    match name {
+        "eax" => e.eax,
+        "ebx" => e.ebx,
+        "ecx" => e.ecx,
+        _ => e.edx,
+    }
+}
+
+/// CPU features in `saved` (a vCPU's CPUID from a snapshot) that this host's CPU
+/// does not have, e.g. "leaf 0x7.0 ebx bits 0x20". Empty when the guest can run here.
+/// The host's own CPUID is the yardstick: on PVM, KVM hands guests the host's
+/// values whatever the VMM sets, so KVM's "supported" list says less than they saw.
+pub fn missing_features(saved: &[kvm_bindings::kvm_cpuid_entry2]) -> Vec<String> {
+    let mut missing = Vec::new();
+    for &(leaf, sub, name, ignore) in FEATURE_REGS {
+        let Some(want) = saved.iter().find(|e| e.function == leaf && e.index == sub) else {
+            continue;
+        };
+        let max_leaf = std::arch::x86_64::__cpuid_count(leaf & 0x8000_0000, 0).eax;
+        let have = if leaf <= max_leaf {
+            let r = std::arch::x86_64::__cpuid_count(leaf, sub);
+            kvm_bindings::kvm_cpuid_entry2 {
+                eax: r.eax,
+                ebx: r.ebx,
+                ecx: r.ecx,
+                edx: r.edx,
+                ..Default::default()
+            }
+        } else {
+            kvm_bindings::kvm_cpuid_entry2::default()
+        };
+        let lacking = reg(want, name) & !reg(&have, name) & !ignore;
+        if lacking != 0 {
+            missing.push(format!(
+                "CPUID leaf {leaf:#x}.{sub} {name} bits {lacking:#x}"
+            ));
+        }
+    }
+    missing
+}
+
+#[cfg(test)]
+mod host_tests {
+    use super::*;
+
+    #[test]
+    fn our_own_cpuid_needs_nothing_the_host_lacks_and_more_is_refused() {
+        let Ok(kvm) = Kvm::new() else { return };
+        let mine = for_vcpu(&supported(&kvm).unwrap(), 0, 2);
+        assert_eq!(missing_features(mine.as_slice()), Vec::<String>::new());
+        let mut more = mine.as_slice().to_vec();
+        let leaf7 = more.iter_mut().find(|e| e.function == 7 && e.index == 0);
+        if let Some(e) = leaf7 {
+            e.ebx = u32::MAX;
+            let missing = missing_features(&more);
+            assert!(
+                missing.iter().any(|m| m.contains("leaf 0x7.0 ebx")),
+                "{missing:?}"
+            );
+        }
+    }
+}

@@ -96,6 +96,33 @@ impl AcpiPm {
     }
 }
 
+/// PM1a status, enable and control registers.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AcpiPmState {
+    pub status: u16,
+    pub enable: u16,
+    pub control: u16,
+}
+
+impl crate::persist::Persist for AcpiPm {
+    type State = AcpiPmState;
+    fn save(&self) -> AcpiPmState {
+        AcpiPmState {
+            status: self.status,
+            enable: self.enable,
+            control: self.control,
+        }
+    }
+    fn restore(&mut self, s: AcpiPmState) -> Result<(), String> {
+        self.status = s.status;
+        self.enable = s.enable;
+        self.control = (s.control & !SLP_EN) | SCI_EN;
+        // The SCI is level triggered: a pending power-button event is asserted again.
+        self.update_sci();
+        Ok(())
+    }
+}
+
 impl BusDevice for AcpiPm {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         for (i, byte) in data.iter_mut().enumerate() {
@@ -157,6 +184,16 @@ mod tests {
         assert_eq!(u16::from_le_bytes(sts), PWRBTN_STS);
         pm.write(STATUS, &PWRBTN_STS.to_le_bytes());
         assert!(!line.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn state_round_trips_and_reasserts_the_sci() {
+        let (mut a, _, _) = pm();
+        a.write(ENABLE, &PWRBTN_EN.to_le_bytes());
+        a.press_power_button();
+        let (mut b, line, _) = pm();
+        crate::persist::testing::assert_round_trip(&a, &mut b);
+        assert!(line.load(Ordering::SeqCst));
     }
 
     #[test]

@@ -127,9 +127,53 @@ impl BusDevice for Cmos {
     }
 }
 
+/// The index register and the 128 bytes of CMOS RAM (the clock registers are read
+/// from the host's clock, so the guest's wall time follows the host's after a restore).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CmosState {
+    pub index: u8,
+    pub ram: Vec<u8>,
+}
+
+impl crate::persist::Persist for Cmos {
+    type State = CmosState;
+    fn save(&self) -> CmosState {
+        CmosState {
+            index: self.index,
+            ram: self.ram.to_vec(),
+        }
+    }
+    fn restore(&mut self, state: CmosState) -> Result<(), String> {
+        self.ram = state
+            .ram
+            .as_slice()
+            .try_into()
+            .map_err(|_| format!("CMOS: {} bytes of RAM, expected 128", state.ram.len()))?;
+        self.index = state.index & INDEX_MASK;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::persist::Persist;
+
+    #[test]
+    fn state_round_trips() {
+        let mut a = Cmos::new(64 << 20, 0);
+        a.write(0, &[0x40]);
+        a.write(1, &[0x99]);
+        let mut b = Cmos::new(1 << 30, 0);
+        crate::persist::testing::assert_round_trip(&a, &mut b);
+        assert_eq!(read_reg(&mut b, 0x40), 0x99);
+        assert!(b
+            .restore(CmosState {
+                index: 0,
+                ram: vec![0; 3]
+            })
+            .is_err());
+    }
 
     fn read_reg(c: &mut Cmos, reg: u8) -> u8 {
         c.write(0, &[reg]);

@@ -116,3 +116,112 @@ impl SerialPort {
         self.0.enqueue_raw_bytes(&bytes[..room]).unwrap_or(0)
     }
 }
+
+/// The UART's registers and receive FIFO (vm-superio's `SerialState`, as data).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialSnapshot {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
+impl crate::persist::Persist for SerialPort {
+    type State = SerialSnapshot;
+
+    fn save(&self) -> SerialSnapshot {
+        let s = self.0.state();
+        SerialSnapshot {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    fn restore(&mut self, s: SerialSnapshot) -> Result<(), String> {
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        };
+        if state.in_buffer.len() > 64 {
+            return Err(format!(
+                "serial: {} bytes in a 64-byte receive FIFO",
+                state.in_buffer.len()
+            ));
+        }
+        let trigger = IrqTrigger(
+            self.0
+                .interrupt_evt()
+                .0
+                .try_clone()
+                .map_err(|e| format!("serial: eventfd: {e}"))?,
+        );
+        let events = InputSpace(self.0.events().0.clone());
+        // The output (file, socket clients) stays the one this process opened.
+        let placeholder = Serial::with_events(
+            IrqTrigger(EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?),
+            InputSpace(events.0.clone()),
+            SerialOutput::Sink,
+        );
+        let out = std::mem::replace(&mut self.0, placeholder).into_writer();
+        self.0 = match Serial::from_state(&state, trigger, events, out) {
+            Ok(serial) => serial,
+            Err(e) => return Err(format!("serial: cannot load the state: {e:?}")),
+        };
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::persist::testing::assert_round_trip;
+
+    fn port() -> SerialPort {
+        SerialPort(Serial::with_events(
+            IrqTrigger(EventFd::new(libc::EFD_NONBLOCK).unwrap()),
+            InputSpace(Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap())),
+            SerialOutput::Sink,
+        ))
+    }
+
+    #[test]
+    fn state_round_trips() {
+        let mut a = port();
+        // Divisor latch, line control, scratch, interrupt enable and queued input.
+        a.write(3, &[0x80]);
+        a.write(0, &[0x0c]);
+        a.write(3, &[0x03]);
+        a.write(7, &[0x5a]);
+        a.write(1, &[0x01]);
+        a.enqueue_input(b"hi");
+        let mut b = port();
+        assert_round_trip(&a, &mut b);
+        let mut byte = [0u8];
+        b.read(7, &mut byte);
+        assert_eq!(byte[0], 0x5a);
+        b.read(0, &mut byte);
+        assert_eq!(byte[0], b'h');
+    }
+}

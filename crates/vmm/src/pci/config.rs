@@ -23,6 +23,7 @@ pub struct PciConfiguration {
 }
 
 /// Identity of a function.
+#[derive(Clone, Copy)]
 pub struct PciIds {
     pub vendor: u16,
     pub device: u16,
@@ -152,9 +153,69 @@ impl PciConfiguration {
     }
 }
 
+/// The 4 KiB of configuration space as the guest sees it (IDs, command, BAR
+/// addresses, capabilities with their writable bits).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PciConfigState {
+    pub regs: Vec<u32>,
+}
+
+impl crate::persist::Persist for PciConfiguration {
+    type State = PciConfigState;
+
+    fn save(&self) -> PciConfigState {
+        PciConfigState {
+            regs: self.regs.to_vec(),
+        }
+    }
+
+    /// Only a state whose read-only bits (IDs, class, BAR sizes, capability layout)
+    /// match this function's is accepted: it must describe the same device.
+    fn restore(&mut self, state: PciConfigState) -> Result<(), String> {
+        if state.regs.len() != CONFIG_SPACE_DWORDS {
+            return Err(format!(
+                "PCI config space of {} dwords, expected {CONFIG_SPACE_DWORDS}",
+                state.regs.len()
+            ));
+        }
+        for (i, (saved, now)) in state.regs.iter().zip(self.regs.iter()).enumerate() {
+            let fixed = !self.wmask[i];
+            if saved & fixed != now & fixed {
+                return Err(format!(
+                    "PCI config dword {i:#x} is {saved:#010x} in the state but the device has \
+                     {now:#010x} there: the state is from another device"
+                ));
+            }
+        }
+        self.regs.copy_from_slice(&state.regs);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::persist::Persist;
+
+    #[test]
+    fn state_round_trips_and_another_device_is_refused() {
+        let mut a = PciConfiguration::new(&ids());
+        a.add_mem32_bar(0, 0xc000_0000, 0x4000);
+        a.write_reg(4, 0, &0xd000_0000u32.to_le_bytes());
+        a.write_reg(1, 0, &[0x06, 0x04]);
+        let mut b = PciConfiguration::new(&ids());
+        b.add_mem32_bar(0, 0xc000_0000, 0x4000);
+        crate::persist::testing::assert_round_trip(&a, &mut b);
+        assert_eq!(b.bar_address(0), 0xd000_0000);
+        assert!(b.memory_enabled());
+        let mut other = PciConfiguration::new(&PciIds {
+            device: 0x1041,
+            ..ids()
+        });
+        other.add_mem32_bar(0, 0xc000_0000, 0x4000);
+        let err = other.restore(a.save()).unwrap_err();
+        assert!(err.contains("another device"), "{err}");
+    }
 
     fn ids() -> PciIds {
         PciIds {

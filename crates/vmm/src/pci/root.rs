@@ -138,11 +138,24 @@ impl PciRoot {
         let Some(device) = self.device(bus, slot, function) else {
             return;
         };
-        let mut moves = Vec::new();
         {
             let mut d = device.lock().unwrap_or_else(|p| p.into_inner());
             d.config_mut().write_reg(reg, offset, data);
-            let mapped = self.mapped.lock().unwrap_or_else(|p| p.into_inner())[usize::from(slot)];
+            d.config_written(reg);
+        }
+        self.follow_bars(usize::from(slot));
+    }
+
+    /// Maps each BAR of `slot` where its configuration space now says it is (after a
+    /// guest write, or after a restore loaded the guest's BAR addresses).
+    pub fn follow_bars(&self, slot: usize) {
+        let Some(Some(device)) = self.slots.get(slot) else {
+            return;
+        };
+        let mut moves = Vec::new();
+        {
+            let d = device.lock().unwrap_or_else(|p| p.into_inner());
+            let mapped = self.mapped.lock().unwrap_or_else(|p| p.into_inner())[slot];
             for (i, old) in mapped.iter().enumerate() {
                 let new = d.config().bar_address(i);
                 if let Some(bar) = d.config().bar(i) {
@@ -152,7 +165,6 @@ impl PciRoot {
                     }
                 }
             }
-            d.config_written(reg);
         }
         // Remap outside the device lock: the MMIO bus may be in use by other vCPUs.
         for (bar, old, new, size) in moves {
@@ -161,12 +173,12 @@ impl PciRoot {
                 device: device.clone(),
                 bar,
             }));
-            self.mapped.lock().unwrap_or_else(|p| p.into_inner())[usize::from(slot)][bar] = 0;
+            self.mapped.lock().unwrap_or_else(|p| p.into_inner())[slot][bar] = 0;
             if let Err(e) = self.mmio.insert(mapping, new, size) {
                 log::warn!("PCI {slot:02x}.0 BAR{bar} moved to {new:#x}: {e}; it stays unmapped");
                 continue;
             }
-            self.mapped.lock().unwrap_or_else(|p| p.into_inner())[usize::from(slot)][bar] = new;
+            self.mapped.lock().unwrap_or_else(|p| p.into_inner())[slot][bar] = new;
             device
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -184,6 +196,15 @@ pub struct PciConfigIo {
 impl PciConfigIo {
     pub fn new(root: Arc<PciRoot>) -> Self {
         PciConfigIo { root, address: 0 }
+    }
+
+    /// The CONFIG_ADDRESS latch, the only state of this access path.
+    pub fn address(&self) -> u32 {
+        self.address
+    }
+
+    pub fn set_address(&mut self, address: u32) {
+        self.address = address;
     }
 
     fn target(&self) -> Option<(u8, u8, u8, usize)> {

@@ -350,6 +350,10 @@ struct PoolState {
     leader: bool,
     stop: bool,
     alive: usize,
+    /// Requests taken off the ring and not yet completed, plus a leader popping.
+    busy: usize,
+    /// While set, nobody takes new requests off the ring (a snapshot is being taken).
+    frozen: bool,
 }
 
 impl Pool {
@@ -367,6 +371,25 @@ impl Pool {
         // SAFETY: poll on one descriptor we own, with a valid pollfd.
         unsafe { libc::poll(&mut pfd, 1, -1) };
         let _ = self.kick.read();
+    }
+
+    /// Waits until every request taken off the ring has completed, and keeps new
+    /// ones on the ring until `thaw`.
+    fn freeze(&self) {
+        let mut st = self.lock();
+        st.frozen = true;
+        while st.busy > 0 || !st.pending.is_empty() {
+            st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn thaw(&self) {
+        let mut st = self.lock();
+        st.frozen = false;
+        self.changed.notify_all();
+        drop(st);
+        // Whatever the guest queued meanwhile is looked at now.
+        let _ = self.kick.write(1);
     }
 
     /// Stops every worker and waits until none is left (no request is then in flight).
@@ -392,6 +415,7 @@ fn run_worker(pool: Arc<Pool>, mut worker: Worker) {
                     return;
                 }
                 if let Some(chain) = st.pending.pop_front() {
+                    st.busy += 1;
                     break Some(chain);
                 }
                 if !st.leader {
@@ -405,11 +429,22 @@ fn run_worker(pool: Arc<Pool>, mut worker: Worker) {
             Some(chain) => chain,
             None => {
                 pool.wait_for_kick();
+                {
+                    let mut st = pool.lock();
+                    while st.frozen && !st.stop {
+                        st = pool.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+                    }
+                    st.busy += 1;
+                }
                 let chains = queue::pop_all(&pool.queue, &pool.mem, &pool.interrupt);
                 let mut st = pool.lock();
                 st.leader = false;
                 let mut chains = chains.into_iter();
                 let first = chains.next();
+                if first.is_none() {
+                    st.busy -= 1;
+                    pool.changed.notify_all();
+                }
                 st.pending.extend(chains);
                 // One follower takes over waiting, one more per extra request: waking
                 // them all would only make them fight over two CPUs.
@@ -424,6 +459,11 @@ fn run_worker(pool: Arc<Pool>, mut worker: Worker) {
             }
         };
         worker.run(chain, &pool);
+        let mut st = pool.lock();
+        st.busy -= 1;
+        if st.busy == 0 {
+            pool.changed.notify_all();
+        }
     }
 }
 
@@ -530,5 +570,103 @@ impl VirtioDevice for Block {
         if let Some(pool) = self.active.take() {
             pool.shut_down();
         }
+    }
+
+    fn pause_io(&mut self) {
+        if let Some(pool) = &self.active {
+            pool.freeze();
+        }
+    }
+
+    fn resume_io(&mut self) {
+        if let Some(pool) = &self.active {
+            pool.thaw();
+        }
+    }
+
+    fn save_state(&self) -> serde_json::Value {
+        super::save_persist(self)
+    }
+    fn restore_state(&mut self, state: serde_json::Value) -> Result<(), String> {
+        super::restore_persist(self, state)
+    }
+}
+
+/// What the guest was told about the disk. Requests are never saved half done:
+/// the snapshot waits for those in flight (`pause_io`), so their data is on the
+/// image and their completions are in the used ring in guest memory.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct BlockState {
+    pub capacity_sectors: u64,
+    pub read_only: bool,
+    pub serial: String,
+}
+
+impl crate::persist::Persist for Block {
+    type State = BlockState;
+    fn save(&self) -> BlockState {
+        BlockState {
+            capacity_sectors: self.capacity_sectors(),
+            read_only: self.opts.read_only,
+            serial: self.opts.serial.clone(),
+        }
+    }
+    /// The image reopened for the restore (perhaps another overlay) must look the same to the guest.
+    fn restore(&mut self, s: BlockState) -> Result<(), String> {
+        if s.capacity_sectors != self.capacity_sectors() {
+            return Err(format!(
+                "virtio-blk: the guest saw {} sectors but the disk now has {}",
+                s.capacity_sectors,
+                self.capacity_sectors()
+            ));
+        }
+        if s.read_only != self.opts.read_only {
+            return Err(
+                "virtio-blk: the disk's read-only setting differs from the snapshot's".into(),
+            );
+        }
+        self.opts.serial = s.serial;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::persist::Persist;
+
+    fn disk(dir: &std::path::Path, name: &str, bytes: u64) -> Block {
+        let path = dir.join(name);
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(bytes)
+            .unwrap();
+        let backend = ferrovirt_disk::open(
+            &path,
+            &ferrovirt_disk::OpenOptions {
+                format: None,
+                read_only: false,
+                direct: false,
+            },
+        )
+        .unwrap();
+        Block::new(
+            backend,
+            BlockOptions {
+                read_only: false,
+                serial: name.into(),
+            },
+        )
+    }
+
+    #[test]
+    fn state_round_trips_and_a_resized_disk_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = disk(dir.path(), "a", 1 << 20);
+        let mut b = disk(dir.path(), "b", 1 << 20);
+        crate::persist::testing::assert_round_trip(&a, &mut b);
+        assert_eq!(b.opts.serial, "a");
+        let mut c = disk(dir.path(), "c", 2 << 20);
+        assert!(c.restore(a.save()).unwrap_err().contains("sectors"));
     }
 }

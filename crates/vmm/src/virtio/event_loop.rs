@@ -8,6 +8,7 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::ThreadId;
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
 
 /// What a handler is told: the events that fired on its descriptor.
 pub type Handler = Box<dyn FnMut(EventSet) + Send>;
@@ -20,7 +21,20 @@ pub struct EventLoop {
     running: Mutex<Option<u64>>,
     idle: Condvar,
     thread: OnceLock<ThreadId>,
+    /// Wakes the loop so it sees a pause request.
+    wake: EventFd,
+    pause: Mutex<PauseState>,
+    pause_changed: Condvar,
 }
+
+#[derive(Default)]
+struct PauseState {
+    requested: u32,
+    parked: bool,
+}
+
+/// The token of the loop's own wake-up eventfd (handler tokens start at 1).
+const WAKE_TOKEN: u64 = 0;
 
 /// Registration of one descriptor; dropping it does not unregister (call `remove`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -28,13 +42,23 @@ pub struct Token(u64);
 
 impl EventLoop {
     pub fn new() -> std::io::Result<Arc<Self>> {
+        let epoll = Epoll::new()?;
+        let wake = EventFd::new(libc::EFD_NONBLOCK)?;
+        epoll.ctl(
+            ControlOperation::Add,
+            std::os::fd::AsRawFd::as_raw_fd(&wake),
+            EpollEvent::new(EventSet::IN, WAKE_TOKEN),
+        )?;
         Ok(Arc::new(EventLoop {
-            epoll: Epoll::new()?,
+            epoll,
             handlers: Mutex::new(HashMap::new()),
             next_token: AtomicU64::new(1),
             running: Mutex::new(None),
             idle: Condvar::new(),
             thread: OnceLock::new(),
+            wake,
+            pause: Mutex::new(PauseState::default()),
+            pause_changed: Condvar::new(),
         }))
     }
 
@@ -107,10 +131,52 @@ impl EventLoop {
         }
     }
 
+    /// Stops running handlers: when this returns, none runs until `resume`
+    /// (a snapshot needs the devices' rings and guest memory to hold still).
+    /// Pauses nest; a loop that was never spawned counts as paused.
+    pub fn pause(&self) {
+        let mut st = self.pause.lock().unwrap_or_else(|p| p.into_inner());
+        st.requested += 1;
+        if self.thread.get().is_none() || self.thread.get() == Some(&std::thread::current().id()) {
+            return;
+        }
+        let _ = self.wake.write(1);
+        while !st.parked {
+            st = self
+                .pause_changed
+                .wait(st)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    pub fn resume(&self) {
+        let mut st = self.pause.lock().unwrap_or_else(|p| p.into_inner());
+        st.requested = st.requested.saturating_sub(1);
+        self.pause_changed.notify_all();
+    }
+
+    /// Parks the loop thread while a pause is requested.
+    fn checkpoint(&self) {
+        let mut st = self.pause.lock().unwrap_or_else(|p| p.into_inner());
+        if st.requested == 0 {
+            return;
+        }
+        st.parked = true;
+        self.pause_changed.notify_all();
+        while st.requested > 0 {
+            st = self
+                .pause_changed
+                .wait(st)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        st.parked = false;
+    }
+
     fn run(&self) {
         let _ = self.thread.set(std::thread::current().id());
         let mut events = vec![EpollEvent::default(); 64];
         loop {
+            self.checkpoint();
             let n = match self.epoll.wait(-1, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -121,6 +187,10 @@ impl EventLoop {
             };
             for ev in &events[..n] {
                 let token = ev.data();
+                if token == WAKE_TOKEN {
+                    let _ = self.wake.read();
+                    continue;
+                }
                 // Take the handler out so it runs without the map locked (it may add or remove).
                 let handler = {
                     let mut map = self.handlers.lock().unwrap_or_else(|p| p.into_inner());
@@ -141,7 +211,50 @@ impl EventLoop {
                 }
                 *self.running.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 self.idle.notify_all();
+                // A pause waits for the handler that is running, not for the whole batch.
+                self.checkpoint();
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+    use std::sync::atomic::AtomicU32;
+
+    #[test]
+    fn no_handler_runs_while_paused() {
+        let el = EventLoop::new().unwrap();
+        el.spawn().unwrap();
+        let fd = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let runs = Arc::new(AtomicU32::new(0));
+        let (r, f) = (runs.clone(), fd.try_clone().unwrap());
+        el.add(
+            fd.as_raw_fd(),
+            EventSet::IN,
+            Box::new(move |_| {
+                let _ = f.read();
+                r.fetch_add(1, Ordering::SeqCst);
+            }),
+        )
+        .unwrap();
+        el.pause();
+        fd.write(1).unwrap();
+        // Give a running loop every chance to (wrongly) run the handler.
+        for _ in 0..100 {
+            std::thread::yield_now();
+        }
+        assert_eq!(runs.load(Ordering::SeqCst), 0);
+        el.resume();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while runs.load(Ordering::SeqCst) == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "handler never ran after resume"
+            );
+            std::thread::yield_now();
         }
     }
 }

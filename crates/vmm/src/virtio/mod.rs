@@ -66,6 +66,31 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), String>;
     /// Stops processing and forgets the queues (device reset by the driver).
     fn reset(&mut self);
+
+    /// Finishes the requests in flight and takes no new ones until `resume_io`,
+    /// so queues and guest memory hold still for a snapshot. Devices that only
+    /// run on the event loop need nothing here: the machine pauses the loop.
+    fn pause_io(&mut self) {}
+    fn resume_io(&mut self) {}
+
+    /// The device's own state beyond its queues and feature bits (which the
+    /// transport saves), as a serde value; see `persist::Persist`.
+    fn save_state(&self) -> serde_json::Value;
+    /// Loads what `save_state` returned, before the transport re-activates the device.
+    fn restore_state(&mut self, state: serde_json::Value) -> Result<(), String>;
+}
+
+/// `save_state`/`restore_state` for a device that implements `Persist`.
+pub fn save_persist<P: crate::persist::Persist>(device: &P) -> serde_json::Value {
+    serde_json::to_value(device.save()).unwrap_or(serde_json::Value::Null)
+}
+
+pub fn restore_persist<P: crate::persist::Persist>(
+    device: &mut P,
+    state: serde_json::Value,
+) -> Result<(), String> {
+    let state = serde_json::from_value(state).map_err(|e| format!("device state: {e}"))?;
+    device.restore(state)
 }
 
 /// Copies `src` (a device's config structure) into a config read at `offset`.

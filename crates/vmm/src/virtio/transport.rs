@@ -46,6 +46,8 @@ struct QueueSlot {
     queue: Queue,
     vector: u16,
     kick: EventFd,
+    /// The queue the active device works on (its indices move on; `queue` does not).
+    live: Option<Arc<Mutex<Queue>>>,
 }
 
 /// Queue and config interrupts through the device's MSI-X table.
@@ -218,6 +220,7 @@ impl VirtioPciDevice {
                 queue,
                 vector: VIRTIO_MSI_NO_VECTOR,
                 kick,
+                live: None,
             });
         }
         let msix = Arc::new(Mutex::new(msix));
@@ -270,6 +273,7 @@ impl VirtioPciDevice {
         for q in &mut self.queues {
             q.queue.reset();
             q.vector = VIRTIO_MSI_NO_VECTOR;
+            q.live = None;
         }
         self.sync_vectors();
         *self
@@ -323,7 +327,7 @@ impl VirtioPciDevice {
             return self.fail("driver set DRIVER_OK without FEATURES_OK");
         }
         let mut device_queues = Vec::new();
-        for (i, slot) in self.queues.iter().enumerate() {
+        for (i, slot) in self.queues.iter_mut().enumerate() {
             if !slot.queue.ready() {
                 continue;
             }
@@ -340,9 +344,11 @@ impl VirtioPciDevice {
                 Ok(q) => q,
                 Err(e) => return self.fail(&format!("queue {i}: {e}")),
             };
+            let queue = Arc::new(Mutex::new(queue));
+            slot.live = Some(queue.clone());
             device_queues.push(DeviceQueue {
                 index: i as u16,
-                queue: Arc::new(Mutex::new(queue)),
+                queue,
                 kick,
             });
         }
@@ -592,5 +598,221 @@ impl PciDevice for VirtioPciDevice {
                 log::warn!("virtio queue {i}: {e}");
             }
         }
+    }
+}
+
+/// One virtqueue as the driver set it up, with the device's progress through it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueSnapshot {
+    pub max_size: u16,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx_enabled: bool,
+    pub vector: u16,
+}
+
+impl QueueSnapshot {
+    fn from_queue(q: &Queue, vector: u16) -> Self {
+        let s = q.state();
+        QueueSnapshot {
+            max_size: s.max_size,
+            size: s.size,
+            ready: s.ready,
+            desc_table: s.desc_table,
+            avail_ring: s.avail_ring,
+            used_ring: s.used_ring,
+            next_avail: s.next_avail,
+            next_used: s.next_used,
+            event_idx_enabled: s.event_idx_enabled,
+            vector,
+        }
+    }
+
+    fn to_queue(&self) -> Result<Queue, String> {
+        Queue::try_from(virtio_queue::QueueState {
+            max_size: self.max_size,
+            next_avail: self.next_avail,
+            next_used: self.next_used,
+            event_idx_enabled: self.event_idx_enabled,
+            size: self.size,
+            ready: self.ready,
+            desc_table: self.desc_table,
+            avail_ring: self.avail_ring,
+            used_ring: self.used_ring,
+        })
+        .map_err(|e| format!("virtqueue state: {e}"))
+    }
+}
+
+/// The transport (PCI function, MSI-X, feature negotiation, queues) and the device's own state.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct VirtioPciState {
+    pub device_type: u32,
+    pub offered_features: u64,
+    pub config: crate::pci::config::PciConfigState,
+    pub msix: crate::pci::msix::MsixState,
+    pub status: u8,
+    pub device_feature_select: u32,
+    pub driver_feature_select: u32,
+    pub driver_features: u64,
+    pub queue_select: u16,
+    pub config_generation: u8,
+    pub config_vector: u16,
+    pub isr: u8,
+    pub needs_reset: bool,
+    pub activated: bool,
+    pub queues: Vec<QueueSnapshot>,
+    pub device: serde_json::Value,
+}
+
+impl VirtioPciDevice {
+    /// See `VirtioDevice::pause_io`.
+    pub fn pause_io(&mut self) {
+        if self.activated {
+            self.device.pause_io();
+        }
+    }
+
+    pub fn resume_io(&mut self) {
+        if self.activated {
+            self.device.resume_io();
+        }
+    }
+}
+
+impl crate::persist::Persist for VirtioPciDevice {
+    type State = VirtioPciState;
+
+    fn save(&self) -> VirtioPciState {
+        let queues = self
+            .queues
+            .iter()
+            .map(|slot| match &slot.live {
+                Some(live) => QueueSnapshot::from_queue(
+                    &live.lock().unwrap_or_else(|p| p.into_inner()),
+                    slot.vector,
+                ),
+                None => QueueSnapshot::from_queue(&slot.queue, slot.vector),
+            })
+            .collect();
+        VirtioPciState {
+            device_type: self.device.device_type(),
+            offered_features: self.device.features(),
+            config: self.config.save(),
+            msix: self.msix.lock().unwrap_or_else(|p| p.into_inner()).save(),
+            status: self.status,
+            device_feature_select: self.device_feature_select,
+            driver_feature_select: self.driver_feature_select,
+            driver_features: self.driver_features,
+            queue_select: self.queue_select,
+            config_generation: self.config_generation,
+            config_vector: *self
+                .interrupt
+                .config_vector
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+            isr: self.interrupt.isr.load(Ordering::SeqCst),
+            needs_reset: self.interrupt.needs_reset.load(Ordering::SeqCst),
+            activated: self.activated,
+            queues,
+            device: self.device.save_state(),
+        }
+    }
+
+    /// Loads the state into a device built from the same configuration and, if the
+    /// driver had it running, activates it on the saved queues. Guest memory must
+    /// already hold the snapshot's contents.
+    fn restore(&mut self, s: VirtioPciState) -> Result<(), String> {
+        let (kind, offered) = (self.device.device_type(), self.device.features());
+        if s.device_type != kind {
+            return Err(format!(
+                "virtio device type {} in the state, {kind} here",
+                s.device_type
+            ));
+        }
+        if s.offered_features != offered {
+            return Err(format!(
+                "virtio device type {kind}: it offered features {:#x} when saved, {offered:#x} now",
+                s.offered_features
+            ));
+        }
+        if s.queues.len() != self.queues.len() {
+            return Err(format!(
+                "virtio device type {kind}: {} queues in the state, {} here",
+                s.queues.len(),
+                self.queues.len()
+            ));
+        }
+        let vectors = self
+            .msix
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .vectors();
+        let valid_vector = |v: u16| v == VIRTIO_MSI_NO_VECTOR || v < vectors;
+        if !valid_vector(s.config_vector) || s.queues.iter().any(|q| !valid_vector(q.vector)) {
+            return Err(format!(
+                "virtio device type {kind}: an MSI-X vector out of range"
+            ));
+        }
+        // Check everything before changing anything.
+        let mut queues = Vec::with_capacity(s.queues.len());
+        for (i, q) in s.queues.iter().enumerate() {
+            if q.max_size != self.queues[i].queue.max_size() {
+                return Err(format!(
+                    "virtio device type {kind}: queue {i} has another size"
+                ));
+            }
+            queues.push(q.to_queue()?);
+        }
+        if self.activated {
+            self.reset();
+        }
+        self.config.restore(s.config)?;
+        self.msix
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .restore(s.msix)?;
+        self.device.restore_state(s.device)?;
+        for ((slot, q), saved) in self.queues.iter_mut().zip(queues).zip(&s.queues) {
+            slot.queue = q;
+            slot.vector = saved.vector;
+        }
+        self.sync_vectors();
+        *self
+            .interrupt
+            .config_vector
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = s.config_vector;
+        self.interrupt.isr.store(s.isr, Ordering::SeqCst);
+        self.interrupt
+            .needs_reset
+            .store(s.needs_reset, Ordering::SeqCst);
+        self.status = s.status;
+        self.device_feature_select = s.device_feature_select;
+        self.driver_feature_select = s.driver_feature_select;
+        self.driver_features = s.driver_features;
+        self.queue_select = s.queue_select;
+        self.config_generation = s.config_generation;
+        if s.activated {
+            self.activate();
+            if !self.activated {
+                return Err(format!(
+                    "virtio device type {kind}: cannot start it on the saved queues"
+                ));
+            }
+            // Notifications the guest sent just before the snapshot are not lost:
+            // each queue is looked at once.
+            for slot in &self.queues {
+                if slot.live.is_some() {
+                    let _ = slot.kick.write(1);
+                }
+            }
+        }
+        Ok(())
     }
 }

@@ -34,7 +34,7 @@ fn collect<R: Read + Send + 'static>(mut r: R, into: Arc<Mutex<String>>, done: m
 
 impl LiveVm {
     pub fn start(kernel: &Path, api: &Path, extra: &[&str]) -> Self {
-        let mut child = Command::new(super::ferrovmm_bin())
+        let child = Command::new(super::ferrovmm_bin())
             .args([
                 "--name",
                 "live",
@@ -50,6 +50,11 @@ impl LiveVm {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start ferrovmm");
+        Self::attach(child, api)
+    }
+
+    /// Follows an already started ferrovmm (stdout and stderr piped) with its API on `api`.
+    pub fn attach(mut child: Child, api: &Path) -> Self {
         let output = Arc::new(Mutex::new(String::new()));
         let stderr = Arc::new(Mutex::new(String::new()));
         let (done, drained) = mpsc::channel();
@@ -134,7 +139,11 @@ impl Drop for LiveVm {
 
 /// A raw HTTP/1.1 exchange over a Unix socket.
 pub fn http(socket: &Path, raw: &str) -> (u16, String) {
-    let mut s = UnixStream::connect(socket).expect("connect to API socket");
+    let mut s = match UnixStream::connect(socket) {
+        Ok(s) => s,
+        // Status 0: the caller's assertion says what the VM printed.
+        Err(e) => return (0, format!("cannot connect to {}: {e}", socket.display())),
+    };
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s.write_all(raw.as_bytes()).unwrap();
     let _ = s.shutdown(std::net::Shutdown::Write);

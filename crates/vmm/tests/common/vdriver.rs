@@ -100,6 +100,24 @@ impl Driver {
         }
     }
 
+    /// Replaces the transport with a freshly built one (and `device`) on the same guest
+    /// memory, as a restore builds the machine; the driver's rings stay as they were.
+    pub fn rebuild(&mut self, device: Box<dyn VirtioDevice>) {
+        let event_loop = EventLoop::new().unwrap();
+        event_loop.spawn().unwrap();
+        let vectors = device.queue_max_sizes().len() as u16 + 1;
+        let msix = MsixTable::new(vectors, 24, Arc::new(NoRouter), self.irq.clone());
+        self.dev = VirtioPciDevice::new(
+            device,
+            self.mem.clone(),
+            event_loop,
+            msix,
+            0xc000_0000,
+            None,
+        )
+        .unwrap();
+    }
+
     pub fn write(&mut self, off: u64, v: u32, width: usize) {
         self.dev.bar_write(0, off, &v.to_le_bytes()[..width]);
     }

@@ -1,0 +1,5 @@
+//! One module per parser family; each target is a `fn(&[u8]) -> Outcome` (or a struct holding
+//! what the target drives, for the stateful ones) with a [`crate::Target`] description.
+
+pub mod definitions;
+pub mod launch;
