@@ -400,6 +400,15 @@ pub fn from_xml(text: &str) -> Result<(NetworkDef, Vec<String>), ApiError> {
     if def.name.is_empty() {
         return Err(ApiError::malformed("the network XML has no <name>"));
     }
+    // A document can hold thousands of ignored elements: name the first ones, count the rest.
+    const MAX_WARNINGS: usize = 100;
+    if warnings.len() > MAX_WARNINGS {
+        let more = warnings.len() - MAX_WARNINGS;
+        warnings.truncate(MAX_WARNINGS);
+        warnings.push(format!(
+            "... and {more} more items not supported by ferrovirt were ignored (only the first {MAX_WARNINGS} are named)"
+        ));
+    }
     Ok((def, warnings))
 }
 

@@ -37,17 +37,23 @@ pub fn parse(text: &str) -> Result<Parsed, ApiError> {
     let mut p = Parser::default();
     let def = p.domain(root)?;
     p.sweep(root);
-    Ok(Parsed {
-        def,
-        warnings: p.warnings,
-    })
+    let mut warnings = p.warnings;
+    if p.dropped > 0 {
+        warnings.push(format!(
+            "... and {} more items not supported by ferrovirt were ignored (only the first {MAX_WARNINGS} are named)",
+            p.dropped
+        ));
+    }
+    Ok(Parsed { def, warnings })
 }
 
 /// Walks the document recording every element and attribute it honors (or has already warned
 /// about); [`Parser::sweep`] then names everything else, so nothing is dropped silently.
 #[derive(Default)]
 struct Parser {
+    /// At most [`MAX_WARNINGS`]; the rest are counted in `dropped`.
     warnings: Vec<String>,
+    dropped: usize,
     /// Elements read (or already warned about as a whole, with their contents).
     visited: HashSet<NodeId>,
     /// Attributes read or already warned about: (element, attribute name).
@@ -69,7 +75,18 @@ fn path(node: Node) -> String {
     names.join("/")
 }
 
+/// Warnings named one by one; a document can hold many thousands of ignored items.
+const MAX_WARNINGS: usize = 100;
+
 impl Parser {
+    fn warn(&mut self, warning: String) {
+        if self.warnings.len() < MAX_WARNINGS {
+            self.warnings.push(warning);
+        } else {
+            self.dropped += 1;
+        }
+    }
+
     /// The element children of `node`, each marked as read.
     fn children<'a, 'i>(&mut self, node: Node<'a, 'i>) -> Vec<Node<'a, 'i>> {
         let out: Vec<Node> = node.children().filter(|n| n.is_element()).collect();
@@ -93,7 +110,7 @@ impl Parser {
             return;
         };
         if !honored.contains(&value) {
-            self.warnings.push(format!(
+            self.warn(format!(
                 "attribute {name}='{value}' of <{}> ({}) is not supported and was ignored: {instead}",
                 node.tag_name().name(),
                 path(node)
@@ -103,7 +120,7 @@ impl Parser {
 
     /// An element ignored as a whole with a specific warning: its contents are not named again.
     fn ignored(&mut self, node: Node, warning: String) {
-        self.warnings.push(warning);
+        self.warn(warning);
         for n in node.descendants().filter(|n| n.is_element()) {
             self.visited.insert(n.id());
             for a in n.attributes() {
@@ -122,7 +139,7 @@ impl Parser {
                 continue;
             }
             if node != root && !self.visited.contains(&node.id()) {
-                self.warnings.push(format!(
+                self.warn(format!(
                     "element <{}> ({}) is not supported by ferrovirt and was ignored",
                     node.tag_name().name(),
                     path(node)
@@ -132,7 +149,7 @@ impl Parser {
             }
             for a in node.attributes() {
                 if !self.used.contains(&(node.id(), a.name().to_string())) {
-                    self.warnings.push(format!(
+                    self.warn(format!(
                         "attribute {}='{}' of <{}> ({}) is not supported by ferrovirt and was ignored",
                         a.name(),
                         a.value(),
@@ -192,7 +209,7 @@ impl Parser {
         }
         if let Some(cur) = current_memory {
             if cur != def.memory_kib {
-                self.warnings.push(format!(
+                self.warn(format!(
                     "<currentMemory> {cur} KiB differs from <memory> {} KiB; ballooning is not supported, using <memory>",
                     def.memory_kib
                 ));
@@ -212,7 +229,7 @@ impl Parser {
         let sized =
             size::to_kib(value, unit).map_err(|e| ApiError::invalid(format!("<{tag}>: {e}")))?;
         if !sized.exact {
-            self.warnings.push(format!(
+            self.warn(format!(
                 "<{tag} unit='{unit}'>{value}</{tag}> is not a whole number of KiB; rounded up to {} KiB",
                 sized.kib
             ));
@@ -226,14 +243,14 @@ impl Parser {
             "destroy" => Ok(Action::Destroy),
             "restart" => Ok(Action::Restart),
             "preserve" | "coredump-destroy" => {
-                self.warnings.push(format!(
+                self.warn(format!(
                     "<{tag}> '{}' is not supported, using 'destroy'",
                     text(node)
                 ));
                 Ok(Action::Destroy)
             }
             "rename-restart" | "coredump-restart" => {
-                self.warnings.push(format!(
+                self.warn(format!(
                     "<{tag}> '{}' is not supported, using 'restart'",
                     text(node)
                 ));
@@ -372,7 +389,7 @@ impl Parser {
                         listen.get_or_insert_with(|| address.to_string());
                     }
                 }
-                other => self.warnings.push(format!(
+                other => self.warn(format!(
                     "<listen type='{}'> of <graphics> is not supported (only type='address') and was ignored",
                     other.unwrap_or("")
                 )),
@@ -449,8 +466,7 @@ impl Parser {
         }
         let Some(path) = path else {
             if device == DiskDevice::Cdrom {
-                self.warnings
-                    .push("an empty <disk device='cdrom'> (no media) was ignored".into());
+                self.warn("an empty <disk device='cdrom'> (no media) was ignored".into());
                 return Ok(None);
             }
             return Err(ApiError::invalid("a <disk> has no <source file=...>"));
@@ -484,8 +500,7 @@ impl Parser {
                 "model" => {
                     let model = self.attr(child, "type").unwrap_or("");
                     if model != "virtio" {
-                        self.warnings
-                            .push(format!("<model type='{model}'> replaced by virtio"));
+                        self.warn(format!("<model type='{model}'> replaced by virtio"));
                     }
                 }
                 _ => {
@@ -911,6 +926,18 @@ mod tests {
         assert!(again.warnings.is_empty(), "{:#?}", again.warnings);
         assert_eq!(again.def, def);
         assert_eq!(emit(&again.def, VirtType::Test), xml);
+    }
+
+    #[test]
+    fn thousands_of_ignored_items_are_named_up_to_a_bound_and_counted() {
+        let xml = format!(
+            "<domain type='test'><name>w</name><os><type>hvm</type><kernel>/k</kernel></os>{}</domain>",
+            "<x a='1'/>".repeat(5000)
+        );
+        let parsed = parse(&xml).expect("parses");
+        assert_eq!(parsed.warnings.len(), MAX_WARNINGS + 1);
+        let last = parsed.warnings.last().unwrap();
+        assert!(last.contains("4900 more items"), "{last}");
     }
 
     #[test]

@@ -46,6 +46,9 @@ pub(crate) struct ImageFile {
     /// End of the range known to lie inside the file (see `reserve_for_direct`).
     reserved_end: AtomicU64,
     reserve_lock: std::sync::Mutex<()>,
+    /// Set before every change to the file, cleared by a sync: a sync with nothing
+    /// written since the last one is skipped.
+    unsynced: std::sync::atomic::AtomicBool,
 }
 
 impl ImageFile {
@@ -81,6 +84,7 @@ impl ImageFile {
             direct,
             reserved_end: AtomicU64::new(0),
             reserve_lock: std::sync::Mutex::new(()),
+            unsynced: std::sync::atomic::AtomicBool::new(true),
         })
     }
 
@@ -110,6 +114,7 @@ impl ImageFile {
             direct: None,
             reserved_end: AtomicU64::new(0),
             reserve_lock: std::sync::Mutex::new(()),
+            unsynced: std::sync::atomic::AtomicBool::new(true),
         })
     }
 
@@ -174,6 +179,7 @@ impl ImageFile {
 
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), DiskError> {
         count_write();
+        self.unsynced.store(true, Ordering::SeqCst);
         let file = match &self.direct {
             Some(d) if Self::aligned(buf.as_ptr() as usize, buf.len(), offset) => d,
             _ => &self.file,
@@ -193,13 +199,22 @@ impl ImageFile {
 
     /// fdatasync: every completed write is durable on return.
     pub fn sync(&self) -> Result<(), DiskError> {
-        self.file.sync_data().map_err(|e| self.err(e))?;
+        // Writers set the flag before they write, so a write that completed before
+        // this call is either synced here or left the flag set for this check.
+        if !self.unsynced.swap(false, Ordering::SeqCst) {
+            return Ok(());
+        }
+        if let Err(e) = self.file.sync_data() {
+            self.unsynced.store(true, Ordering::SeqCst);
+            return Err(self.err(e));
+        }
         self.journal(Event::Sync);
         Ok(())
     }
 
     pub fn set_len(&self, len: u64) -> Result<(), DiskError> {
         count_write();
+        self.unsynced.store(true, Ordering::SeqCst);
         self.file.set_len(len).map_err(|e| self.err(e))?;
         self.journal(Event::SetLen { len });
         Ok(())
@@ -228,6 +243,7 @@ impl ImageFile {
             return Ok(true);
         }
         count_write();
+        self.unsynced.store(true, Ordering::SeqCst);
         match self.fallocate(
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
             offset,
@@ -248,6 +264,7 @@ impl ImageFile {
             return Ok(());
         }
         count_write();
+        self.unsynced.store(true, Ordering::SeqCst);
         match self.fallocate(
             libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
             offset,
@@ -291,6 +308,7 @@ impl ImageFile {
         }
         let new_end = (offset + len + AHEAD).div_ceil(AHEAD) * AHEAD;
         count_write();
+        self.unsynced.store(true, Ordering::SeqCst);
         match self.fallocate(0, cur, new_end - cur) {
             Ok(()) => {
                 self.journal(Event::Allocate {
@@ -311,6 +329,7 @@ impl ImageFile {
             return Ok(());
         }
         count_write();
+        self.unsynced.store(true, Ordering::SeqCst);
         self.fallocate(0, offset, len).map_err(|e| self.err(e))?;
         self.journal(Event::Allocate { offset, len });
         Ok(())

@@ -189,6 +189,31 @@ enum Cmd {
         format: Option<String>,
         file: PathBuf,
     },
+    /// Compare the contents of two images: exit 0 identical, 1 different, 2 error
+    Compare {
+        #[arg(short = 'f')]
+        format1: Option<String>,
+        #[arg(short = 'F')]
+        format2: Option<String>,
+        /// Strict: images of different sizes differ
+        #[arg(short = 's')]
+        strict: bool,
+        /// Quiet
+        #[arg(short = 'q')]
+        quiet: bool,
+        file1: PathBuf,
+        file2: PathBuf,
+    },
+    /// Copy part of an image into a new one: dd [-f FMT] [-O FMT] [bs=N] [count=N] [skip=N] if=IN of=OUT
+    Dd {
+        #[arg(short = 'f')]
+        format: Option<String>,
+        #[arg(short = 'O', default_value = "raw")]
+        out_format: String,
+        /// bs=BYTES (default 512), count=BLOCKS, skip=BLOCKS, if=INPUT, of=OUTPUT
+        #[arg(required = true)]
+        operands: Vec<String>,
+    },
     /// Show where an image's data lives
     Map {
         #[arg(long, value_enum, default_value = "human")]
@@ -653,6 +678,89 @@ fn execute(cmd: Cmd) -> Result<i32, DiskError> {
                 snapshot,
             };
             crate::nbd::serve(&file, &opts, &listen, || {})?;
+            Ok(0)
+        }
+        Cmd::Compare {
+            format1,
+            format2,
+            strict,
+            quiet,
+            file1,
+            file2,
+        } => {
+            // qemu-img compare exits 2 on errors, not 1 (which means "different").
+            let r =
+                (|| ops::compare(&file1, opt_format(&format1)?, &file2, opt_format(&format2)?))();
+            let c = match r {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("ferrovirt img: {e}");
+                    return Ok(2);
+                }
+            };
+            let say = |m: &str| {
+                if !quiet {
+                    println!("{m}");
+                }
+            };
+            if c.size_mismatch {
+                if strict {
+                    say("Strict mode: Image size mismatch!");
+                    return Ok(1);
+                }
+                say("Warning: Image size mismatch!");
+            }
+            match c.first_difference {
+                Some(off) => {
+                    say(&format!("Content mismatch at offset {off}!"));
+                    Ok(1)
+                }
+                None => {
+                    say("Images are identical.");
+                    Ok(0)
+                }
+            }
+        }
+        Cmd::Dd {
+            format,
+            out_format,
+            operands,
+        } => {
+            let mut bs = 512u64;
+            let (mut count, mut skip) = (None, 0u64);
+            let (mut input, mut output) = (None, None);
+            for op in &operands {
+                let (k, v) = op.split_once('=').ok_or_else(|| {
+                    DiskError::InvalidArgument(format!("'{op}' is not of the form key=value"))
+                })?;
+                match k {
+                    "bs" => bs = parse_size(v)?,
+                    "count" => count = Some(parse_size(v)?),
+                    "skip" => skip = parse_size(v)?,
+                    "if" => input = Some(PathBuf::from(v)),
+                    "of" => output = Some(PathBuf::from(v)),
+                    other => {
+                        return Err(DiskError::InvalidArgument(format!(
+                            "unknown operand '{other}': use bs, count, skip, if, of"
+                        )))
+                    }
+                }
+            }
+            if bs == 0 {
+                return Err(DiskError::InvalidArgument("bs must be at least 1".into()));
+            }
+            let (Some(input), Some(output)) = (input, output) else {
+                return Err(DiskError::InvalidArgument("if= and of= are needed".into()));
+            };
+            ops::dd(
+                &input,
+                opt_format(&format)?,
+                &output,
+                Format::parse(&out_format)?,
+                bs,
+                count,
+                skip,
+            )?;
             Ok(0)
         }
         Cmd::Map {

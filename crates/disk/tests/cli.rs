@@ -474,3 +474,123 @@ fn sizes_beyond_a_file_offset_are_refused_like_qemu_img() {
     assert_eq!(code, 1, "{err}");
     assert_eq!(std::fs::metadata(&r).unwrap().len(), 1 << 20);
 }
+
+#[test]
+fn compare_says_what_qemu_img_compare_says() {
+    let d = Scratch::new("cli-compare");
+    let base = d.path("base.qcow2");
+    let top = d.path("top.qcow2");
+    qemu_img_ok(&["create", "-f", "qcow2", &s(&base), "8M"]);
+    qemu_io(
+        &base,
+        "qcow2",
+        &["write -P 1 0 2M".into(), "write -c -P 2 4M 64k".into()],
+    );
+    qemu_img_ok(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        &s(&top),
+    ]);
+    qemu_io(
+        &top,
+        "qcow2",
+        &["write -P 3 1M 100k".into(), "write -z 4M 4k".into()],
+    );
+    let flat = d.path("flat.raw");
+    qemu_img_ok(&["convert", "-O", "raw", &s(&top), &s(&flat)]);
+    let changed = d.path("changed.raw");
+    let mut bytes = std::fs::read(&flat).unwrap();
+    bytes[1_234_567] ^= 0xff;
+    std::fs::write(&changed, &bytes).unwrap();
+    let bigger = d.path("bigger.raw");
+    let mut b2 = std::fs::read(&flat).unwrap();
+    b2.resize(10 << 20, 0);
+    std::fs::write(&bigger, &b2).unwrap();
+    let bigger_data = d.path("bigger-data.raw");
+    b2[9 << 20] = 1;
+    std::fs::write(&bigger_data, &b2).unwrap();
+    let missing = d.path("missing.qcow2");
+    let cases: Vec<Vec<String>> = vec![
+        vec![s(&top), s(&flat)],
+        vec![s(&flat), s(&top)],
+        vec![s(&top), s(&changed)],
+        vec![s(&top), s(&bigger)],
+        vec!["-s".into(), s(&top), s(&bigger)],
+        vec![s(&top), s(&bigger_data)],
+        vec![s(&base), s(&top)],
+        vec!["-q".into(), s(&top), s(&changed)],
+        vec![s(&top), s(&missing)],
+    ];
+    for c in cases {
+        let mut args = vec!["compare"];
+        args.extend(c.iter().map(|x| x.as_str()));
+        let q = qemu_img(&args);
+        let (code, out, _) = img(&args);
+        assert_eq!(code, q.status.code().unwrap(), "exit code of compare {c:?}");
+        assert_eq!(
+            out,
+            String::from_utf8_lossy(&q.stdout),
+            "output of compare {c:?}"
+        );
+    }
+}
+
+#[test]
+fn dd_copies_like_qemu_img_dd() {
+    let d = Scratch::new("cli-dd");
+    let src = d.path("src.qcow2");
+    qemu_img_ok(&["create", "-f", "qcow2", &s(&src), "5000000"]);
+    qemu_io(
+        &src,
+        "qcow2",
+        &["write -P 1 0 1M".into(), "write -P 2 3M 100k".into()],
+    );
+    let cases: &[&[&str]] = &[
+        &[],
+        &["bs=4k", "count=100"],
+        &["bs=1M", "skip=2"],
+        &["bs=512", "skip=3", "count=20000"],
+        &["bs=3000", "count=1000"],
+    ];
+    for (i, extra) in cases.iter().enumerate() {
+        for fmt in ["raw", "qcow2"] {
+            let ours = d.path(&format!("o{i}.{fmt}"));
+            let theirs = d.path(&format!("t{i}.{fmt}"));
+            let run = |tool_ours: bool, out: &std::path::Path| {
+                let iff = format!("if={}", s(&src));
+                let off = format!("of={}", s(out));
+                let mut a = vec!["dd", "-f", "qcow2", "-O", fmt];
+                a.extend_from_slice(extra);
+                a.extend([iff.as_str(), off.as_str()]);
+                if tool_ours {
+                    img_ok(&a);
+                } else {
+                    qemu_img_ok(&a);
+                }
+            };
+            run(true, &ours);
+            run(false, &theirs);
+            let size = |p: &std::path::Path| {
+                let j: serde_json::Value =
+                    serde_json::from_str(&qemu_img_ok(&["info", "--output=json", &s(p)])).unwrap();
+                j["virtual-size"].as_u64().unwrap()
+            };
+            assert_eq!(size(&ours), size(&theirs), "dd {extra:?} -O {fmt}");
+            assert_identical(&ours, fmt, &theirs, fmt);
+            if fmt == "qcow2" {
+                assert_clean(&ours);
+            }
+        }
+    }
+    let (code, _, err) = img(&["dd", "bs=0", "if=a", "of=b"]);
+    assert_eq!(code, 1, "{err}");
+    let (code, _, err) = img(&["dd", &format!("if={}", s(&src))]);
+    assert_eq!(code, 1, "{err}");
+    let (code, _, err) = img(&["dd", "bogus=1", "if=a", "of=b"]);
+    assert_eq!(code, 1, "{err}");
+}

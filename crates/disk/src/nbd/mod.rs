@@ -13,7 +13,8 @@ use proto::*;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::mpsc::SyncSender;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 const MAX_CONNECTIONS: usize = 16;
@@ -180,17 +181,25 @@ pub fn serve(
     Ok(())
 }
 
-trait Conn: Read + Write + Send + 'static {
+trait Conn: Read + Write + Send + Sized + 'static {
     fn set_timeout(&self, t: Option<Duration>);
+    /// A second handle on the connection, for writing replies from other threads.
+    fn dup(&self) -> std::io::Result<Self>;
 }
 impl Conn for std::os::unix::net::UnixStream {
     fn set_timeout(&self, t: Option<Duration>) {
         let _ = self.set_read_timeout(t);
     }
+    fn dup(&self) -> std::io::Result<Self> {
+        self.try_clone()
+    }
 }
 impl Conn for std::net::TcpStream {
     fn set_timeout(&self, t: Option<Duration>) {
         let _ = self.set_read_timeout(t);
+    }
+    fn dup(&self) -> std::io::Result<Self> {
+        self.try_clone()
     }
 }
 
@@ -477,8 +486,61 @@ fn errno(e: &DiskError) -> u32 {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Read workers per connection (clients such as qemu-img keep several requests in flight).
+const READ_WORKERS: usize = 4;
+
 fn transmission<C: Conn>(mut c: C, e: &Export, st: &State) -> Result<(), End> {
     c.set_timeout(None);
+    let w = Mutex::new(c.dup()?);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Request>(2 * READ_WORKERS);
+    let rx = Mutex::new(rx);
+    std::thread::scope(|scope| {
+        for _ in 0..READ_WORKERS {
+            scope.spawn(|| {
+                let mut buf = Vec::new();
+                loop {
+                    let next = lock(&rx).recv();
+                    let Ok(r) = next else { break };
+                    buf.resize(r.length as usize, 0);
+                    let sent = match e.io().read_at(&mut buf, r.offset) {
+                        Ok(()) if st.structured => {
+                            let off = r.offset.to_be_bytes();
+                            chunk(
+                                &mut *lock(&w),
+                                REPLY_FLAG_DONE,
+                                REPLY_TYPE_OFFSET_DATA,
+                                r.cookie,
+                                &[&off, &buf],
+                            )
+                        }
+                        Ok(()) => simple_reply(&mut *lock(&w), r.cookie, 0, &buf),
+                        Err(err) => {
+                            reply_err(&mut *lock(&w), st, r.cookie, errno(&err), &err.to_string())
+                        }
+                    };
+                    if sent.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        let res = request_loop(&mut c, e, st, &w, &tx);
+        drop(tx);
+        res
+    })
+}
+
+fn request_loop<C: Conn>(
+    c: &mut C,
+    e: &Export,
+    st: &State,
+    w: &Mutex<C>,
+    reads: &SyncSender<Request>,
+) -> Result<(), End> {
     let mut buf: Vec<u8> = Vec::new();
     loop {
         let mut h = [0u8; 28];
@@ -496,7 +558,7 @@ fn transmission<C: Conn>(mut c: C, e: &Export, st: &State) -> Result<(), End> {
             CMD_READ => {
                 if r.length > MAX_REQUEST_LEN || !in_range {
                     reply_err(
-                        &mut c,
+                        &mut *lock(w),
                         st,
                         r.cookie,
                         EINVAL,
@@ -504,21 +566,8 @@ fn transmission<C: Conn>(mut c: C, e: &Export, st: &State) -> Result<(), End> {
                     )?;
                     continue;
                 }
-                buf.resize(r.length as usize, 0);
-                match e.io().read_at(&mut buf, r.offset) {
-                    Ok(()) if st.structured => {
-                        let off = r.offset.to_be_bytes();
-                        chunk(
-                            &mut c,
-                            REPLY_FLAG_DONE,
-                            REPLY_TYPE_OFFSET_DATA,
-                            r.cookie,
-                            &[&off, &buf],
-                        )?
-                    }
-                    Ok(()) => simple_reply(&mut c, r.cookie, 0, &buf)?,
-                    Err(err) => reply_err(&mut c, st, r.cookie, errno(&err), &err.to_string())?,
-                }
+                // Reads are served by the worker threads, replies in any order.
+                reads.send(r).map_err(|_| bad("read workers gone"))?;
             }
             CMD_WRITE => {
                 if r.length > MAX_REQUEST_LEN {
@@ -528,12 +577,12 @@ fn transmission<C: Conn>(mut c: C, e: &Export, st: &State) -> Result<(), End> {
                 buf.resize(r.length as usize, 0);
                 c.read_exact(&mut buf)?;
                 if e.read_only {
-                    reply_err(&mut c, st, r.cookie, EPERM, "read-only export")?;
+                    reply_err(&mut *lock(w), st, r.cookie, EPERM, "read-only export")?;
                     continue;
                 }
                 if !in_range {
                     reply_err(
-                        &mut c,
+                        &mut *lock(w),
                         st,
                         r.cookie,
                         ENOSPC,
@@ -549,8 +598,10 @@ fn transmission<C: Conn>(mut c: C, e: &Export, st: &State) -> Result<(), End> {
                     }
                 });
                 match res {
-                    Ok(()) => reply_ok(&mut c, st, r.cookie)?,
-                    Err(err) => reply_err(&mut c, st, r.cookie, errno(&err), &err.to_string())?,
+                    Ok(()) => reply_ok(&mut *lock(w), st, r.cookie)?,
+                    Err(err) => {
+                        reply_err(&mut *lock(w), st, r.cookie, errno(&err), &err.to_string())?
+                    }
                 }
             }
             CMD_DISC => {
@@ -558,16 +609,22 @@ fn transmission<C: Conn>(mut c: C, e: &Export, st: &State) -> Result<(), End> {
                 return Ok(());
             }
             CMD_FLUSH => match e.io().flush() {
-                Ok(()) => reply_ok(&mut c, st, r.cookie)?,
-                Err(err) => reply_err(&mut c, st, r.cookie, errno(&err), &err.to_string())?,
+                Ok(()) => reply_ok(&mut *lock(w), st, r.cookie)?,
+                Err(err) => reply_err(&mut *lock(w), st, r.cookie, errno(&err), &err.to_string())?,
             },
             CMD_TRIM | CMD_WRITE_ZEROES => {
                 if e.read_only {
-                    reply_err(&mut c, st, r.cookie, EPERM, "read-only export")?;
+                    reply_err(&mut *lock(w), st, r.cookie, EPERM, "read-only export")?;
                     continue;
                 }
                 if !in_range {
-                    reply_err(&mut c, st, r.cookie, ENOSPC, "past the end of the export")?;
+                    reply_err(
+                        &mut *lock(w),
+                        st,
+                        r.cookie,
+                        ENOSPC,
+                        "past the end of the export",
+                    )?;
                     continue;
                 }
                 let len = r.length as u64;
@@ -575,7 +632,7 @@ fn transmission<C: Conn>(mut c: C, e: &Export, st: &State) -> Result<(), End> {
                     e.io().discard(r.offset, len)
                 } else if r.flags & CMD_FLAG_FAST_ZERO != 0 {
                     // We cannot promise a zero-write faster than writing zeros.
-                    reply_err(&mut c, st, r.cookie, ENOTSUP, "no fast zero")?;
+                    reply_err(&mut *lock(w), st, r.cookie, ENOTSUP, "no fast zero")?;
                     continue;
                 } else {
                     e.io()
@@ -589,21 +646,23 @@ fn transmission<C: Conn>(mut c: C, e: &Export, st: &State) -> Result<(), End> {
                     }
                 });
                 match res {
-                    Ok(()) => reply_ok(&mut c, st, r.cookie)?,
-                    Err(err) => reply_err(&mut c, st, r.cookie, errno(&err), &err.to_string())?,
+                    Ok(()) => reply_ok(&mut *lock(w), st, r.cookie)?,
+                    Err(err) => {
+                        reply_err(&mut *lock(w), st, r.cookie, errno(&err), &err.to_string())?
+                    }
                 }
             }
             CMD_CACHE => {
                 if in_range {
-                    reply_ok(&mut c, st, r.cookie)?
+                    reply_ok(&mut *lock(w), st, r.cookie)?
                 } else {
-                    reply_err(&mut c, st, r.cookie, EINVAL, "out of range")?
+                    reply_err(&mut *lock(w), st, r.cookie, EINVAL, "out of range")?
                 }
             }
             CMD_BLOCK_STATUS => {
                 if !st.structured || st.contexts.is_empty() {
                     reply_err(
-                        &mut c,
+                        &mut *lock(w),
                         st,
                         r.cookie,
                         EINVAL,
@@ -612,7 +671,13 @@ fn transmission<C: Conn>(mut c: C, e: &Export, st: &State) -> Result<(), End> {
                     continue;
                 }
                 if r.length == 0 || r.offset >= e.size {
-                    reply_err(&mut c, st, r.cookie, EINVAL, "block status out of range")?;
+                    reply_err(
+                        &mut *lock(w),
+                        st,
+                        r.cookie,
+                        EINVAL,
+                        "block status out of range",
+                    )?;
                     continue;
                 }
                 let end = r.offset.saturating_add(r.length as u64).min(e.size);
@@ -626,7 +691,7 @@ fn transmission<C: Conn>(mut c: C, e: &Export, st: &State) -> Result<(), End> {
                     }
                 }
                 if let Some(err) = failed {
-                    reply_err(&mut c, st, r.cookie, errno(&err), &err.to_string())?;
+                    reply_err(&mut *lock(w), st, r.cookie, errno(&err), &err.to_string())?;
                     continue;
                 }
                 let n = replies.len();
@@ -637,10 +702,16 @@ fn transmission<C: Conn>(mut c: C, e: &Export, st: &State) -> Result<(), End> {
                         p.extend_from_slice(&flags.to_be_bytes());
                     }
                     let flags = if i + 1 == n { REPLY_FLAG_DONE } else { 0 };
-                    chunk(&mut c, flags, REPLY_TYPE_BLOCK_STATUS, r.cookie, &[&p])?;
+                    chunk(
+                        &mut *lock(w),
+                        flags,
+                        REPLY_TYPE_BLOCK_STATUS,
+                        r.cookie,
+                        &[&p],
+                    )?;
                 }
             }
-            _ => reply_err(&mut c, st, r.cookie, EINVAL, "unknown command")?,
+            _ => reply_err(&mut *lock(w), st, r.cookie, EINVAL, "unknown command")?,
         }
     }
 }

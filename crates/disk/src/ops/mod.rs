@@ -2,15 +2,17 @@
 
 mod bitmap;
 mod check;
+mod compare;
 mod map;
 mod rewrite;
 mod snapshot;
 
 pub use bitmap::{bitmap, bitmap_extents, bitmap_list, BitmapInfo, BitmapOp};
 pub use check::{check, CheckReport, Repair};
+pub use compare::{compare, Comparison};
 pub(crate) use map::chain_status;
 pub use map::{map, MapEntry};
-pub use rewrite::{commit, convert, convert_options, rebase, resize};
+pub use rewrite::{commit, convert, convert_options, dd, rebase, resize};
 pub use snapshot::{
     snapshot_apply, snapshot_create, snapshot_create_with, snapshot_delete, snapshot_heading,
     snapshot_line, snapshot_list, snapshot_vm_state, Snapshot, SnapshotParams,

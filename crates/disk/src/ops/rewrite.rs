@@ -290,3 +290,54 @@ pub fn convert_options(
         backing: None,
     }
 }
+
+/// `dd`: copies `count` blocks of `bs` bytes (all when None) from block `skip` of the
+/// input into a new image of that size (sparse: runs without data are not written).
+pub fn dd(
+    input: &Path,
+    in_format: Option<Format>,
+    output: &Path,
+    out_format: Format,
+    bs: u64,
+    count: Option<u64>,
+    skip: u64,
+) -> Result<(), DiskError> {
+    let src = open_chain(input, in_format, true, false)?;
+    let size = src.size();
+    let start = skip.checked_mul(bs).filter(|&s| s <= size).ok_or_else(|| {
+        DiskError::InvalidArgument(format!("skip={skip} is past the end of the input"))
+    })?;
+    let mut len = size - start;
+    if let Some(c) = count {
+        len = len.min(c.saturating_mul(bs));
+    }
+    create(
+        output,
+        &CreateOptions {
+            format: out_format,
+            size: len,
+            cluster_size: None,
+            preallocation: Preallocation::Off,
+            backing: None,
+        },
+    )?;
+    let dst = open_chain(output, Some(out_format), false, false)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0;
+    while pos < len {
+        let e = chain_status(&src, start + pos, len - pos)?;
+        let n = e.length.max(1).min(len - pos);
+        if !e.data {
+            pos += n;
+            continue;
+        }
+        let n = n.min(buf.len() as u64);
+        let b = &mut buf[..n as usize];
+        src.read_at(b, start + pos)?;
+        if b.iter().any(|&x| x != 0) {
+            dst.write_at(b, pos)?;
+        }
+        pos += n;
+    }
+    dst.flush()
+}

@@ -144,7 +144,7 @@ const TOML_DICT: &[&[u8]] = &[
     b"\"10.0.0.1\"",
 ];
 
-const JSON_DICT: &[&[u8]] = &[
+pub const JSON_DICT: &[&[u8]] = &[
     b"\"name\":",
     b"\"uuid\":",
     b"\"type\":",

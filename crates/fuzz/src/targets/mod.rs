@@ -2,4 +2,7 @@
 //! what the target drives, for the stateful ones) with a [`crate::Target`] description.
 
 pub mod definitions;
+pub mod http;
 pub mod launch;
+pub mod qcow2;
+pub mod virtio;
