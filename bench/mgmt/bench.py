@@ -4,6 +4,8 @@ qemu drivers, the same TCG guest for both stacks), and the daemons' memory. Run 
 
 import json
 import os
+
+import concurrency
 import socket
 import statistics
 import subprocess
@@ -157,6 +159,14 @@ record("cli ferrovirt start (qemu TCG)", s)
 record("cli ferrovirt destroy (qemu TCG)", d)
 results["ferrovirtd_rss_kib_after_workload"] = rss_kib(FV_PID)
 
+# --- list under 1, 50 and 200 concurrent clients ---
+results["concurrent list, ferrovirtd API"] = concurrency.run_all(
+    "ferrovirtd API GET /v1/domains", lambda: concurrency.api_list(SOCK), concurrency.api_per_client)
+results["concurrent list, ferrovirt CLI"] = concurrency.run_all(
+    "ferrovirt list --all (process each)", concurrency.command(FV, "list", "--all"),
+    concurrency.process_per_client)
+results["ferrovirtd_rss_kib_after_concurrency"] = rss_kib(FV_PID)
+
 # --- libvirt on the same guest ---
 if LV_PID:
     V = ("virsh", "-c", "qemu:///system")
@@ -169,6 +179,9 @@ if LV_PID:
             f.write(lv_xml(f"lvidle{i}"))
         run(*V, "define", x)
     record("cli virsh list --all", timed(lambda: run(*V, "list", "--all"), N_FAST))
+    results["concurrent list, virsh"] = concurrency.run_all(
+        "virsh list --all (process each)", concurrency.command(*V, "list", "--all"),
+        concurrency.process_per_client)
     xml = os.path.join(WORK, "lv-du.xml")
     with open(xml, "w") as f:
         f.write(lv_xml("lv-du"))

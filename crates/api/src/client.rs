@@ -1,16 +1,20 @@
-//! Typed client for the ferrovirtd /v1 API over its Unix socket.
+//! Typed client for the ferrovirtd /v1 API over its Unix socket, TCP or TLS: hyper's HTTP/1.1
+//! client, driven by a current-thread tokio runtime per call so callers stay synchronous.
 
 use std::fmt;
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpStream;
-use std::os::unix::net::UnixStream;
+use std::io::{Read, Write};
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use http_body_util::BodyExt;
+use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::runtime::Runtime;
 
 use crate::error::{ApiError, ErrorBody};
-use crate::http::{self, percent_encode, Stream};
+use crate::http::{self, percent_encode, Io};
 use crate::job::JobInfo;
 use crate::msg::{
     AutostartRequest, DefineResponse, DisplayInfo, DomainResponse, MemoryRequest, VcpusRequest,
@@ -169,27 +173,81 @@ impl Client {
         }
     }
 
-    fn connect(&self) -> Result<Box<dyn Stream>, ClientError> {
-        let connected: std::io::Result<Box<dyn Stream>> = match &self.target {
-            Target::Unix(p) => UnixStream::connect(p).map(|s| Box::new(s) as Box<dyn Stream>),
-            Target::Tcp { addr, .. } => {
-                TcpStream::connect(addr).map(|s| Box::new(s) as Box<dyn Stream>)
-            }
-            Target::Tls { addr, config, .. } => {
-                let host = addr
-                    .rsplit_once(':')
-                    .map(|(h, _)| h)
-                    .unwrap_or(addr)
-                    .trim_matches(['[', ']']);
-                TcpStream::connect(addr)
-                    .and_then(|tcp| crate::tls::connect(config.clone(), host, tcp))
-                    .map(|s| Box::new(s) as Box<dyn Stream>)
-            }
-        };
-        connected.map_err(|error| ClientError::Connect {
+    fn connect_error(&self, error: std::io::Error) -> ClientError {
+        ClientError::Connect {
             target: self.target(),
             error,
-        })
+        }
+    }
+
+    /// Open a connection (with the TLS handshake, so a certificate problem is a connect error).
+    async fn connect(&self) -> Result<Box<dyn Io>, ClientError> {
+        let connected: std::io::Result<Box<dyn Io>> = async {
+            Ok(match &self.target {
+                Target::Unix(p) => {
+                    Box::new(tokio::net::UnixStream::connect(p).await?) as Box<dyn Io>
+                }
+                Target::Tcp { addr, .. } => Box::new(tokio::net::TcpStream::connect(addr).await?),
+                Target::Tls { addr, config, .. } => {
+                    let host = addr
+                        .rsplit_once(':')
+                        .map(|(h, _)| h)
+                        .unwrap_or(addr)
+                        .trim_matches(['[', ']']);
+                    let name =
+                        rustls::pki_types::ServerName::try_from(host.to_string()).map_err(|e| {
+                            std::io::Error::new(
+                                std::io::ErrorKind::InvalidInput,
+                                format!("server name '{host}': {e}"),
+                            )
+                        })?;
+                    let tcp = tokio::net::TcpStream::connect(addr).await?;
+                    let tls = tokio_rustls::TlsConnector::from(config.clone())
+                        .connect(name, tcp)
+                        .await
+                        .map_err(|e| {
+                            std::io::Error::new(e.kind(), format!("TLS handshake with {host}: {e}"))
+                        })?;
+                    Box::new(tls)
+                }
+            })
+        }
+        .await;
+        connected.map_err(|e| self.connect_error(e))
+    }
+
+    fn runtime(&self) -> Result<Runtime, ClientError> {
+        http::runtime().map_err(|e| self.connect_error(e))
+    }
+
+    /// Send a request that expects a streamed or upgraded answer; a status >= 400 becomes the
+    /// API error it carries.
+    async fn open(
+        &self,
+        method: &str,
+        path: &str,
+        extra: &[(&str, &str)],
+        upgrades: bool,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
+        let auth = self.auth_header();
+        let mut headers = extra.to_vec();
+        if let Some(a) = auth.as_deref() {
+            headers.push(("Authorization", a));
+        }
+        let req = http::build_request(method, path, None, b"", &headers)
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let io = self.connect().await?;
+        let proto = |e: std::io::Error| ClientError::Protocol(e.to_string());
+        let mut sender = http::handshake(io, upgrades).await.map_err(proto)?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        if resp.status().as_u16() >= 400 {
+            let resp = http::read_response(resp).await.map_err(proto)?;
+            return Err(api_error(&resp));
+        }
+        Ok(resp)
     }
 
     fn auth_header(&self) -> Option<String> {
@@ -208,23 +266,29 @@ impl Client {
         ct: Option<&str>,
         body: &[u8],
     ) -> Result<http::Response, ClientError> {
-        let stream = self.connect()?;
         let auth = self.auth_header();
-        let headers: Vec<(&str, &str)> = auth
-            .as_deref()
-            .map(|a| vec![("Authorization", a)])
-            .unwrap_or_default();
-        let resp = http::request_on(stream, method, path, ct, body, &headers, Some(self.timeout))
+        let mut headers = vec![("Connection", "close")];
+        if let Some(a) = auth.as_deref() {
+            headers.push(("Authorization", a));
+        }
+        let req = http::build_request(method, path, ct, body, &headers)
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let resp = self.runtime()?.block_on(async {
+            let io = match tokio::time::timeout(self.timeout, self.connect()).await {
+                Ok(io) => io?,
+                Err(_) => {
+                    return Err(self.connect_error(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "connecting timed out",
+                    )))
+                }
+            };
+            http::with_timeout(Some(self.timeout), http::exchange(io, req))
+                .await
+                .map_err(|e| ClientError::Protocol(e.to_string()))
+        })?;
         if resp.status >= 400 {
-            return Err(match serde_json::from_slice::<ErrorBody>(&resp.body) {
-                Ok(b) => ClientError::Api(b.error),
-                Err(_) => ClientError::Protocol(format!(
-                    "HTTP {}: {}",
-                    resp.status,
-                    String::from_utf8_lossy(&resp.body)
-                )),
-            });
+            return Err(api_error(&resp));
         }
         Ok(resp)
     }
@@ -419,115 +483,172 @@ impl Client {
 
     /// Subscribe to lifecycle events; `on_event` returns false to stop.
     pub fn events(&self, mut on_event: impl FnMut(Event) -> bool) -> Result<(), ClientError> {
-        let stream = self.connect()?;
-        let mut w = stream
-            .try_clone_stream()
-            .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let auth = self.auth_header();
-        let mut headers = vec![("Accept", "text/event-stream")];
-        if let Some(a) = auth.as_deref() {
-            headers.push(("Authorization", a));
+        /// An event line longer than this is not from ferrovirtd.
+        const MAX_LINE: usize = 1024 * 1024;
+        let rt = self.runtime()?;
+        let resp = rt.block_on(self.open(
+            "GET",
+            "/v1/events",
+            &[("Accept", "text/event-stream")],
+            false,
+        ))?;
+        if resp.status() != hyper::StatusCode::OK {
+            return Err(ClientError::Protocol(format!(
+                "events: HTTP {}",
+                resp.status()
+            )));
         }
-        http::write_request(&mut w, "GET", "/v1/events", None, b"", &headers)
-            .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let mut r = BufReader::new(stream);
-        let head = read_head(&mut r)?;
-        if head.0 != 200 {
-            return Err(ClientError::Protocol(format!("events: HTTP {}", head.0)));
-        }
-        let mut line = String::new();
+        let mut body = resp.into_body();
+        let mut pending: Vec<u8> = Vec::new();
         loop {
-            line.clear();
-            let n = r
-                .read_line(&mut line)
-                .map_err(|e| ClientError::Protocol(e.to_string()))?;
-            if n == 0 {
-                return Ok(());
-            }
-            if let Some(data) = line.trim_end().strip_prefix("data: ") {
-                if let Ok(ev) = serde_json::from_str::<Event>(data) {
-                    if !on_event(ev) {
-                        return Ok(());
+            let frame = match rt.block_on(body.frame()) {
+                None => return Ok(()),
+                Some(f) => f.map_err(|e| ClientError::Protocol(e.to_string()))?,
+            };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            pending.extend_from_slice(&data);
+            while let Some(pos) = pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=pos).collect();
+                let line = String::from_utf8_lossy(&line);
+                if let Some(data) = line.trim_end().strip_prefix("data: ") {
+                    if let Ok(ev) = serde_json::from_str::<Event>(data) {
+                        if !on_event(ev) {
+                            return Ok(());
+                        }
                     }
                 }
+            }
+            if pending.len() > MAX_LINE {
+                return Err(ClientError::Protocol("events: line too long".into()));
             }
         }
     }
 
-    /// Attach to the serial console: the returned stream carries raw guest bytes both ways.
+    /// Attach to the serial console: the returned connection carries raw guest bytes both ways.
     /// `replay` asks for the recent log first.
-    pub fn console(
-        &self,
-        name: &str,
-        replay: bool,
-    ) -> Result<BufReader<Box<dyn Stream>>, ClientError> {
-        let stream = self.connect()?;
-        let mut w = stream
-            .try_clone_stream()
-            .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let auth = self.auth_header();
-        let mut headers = vec![("Upgrade", "console"), ("Connection", "Upgrade")];
-        if let Some(a) = auth.as_deref() {
-            headers.push(("Authorization", a));
-        }
+    pub fn console(&self, name: &str, replay: bool) -> Result<ConsoleConn, ClientError> {
+        let rt = self.runtime()?;
         let path = format!(
             "{}/console{}",
             Self::dom(name),
             if replay { "?replay=true" } else { "" }
         );
-        http::write_request(&mut w, "POST", &path, None, b"", &headers)
-            .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let mut r = BufReader::new(stream);
-        let (status, headers) = read_head(&mut r)?;
-        if status != 101 {
-            let body = {
-                let mut b = Vec::new();
-                if let Some(len) = headers
-                    .iter()
-                    .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
-                {
-                    let n: usize = len.1.parse().unwrap_or(0);
-                    b.resize(n.min(http::MAX_BODY), 0);
-                    let _ = std::io::Read::read_exact(&mut r, &mut b);
-                }
-                b
-            };
-            return Err(match serde_json::from_slice::<ErrorBody>(&body) {
-                Ok(b) => ClientError::Api(b.error),
-                Err(_) => ClientError::Protocol(format!("console: HTTP {status}")),
-            });
-        }
-        let _ = w.flush();
-        Ok(r)
+        let upgraded = rt.block_on(async {
+            let resp = self
+                .open(
+                    "POST",
+                    &path,
+                    &[("Upgrade", "console"), ("Connection", "Upgrade")],
+                    true,
+                )
+                .await?;
+            if resp.status() != hyper::StatusCode::SWITCHING_PROTOCOLS {
+                return Err(ClientError::Protocol(format!(
+                    "console: HTTP {}",
+                    resp.status()
+                )));
+            }
+            hyper::upgrade::on(resp)
+                .await
+                .map_err(|e| ClientError::Protocol(format!("console upgrade: {e}")))
+        })?;
+        let (reader, writer) = tokio::io::split(TokioIo::new(upgraded));
+        let rt = Arc::new(rt);
+        Ok(ConsoleConn {
+            reader,
+            read_timeout: None,
+            writer: ConsoleWriter {
+                rt: rt.clone(),
+                half: Arc::new(Mutex::new(writer)),
+            },
+            rt,
+        })
     }
 }
 
-fn read_head(
-    r: &mut BufReader<Box<dyn Stream>>,
-) -> Result<(u16, Vec<(String, String)>), ClientError> {
-    let mut status_line = String::new();
-    r.read_line(&mut status_line)
-        .map_err(|e| ClientError::Protocol(e.to_string()))?;
-    let status: u16 = status_line
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| {
-            ClientError::Protocol(format!("bad status line '{}'", status_line.trim()))
-        })?;
-    let mut headers = Vec::new();
-    loop {
-        let mut line = String::new();
-        let n = r
-            .read_line(&mut line)
-            .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let line = line.trim_end();
-        if n == 0 || line.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = line.split_once(':') {
-            headers.push((k.trim().to_string(), v.trim().to_string()));
+/// The API error a failed response carries.
+fn api_error(resp: &http::Response) -> ClientError {
+    match serde_json::from_slice::<ErrorBody>(&resp.body) {
+        Ok(b) => ClientError::Api(b.error),
+        Err(_) => ClientError::Protocol(format!(
+            "HTTP {}: {}",
+            resp.status,
+            String::from_utf8_lossy(&resp.body)
+        )),
+    }
+}
+
+type Upgraded = TokioIo<hyper::upgrade::Upgraded>;
+
+/// An attached console: `Read` gives the guest's output, `Write` (or a [`ConsoleWriter`] from
+/// [`ConsoleConn::writer`], usable from another thread) types into it.
+pub struct ConsoleConn {
+    rt: Arc<Runtime>,
+    reader: ReadHalf<Upgraded>,
+    read_timeout: Option<Duration>,
+    writer: ConsoleWriter,
+}
+
+impl ConsoleConn {
+    /// A read waits at most this long, then fails with `TimedOut` (None: wait for data).
+    pub fn set_read_timeout(&mut self, timeout: Option<Duration>) {
+        self.read_timeout = timeout;
+    }
+
+    pub fn writer(&self) -> ConsoleWriter {
+        self.writer.clone()
+    }
+}
+
+impl Read for ConsoleConn {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let timeout = self.read_timeout;
+        let reader = &mut self.reader;
+        self.rt
+            .block_on(http::with_timeout(timeout, reader.read(buf)))
+    }
+}
+
+impl Write for ConsoleConn {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.writer.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.writer.flush()
+    }
+}
+
+/// The sending side of an attached console.
+#[derive(Clone)]
+pub struct ConsoleWriter {
+    rt: Arc<Runtime>,
+    half: Arc<Mutex<WriteHalf<Upgraded>>>,
+}
+
+impl ConsoleWriter {
+    /// End the input: the daemon then closes the console connection.
+    pub fn close(&self) {
+        if let Ok(mut half) = self.half.lock() {
+            let _ = self.rt.block_on(half.shutdown());
         }
     }
-    Ok((status, headers))
+}
+
+impl Write for ConsoleWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut half = self
+            .half
+            .lock()
+            .map_err(|_| std::io::Error::other("console writer poisoned"))?;
+        self.rt.block_on(async {
+            half.write_all(buf).await?;
+            half.flush().await
+        })?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }

@@ -33,6 +33,12 @@ pub enum ErrorCode {
     Internal,
     /// TCP listener: missing or wrong bearer token.
     Unauthorized,
+    /// The request body is larger than the route's limit.
+    PayloadTooLarge,
+    /// The daemon has as many open connections as it allows; try again shortly.
+    TooManyConnections,
+    /// The request (headers or body) did not arrive in time.
+    RequestTimeout,
     /// Another job runs on the domain (retry, or ask to wait with `?wait=SECONDS`).
     DomainBusy,
     /// The VM did not answer within the operation's deadline.
@@ -55,6 +61,9 @@ impl ErrorCode {
             ErrorCode::NotSupported => 501,
             ErrorCode::DriverError | ErrorCode::Internal => 500,
             ErrorCode::Unauthorized => 401,
+            ErrorCode::PayloadTooLarge => 413,
+            ErrorCode::TooManyConnections => 503,
+            ErrorCode::RequestTimeout => 408,
         }
     }
 
@@ -73,6 +82,9 @@ impl ErrorCode {
             ErrorCode::NotFound => "not_found",
             ErrorCode::Internal => "internal",
             ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::TooManyConnections => "too_many_connections",
+            ErrorCode::RequestTimeout => "request_timeout",
             ErrorCode::DomainBusy => "domain_busy",
             ErrorCode::Timeout => "timeout",
         }

@@ -6,8 +6,9 @@
 //! * [`xml_limits`]: the one way XML input is parsed: depth, element and attribute limits
 //! * [`state`]: domain states with reasons, summaries and lifecycle events
 //! * [`error`]: API errors with stable codes
-//! * [`http`]: a minimal HTTP/1.1 framing used over Unix sockets by daemon, CLI and VMM clients
-//! * [`client`]: a typed client for the ferrovirtd /v1 API
+//! * [`http`]: hyper's HTTP/1.1 client for synchronous callers (CLI, the daemon's VMM client)
+//! * [`client`]: a typed client for the ferrovirtd /v1 API (Unix socket, TCP, TLS)
+//! * [`tls`]: rustls configurations for the TCP listener and its clients
 //! * [`size`]: memory sizes with libvirt's units, in KiB
 //! * [`host`]: detection of the host's virtualization support (default driver)
 //! * [`op`]: the typed domain operations; [`job`]: a domain's running job

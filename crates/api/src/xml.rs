@@ -521,6 +521,10 @@ fn esc(s: &str) -> String {
             '>' => out.push_str("&gt;"),
             '"' => out.push_str("&quot;"),
             '\'' => out.push_str("&apos;"),
+            // Attribute values normalize raw whitespace to spaces: keep it as references.
+            '\t' => out.push_str("&#9;"),
+            '\n' => out.push_str("&#10;"),
+            '\r' => out.push_str("&#13;"),
             c => out.push(c),
         }
     }
@@ -955,5 +959,21 @@ mod tests {
         def.os.cmdline = Some("a<b & 'c'".into());
         let again = parse(&emit(&def, VirtType::Test)).expect("parses");
         assert_eq!(again.def.os.cmdline.as_deref(), Some("a<b & 'c'"));
+    }
+
+    /// Found by the domain_toml fuzz target: a tab in a disk path came back as a space.
+    #[test]
+    fn whitespace_in_attributes_survives_dumpxml() {
+        let mut def = DomainDef::new("a");
+        def.os.kernel = Some("/k".into());
+        def.disks.push(DiskDef {
+            path: "/b.q\tow2\nx\r".into(),
+            format: DiskFormat::Qcow2,
+            device: DiskDevice::Disk,
+            target: None,
+            readonly: false,
+        });
+        let again = parse(&emit(&def, VirtType::Test)).expect("parses");
+        assert_eq!(again.def.disks[0].path, def.disks[0].path);
     }
 }

@@ -49,10 +49,7 @@ pub fn attach(client: &Client, name: &str, replay: bool) -> Result<(), ClientErr
     eprintln!("Connected to domain '{name}'\r\nEscape character is ^] (Ctrl + ])\r");
     let raw = RawTerminal::enter();
     let detached = Arc::new(AtomicBool::new(false));
-    let sock = conn
-        .get_ref()
-        .try_clone_stream()
-        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+    let sock = conn.writer();
     let flag = detached.clone();
     std::thread::spawn(move || {
         let mut sock = sock;
@@ -67,7 +64,8 @@ pub fn attach(client: &Client, name: &str, replay: bool) -> Result<(), ClientErr
             if let Some(pos) = data.iter().position(|b| *b == ESCAPE) {
                 let _ = sock.write_all(&data[..pos]);
                 flag.store(true, Ordering::SeqCst);
-                sock.shutdown_both();
+                // The daemon ends the console when our input ends: the read below sees EOF.
+                sock.close();
                 return;
             }
             if sock.write_all(data).is_err() {

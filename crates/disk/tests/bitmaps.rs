@@ -9,6 +9,7 @@ mod common;
 use common::*;
 use ferrovirt_disk::ops;
 use ferrovirt_disk::{open, OpenOptions};
+use ferrovirt_testkit::{RunWithin, TOOL_TIMEOUT};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -291,7 +292,7 @@ fn a_crash_leaves_the_bitmap_inconsistent() {
         .env(CHILD_ENV, &p)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
-        .status()
+        .status_within(TOOL_TIMEOUT)
         .unwrap();
     assert!(!st.success(), "the child was meant to die");
     // QEMU and we both see the enabled bitmaps as in use; the disabled one is fine.

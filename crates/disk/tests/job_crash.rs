@@ -11,6 +11,7 @@ use ferrovirt_disk::jobs::{start_commit, start_mirror, start_stream};
 use ferrovirt_disk::{
     open_disk, CreateOptions, Format, JobOutcome, OpenOptions, Preallocation, FAULT_ENV,
 };
+use ferrovirt_testkit::{RunWithin, TOOL_TIMEOUT};
 use std::path::Path;
 use std::process::Command;
 
@@ -74,7 +75,7 @@ fn run_child(dir: &Path, kind: &str, n: u64) -> bool {
         .env(FAULT_ENV, n.to_string())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
-        .status()
+        .status_within(TOOL_TIMEOUT)
         .unwrap()
         .success()
 }

@@ -1,4 +1,4 @@
-//! Fuzzing the HTTP APIs with raw request bytes: a real ferrovirtd and a real ferrovmm.
+//! Fuzzing the servers with raw bytes: a real ferrovirtd, a real ferrovmm, a real NBD server.
 
 use ferrovirt_fuzz::run;
 use ferrovirt_fuzz::targets::http::*;
@@ -19,4 +19,10 @@ fn ferrovmm_api_fuzz() {
 fn ferrovirtd_json_fuzz() {
     let mut t = DaemonTarget::start();
     run(&FERROVIRTD_JSON, |input| t.json(input));
+}
+
+#[test]
+fn nbd_fuzz() {
+    let mut t = ferrovirt_fuzz::targets::nbd::NbdTarget::start();
+    run(&ferrovirt_fuzz::targets::nbd::NBD, |input| t.one(input));
 }

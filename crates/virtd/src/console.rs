@@ -1,24 +1,39 @@
 //! Serial console hub: reads a VM's serial socket, keeps a capped log file, and fans the output
-//! out to attached clients; their keystrokes go back to the guest.
+//! out to attached clients; their keystrokes go back to the guest. The hub's threads do the
+//! blocking socket I/O; clients (HTTP upgrades, WebSockets) talk to it through bounded channels.
 
 use std::fs::{self, File};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::net::UnixStream;
-
-use ferrovirt_api::http::Stream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
 
 /// Each log file is capped; on overflow it moves to NAME.log.1 (so at most twice this on disk).
 pub const LOG_CAP: u64 = 1024 * 1024;
 /// How much of the log a client attaching with replay gets first.
 const REPLAY_BYTES: u64 = 64 * 1024;
+/// Output chunks (<= 4 KiB each) queued per client; a client this far behind is dropped, so a
+/// stuck client never stalls the guest's console for everyone.
+const CLIENT_QUEUE: usize = 64;
+/// Keystroke chunks queued towards the guest.
+const INPUT_QUEUE: usize = 64;
 
 pub struct ConsoleHub {
     log_path: PathBuf,
-    clients: Mutex<Vec<Box<dyn Stream>>>,
-    vm: Mutex<Option<UnixStream>>,
+    clients: Mutex<Vec<mpsc::Sender<Bytes>>>,
+    /// Towards the guest; None once the VM side closed.
+    input: Mutex<Option<mpsc::Sender<Bytes>>>,
+}
+
+/// One attached client's ends: the replayed log tail, then the live output; and the input.
+pub struct Attached {
+    pub replay: Vec<u8>,
+    pub output: mpsc::Receiver<Bytes>,
+    pub input: mpsc::Sender<Bytes>,
 }
 
 struct CappedLog {
@@ -91,11 +106,16 @@ impl ConsoleHub {
             }
         };
         let reader = stream.try_clone().map_err(|e| e.to_string())?;
+        let (input, keys) = mpsc::channel(INPUT_QUEUE);
         let hub = Arc::new(ConsoleHub {
             log_path,
             clients: Mutex::new(Vec::new()),
-            vm: Mutex::new(Some(stream)),
+            input: Mutex::new(Some(input)),
         });
+        std::thread::Builder::new()
+            .name("console-in".into())
+            .spawn(move || type_keys(stream, keys))
+            .map_err(|e| e.to_string())?;
         let pump = hub.clone();
         std::thread::Builder::new()
             .name("console".into())
@@ -117,63 +137,60 @@ impl ConsoleHub {
             };
             log.write(&buf[..n]);
             if let Ok(mut clients) = self.clients.lock() {
-                clients.retain_mut(|c| c.write_all(&buf[..n]).is_ok());
+                if !clients.is_empty() {
+                    let chunk = Bytes::copy_from_slice(&buf[..n]);
+                    clients.retain(|c| c.try_send(chunk.clone()).is_ok());
+                }
             }
         }
-        if let Ok(mut vm) = self.vm.lock() {
-            *vm = None;
+        if let Ok(mut input) = self.input.lock() {
+            *input = None;
         }
-        // Tell attached clients the VM is gone by closing their streams.
+        // Dropping their senders tells attached clients the VM is gone: their streams close.
         if let Ok(mut clients) = self.clients.lock() {
-            for c in clients.drain(..) {
-                c.shutdown_both();
-            }
+            clients.clear();
         }
     }
 
-    /// Attach a client: optionally replay the recent log, then stream live both ways until it leaves.
-    pub fn attach(self: &Arc<Self>, mut client: Box<dyn Stream>, replay: bool) {
-        // A stuck client must not stall the guest's console for everyone.
-        let _ = client.set_timeouts(None, Some(Duration::from_secs(2)));
+    /// Attach a client: optionally the recent log first, then live output both ways until it
+    /// leaves (drops its ends) or the VM's console closes (its output ends).
+    pub fn attach(&self, replay: bool) -> Result<Attached, String> {
+        let input = self
+            .input
+            .lock()
+            .ok()
+            .and_then(|i| i.clone())
+            .ok_or("the VM's console is closed")?;
+        let mut tail = Vec::new();
         if replay {
             if let Ok(mut f) = File::open(&self.log_path) {
                 let len = f.metadata().map(|m| m.len()).unwrap_or(0);
                 let _ = f.seek(SeekFrom::Start(len.saturating_sub(REPLAY_BYTES)));
-                let mut tail = Vec::new();
-                let _ = f.read_to_end(&mut tail);
-                let _ = client.write_all(&tail);
+                let _ = f.take(REPLAY_BYTES).read_to_end(&mut tail);
             }
         }
-        let Ok(mut input) = client.try_clone_stream() else {
-            return;
-        };
+        let (tx, output) = mpsc::channel(CLIENT_QUEUE);
         if let Ok(mut clients) = self.clients.lock() {
-            clients.push(client);
+            clients.push(tx);
         }
-        let hub = self.clone();
-        let _ = std::thread::Builder::new()
-            .name("console-in".into())
-            .spawn(move || {
-                let mut buf = [0u8; 1024];
-                loop {
-                    let n = match input.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => n,
-                    };
-                    let ok = match hub.vm.lock() {
-                        Ok(mut vm) => vm.as_mut().is_some_and(|s| s.write_all(&buf[..n]).is_ok()),
-                        Err(_) => false,
-                    };
-                    if !ok {
-                        break;
-                    }
-                }
-                input.shutdown_both();
-            });
+        Ok(Attached {
+            replay: tail,
+            output,
+            input,
+        })
     }
 
     pub fn is_connected(&self) -> bool {
-        self.vm.lock().map(|v| v.is_some()).unwrap_or(false)
+        self.input.lock().map(|v| v.is_some()).unwrap_or(false)
+    }
+}
+
+/// Write the clients' keystrokes to the guest, until the VM side or every client is gone.
+fn type_keys(mut vm: UnixStream, mut keys: mpsc::Receiver<Bytes>) {
+    while let Some(chunk) = keys.blocking_recv() {
+        if vm.write_all(&chunk).is_err() {
+            break;
+        }
     }
 }
 

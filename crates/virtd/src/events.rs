@@ -1,12 +1,16 @@
 //! Lifecycle event fan-out to /v1/events subscribers.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Mutex;
+
+use tokio::sync::mpsc::{channel, Receiver, Sender};
 
 use ferrovirt_api::state::{Event, EventKind};
 
 use crate::runtime::now_ms;
+
+/// Events queued per subscriber.
+const SUBSCRIBER_QUEUE: usize = 256;
 
 #[derive(Default)]
 pub struct EventBus {
@@ -24,12 +28,13 @@ impl EventBus {
             detail: detail.to_string(),
         };
         if let Ok(mut subs) = self.subscribers.lock() {
-            subs.retain(|s| s.send(event.clone()).is_ok());
+            // A subscriber this far behind (not reading) is dropped: its stream ends.
+            subs.retain(|s| s.try_send(event.clone()).is_ok());
         }
     }
 
     pub fn subscribe(&self) -> Receiver<Event> {
-        let (tx, rx) = channel();
+        let (tx, rx) = channel(SUBSCRIBER_QUEUE);
         if let Ok(mut subs) = self.subscribers.lock() {
             subs.push(tx);
         }

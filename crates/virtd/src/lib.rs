@@ -5,6 +5,7 @@ pub mod deadline;
 pub mod driver;
 pub mod events;
 pub mod files;
+pub mod http;
 pub mod manager;
 pub mod network;
 pub mod runtime;

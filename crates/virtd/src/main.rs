@@ -7,6 +7,10 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use std::time::Duration;
+
+use ferrovirtd::http::listen::TcpAuth;
+use ferrovirtd::http::Limits as HttpLimits;
 use ferrovirtd::manager::{Limits, Manager, Setup};
 use ferrovirtd::runtime::Paths;
 
@@ -20,6 +24,8 @@ const USAGE: &str = "usage: ferrovirtd [--socket PATH] [--state-dir DIR] [--run-
   --token-file FILE bearer token for the TCP listener (16+ characters, file mode 0600)
   --tls-cert FILE   serve the TCP listener in TLS with this PEM certificate (chain)
   --tls-key FILE    and this PEM private key (file mode 0600)
+  --max-connections N  open API connections at most (default 512); one more gets a 503
+  --read-timeout SECS  time a client has to send a request's headers, then its body (default 10)
   --allow-remote-vnc  let a domain's VNC listen beyond loopback (only with a VNC password);
                     without it every VNC display listens on 127.0.0.1/::1 only
   --op-timeout SECS how long a VM may take to answer one operation (shutdown, suspend, resume,
@@ -35,8 +41,10 @@ struct TcpOptions {
     tls: Option<(PathBuf, PathBuf)>,
 }
 
-/// Command line: paths, and the optional TCP listener.
-fn parse_args() -> Result<(Paths, Option<TcpOptions>, Limits, bool), String> {
+/// Command line: paths, the optional TCP listener, the manager's and the HTTP limits, and
+/// whether VNC may listen beyond loopback.
+fn parse_args() -> Result<(Paths, Option<TcpOptions>, Limits, HttpLimits, bool), String> {
+    let mut http_limits = HttpLimits::default();
     let mut socket = None;
     let mut state_dir = PathBuf::from("/var/lib/ferrovirt");
     let mut run_dir = PathBuf::from("/run/ferrovirt");
@@ -66,6 +74,21 @@ fn parse_args() -> Result<(Paths, Option<TcpOptions>, Limits, bool), String> {
             "--token-file" => token_file = Some(PathBuf::from(value("--token-file")?)),
             "--tls-cert" => tls_cert = Some(PathBuf::from(value("--tls-cert")?)),
             "--tls-key" => tls_key = Some(PathBuf::from(value("--tls-key")?)),
+            "--max-connections" => {
+                http_limits.max_connections = value("--max-connections")?
+                    .parse()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or("--max-connections needs a positive number")?
+            }
+            "--read-timeout" => {
+                let secs: u64 = value("--read-timeout")?
+                    .parse()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or("--read-timeout needs a positive number of seconds")?;
+                http_limits.read_timeout = Duration::from_secs(secs);
+            }
             "--allow-remote-vnc" if inline.is_none() => allow_remote_vnc = true,
             "--op-timeout" => {
                 let v = value("--op-timeout")?;
@@ -110,6 +133,7 @@ fn parse_args() -> Result<(Paths, Option<TcpOptions>, Limits, bool), String> {
         },
         tcp,
         limits,
+        http_limits,
         allow_remote_vnc,
     ))
 }
@@ -179,11 +203,46 @@ fn bind(paths: &Paths) -> Result<UnixListener, String> {
     Ok(listener)
 }
 
+/// Connections need file descriptors: raise the soft limit to the hard one, and keep the
+/// connection limit well inside it (VMs' sockets, logs and the database need some too).
+fn fit_to_fd_limit(limits: &mut HttpLimits) {
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid rlimit struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) != 0 {
+            return;
+        }
+        if rl.rlim_cur < rl.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: rl.rlim_max,
+                rlim_max: rl.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                rl = raised;
+            }
+        }
+    }
+    let usable = (rl.rlim_cur as usize).saturating_sub(256) / 2;
+    if limits.max_connections > usable.max(16) {
+        eprintln!(
+            "ferrovirtd: --max-connections {} does not fit the file descriptor limit {}; using {}",
+            limits.max_connections,
+            rl.rlim_cur,
+            usable.max(16)
+        );
+        limits.max_connections = usable.max(16);
+    }
+}
+
 fn main() -> ExitCode {
     // Everything the daemon and its VMs create is private (state 0700/0600, see files.rs).
     ferrovirtd::files::restrict_umask();
     let run = || -> Result<(), String> {
-        let (paths, tcp, limits, allow_remote_vnc) = parse_args()?;
+        let (paths, tcp, limits, mut http_limits, allow_remote_vnc) = parse_args()?;
+        fit_to_fd_limit(&mut http_limits);
         let tcp = match tcp {
             Some(o) => {
                 let token = read_token(&o.token_file)?;
@@ -194,7 +253,7 @@ fn main() -> ExitCode {
                     }
                     None => None,
                 };
-                Some((o.addr, token, tls))
+                Some((o.addr, TcpAuth { token, tls }))
             }
             None => None,
         };
@@ -206,22 +265,22 @@ fn main() -> ExitCode {
         };
         let mgr = Manager::open(paths.clone(), setup)?;
         let listener = bind(&paths)?;
-        if let Some((addr, token, tls)) = tcp {
-            let tcp_listener = std::net::TcpListener::bind(&addr)
-                .map_err(|e| format!("cannot listen on TCP {addr}: {e}"))?;
-            let bound = tcp_listener
-                .local_addr()
-                .map(|a| a.to_string())
-                .unwrap_or(addr);
-            let scheme = if tls.is_some() { "tls" } else { "tcp" };
-            eprintln!("ferrovirtd: also listening on {scheme}://{bound} (bearer token required)");
-            let mgr = mgr.clone();
-            let token = std::sync::Arc::new(token);
-            std::thread::Builder::new()
-                .name("tcp-accept".into())
-                .spawn(move || ferrovirtd::server::serve_tcp(tcp_listener, mgr, token, tls))
-                .map_err(|e| e.to_string())?;
-        }
+        let tcp = match tcp {
+            Some((addr, auth)) => {
+                let tcp_listener = std::net::TcpListener::bind(&addr)
+                    .map_err(|e| format!("cannot listen on TCP {addr}: {e}"))?;
+                let bound = tcp_listener
+                    .local_addr()
+                    .map(|a| a.to_string())
+                    .unwrap_or(addr);
+                let scheme = if auth.tls.is_some() { "tls" } else { "tcp" };
+                eprintln!(
+                    "ferrovirtd: also listening on {scheme}://{bound} (bearer token required)"
+                );
+                Some((tcp_listener, auth))
+            }
+            None => None,
+        };
         eprintln!(
             "ferrovirtd {} listening on {} (state {}, default driver {}: {})",
             ferrovirt_api::VERSION,
@@ -230,8 +289,23 @@ fn main() -> ExitCode {
             mgr.default_type.as_str(),
             mgr.default_reason
         );
-        ferrovirtd::server::serve_unix(listener, mgr);
-        Ok(())
+        // Two workers for the connections; blocking work (driver calls, the database) runs on
+        // the blocking pool, whose threads end when idle.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .max_blocking_threads(128)
+            .thread_name("api")
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+        runtime
+            .block_on(ferrovirtd::http::listen::serve(
+                mgr,
+                http_limits,
+                listener,
+                tcp,
+            ))
+            .map_err(|e| format!("serving the API: {e}"))
     };
     match run() {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,15 +1,11 @@
-//! The /v1 HTTP/JSON API on the daemon's Unix socket (see docs/api/openapi.yaml).
-//! One thread per connection, one request per connection.
+//! The /v1 API's routes (see docs/api/openapi.yaml): a request with its body already read
+//! (within the route's limit, see [`body_limit`]) in, a reply out. They run on the blocking
+//! pool; crate::http serves them (and the streaming routes: events, console).
 
-use std::io::{BufReader, Write};
-use std::net::TcpListener;
-use std::os::unix::net::UnixListener;
-use std::sync::mpsc::RecvTimeoutError;
-use std::sync::Arc;
 use std::time::Duration;
 
-use ferrovirt_api::error::ErrorBody;
-use ferrovirt_api::http::{self, percent_decode, Request, Stream};
+use bytes::Bytes;
+use ferrovirt_api::http::percent_decode;
 use ferrovirt_api::msg::{
     AutostartRequest, DomainResponse, MemoryRequest, VcpusRequest, VersionInfo, VolumeCreateRequest,
 };
@@ -19,13 +15,71 @@ use serde::Serialize;
 
 use crate::manager::Manager;
 
-/// What a handler produces.
-enum Reply {
+/// Body limit of actions and settings (their JSON bodies are tiny).
+pub const ACTION_BODY: usize = 64 * 1024;
+/// Body limit of definitions (domain and network XML/TOML/JSON, cloud-init data).
+pub const DEFINITION_BODY: usize = 1024 * 1024;
+
+/// The largest body the route `method` `seg` accepts; checked before any of it is read.
+pub fn body_limit(method: &str, seg: &[&str]) -> usize {
+    match (method, seg) {
+        ("POST", ["v1", "domains"])
+        | ("POST", ["v1", "networks"])
+        | ("POST", ["v1", "pools", "default", "cloud-init"]) => DEFINITION_BODY,
+        _ => ACTION_BODY,
+    }
+}
+
+/// A request as the routes see it.
+#[derive(Debug, Clone, Default)]
+pub struct Request {
+    pub method: String,
+    /// The path without the query, still percent-encoded.
+    pub path: String,
+    pub query: Vec<(String, String)>,
+    pub headers: Vec<(String, String)>,
+    pub body: Bytes,
+}
+
+impl Request {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    pub fn query(&self, name: &str) -> Option<&str> {
+        self.query
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// The decoded query pairs of a URI's query string.
+pub fn parse_query(raw: &str) -> Vec<(String, String)> {
+    raw.split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect()
+}
+
+/// The decoded segments of a path.
+pub fn segments(path: &str) -> Vec<String> {
+    path.trim_matches('/')
+        .split('/')
+        .map(percent_decode)
+        .collect()
+}
+
+/// What a route produces.
+pub enum Reply {
     Json(u16, String),
     Text(&'static str, String),
     Empty,
-    /// The connection was taken over (events, console).
-    Taken,
 }
 
 fn json<T: Serialize>(status: u16, value: &T) -> Reply {
@@ -35,102 +89,13 @@ fn json<T: Serialize>(status: u16, value: &T) -> Reply {
     )
 }
 
-/// Serve the API on the Unix socket (access is controlled by the socket's mode).
-pub fn serve_unix(listener: UnixListener, mgr: Arc<Manager>) {
-    for conn in listener.incoming() {
-        let Ok(stream) = conn else { continue };
-        let mgr = mgr.clone();
-        let _ = std::thread::Builder::new()
-            .name("api".into())
-            .spawn(move || handle(Box::new(stream), &mgr, None));
-    }
-}
-
-/// Serve the API on TCP (in TLS when configured): every request must carry
-/// `Authorization: Bearer TOKEN`.
-pub fn serve_tcp(
-    listener: TcpListener,
-    mgr: Arc<Manager>,
-    token: Arc<String>,
-    tls: Option<Arc<rustls::ServerConfig>>,
-) {
-    for conn in listener.incoming() {
-        let Ok(stream) = conn else { continue };
-        let stream: Box<dyn Stream> = match &tls {
-            None => Box::new(stream),
-            Some(config) => match ferrovirt_api::tls::accept(config.clone(), stream) {
-                Ok(plain) => Box::new(plain),
-                Err(_) => continue,
-            },
-        };
-        let mgr = mgr.clone();
-        let token = token.clone();
-        let _ = std::thread::Builder::new()
-            .name("api-tcp".into())
-            .spawn(move || handle(stream, &mgr, Some(token.as_str())));
-    }
-}
-
 /// Compare without leaking, through timing, how much of the token matched.
-fn token_matches(given: Option<&str>, token: &str) -> bool {
+pub fn token_matches(given: Option<&str>, token: &str) -> bool {
     let Some(given) = given.and_then(|h| h.strip_prefix("Bearer ")) else {
         return false;
     };
     let (a, b) = (given.trim().as_bytes(), token.as_bytes());
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-fn handle(stream: Box<dyn Stream>, mgr: &Manager, token: Option<&str>) {
-    let _ = stream.set_timeouts(Some(Duration::from_secs(30)), None);
-    let Ok(mut out) = stream.try_clone_stream() else {
-        return;
-    };
-    let mut reader = BufReader::new(stream);
-    let req = match http::read_request(&mut reader) {
-        Ok(Some(r)) => r,
-        Ok(None) => return,
-        Err(e) => {
-            let _ = write_error(
-                &mut out,
-                &ApiError::malformed(format!("bad HTTP request: {e}")),
-            );
-            return;
-        }
-    };
-    let _ = out.set_timeouts(None, None);
-    if let Some(token) = token {
-        if !token_matches(req.header("authorization"), token) {
-            let e = ApiError::new(
-                ErrorCode::Unauthorized,
-                "missing or wrong bearer token (set FERROVIRT_TOKEN)",
-            );
-            let _ = write_error(&mut out, &e);
-            return;
-        }
-    }
-    let reply = route(&req, mgr, out.as_ref())
-        .unwrap_or_else(|e| Reply::Json(e.code.http_status(), error_json(&e)));
-    let _ = match reply {
-        Reply::Json(status, body) => {
-            http::write_response(&mut out, status, "application/json", body.as_bytes())
-        }
-        Reply::Text(ct, body) => http::write_response(&mut out, 200, ct, body.as_bytes()),
-        Reply::Empty => http::write_response(&mut out, 204, "", b""),
-        Reply::Taken => Ok(()),
-    };
-}
-
-fn error_json(e: &ApiError) -> String {
-    serde_json::to_string(&ErrorBody { error: e.clone() }).unwrap_or_default()
-}
-
-fn write_error(out: &mut Box<dyn Stream>, e: &ApiError) -> std::io::Result<()> {
-    http::write_response(
-        out,
-        e.code.http_status(),
-        "application/json",
-        error_json(e).as_bytes(),
-    )
 }
 
 fn body<T: DeserializeOwned>(req: &Request) -> Result<T, ApiError> {
@@ -190,13 +155,9 @@ fn parse_definition(req: &Request) -> Result<(DomainDef, Vec<String>), ApiError>
     }
 }
 
-fn route(req: &Request, mgr: &Manager, conn: &dyn Stream) -> Result<Reply, ApiError> {
-    let segments: Vec<String> = req
-        .path
-        .trim_matches('/')
-        .split('/')
-        .map(percent_decode)
-        .collect();
+/// Answer one request. Blocking: runs on the blocking pool, never on the async workers.
+pub fn route(req: &Request, mgr: &Manager) -> Result<Reply, ApiError> {
+    let segments = segments(&req.path);
     let seg: Vec<&str> = segments.iter().map(String::as_str).collect();
     let method = req.method.as_str();
     match (method, seg.as_slice()) {
@@ -267,16 +228,6 @@ fn route(req: &Request, mgr: &Manager, conn: &dyn Stream) -> Result<Reply, ApiEr
             let domain = mgr.update_config(name, r.config, |d| d.vcpus = r.vcpus)?;
             Ok(json(200, &DomainResponse { domain }))
         }
-        ("POST", ["v1", "domains", name, "console"]) => {
-            let hub = mgr.console(name)?;
-            let mut out = conn
-                .try_clone_stream()
-                .map_err(|e| ApiError::internal(e.to_string()))?;
-            out.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: console\r\nConnection: Upgrade\r\n\r\n")
-                .map_err(|e| ApiError::internal(e.to_string()))?;
-            hub.attach(out, flag(req, "replay"));
-            Ok(Reply::Taken)
-        }
         ("GET", ["v1", "domains", name, "job"]) => Ok(json(200, &mgr.job_info(name)?)),
         ("DELETE", ["v1", "domains", name, "job"]) => Ok(json(200, &mgr.abort_job(name)?)),
         ("POST", ["v1", "domains", name, verb]) => {
@@ -288,10 +239,6 @@ fn route(req: &Request, mgr: &Manager, conn: &dyn Stream) -> Result<Reply, ApiEr
             })?;
             let domain = mgr.action(name, op, wait_param(req)?)?;
             Ok(json(200, &DomainResponse { domain }))
-        }
-        ("GET", ["v1", "events"]) => {
-            stream_events(mgr, conn);
-            Ok(Reply::Taken)
         }
         (_, ["v1", "networks", ..]) | ("GET", ["v1", "domains", _, "interfaces" | "addresses"]) => {
             Ok(match crate::network::api::route(req, mgr, &seg)? {
@@ -316,37 +263,5 @@ fn route(req: &Request, mgr: &Manager, conn: &dyn Stream) -> Result<Reply, ApiEr
             ErrorCode::NotFound,
             format!("no API route {method} {}", req.path),
         )),
-    }
-}
-
-/// Server-sent events: one `event: lifecycle` per domain event, a comment every 15 s as keep-alive.
-fn stream_events(mgr: &Manager, conn: &dyn Stream) {
-    let rx = mgr.events.subscribe();
-    let Ok(mut out) = conn.try_clone_stream() else {
-        return;
-    };
-    let _ = out.set_timeouts(None, Some(Duration::from_secs(10)));
-    if out
-        .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n: ferrovirtd events\n\n")
-        .is_err()
-    {
-        return;
-    }
-    loop {
-        let chunk = match rx.recv_timeout(Duration::from_secs(15)) {
-            Ok(ev) => format!(
-                "event: lifecycle\ndata: {}\n\n",
-                serde_json::to_string(&ev).unwrap_or_default()
-            ),
-            Err(RecvTimeoutError::Timeout) => ": keep-alive\n\n".to_string(),
-            Err(RecvTimeoutError::Disconnected) => return,
-        };
-        if out
-            .write_all(chunk.as_bytes())
-            .and_then(|_| out.flush())
-            .is_err()
-        {
-            return;
-        }
     }
 }

@@ -48,9 +48,7 @@ fn pid_alive(pid: u32) -> bool {
 /// Type a shell command on the live console and wait for `expect` in the output.
 fn console_roundtrip(c: &Client, name: &str, command: &str, expect: &str) {
     let mut conn = c.console(name, false).expect("attach console");
-    conn.get_mut()
-        .set_timeouts(Some(Duration::from_millis(500)), None)
-        .unwrap();
+    conn.set_read_timeout(Some(Duration::from_millis(500)));
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut seen = String::new();
     let mut last_send = Instant::now() - Duration::from_secs(10);
@@ -61,16 +59,54 @@ fn console_roundtrip(c: &Client, name: &str, command: &str, expect: &str) {
         );
         // Re-send now and then: keystrokes typed while the shell starts can be lost.
         if last_send.elapsed() > Duration::from_secs(3) {
-            conn.get_mut()
-                .write_all(format!("{command}\n").as_bytes())
-                .unwrap();
+            conn.write_all(format!("{command}\n").as_bytes()).unwrap();
             last_send = Instant::now();
         }
         let mut buf = [0u8; 4096];
-        if let Ok(n) = conn.get_mut().read(&mut buf) {
+        if let Ok(n) = conn.read(&mut buf) {
             seen.push_str(&String::from_utf8_lossy(&buf[..n]));
         }
     }
+}
+
+/// The same over a WebSocket (`GET .../console`, binary messages), as a browser would do it.
+fn websocket_console_roundtrip(d: &Daemon, name: &str, command: &str, expect: &str) {
+    use tungstenite::client::IntoClientRequest;
+    use tungstenite::Message;
+    let stream = std::os::unix::net::UnixStream::connect(d.socket()).unwrap();
+    let req = format!("ws://localhost/v1/domains/{name}/console")
+        .into_client_request()
+        .unwrap();
+    let (mut ws, resp) = tungstenite::client(req, stream).expect("WebSocket handshake");
+    assert_eq!(resp.status(), 101);
+    ws.get_ref()
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = String::new();
+    let mut last_send = Instant::now() - Duration::from_secs(10);
+    while !seen.contains(expect) {
+        assert!(
+            Instant::now() < deadline,
+            "no '{expect}' on the WebSocket console; got: {seen}"
+        );
+        if last_send.elapsed() > Duration::from_secs(3) {
+            ws.send(Message::Binary(format!("{command}\n").into_bytes().into()))
+                .unwrap();
+            last_send = Instant::now();
+        }
+        match ws.read() {
+            Ok(Message::Binary(b)) => seen.push_str(&String::from_utf8_lossy(&b)),
+            Ok(other) => panic!("unexpected WebSocket message {other:?}"),
+            Err(tungstenite::Error::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => panic!("WebSocket console: {e}"),
+        }
+    }
+    let _ = ws.close(None);
 }
 
 #[test]
@@ -87,6 +123,7 @@ fn boots_a_guest_with_console_log_and_live_console_then_destroys_it() {
     wait_booted(&d, "tiny");
     eprintln!("guest reached init {:?} after start", started.elapsed());
     console_roundtrip(&c, "tiny", "echo answer-$((6*7))", "answer-42");
+    websocket_console_roundtrip(&d, "tiny", "echo ws-answer-$((6*7))", "ws-answer-42");
     // The console log caught the live session too.
     wait_for("console log of the session", Duration::from_secs(5), || {
         console_log(&d, "tiny").contains("answer-42")

@@ -2,45 +2,13 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{code, daemon_binary, wait_for, Daemon};
+use common::{certificates, code, daemon_binary, tcp_addr, token_file, wait_for, Daemon, TOKEN};
 use ferrovirt_api::client::Client;
 use ferrovirt_api::ErrorCode;
 use ferrovirt_testkit::{RunWithin, TOOL_TIMEOUT};
-
-const TOKEN: &str = "s3cret-token-for-tests-0123456789";
-
-fn token_file(mode: u32) -> PathBuf {
-    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    let p = std::env::temp_dir().join(format!("fv-token-{}-{n}-{mode:o}", std::process::id()));
-    std::fs::write(&p, format!("{TOKEN}\n")).unwrap();
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
-    p
-}
-
-fn tcp_addr(d: &Daemon) -> String {
-    let mut addr = String::new();
-    wait_for(
-        "the TCP listener line in the daemon log",
-        Duration::from_secs(5),
-        || {
-            addr = d
-                .log()
-                .lines()
-                .find_map(|l| l.strip_prefix("ferrovirtd: also listening on tcp://"))
-                .and_then(|rest| rest.split(' ').next())
-                .unwrap_or("")
-                .to_string();
-            !addr.is_empty()
-        },
-    );
-    addr
-}
 
 #[test]
 fn tcp_needs_the_bearer_token() {
@@ -104,77 +72,6 @@ fn tcp_without_a_safe_token_is_refused_at_start() {
     );
     let _ = std::fs::remove_file(open_token);
     let _ = std::fs::remove_dir_all(dir);
-}
-
-fn openssl(args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .output_within(TOOL_TIMEOUT)
-        .expect("openssl is needed to make test certificates");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A test CA and a server certificate for 127.0.0.1 signed by it; returns (ca cert, server cert, server key).
-fn certificates(dir: &std::path::Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
-    std::fs::create_dir_all(dir).unwrap();
-    let p = |f: &str| {
-        dir.join(format!("{name}-{f}"))
-            .to_string_lossy()
-            .into_owned()
-    };
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    let mut ca = vec![
-        "req",
-        "-x509",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=ferrovirt test CA",
-    ];
-    ca.extend(ec);
-    let (ca_key, ca_crt) = (p("ca.key"), p("ca.crt"));
-    ca.extend(["-keyout", &ca_key, "-out", &ca_crt]);
-    openssl(&ca);
-    let (key, csr, crt, ext) = (
-        p("server.key"),
-        p("server.csr"),
-        p("server.crt"),
-        p("server.ext"),
-    );
-    let mut req = vec!["req", "-subj", "/CN=127.0.0.1"];
-    req.extend(ec);
-    req.extend(["-keyout", &key, "-out", &csr]);
-    openssl(&req);
-    std::fs::write(&ext, "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=critical,CA:FALSE\nextendedKeyUsage=serverAuth\n").unwrap();
-    openssl(&[
-        "x509",
-        "-req",
-        "-days",
-        "1",
-        "-in",
-        &csr,
-        "-CA",
-        &ca_crt,
-        "-CAkey",
-        &ca_key,
-        "-CAcreateserial",
-        "-extfile",
-        &ext,
-        "-out",
-        &crt,
-    ]);
-    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-    (ca_crt.into(), crt.into(), key.into())
 }
 
 #[test]

@@ -99,6 +99,13 @@ fn restore(raw: &[OsString]) -> ! {
 }
 
 fn main() {
+    // The workspace's release profile unwinds (ferrovirtd answers a panicking request with a 500
+    // and keeps serving); a VMM whose thread panicked is in no state to go on: end it as before.
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        std::process::abort();
+    }));
     let raw: Vec<OsString> = std::env::args_os().collect();
     put_name_first(&raw);
     if ferrovmm::restore::requested(&raw) {

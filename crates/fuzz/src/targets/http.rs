@@ -77,7 +77,7 @@ pub const FERROVMM_RAW: Target = Target {
 };
 
 /// The workspace's binaries sit next to the test binary's folder (target/debug/deps/..).
-fn binary(name: &str) -> PathBuf {
+pub(crate) fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("the test binary's path");
     let p = exe
         .parent()
@@ -88,16 +88,16 @@ fn binary(name: &str) -> PathBuf {
         p.is_file(),
         "{} is missing: build it first (cargo build -p {})",
         p.display(),
-        if name == "ferrovmm" {
-            "ferrovmm"
-        } else {
-            "ferrovirtd"
+        match name {
+            "ferrovmm" => "ferrovmm",
+            "ferrovirt" => "ferrovirt",
+            _ => "ferrovirtd",
         }
     );
     p
 }
 
-fn wait_for_socket(p: &Path, child: &mut Child, what: &str) {
+pub(crate) fn wait_for_socket(p: &Path, child: &mut Child, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while UnixStream::connect(p).is_err() {
         if let Ok(Some(st)) = child.try_wait() {
@@ -112,22 +112,27 @@ fn wait_for_socket(p: &Path, child: &mut Child, what: &str) {
     }
 }
 
-/// Sends `bytes`, half-closes, reads whatever comes back (bounded); returns the response.
-fn exchange(sock: &Path, bytes: &[u8], wait: Duration) -> Option<Vec<u8>> {
+/// Sends `bytes` while reading whatever comes back (so a server that answers as it reads never
+/// blocks on us), half-closes, and returns the response (bounded in size and time).
+pub(crate) fn exchange(sock: &Path, bytes: &[u8], wait: Duration) -> Option<Vec<u8>> {
     let mut s = UnixStream::connect(sock).ok()?;
     s.set_read_timeout(Some(wait)).ok()?;
     s.set_write_timeout(Some(wait)).ok()?;
+    let mut r = s.try_clone().ok()?;
+    let reader = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 8192];
+        while out.len() < (4 << 20) {
+            match r.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+        out
+    });
     let _ = s.write_all(bytes);
     let _ = s.shutdown(std::net::Shutdown::Write);
-    let mut out = Vec::new();
-    let mut buf = [0u8; 8192];
-    while out.len() < (4 << 20) {
-        match s.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => out.extend_from_slice(&buf[..n]),
-        }
-    }
-    Some(out)
+    reader.join().ok()
 }
 
 /// A well-formed request that must get a 200.
@@ -328,8 +333,13 @@ impl VmmTarget {
         child
     }
 
+    /// Its control API socket.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("api.sock")
+    }
+
     pub fn one(&mut self, input: &[u8]) -> Outcome {
-        let sock = self.dir.path().join("api.sock");
+        let sock = self.socket();
         let _ = exchange(&sock, input, Duration::from_secs(2));
         if healthy(&sock, "/vm").is_ok() {
             return Outcome::Accepted;

@@ -4,5 +4,7 @@
 pub mod definitions;
 pub mod http;
 pub mod launch;
+pub mod nbd;
 pub mod qcow2;
+pub mod snapshot;
 pub mod virtio;

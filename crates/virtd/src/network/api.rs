@@ -1,6 +1,6 @@
 //! The /v1/networks routes and the domains' interface routes (see docs/api/openapi.yaml).
 
-use ferrovirt_api::http::Request;
+use crate::server::Request;
 use ferrovirt_api::network::{NetAutostartRequest, NetDefineResponse, NetworkDef};
 use ferrovirt_api::{ApiError, ErrorCode};
 use serde::Serialize;

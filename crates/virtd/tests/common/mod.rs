@@ -1,6 +1,7 @@
 //! Shared helpers for end-to-end tests: a real ferrovirtd in a temporary folder.
 #![allow(dead_code)]
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -9,6 +10,7 @@ use std::time::{Duration, Instant};
 use ferrovirt_api::client::{Client, ClientError, DefFormat};
 use ferrovirt_api::DomainOp;
 use ferrovirt_api::ErrorCode;
+use ferrovirt_testkit::{RunWithin, TOOL_TIMEOUT};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -16,6 +18,8 @@ pub struct Daemon {
     pub dir: PathBuf,
     pub child: Option<Child>,
     pub extra_args: Vec<String>,
+    /// RLIMIT_NOFILE (soft and hard) for the daemon process, if set.
+    pub fd_limit: Option<u64>,
 }
 
 pub fn daemon_binary() -> PathBuf {
@@ -29,6 +33,11 @@ impl Daemon {
 
     /// Start with extra command-line arguments; `{dir}` in them is replaced by the test folder.
     pub fn start_with(extra: &[&str]) -> Daemon {
+        Self::start_limited(extra, None)
+    }
+
+    /// Start with extra arguments and, if given, this file descriptor limit.
+    pub fn start_limited(extra: &[&str], fd_limit: Option<u64>) -> Daemon {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         // Short paths: Unix socket paths are limited to 108 bytes.
         let dir = PathBuf::from(format!("/tmp/fvd-{}-{n}", std::process::id()));
@@ -42,6 +51,7 @@ impl Daemon {
             dir,
             child: None,
             extra_args,
+            fd_limit,
         };
         d.spawn();
         d
@@ -67,7 +77,24 @@ impl Daemon {
             .append(true)
             .open(self.dir.join("daemon.log"))
             .expect("log");
-        let child = Command::new(daemon_binary())
+        let mut cmd = Command::new(daemon_binary());
+        if let Some(n) = self.fd_limit {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: only setrlimit (async-signal-safe) runs between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let rl = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &rl) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd
             .arg("--state-dir")
             .arg(self.state_dir())
             .arg("--run-dir")
@@ -172,4 +199,108 @@ pub fn until_subscribed(d: &Daemon, c: &Client, mut seen_probe: impl FnMut(Durat
             "the event subscription never saw the probe domain"
         );
     }
+}
+
+// The TCP/TLS listener: token file, listener address, test certificates.
+
+pub const TOKEN: &str = "s3cret-token-for-tests-0123456789";
+
+pub fn token_file(mode: u32) -> PathBuf {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let p = std::env::temp_dir().join(format!("fv-token-{}-{n}-{mode:o}", std::process::id()));
+    std::fs::write(&p, format!("{TOKEN}\n")).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+    p
+}
+
+/// The address of the daemon's plain TCP listener, from its log.
+pub fn tcp_addr(d: &Daemon) -> String {
+    let mut addr = String::new();
+    wait_for(
+        "the TCP listener line in the daemon log",
+        Duration::from_secs(5),
+        || {
+            addr = d
+                .log()
+                .lines()
+                .find_map(|l| l.strip_prefix("ferrovirtd: also listening on tcp://"))
+                .and_then(|rest| rest.split(' ').next())
+                .unwrap_or("")
+                .to_string();
+            !addr.is_empty()
+        },
+    );
+    addr
+}
+
+pub fn openssl(args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .output_within(TOOL_TIMEOUT)
+        .expect("openssl is needed to make test certificates");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A test CA and a server certificate for 127.0.0.1 signed by it; returns (ca cert, server cert, server key).
+pub fn certificates(dir: &std::path::Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    std::fs::create_dir_all(dir).unwrap();
+    let p = |f: &str| {
+        dir.join(format!("{name}-{f}"))
+            .to_string_lossy()
+            .into_owned()
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec![
+        "req",
+        "-x509",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=ferrovirt test CA",
+    ];
+    ca.extend(ec);
+    let (ca_key, ca_crt) = (p("ca.key"), p("ca.crt"));
+    ca.extend(["-keyout", &ca_key, "-out", &ca_crt]);
+    openssl(&ca);
+    let (key, csr, crt, ext) = (
+        p("server.key"),
+        p("server.csr"),
+        p("server.crt"),
+        p("server.ext"),
+    );
+    let mut req = vec!["req", "-subj", "/CN=127.0.0.1"];
+    req.extend(ec);
+    req.extend(["-keyout", &key, "-out", &csr]);
+    openssl(&req);
+    std::fs::write(&ext, "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=critical,CA:FALSE\nextendedKeyUsage=serverAuth\n").unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-days",
+        "1",
+        "-in",
+        &csr,
+        "-CA",
+        &ca_crt,
+        "-CAkey",
+        &ca_key,
+        "-CAcreateserial",
+        "-extfile",
+        &ext,
+        "-out",
+        &crt,
+    ]);
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    (ca_crt.into(), crt.into(), key.into())
 }
