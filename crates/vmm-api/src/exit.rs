@@ -34,7 +34,7 @@ pub enum ExitReason {
     Reset,
     /// Stopped through the control API (`PUT /vm/stop`).
     Stopped,
-    /// The VM moved to another process (live migration); reserved.
+    /// The VM moved to another process (live migration completed).
     Migrated,
     /// The VM could not go on.
     Crash {
@@ -85,7 +85,7 @@ impl ExitReason {
             ExitReason::Poweroff => "guest powered off".into(),
             ExitReason::Reset => "guest reset".into(),
             ExitReason::Stopped => "vm stopped".into(),
-            ExitReason::Migrated => "vm migrated".into(),
+            ExitReason::Migrated => "guest migrated".into(),
             ExitReason::Crash { detail, .. } => detail.clone(),
             ExitReason::Error { message } => message.clone(),
         }

@@ -288,6 +288,28 @@ fn snapshot(machine: &Machine, body: &[u8]) -> Reply {
     }
 }
 
+/// `PUT /vm/migrate {"destination", "downtime_ms", "timeout_s"}`: starts a live
+/// migration on its own thread; `GET /vm/migration` follows it.
+fn migrate(machine: &Arc<Machine>, body: &[u8]) -> Reply {
+    let req: crate::migration::MigrateRequest = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => {
+            return Reply::error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("PUT /vm/migrate takes {{\"destination\": \"unix:PATH|tcp:HOST:PORT\", \"downtime_ms\": N, \"timeout_s\": N}}: {e}"),
+            )
+        }
+    };
+    match crate::migration::start(machine.clone(), req) {
+        Ok(()) => Reply::json(StatusCode::ACCEPTED, &machine.migration.status()),
+        Err(e) if e.contains("already running") => {
+            Reply::error(StatusCode::CONFLICT, "migration_running", e)
+        }
+        Err(e) => Reply::error(StatusCode::BAD_REQUEST, "bad_request", e),
+    }
+}
+
 fn body_too_large() -> Reply {
     Reply::error(
         StatusCode::PAYLOAD_TOO_LARGE,
@@ -296,9 +318,10 @@ fn body_too_large() -> Reply {
     )
 }
 
-fn route(machine: &Machine, method: &Method, path: &str, body: &[u8]) -> Reply {
+fn route(machine: &Arc<Machine>, method: &Method, path: &str, body: &[u8]) -> Reply {
     let allowed = match path {
-        "/vm" | "/vm/counters" => Method::GET,
+        "/vm" | "/vm/counters" | "/vm/migration" => Method::GET,
+        "/vm/migrate" => Method::PUT,
         "/vm/pause" | "/vm/resume" | "/vm/power-button" | "/vm/reset" | "/vm/stop" => Method::PUT,
         "/vm/snapshot" => Method::PUT,
         _ => {
@@ -318,6 +341,9 @@ fn route(machine: &Machine, method: &Method, path: &str, body: &[u8]) -> Reply {
     }
     if path == "/vm/snapshot" {
         return snapshot(machine, body);
+    }
+    if path == "/vm/migrate" {
+        return migrate(machine, body);
     }
     if !body.is_empty() {
         return Reply::error(
@@ -343,6 +369,14 @@ fn route(machine: &Machine, method: &Method, path: &str, body: &[u8]) -> Reply {
                 },
             )
         }
+        "/vm/migration" => match machine.migration.status() {
+            Some(status) => Reply::json(StatusCode::OK, &status),
+            None => Reply::error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no migration was started; see PUT /vm/migrate",
+            ),
+        },
         "/vm/counters" => Reply::json(
             StatusCode::OK,
             &serde_json::json!({ "exits": machine.counters.snapshot() }),

@@ -19,6 +19,7 @@ pub mod layout;
 pub mod lifecycle;
 pub mod logger;
 pub mod memory;
+pub mod migration;
 pub mod pci;
 pub mod pci_devices;
 pub mod persist;
@@ -46,6 +47,18 @@ pub fn run(config: &LaunchConfig) -> Result<i32> {
 /// Builds the machine (booted or restored), serves the API and the console until
 /// the VM ends. A restored machine starts paused unless `resume`.
 pub fn run_machine(config: &LaunchConfig, origin: vm::Origin, resume: bool) -> Result<i32> {
+    let started = start_machine(config, origin)?;
+    serve_machine(config, started, resume)
+}
+
+/// A built machine with its API served, not yet run by the main thread.
+pub struct Started {
+    pub machine: Arc<vm::Machine>,
+    console_listener: Option<std::os::unix::net::UnixListener>,
+}
+
+/// Binds the sockets, builds the machine and serves its API.
+pub fn start_machine(config: &LaunchConfig, origin: vm::Origin) -> Result<Started> {
     // Bind sockets before the guest runs, so a bad path fails fast and clients
     // that see the socket can use it at once.
     let console_listener = match &config.serial {
@@ -56,6 +69,18 @@ pub fn run_machine(config: &LaunchConfig, origin: vm::Origin, resume: bool) -> R
     if let Some(path) = &config.api_socket {
         api::serve(path, machine.clone())?;
     }
+    Ok(Started {
+        machine,
+        console_listener,
+    })
+}
+
+/// Runs the console loop of a started machine until the VM ends; returns the exit status.
+pub fn serve_machine(config: &LaunchConfig, started: Started, resume: bool) -> Result<i32> {
+    let Started {
+        machine,
+        console_listener,
+    } = started;
     if resume {
         machine.vcpus.resume();
     }

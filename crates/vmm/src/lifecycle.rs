@@ -15,6 +15,8 @@ pub enum StopReason {
     Reset,
     /// `PUT /vm/stop` on the API.
     Stopped,
+    /// The VM now runs in another process (live migration completed).
+    Migrated,
     /// Something the VMM cannot continue from.
     Crash {
         cause: CrashCause,
@@ -44,6 +46,7 @@ impl StopReason {
             StopReason::PowerOff => ExitReason::Poweroff,
             StopReason::Reset => ExitReason::Reset,
             StopReason::Stopped => ExitReason::Stopped,
+            StopReason::Migrated => ExitReason::Migrated,
             StopReason::Crash { cause, detail, .. } => ExitReason::Crash {
                 cause: *cause,
                 detail: detail.clone(),

@@ -204,3 +204,52 @@ pub fn map_from_file(
     }
     GuestMemoryMmap::from_regions(regions).map_err(|e| Error::host(format!("snapshot memory: {e}")))
 }
+
+/// Turns KVM's dirty page logging on or off for every RAM slot (the slots keep
+/// their numbers and mappings; only the flag changes).
+pub fn set_dirty_logging(vm: &VmFd, mem: &GuestMemoryMmap, on: bool) -> Result<()> {
+    let mut regions = slots(mem);
+    for r in &mut regions {
+        r.flags = if on {
+            kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        };
+    }
+    register_slots(vm, &regions)
+}
+
+/// The pages written by the guest since the last call (or since logging started),
+/// per region, as page indexes within the region. Reading the log also clears it.
+pub fn take_dirty_pages(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<Vec<Vec<usize>>> {
+    let mut out = Vec::new();
+    for (slot, region) in mem.iter().enumerate() {
+        let bitmap = vm
+            .get_dirty_log(slot as u32, region.len() as usize)
+            .map_err(|e| Error::host(format!("KVM_GET_DIRTY_LOG: {e}")))?;
+        let mut pages = Vec::new();
+        for (word_index, word) in bitmap.iter().enumerate() {
+            let mut w = *word;
+            while w != 0 {
+                let bit = w.trailing_zeros() as usize;
+                pages.push(word_index * 64 + bit);
+                w &= w - 1;
+            }
+        }
+        out.push(pages);
+    }
+    Ok(out)
+}
+
+/// Page indexes of `region` that may hold anything but zeros (for a first full copy).
+pub fn nonzero_pages(region: &vm_memory::GuestRegionMmap<()>) -> Vec<usize> {
+    let len = region.len() as usize;
+    let worth = pages_worth_reading(region);
+    // SAFETY: the region is a live mapping of `len` bytes owned by the caller's memory.
+    let bytes = unsafe { std::slice::from_raw_parts(region.as_ptr() as *const u8, len) };
+    (0..len / PAGE)
+        .filter(|&p| worth[p] && !is_zero(&bytes[p * PAGE..(p + 1) * PAGE]))
+        .collect()
+}
+
+pub const PAGE_SIZE: usize = PAGE;

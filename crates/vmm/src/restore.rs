@@ -11,15 +11,24 @@ use std::str::FromStr;
 use crate::config::{LaunchConfig, LogLevel, NetBackend, SerialMode};
 use crate::error::{Error, Result};
 use crate::snapshot::{self, MEMORY_FILE, STATE_FILE};
-use crate::vm::Origin;
+use crate::vm::{MemorySource, Origin};
 
 /// Restore a VM from a snapshot directory written by `PUT /vm/snapshot`.
 #[derive(Parser, Debug, Clone)]
 #[command(name = "ferrovmm --restore", version, max_term_width = 100)]
 pub struct RestoreArgs {
     /// The snapshot directory (with `state` and `memory`).
-    #[arg(long, value_name = "DIR")]
-    pub restore: PathBuf,
+    #[arg(
+        long,
+        value_name = "DIR",
+        required_unless_present = "incoming",
+        conflicts_with = "incoming"
+    )]
+    pub restore: Option<PathBuf>,
+
+    /// Wait for a live migration on unix:PATH or tcp:HOST:PORT, then run the VM it brings.
+    #[arg(long, value_name = "ADDRESS")]
+    pub incoming: Option<String>,
 
     /// A new name for the VM (default: the snapshot's).
     #[arg(long, value_name = "NAME")]
@@ -61,8 +70,12 @@ pub struct RestoreArgs {
 
 /// True when the command line asks for a restore (main picks the parser by this).
 pub fn requested(argv: &[std::ffi::OsString]) -> bool {
-    argv.iter()
-        .any(|a| a == "--restore" || a.to_str().is_some_and(|s| s.starts_with("--restore=")))
+    argv.iter().any(|a| {
+        a == "--restore"
+            || a == "--incoming"
+            || a.to_str()
+                .is_some_and(|s| s.starts_with("--restore=") || s.starts_with("--incoming="))
+    })
 }
 
 fn index_and_value<'a>(flag: &str, s: &'a str, count: usize) -> Result<(usize, &'a str)> {
@@ -81,7 +94,7 @@ fn index_and_value<'a>(flag: &str, s: &'a str, count: usize) -> Result<(usize, &
 }
 
 /// The saved configuration with this command line's overrides applied.
-fn configure(r: &RestoreArgs, saved: &LaunchConfig) -> Result<LaunchConfig> {
+pub(crate) fn configure(r: &RestoreArgs, saved: &LaunchConfig) -> Result<LaunchConfig> {
     let mut config = saved.clone();
     if let Some(name) = &r.name {
         config.name = name.clone();
@@ -120,11 +133,22 @@ fn configure(r: &RestoreArgs, saved: &LaunchConfig) -> Result<LaunchConfig> {
     Ok(config)
 }
 
-/// Reads and checks the snapshot, then runs the restored VM to its end.
+/// Restores from a snapshot or receives a migration, then runs the VM to its end.
 pub fn run(r: RestoreArgs) -> Result<i32> {
-    let state_path = r.restore.join(STATE_FILE);
+    match (&r.restore, &r.incoming) {
+        (Some(dir), None) => from_snapshot(&r, dir),
+        (None, Some(address)) => crate::migration::receive(&r, address),
+        _ => Err(Error::usage(
+            "give exactly one of --restore DIR or --incoming ADDRESS",
+        )),
+    }
+}
+
+/// Reads and checks the snapshot, then runs the restored VM to its end.
+fn from_snapshot(r: &RestoreArgs, dir: &std::path::Path) -> Result<i32> {
+    let state_path = dir.join(STATE_FILE);
     let payload = snapshot::read_state(&state_path).map_err(Error::usage)?;
-    let config = configure(&r, &payload.launch)?;
+    let config = configure(r, &payload.launch)?;
     let expected: u64 = crate::layout::ram_regions(config.memory_mib << 20)
         .iter()
         .map(|(_, size)| *size)
@@ -139,15 +163,17 @@ pub fn run(r: RestoreArgs) -> Result<i32> {
     }
     check_host_cpu(&payload.machine)?;
     let origin = Origin::Restore {
-        memory: r.restore.join(MEMORY_FILE),
-        eager: r.copy_memory,
+        memory: MemorySource::File {
+            path: dir.join(MEMORY_FILE),
+            eager: r.copy_memory,
+        },
         state: Box::new(payload.machine),
     };
     crate::run_machine(&config, origin, r.resume)
 }
 
 /// Refuses a snapshot whose guest used CPU features this host's KVM lacks.
-fn check_host_cpu(state: &crate::vm::MachineState) -> Result<()> {
+pub(crate) fn check_host_cpu(state: &crate::vm::MachineState) -> Result<()> {
     for (i, vcpu) in state.vcpus.iter().enumerate() {
         let missing = crate::cpu::cpuid::missing_features(&vcpu.cpuid);
         if !missing.is_empty() {

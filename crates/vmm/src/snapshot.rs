@@ -82,16 +82,30 @@ pub fn read_state(path: &Path) -> Result<Payload, String> {
     use std::io::Read;
     let shown = path.display();
     let mut file = std::fs::File::open(path).map_err(|e| format!("{shown}: {e}"))?;
-    let mut header = [0u8; HEADER_LEN];
-    file.read_exact(&mut header)
-        .map_err(|_| format!("{shown}: truncated (no complete header)"))?;
+    let len = file.metadata().map_err(|e| format!("{shown}: {e}"))?.len();
+    if len > HEADER_LEN as u64 + MAX_PAYLOAD {
+        return Err(format!(
+            "{shown}: {len} bytes; a state file is at most {MAX_PAYLOAD} bytes of state"
+        ));
+    }
+    let mut bytes = Vec::with_capacity(len as usize);
+    file.read_to_end(&mut bytes)
+        .map_err(|e| format!("{shown}: {e}"))?;
+    decode(&bytes).map_err(|e| format!("{shown}: {e}"))
+}
+
+/// Checks and decodes a state container (a file's bytes, or a migration's state message).
+pub fn decode(bytes: &[u8]) -> Result<Payload, String> {
+    let header = bytes
+        .get(..HEADER_LEN)
+        .ok_or("truncated (no complete header)")?;
     if &header[..8] != MAGIC {
-        return Err(format!("{shown}: not a ferrovmm snapshot"));
+        return Err("not a ferrovmm snapshot".into());
     }
     let version = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
     if version != FORMAT_VERSION {
         return Err(format!(
-            "{shown}: snapshot format version {version}; this ferrovmm reads version {FORMAT_VERSION}"
+            "snapshot format version {version}; this ferrovmm reads version {FORMAT_VERSION}"
         ));
     }
     let crc = u32::from_le_bytes([header[12], header[13], header[14], header[15]]);
@@ -100,26 +114,20 @@ pub fn read_state(path: &Path) -> Result<Payload, String> {
     let len = u64::from_le_bytes(len_bytes);
     if len > MAX_PAYLOAD {
         return Err(format!(
-            "{shown}: the state claims {len} bytes; the limit is {MAX_PAYLOAD}"
+            "the state claims {len} bytes; the limit is {MAX_PAYLOAD}"
         ));
     }
-    let actual = file
-        .metadata()
-        .map_err(|e| format!("{shown}: {e}"))?
-        .len()
-        .saturating_sub(HEADER_LEN as u64);
-    if actual != len {
+    let body = &bytes[HEADER_LEN..];
+    if body.len() as u64 != len {
         return Err(format!(
-            "{shown}: truncated or padded ({actual} bytes of state, the header says {len})"
+            "truncated or padded ({} bytes of state, the header says {len})",
+            body.len()
         ));
     }
-    let mut body = vec![0u8; len as usize];
-    file.read_exact(&mut body)
-        .map_err(|_| format!("{shown}: truncated"))?;
-    if crc32fast::hash(&body) != crc {
-        return Err(format!("{shown}: checksum mismatch; the file is corrupted"));
+    if crc32fast::hash(body) != crc {
+        return Err("checksum mismatch; the state is corrupted".into());
     }
-    serde_json::from_slice(&body).map_err(|e| format!("{shown}: unreadable state: {e}"))
+    serde_json::from_slice(body).map_err(|e| format!("unreadable state: {e}"))
 }
 
 /// Creates `path` (and its parent) with `contents`, mode 0600, atomically: written

@@ -45,6 +45,8 @@ pub struct Machine {
     /// What the VM was launched with (`GET /vm` reports it; a snapshot keeps it).
     pub config: LaunchConfig,
     pub devices: Devices,
+    /// The live migration of this VM, if one was asked for.
+    pub migration: crate::migration::Tracker,
 }
 
 /// Opens /dev/kvm and checks it is usable.
@@ -110,10 +112,20 @@ pub enum Origin {
     /// Map RAM from a snapshot's memory file and load the saved state; the vCPUs
     /// start paused.
     Restore {
-        memory: std::path::PathBuf,
-        eager: bool,
+        memory: MemorySource,
         state: Box<MachineState>,
     },
+}
+
+/// Where a restored machine's RAM comes from.
+pub enum MemorySource {
+    /// A snapshot's memory file: mapped copy-on-write, or copied up front with `eager`.
+    File {
+        path: std::path::PathBuf,
+        eager: bool,
+    },
+    /// RAM already filled (received by live migration).
+    Ready(GuestMemoryMmap),
 }
 
 impl Machine {
@@ -164,11 +176,7 @@ pub fn build(args: &LaunchConfig, origin: Origin) -> Result<Machine> {
     let devices = crate::pci_devices::open_devices(args)?;
     let (mem, restore) = match origin {
         Origin::Boot => (memory::create_guest_memory(mem_bytes)?, None),
-        Origin::Restore {
-            memory,
-            eager,
-            state,
-        } => {
+        Origin::Restore { memory, state } => {
             if state.vcpus.len() != args.vcpus as usize {
                 return Err(Error::usage(format!(
                     "the snapshot has {} vCPU states for {} vCPUs",
@@ -177,7 +185,12 @@ pub fn build(args: &LaunchConfig, origin: Origin) -> Result<Machine> {
                 )));
             }
             (
-                memory::map_from_file(&memory, mem_bytes, eager)?,
+                match memory {
+                    MemorySource::File { path, eager } => {
+                        memory::map_from_file(&path, mem_bytes, eager)?
+                    }
+                    MemorySource::Ready(mem) => mem,
+                },
                 Some(state),
             )
         }
@@ -336,5 +349,6 @@ pub fn build(args: &LaunchConfig, origin: Origin) -> Result<Machine> {
         started: Instant::now(),
         config: args.clone(),
         devices,
+        migration: crate::migration::Tracker::default(),
     })
 }
