@@ -207,3 +207,24 @@ pub fn img_ok(args: &[&str]) -> String {
 pub fn s(p: &Path) -> String {
     p.display().to_string()
 }
+
+/// Runs a crash-test child (this test binary in child mode): true when it completed, false when
+/// the injected fault killed it (an abort, so SIGABRT). Anything else, a panic or another
+/// signal, fails the test: it must never pass as the injected crash.
+pub fn crash_child_completed(cmd: &mut Command, what: &str) -> bool {
+    use std::os::unix::process::ExitStatusExt;
+    let out = cmd
+        .output_within(TOOL_TIMEOUT)
+        .expect("spawn the crash-test child");
+    if out.status.success() {
+        return true;
+    }
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGABRT),
+        "{what}: the child did not die of the injected fault: {:?}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    false
+}
