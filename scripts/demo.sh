@@ -48,7 +48,7 @@ done
 target/release/ferrovirt version
 target/release/ferrovirt host-validate || true
 
-ARGS="console=ttyS0 root=/dev/vda quiet"
+ARGS="console=ttyS0 root=/dev/vda quiet no_timer_check"
 if [ -t 0 ] && [ -t 1 ]; then
     INTERACTIVE=1
 else

@@ -35,7 +35,7 @@ cleanup() {
 trap cleanup EXIT INT TERM
 
 # The guest: Debian's cloud kernel + a busybox initramfs, readable by libvirt's qemu user.
-sh crates/virtd/tests/fixtures/make-guest.sh "$WORK/guest" >/dev/null
+sh guest/make-test-guest.sh "$WORK/guest" >/dev/null
 chmod 644 "$WORK/guest/"*
 
 # No `default` network: the benchmark's guests need none, and the host keeps its bridges and sysctls.

@@ -1,5 +1,6 @@
 //! End-to-end tests of the ferrovirt CLI against a real ferrovirtd (test and qemu drivers).
 
+use ferrovirt_testkit::{RunWithin, TOOL_TIMEOUT};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -65,7 +66,10 @@ impl Env {
     }
 
     fn run(&self, args: &[&str]) -> Output {
-        self.cmd(args).stdin(Stdio::null()).output().unwrap()
+        self.cmd(args)
+            .stdin(Stdio::null())
+            .output_within(TOOL_TIMEOUT)
+            .unwrap()
     }
 
     /// Run and require success; returns stdout.
@@ -105,7 +109,7 @@ impl Env {
 
 impl Drop for Env {
     fn drop(&mut self) {
-        if let Ok(out) = self.cmd(&["--json", "list"]).output() {
+        if let Ok(out) = self.cmd(&["--json", "list"]).output_within(TOOL_TIMEOUT) {
             if let Ok(doms) = serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout) {
                 for d in doms {
                     let _ = self.run(&["destroy", d["name"].as_str().unwrap_or("")]);
@@ -198,7 +202,7 @@ fn virsh_verbs_and_output_shapes() {
         .args(["-c"])
         .arg(e.socket())
         .args(["list", "--all"])
-        .output()
+        .output_within(TOOL_TIMEOUT)
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("web"));
     assert_eq!(
@@ -243,7 +247,7 @@ fn errors_are_one_clear_line_with_a_code_and_exit_1() {
         .contains("cannot read /nonexistent.toml"));
     let out = Command::new(cli_binary())
         .args(["-c", "/tmp/no-such-ferrovirtd.sock", "list"])
-        .output()
+        .output_within(TOOL_TIMEOUT)
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = one_line(String::from_utf8_lossy(&out.stderr).into_owned());
@@ -357,7 +361,7 @@ fn install_accepts_virt_install_options_and_creates_thin_volumes() {
 
     // A working install (test driver), mixing both option forms.
     let kernel = e.kernel();
-    let boot = format!("kernel={kernel},kernel_args=console=ttyS0 quiet");
+    let boot = format!("kernel={kernel},kernel_args=console=ttyS0 quiet no_timer_check");
     let out = e.ok(&[
         "install",
         "--name",
@@ -385,14 +389,15 @@ fn install_accepts_virt_install_options_and_creates_thin_volumes() {
     let qi = Command::new("qemu-img")
         .args(["info", "--output=json"])
         .arg(&vol)
-        .output()
+        .output_within(TOOL_TIMEOUT)
         .expect("qemu-img");
     let info: serde_json::Value = serde_json::from_slice(&qi.stdout).unwrap();
     assert_eq!(info["virtual-size"], 16u64 << 30);
     assert!(images.join("inst-1.qcow2").exists());
     let xml = e.ok(&["dumpxml", "inst"]);
     assert!(
-        xml.contains("inst.qcow2") && xml.contains("<cmdline>console=ttyS0 quiet</cmdline>"),
+        xml.contains("inst.qcow2")
+            && xml.contains("<cmdline>console=ttyS0 quiet no_timer_check</cmdline>"),
         "{xml}"
     );
     assert_eq!(e.ok(&["domstate", "inst"]), "running\n\n");
@@ -569,7 +574,7 @@ fn host_validate_reports_every_check_as_the_host_is() {
     use std::os::unix::fs::FileTypeExt;
     let out = Command::new(cli_binary())
         .args(["-c", "/nonexistent/ferrovirtd.sock", "host-validate"])
-        .output()
+        .output_within(TOOL_TIMEOUT)
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     // Each verdict as the test finds the host itself, independently of the product's probes.
@@ -639,19 +644,12 @@ fn host_validate_reports_every_check_as_the_host_is() {
     assert_eq!(out.status.success(), !any_fail);
 }
 
+/// The qemu-driver test guest, as strings for definitions and command lines.
 fn guest() -> (String, String) {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest");
-    let script =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../virtd/tests/fixtures/make-guest.sh");
-    let out = Command::new("sh").arg(&script).arg(&dir).output().unwrap();
-    assert!(
-        out.status.success(),
-        "make-guest.sh failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (kernel, initrd) = ferrovirt_testkit::qemu_test_guest();
     (
-        dir.join("vmlinuz").to_string_lossy().into_owned(),
-        dir.join("initrd.img").to_string_lossy().into_owned(),
+        kernel.to_string_lossy().into_owned(),
+        initrd.to_string_lossy().into_owned(),
     )
 }
 
@@ -659,7 +657,8 @@ fn guest() -> (String, String) {
 fn install_with_qemu_attaches_the_console_and_ctrl_close_bracket_detaches() {
     let e = Env::start();
     let (kernel, initrd) = guest();
-    let boot = format!("kernel={kernel},initrd={initrd},kernel_args=console=ttyS0 quiet");
+    let boot =
+        format!("kernel={kernel},initrd={initrd},kernel_args=console=ttyS0 quiet no_timer_check");
     let mut child = e
         .cmd(&[
             "install",
@@ -716,7 +715,7 @@ fn iso_file(iso: &Path, file: &str) -> String {
     let out = Command::new("isoinfo")
         .args(["-R", "-x", file, "-i"])
         .arg(iso)
-        .output()
+        .output_within(TOOL_TIMEOUT)
         .expect("isoinfo (Debian package genisoimage) is needed as the oracle");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
@@ -746,7 +745,7 @@ fn install_cloud_init_makes_a_nocloud_seed_iso() {
         .arg("-d")
         .arg("-i")
         .arg(&iso)
-        .output()
+        .output_within(TOOL_TIMEOUT)
         .expect("isoinfo");
     assert!(String::from_utf8_lossy(&label.stdout).contains("Volume id: cidata"));
     assert_eq!(

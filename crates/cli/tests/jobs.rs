@@ -3,7 +3,8 @@
 //! domain's operations fail with a timeout error, `domjobinfo` shows the job, `domjobabort`
 //! says it cannot be cancelled; after SIGCONT everything works again.
 
-use std::path::{Path, PathBuf};
+use ferrovirt_testkit::{RunWithin, TOOL_TIMEOUT};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -98,24 +99,19 @@ impl Drop for Env {
     }
 }
 
+/// The qemu-driver test guest, as strings for definitions and command lines.
 fn guest() -> (String, String) {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest");
-    let script =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../virtd/tests/fixtures/make-guest.sh");
-    let out = Command::new("sh").arg(&script).arg(&dir).output().unwrap();
-    assert!(
-        out.status.success(),
-        "make-guest.sh failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (kernel, initrd) = ferrovirt_testkit::qemu_test_guest();
     (
-        dir.join("vmlinuz").to_string_lossy().into_owned(),
-        dir.join("initrd.img").to_string_lossy().into_owned(),
+        kernel.to_string_lossy().into_owned(),
+        initrd.to_string_lossy().into_owned(),
     )
 }
 
 fn signal(pid: &str, sig: &str) {
-    let _ = Command::new("kill").args([sig, pid]).status();
+    let _ = Command::new("kill")
+        .args([sig, pid])
+        .status_within(TOOL_TIMEOUT);
 }
 
 #[test]
@@ -125,7 +121,7 @@ fn a_stopped_vm_times_out_its_own_operations_and_list_keeps_answering() {
     let def = e.dir.join("stuck.toml");
     std::fs::write(
         &def,
-        format!("name = \"stuck\"\ntype = \"qemu\"\naccel = \"tcg\"\nmemory_mib = 128\n[os]\nkernel = \"{kernel}\"\ninitrd = \"{initrd}\"\ncmdline = \"console=ttyS0 quiet\"\n"),
+        format!("name = \"stuck\"\ntype = \"qemu\"\naccel = \"tcg\"\nmemory_mib = 128\n[os]\nkernel = \"{kernel}\"\ninitrd = \"{initrd}\"\ncmdline = \"console=ttyS0 quiet no_timer_check\"\n"),
     )
     .unwrap();
     e.ok(&["define", &def.to_string_lossy()]);

@@ -45,7 +45,7 @@ wait_log() { # NAME TEXT
 }
 start_daemon
 ferrovirt version | grep 'Default driver'
-BOOT="kernel=/guest/vmlinux,initrd=/guest/initrd,kernel_args=console=ttyS0 panic=-1 quiet"
+BOOT="kernel=/guest/vmlinux,initrd=/guest/initrd,kernel_args=console=ttyS0 panic=-1 quiet no_timer_check"
 ferrovirt install --name once --memory 128 --boot "$BOOT" --network none --noautoconsole 2>&1
 wait_state once 'shut off'
 echo "ONCE: $(ferrovirt domstate --reason once)"
@@ -142,6 +142,15 @@ fn kvm_driver_runs_linux_guests_under_ferrovmm() {
         ),
         "{o}"
     );
+    let list_after = o
+        .split("SEED-EXIT:")
+        .nth(1)
+        .and_then(|rest| rest.split("SCRIPT-DONE").next())
+        .unwrap_or("");
+    assert!(
+        !list_after.contains("CentOSVM"),
+        "nothing created by the seed line:\n{o}"
+    );
 }
 
 /// A kvm-driver VM with a NIC on a host bridge: the daemon makes the TAP, ferrovmm runs
@@ -179,7 +188,7 @@ ip link add br0 type bridge && ip addr add 10.0.3.1/24 dev br0 && ip link set br
 FERROVIRT_NO_DEFAULT_NETWORK=1 FERROVIRT_VMM=/bin/ferrovmm ferrovirtd --state-dir /var/fv --run-dir /run/fv >>/var/d.log 2>&1 &
 i=0; while ! ferrovirt list >/dev/null 2>&1; do i=$((i+1)); [ $i -gt 200 ] && { cat /var/d.log; exit 1; }; sleep 0.05; done
 ferrovirt install --virt-type=kvm --name nic1 --memory 128 --network bridge=br0,mac=52:54:00:12:34:99 \
-  --boot "kernel=/guest/vmlinux,initrd=/guest/initrd,kernel_args=console=ttyS0 panic=-1 quiet" --noautoconsole 2>&1
+  --boot "kernel=/guest/vmlinux,initrd=/guest/initrd,kernel_args=console=ttyS0 panic=-1 quiet no_timer_check" --noautoconsole 2>&1
 echo "IFLIST: $(ferrovirt domiflist nic1 | grep -c 52:54:00:12:34:99)"
 i=0; while ! ferrovirt domstate nic1 | grep -q '^shut off'; do i=$((i+1)); [ $i -gt 900 ] && { echo TIMEOUT; break; }; sleep 0.1; done
 cat /var/fv/logs/nic1.log

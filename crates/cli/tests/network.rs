@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use ferrovirt_testkit::{guest_kernel, linux_guest_script, scratch_dir};
+use ferrovirt_testkit::{RunWithin, TOOL_TIMEOUT};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 const BOOT: Duration = Duration::from_secs(120);
@@ -37,7 +38,7 @@ fn daemon_binary() -> PathBuf {
 fn sh(args: &[&str]) -> Output {
     let out = Command::new(args[0])
         .args(&args[1..])
-        .output()
+        .output_within(TOOL_TIMEOUT)
         .unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"));
     assert!(
         out.status.success(),
@@ -215,7 +216,7 @@ impl World {
             .arg("-c")
             .arg(self.socket())
             .args(args)
-            .output()
+            .output_within(TOOL_TIMEOUT)
             .unwrap()
     }
 
@@ -334,10 +335,10 @@ impl Drop for World {
         }
         let _ = Command::new("ip")
             .args(["netns", "del", &self.inner])
-            .status();
+            .status_within(TOOL_TIMEOUT);
         let _ = Command::new("ip")
             .args(["netns", "del", &self.outer])
-            .status();
+            .status_within(TOOL_TIMEOUT);
         let _ = fs::remove_dir_all(&self.dir);
     }
 }
@@ -390,7 +391,7 @@ fn install_args(w: &World, name: &str, networks: &[&str]) -> Vec<String> {
     .collect();
     a.push("--boot".into());
     a.push(format!(
-        "kernel={},initrd={},kernel_args=console=ttyS0",
+        "kernel={},initrd={},kernel_args=console=ttyS0 no_timer_check",
         kernel.display(),
         initrd.display()
     ));
@@ -406,7 +407,7 @@ fn vm_def(w: &World, name: &str, network: &str, mac: &str, body: &str) -> String
         &format!("{name}.toml"),
         &format!(
             "name = \"{name}\"\ntype = \"qemu\"\naccel = \"tcg\"\nmemory_mib = 160\n\
-             [os]\nkernel = \"{}\"\ninitrd = \"{}\"\ncmdline = \"console=ttyS0 quiet\"\n\
+             [os]\nkernel = \"{}\"\ninitrd = \"{}\"\ncmdline = \"console=ttyS0 quiet no_timer_check\"\n\
              [[interface]]\ntype = \"network\"\nsource = \"{network}\"\nmac = \"{mac}\"\n",
             kernel.display(),
             initrd.display()
@@ -889,7 +890,7 @@ fn orphans_of_a_removed_state_folder_are_named_and_can_be_removed() {
             .arg("-c")
             .arg(w.socket())
             .arg("host-validate")
-            .output()
+            .output_within(TOOL_TIMEOUT)
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         text.lines()

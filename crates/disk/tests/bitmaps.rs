@@ -286,14 +286,13 @@ fn a_crash_leaves_the_bitmap_inconsistent() {
     let d = Scratch::new("bm-crash");
     let p = d.path("a.qcow2");
     image_with_bitmaps(&p);
-    let st = Command::new(std::env::current_exe().unwrap())
-        .args(["--ignored", "--exact", "bitmap_crash_child", "-q"])
-        .env(CHILD_ENV, &p)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(!st.success(), "the child was meant to die");
+    let completed = crash_child_completed(
+        Command::new(std::env::current_exe().unwrap())
+            .args(["--ignored", "--exact", "bitmap_crash_child", "-q"])
+            .env(CHILD_ENV, &p),
+        "bitmap crash",
+    );
+    assert!(!completed, "the child was meant to die");
     // QEMU and we both see the enabled bitmaps as in use; the disabled one is fine.
     let j: serde_json::Value =
         serde_json::from_str(&qemu_img_ok(&["info", "--output=json", &s(&p)])).unwrap();

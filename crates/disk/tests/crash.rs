@@ -14,7 +14,6 @@ mod common;
 use common::*;
 use ferrovirt_disk::journal::{self, Event};
 use ferrovirt_disk::{open, OpenOptions, FAULT_ENV};
-use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::Command;
 
@@ -114,33 +113,20 @@ fn crash_child() {
 /// How the child ended: the workload completed, or the injected fault killed it (abort, so
 /// SIGABRT). Anything else (a panic, another signal) is a failure of the test itself.
 fn run_child(dir: &Path, fault_after: u64) -> bool {
-    let exe = std::env::current_exe().unwrap();
-    let out = Command::new(exe)
-        .args([
-            "--ignored",
-            "--exact",
-            "crash_child",
-            "--test-threads=1",
-            "-q",
-        ])
-        .env(CHILD_ENV, dir)
-        .env(FAULT_ENV, fault_after.to_string())
-        .env(journal::JOURNAL_ENV, dir.join("journal"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .output()
-        .expect("spawn child");
-    if out.status.success() {
-        return true;
-    }
-    assert_eq!(
-        out.status.signal(),
-        Some(libc::SIGABRT),
-        "the child (fault after {fault_after} writes) did not die of the injected fault: {:?}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    false
+    crash_child_completed(
+        Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--ignored",
+                "--exact",
+                "crash_child",
+                "--test-threads=1",
+                "-q",
+            ])
+            .env(CHILD_ENV, dir)
+            .env(FAULT_ENV, fault_after.to_string())
+            .env(journal::JOURNAL_ENV, dir.join("journal")),
+        &format!("fault after {fault_after} writes"),
+    )
 }
 
 /// The image after a power loss at the crash point: the starting image, every change up to the

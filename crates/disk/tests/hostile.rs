@@ -5,6 +5,7 @@ mod common;
 
 use common::*;
 use ferrovirt_disk::{open, ops, DiskError, OpenOptions};
+use ferrovirt_testkit::{RunWithin, TOOL_TIMEOUT};
 use std::path::{Path, PathBuf};
 
 fn opts(read_only: bool) -> OpenOptions {
@@ -239,7 +240,7 @@ fn backing_loops_depth_and_protocols() {
     let fifo = d.path("fifo");
     let st = std::process::Command::new("mkfifo")
         .arg(&fifo)
-        .status()
+        .status_within(TOOL_TIMEOUT)
         .expect("run mkfifo");
     assert!(st.success());
     for target in [s(&fifo), "/dev/zero".to_string(), s(&d.dir)] {

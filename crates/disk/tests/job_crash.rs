@@ -61,22 +61,20 @@ fn job_crash_child() {
 }
 
 fn run_child(dir: &Path, kind: &str, n: u64) -> bool {
-    Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--ignored",
-            "--exact",
-            "job_crash_child",
-            "--test-threads=1",
-            "-q",
-        ])
-        .env(CHILD_ENV, dir)
-        .env(KIND_ENV, kind)
-        .env(FAULT_ENV, n.to_string())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .unwrap()
-        .success()
+    crash_child_completed(
+        Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--ignored",
+                "--exact",
+                "job_crash_child",
+                "--test-threads=1",
+                "-q",
+            ])
+            .env(CHILD_ENV, dir)
+            .env(KIND_ENV, kind)
+            .env(FAULT_ENV, n.to_string()),
+        &format!("{kind}: fault after {n} writes"),
+    )
 }
 
 fn case(kind: &str) {

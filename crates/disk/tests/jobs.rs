@@ -11,6 +11,7 @@ use ferrovirt_disk::jobs::{start_commit, start_mirror, start_stream};
 use ferrovirt_disk::{
     open_disk, BlockBackend, CreateOptions, Disk, Format, JobOutcome, OpenOptions, Preallocation,
 };
+use ferrovirt_testkit::{RunWithin, TOOL_TIMEOUT};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -315,7 +316,7 @@ fn a_target_out_of_space_fails_the_job_clearly_and_the_disk_goes_on() {
     let st = std::process::Command::new("mount")
         .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
         .arg(&mnt)
-        .status()
+        .status_within(TOOL_TIMEOUT)
         .expect("run mount");
     assert!(st.success(), "mounting a 1 MiB tmpfs needs root");
     let _guard = Tmpfs(mnt.clone());

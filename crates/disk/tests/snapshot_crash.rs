@@ -129,21 +129,19 @@ fn snapshot_crash_child() {
 }
 
 fn run_child(dir: &Path, fault_after: u64) -> bool {
-    Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--ignored",
-            "--exact",
-            "snapshot_crash_child",
-            "--test-threads=1",
-            "-q",
-        ])
-        .env(CHILD_ENV, dir)
-        .env(FAULT_ENV, fault_after.to_string())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .expect("spawn child")
-        .success()
+    crash_child_completed(
+        Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--ignored",
+                "--exact",
+                "snapshot_crash_child",
+                "--test-threads=1",
+                "-q",
+            ])
+            .env(CHILD_ENV, dir)
+            .env(FAULT_ENV, fault_after.to_string()),
+        &format!("fault after {fault_after} writes"),
+    )
 }
 
 fn read_raw(d: &Path, img: &Path, snapshot: Option<&str>) -> Vec<u8> {

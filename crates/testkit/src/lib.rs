@@ -39,8 +39,10 @@ mod kernel;
 mod libs;
 mod modules;
 mod nested;
+pub mod process;
 mod qemu;
 mod rootdisk;
+mod test_guest;
 
 pub use cache::{cache_dir, repo_root, scratch_dir};
 pub use elf::{elf_notes, pvh_entry, ElfNote, XEN_ELFNOTE_PHYS32_ENTRY};
@@ -53,5 +55,7 @@ pub use initramfs::{
 pub use kernel::{busybox, guest_kernel, GuestKernel};
 pub use libs::shared_libraries;
 pub use nested::{Nested, NestedOutput};
+pub use process::{RunWithin, TOOL_TIMEOUT};
 pub use qemu::{qemu_binary, qemu_tcg_boot, ConsoleRun, TcgVm};
 pub use rootdisk::make_root_disk;
+pub use test_guest::qemu_test_guest;

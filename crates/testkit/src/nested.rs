@@ -22,6 +22,8 @@ pub struct Nested {
     memory_mib: u32,
     smp: u32,
     timeout: Duration,
+    /// Limit counted from the payload's start (see `timeout_after_start`).
+    after_start: Option<Duration>,
     image: Initramfs,
     guest_paths: Vec<String>,
     qemu_args: Vec<std::ffi::OsString>,
@@ -58,6 +60,7 @@ impl Nested {
             memory_mib: 1024,
             smp: 1,
             timeout: Duration::from_secs(180),
+            after_start: None,
             image: Initramfs::new().compression(Compression::None).modules(&[
                 "irqbypass",
                 "kvm",
@@ -83,6 +86,13 @@ impl Nested {
     /// Wall-clock limit for the whole run (default 180 s).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        self
+    }
+
+    /// A limit counted from the payload's start instead of from the outer VM's boot (for runs
+    /// expected to hang: quick on an idle host, still right on a loaded one).
+    pub fn timeout_after_start(mut self, limit: Duration) -> Self {
+        self.after_start = Some(limit);
         self
     }
 
@@ -153,8 +163,11 @@ impl Nested {
             .cpu("EPYC,+svm")
             .memory_mib(self.memory_mib)
             .smp(self.smp)
-            .append("console=ttyS0 panic=-1 quiet")
+            .append("console=ttyS0 panic=-1 quiet no_timer_check")
             .timeout(self.timeout);
+        if let Some(limit) = self.after_start {
+            vm = vm.timeout_after(START_MARK, limit);
+        }
         for arg in &self.qemu_args {
             vm = vm.arg(arg.clone());
         }

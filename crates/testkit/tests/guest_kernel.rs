@@ -3,6 +3,7 @@
 use std::io::Read;
 
 use ferrovirt_testkit::{elf_notes, guest_kernel, pvh_entry, XEN_ELFNOTE_PHYS32_ENTRY};
+use ferrovirt_testkit::{RunWithin, TOOL_TIMEOUT};
 
 #[test]
 fn bzimage_has_a_linux_boot_header() {
@@ -66,7 +67,7 @@ fn fetching_again_reuses_the_cache() {
     let status = std::process::Command::new("bash")
         .arg(ferrovirt_testkit::repo_root().join("guest/fetch-kernel.sh"))
         .env("FERROVIRT_GUEST_CACHE", ferrovirt_testkit::cache_dir())
-        .output()
+        .output_within(TOOL_TIMEOUT)
         .expect("run fetch-kernel.sh");
     assert!(
         status.status.success(),

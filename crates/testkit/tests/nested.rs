@@ -45,12 +45,13 @@ fn exit_status_and_output_of_the_payload_are_returned() {
 #[test]
 fn a_hanging_payload_times_out_with_the_console_so_far() {
     let err = Nested::new()
-        .timeout(Duration::from_secs(15))
+        .timeout(Duration::from_secs(600))
+        .timeout_after_start(Duration::from_secs(5))
         .run("echo hanging; sleep 1000")
         .expect_err("must time out");
     assert!(err.message().contains("timed out"), "{err}");
     assert!(
-        err.message().contains("@@FERROVIRT-INIT@@"),
+        err.message().contains("@@FERROVIRT-INIT@@") && err.message().contains("hanging"),
         "console missing: {err}"
     );
 }

@@ -3,12 +3,13 @@
 use std::process::Command;
 
 use ferrovirt_testkit::{make_root_disk, scratch_dir};
+use ferrovirt_testkit::{RunWithin, TOOL_TIMEOUT};
 
 fn debugfs(image: &std::path::Path, request: &str) -> String {
     let out = Command::new("debugfs")
         .args(["-R", request])
         .arg(image)
-        .output()
+        .output_within(TOOL_TIMEOUT)
         .expect("debugfs (e2fsprogs) is needed for this test");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
@@ -24,7 +25,7 @@ fn root_disk_is_a_clean_ext4_with_busybox_and_the_given_init() {
     let fsck = Command::new("e2fsck")
         .args(["-f", "-n"])
         .arg(&image)
-        .output()
+        .output_within(TOOL_TIMEOUT)
         .expect("e2fsck");
     assert!(
         fsck.status.success(),

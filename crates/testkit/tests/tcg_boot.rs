@@ -91,7 +91,8 @@ fn a_guest_that_never_powers_off_times_out_with_its_console() {
 
     let err = TcgVm::new(&kernel.bzimage)
         .initrd(&initrd)
-        .timeout(Duration::from_secs(15))
+        .timeout(Duration::from_secs(600))
+        .timeout_after("still-running", Duration::from_secs(3))
         .run(&[])
         .expect_err("a guest that never exits must time out");
     assert!(err.message().contains("timed out"), "{err}");

@@ -1,5 +1,5 @@
 //! End-to-end tests of the qemu driver: real qemu-system-x86_64 (TCG) booting Debian's cloud
-//! kernel with a busybox initramfs (tests/fixtures/make-guest.sh).
+//! kernel with a busybox initramfs (guest/make-test-guest.sh).
 
 mod common;
 
@@ -7,17 +7,19 @@ use std::io::{Read, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{guest, wait_for, Daemon};
+use common::{wait_for, Daemon};
 use ferrovirt_api::client::{Client, DefFormat};
 use ferrovirt_api::DomainOp;
 use ferrovirt_api::{DomainState, StateReason};
+use ferrovirt_testkit::qemu_test_guest as guest;
+use ferrovirt_testkit::{RunWithin, TOOL_TIMEOUT};
 
 const BOOT: Duration = Duration::from_secs(90);
 
 fn qemu_def(name: &str, cmdline_extra: &str, extra: &str) -> String {
     let (kernel, initrd) = guest();
     format!(
-        "name = \"{name}\"\ntype = \"qemu\"\naccel = \"tcg\"\nmemory_mib = 192\n{extra}\n[os]\nkernel = \"{}\"\ninitrd = \"{}\"\ncmdline = \"console=ttyS0 quiet {cmdline_extra}\"\n",
+        "name = \"{name}\"\ntype = \"qemu\"\naccel = \"tcg\"\nmemory_mib = 192\n{extra}\n[os]\nkernel = \"{}\"\ninitrd = \"{}\"\ncmdline = \"console=ttyS0 quiet no_timer_check {cmdline_extra}\"\n",
         kernel.display(),
         initrd.display()
     )
@@ -232,7 +234,7 @@ fn unsafe_kill(pid: u32) {
     let status = std::process::Command::new("kill")
         .arg("-9")
         .arg(pid.to_string())
-        .status()
+        .status_within(TOOL_TIMEOUT)
         .unwrap();
     assert!(status.success());
 }
@@ -247,7 +249,7 @@ fn cdrom_and_vnc_graphics_with_seabios() {
         .args(["-quiet", "-volid", "EMPTY", "-o"])
         .arg(&iso)
         .arg(d.file("readme.txt", "nothing to boot here\n"))
-        .status()
+        .status_within(TOOL_TIMEOUT)
         .expect("genisoimage (Debian package genisoimage) is needed");
     assert!(made.success());
     let def = format!(

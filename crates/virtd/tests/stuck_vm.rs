@@ -8,9 +8,11 @@ mod common;
 use std::thread;
 use std::time::Duration;
 
-use common::{guest, wait_for, Daemon};
+use common::{wait_for, Daemon};
 use ferrovirt_api::client::{Client, ClientError, DefFormat};
 use ferrovirt_api::{ApiError, DomainOp, DomainState, ErrorCode, StateReason};
+use ferrovirt_testkit::qemu_test_guest as guest;
+use ferrovirt_testkit::{RunWithin, TOOL_TIMEOUT};
 
 /// The daemon's deadline for one operation on a VM (`--op-timeout`).
 const OP_TIMEOUT: &str = "6";
@@ -19,7 +21,7 @@ const PATIENCE: Duration = Duration::from_secs(60);
 fn qemu_def(name: &str) -> String {
     let (kernel, initrd) = guest();
     format!(
-        "name = \"{name}\"\ntype = \"qemu\"\naccel = \"tcg\"\nmemory_mib = 128\n[os]\nkernel = \"{}\"\ninitrd = \"{}\"\ncmdline = \"console=ttyS0 quiet\"\n",
+        "name = \"{name}\"\ntype = \"qemu\"\naccel = \"tcg\"\nmemory_mib = 128\n[os]\nkernel = \"{}\"\ninitrd = \"{}\"\ncmdline = \"console=ttyS0 quiet no_timer_check\"\n",
         kernel.display(),
         initrd.display()
     )
@@ -28,7 +30,7 @@ fn qemu_def(name: &str) -> String {
 fn signal(pid: u32, sig: &str) {
     let status = std::process::Command::new("kill")
         .args([sig, &pid.to_string()])
-        .status()
+        .status_within(TOOL_TIMEOUT)
         .expect("run kill");
     assert!(status.success(), "kill {sig} {pid}");
 }
@@ -56,7 +58,7 @@ impl Drop for Stopped {
         let _ = std::process::Command::new("kill")
             .args(["-CONT", &self.0.to_string()])
             .stderr(std::process::Stdio::null())
-            .status();
+            .status_within(TOOL_TIMEOUT);
     }
 }
 

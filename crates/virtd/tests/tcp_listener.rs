@@ -8,6 +8,7 @@ use std::time::Duration;
 use common::{certificates, code, daemon_binary, tcp_addr, token_file, wait_for, Daemon, TOKEN};
 use ferrovirt_api::client::Client;
 use ferrovirt_api::ErrorCode;
+use ferrovirt_testkit::{RunWithin, TOOL_TIMEOUT};
 
 #[test]
 fn tcp_needs_the_bearer_token() {
@@ -50,7 +51,7 @@ fn tcp_without_a_safe_token_is_refused_at_start() {
             .arg("--run-dir")
             .arg(dir.join("r"))
             .args(args)
-            .output()
+            .output_within(TOOL_TIMEOUT)
             .unwrap()
     };
     let out = run(&["--listen-tcp", "127.0.0.1:0"]);

@@ -11,6 +11,7 @@ use ferrovirt_api::client::DefFormat;
 use ferrovirt_api::state::EventKind;
 use ferrovirt_api::DomainOp;
 use ferrovirt_api::{DomainState, ErrorCode, StateReason};
+use ferrovirt_testkit::{RunWithin, TOOL_TIMEOUT};
 
 fn toml_def(d: &Daemon, name: &str, extra: &str) -> String {
     let kernel = d.file(
@@ -363,7 +364,7 @@ fn socket_mode_and_side_by_side_daemons() {
         .arg(a.state_dir())
         .arg("--run-dir")
         .arg(a.dir.join("run2"))
-        .output()
+        .output_within(TOOL_TIMEOUT)
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("another ferrovirtd"));
@@ -452,7 +453,7 @@ fn volumes_are_created_thin_in_the_default_pool() {
     // qemu-img as the oracle for the virtual size.
     let out = std::process::Command::new("qemu-img")
         .args(["info", "--output=json", &vol.path])
-        .output()
+        .output_within(TOOL_TIMEOUT)
         .expect("qemu-img (qemu-utils) is needed");
     let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(info["virtual-size"], 16u64 << 30);

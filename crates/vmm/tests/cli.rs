@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use common::asm::Guest;
 use common::image::{self, Segment};
+use ferrovirt_testkit::{RunWithin, TOOL_TIMEOUT};
 
 fn hello_kernel(dir: &std::path::Path) -> std::path::PathBuf {
     let mut g = Guest::new(32);
@@ -143,7 +144,7 @@ fn no_dev_kvm_is_a_runtime_error() {
         ])
         .arg(common::ferrovmm_bin())
         .arg(&k)
-        .output()
+        .output_within(TOOL_TIMEOUT)
         .expect("unshare (util-linux)");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
@@ -174,7 +175,7 @@ fn no_permission_on_dev_kvm_is_a_runtime_error() {
         .arg(&bin)
         .arg(&k)
         .arg(dir.path())
-        .output()
+        .output_within(TOOL_TIMEOUT)
         .expect("unshare and setpriv (util-linux)");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
@@ -305,7 +306,7 @@ fn bad_disk_and_net_arguments_fail_before_the_guest_starts() {
         .args(["-c", "exec \"$0\" --kernel \"$1\" --net fd=5 5>/dev/null"])
         .arg(common::ferrovmm_bin())
         .arg(k)
-        .output()
+        .output_within(TOOL_TIMEOUT)
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(

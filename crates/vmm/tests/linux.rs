@@ -34,7 +34,7 @@ fn boot_linux(kernel_kind: &str, vcpus: u32) -> Boot {
     };
     let args = format!(
         "--name linux --kernel /guest/kernel --initrd /guest/initrd --memory 256 --vcpus {vcpus} \
-         --cmdline 'console=ttyS0 panic=-1 quiet ferrovirt.test=1'"
+         --cmdline 'console=ttyS0 panic=-1 quiet no_timer_check ferrovirt.test=1'"
     );
     let boot = if hardware_kvm() {
         // As the nested harness does, bound the run: a guest that hangs must not hang the suite.
@@ -109,7 +109,7 @@ fn check(boot: &Boot, vcpus: u32) {
         "vCPU count:\n{out}"
     );
     assert!(
-        out.contains("CMDLINE=console=ttyS0 panic=-1 quiet ferrovirt.test=1"),
+        out.contains("CMDLINE=console=ttyS0 panic=-1 quiet no_timer_check ferrovirt.test=1"),
         "cmdline:\n{out}"
     );
     let numbers: String = (1..=400).map(|n| format!("{n} ")).collect();
@@ -151,7 +151,7 @@ fn linux_shuts_down_cleanly_on_the_acpi_power_button() {
         .unwrap();
     // W is a scratch folder, K/I the kernel and initrd: /guest and / in the nested host.
     let script = "ferrovmm --name button --kernel $K --initrd $I --memory 256 \
-                  --cmdline 'console=ttyS0 quiet panic=-1' --serial file=$W/serial.log --api-socket $W/api.sock 2>$W/vmm.err &\n\
+                  --cmdline 'console=ttyS0 quiet panic=-1 no_timer_check' --serial file=$W/serial.log --api-socket $W/api.sock 2>$W/vmm.err &\n\
                   VMM=$!\n\
                   i=0; until grep -q BUTTON-DEV=/dev/input $W/serial.log 2>/dev/null; do i=$((i+1)); [ $i -gt 1200 ] && break; sleep 0.1; done\n\
                   curl -s -o /dev/null -w 'HTTP=%{http_code}\\n' -X PUT --unix-socket $W/api.sock http://localhost/vm/power-button\n\

@@ -9,6 +9,7 @@ use std::process::{Command, Stdio};
 use common::asm::Guest;
 use common::live::{http, LiveVm};
 use common::pvh_kernel;
+use ferrovirt_testkit::{RunWithin, TOOL_TIMEOUT};
 use iced_x86::code_asm::*;
 
 /// Where the guest keeps its counter (in RAM, so RAM must come back too).
@@ -186,7 +187,7 @@ fn refused(snap: &Path) -> String {
     let out = Command::new(common::ferrovmm_bin())
         .args(["--restore", snap.to_str().unwrap(), "--serial", "none"])
         .stdin(Stdio::null())
-        .output()
+        .output_within(TOOL_TIMEOUT)
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");

@@ -10,6 +10,7 @@ use std::time::Duration;
 use common::vdriver::{
     Driver, DATA_BASE, STATUS_NEEDS_RESET, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
 };
+use ferrovirt_testkit::{RunWithin, TOOL_TIMEOUT};
 use ferrovmm::virtio::block::{Block, BlockOptions};
 use ferrovmm::virtio::rng::Rng;
 use vm_memory::{Bytes, GuestAddress};
@@ -352,7 +353,7 @@ impl Drop for Loop {
     fn drop(&mut self) {
         let _ = std::process::Command::new("losetup")
             .args(["-d", &self.0])
-            .status();
+            .status_within(TOOL_TIMEOUT);
     }
 }
 
@@ -364,7 +365,7 @@ fn block_devices_work_as_disks() {
     let out = std::process::Command::new("losetup")
         .args(["-f", "--show"])
         .arg(&file)
-        .output()
+        .output_within(TOOL_TIMEOUT)
         .expect("losetup");
     assert!(
         out.status.success(),
@@ -432,7 +433,7 @@ fn in_new_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T 
 fn ip(args: &str) {
     let st = std::process::Command::new("ip")
         .args(args.split(' '))
-        .status()
+        .status_within(TOOL_TIMEOUT)
         .expect("ip (iproute2)");
     assert!(st.success(), "ip {args}");
 }
@@ -465,7 +466,7 @@ fn open_tap(name: &str) -> i32 {
 fn tap_rx_packets(name: &str) -> u64 {
     let out = std::process::Command::new("ip")
         .args(["-s", "-j", "link", "show", name])
-        .output()
+        .output_within(TOOL_TIMEOUT)
         .unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     v[0]["stats64"]["rx"]["packets"].as_u64().unwrap()

@@ -9,6 +9,7 @@ use std::time::Duration;
 use ferrovirt_testkit::{
     guest_kernel, hardware_kvm, linux_guest_script, make_root_disk, scratch_dir, Nested,
 };
+use ferrovirt_testkit::{RunWithin, TOOL_TIMEOUT};
 
 const MODULES: &[&str] = &[
     "virtio_pci",
@@ -60,7 +61,7 @@ fn root_on_virtio_blk_ext4_keeps_a_synced_file_and_stays_clean() {
         .file(&root, "/guest/root.img")
         .run(
             "ferrovmm --kernel /guest/kernel --initrd /guest/initrd --memory 256 \
-             --disk path=/guest/root.img,serial=rootdisk --cmdline 'console=ttyS0 quiet panic=-1' 2>&1\n\
+             --disk path=/guest/root.img,serial=rootdisk --cmdline 'console=ttyS0 quiet panic=-1 no_timer_check' 2>&1\n\
              echo VMM-EXIT=$?\n\
              e2fsck -fn /guest/root.img >/dev/null 2>&1; echo FSCK=$?\n\
              echo FILE=$(debugfs -R 'cat /hello.txt' /guest/root.img 2>/dev/null)",
@@ -86,7 +87,7 @@ fn root_on_virtio_blk_ext4_keeps_a_synced_file_and_stays_clean() {
 fn qemu_img(args: &[&str]) {
     let st = Command::new("qemu-img")
         .args(args)
-        .status()
+        .status_within(TOOL_TIMEOUT)
         .expect("qemu-img (qemu-utils)");
     assert!(st.success(), "qemu-img {args:?}");
 }
@@ -134,7 +135,7 @@ fn two_disks_two_nics_network_rng_and_hvc0_work() {
              ferrovmm --kernel /guest/kernel --initrd /guest/initrd --memory 256 --rng \
                --disk path=/guest/a.raw,serial=disk-a --disk path=/guest/b.qcow2,format=qcow2 \
                --net tap=tap0,mac=52:54:00:aa:bb:01 --net tap=tap1 --console file=/hvc.log \
-               --cmdline 'console=ttyS0 quiet panic=-1' 2>&1\n\
+               --cmdline 'console=ttyS0 quiet panic=-1 no_timer_check' 2>&1\n\
              echo VMM-EXIT=$?\n\
              echo GOT=$(cat /got.txt)\n\
              echo HVC=$(cat /hvc.log)\n\
@@ -199,7 +200,7 @@ fn queue_notifications_do_not_exit_to_userspace() {
         .file(&raw, "/guest/d.raw")
         .run(
             "ferrovmm --kernel /guest/kernel --initrd /guest/initrd --memory 256 --disk path=/guest/d.raw \
-               --cmdline 'console=ttyS0 quiet panic=-1' --serial file=/serial.log --api-socket /api.sock 2>/vmm.err &\n\
+               --cmdline 'console=ttyS0 quiet panic=-1 no_timer_check' --serial file=/serial.log --api-socket /api.sock 2>/vmm.err &\n\
              i=0; until grep -q IO-DONE /serial.log 2>/dev/null; do i=$((i+1)); [ $i -gt 1800 ] && break; sleep 0.1; done\n\
              grep DD-DONE /serial.log\n\
              echo COUNTERS=$(curl -s --unix-socket /api.sock http://localhost/vm/counters)\n\

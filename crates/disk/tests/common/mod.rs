@@ -2,6 +2,7 @@
 //! and a small seeded random generator.
 #![allow(dead_code)]
 
+use ferrovirt_testkit::{RunWithin, TOOL_TIMEOUT};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -36,9 +37,12 @@ impl Drop for Scratch {
 
 /// Runs a tool and returns its output; a missing tool fails the test with a clear message.
 pub fn run(tool: &str, args: &[&str]) -> Output {
-    Command::new(tool).args(args).output().unwrap_or_else(|e| {
-        panic!("cannot run {tool} (install qemu-utils: apt-get install qemu-utils): {e}")
-    })
+    Command::new(tool)
+        .args(args)
+        .output_within(TOOL_TIMEOUT)
+        .unwrap_or_else(|e| {
+            panic!("cannot run {tool} (install qemu-utils: apt-get install qemu-utils): {e}")
+        })
 }
 
 pub fn qemu_img(args: &[&str]) -> Output {
@@ -66,7 +70,7 @@ pub fn qemu_io(file: &Path, fmt: &str, cmds: &[String]) {
     args.push(file.display().to_string());
     let o = Command::new("qemu-io")
         .args(&args)
-        .output()
+        .output_within(TOOL_TIMEOUT)
         .expect("cannot run qemu-io (install qemu-utils)");
     assert!(
         o.status.success(),
@@ -169,7 +173,7 @@ pub fn img_bin() -> PathBuf {
         }
         let st = Command::new(env!("CARGO"))
             .args(&args)
-            .status()
+            .status_within(TOOL_TIMEOUT)
             .expect("run cargo");
         assert!(st.success(), "building examples/ferrovirt-img failed");
     });
@@ -185,7 +189,7 @@ pub fn img_bin() -> PathBuf {
 pub fn img(args: &[&str]) -> (i32, String, String) {
     let o = Command::new(img_bin())
         .args(args)
-        .output()
+        .output_within(TOOL_TIMEOUT)
         .expect("run ferrovirt img");
     (
         o.status.code().unwrap_or(-1),
@@ -202,4 +206,25 @@ pub fn img_ok(args: &[&str]) -> String {
 
 pub fn s(p: &Path) -> String {
     p.display().to_string()
+}
+
+/// Runs a crash-test child (this test binary in child mode): true when it completed, false when
+/// the injected fault killed it (an abort, so SIGABRT). Anything else, a panic or another
+/// signal, fails the test: it must never pass as the injected crash.
+pub fn crash_child_completed(cmd: &mut Command, what: &str) -> bool {
+    use std::os::unix::process::ExitStatusExt;
+    let out = cmd
+        .output_within(TOOL_TIMEOUT)
+        .expect("spawn the crash-test child");
+    if out.status.success() {
+        return true;
+    }
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGABRT),
+        "{what}: the child did not die of the injected fault: {:?}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    false
 }

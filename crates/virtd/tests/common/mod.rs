@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use ferrovirt_api::client::{Client, ClientError, DefFormat};
 use ferrovirt_api::DomainOp;
 use ferrovirt_api::ErrorCode;
+use ferrovirt_testkit::{RunWithin, TOOL_TIMEOUT};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -200,23 +201,6 @@ pub fn until_subscribed(d: &Daemon, c: &Client, mut seen_probe: impl FnMut(Durat
     }
 }
 
-/// The test guest (Debian cloud kernel + busybox initramfs), built once per target dir.
-pub fn guest() -> (PathBuf, PathBuf) {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/make-guest.sh");
-    let out = Command::new("sh")
-        .arg(&script)
-        .arg(&dir)
-        .output()
-        .expect("run make-guest.sh");
-    assert!(
-        out.status.success(),
-        "building the test guest failed (needs apt-get, busybox-static, cpio): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (dir.join("vmlinuz"), dir.join("initrd.img"))
-}
-
 // The TCP/TLS listener: token file, listener address, test certificates.
 
 pub const TOKEN: &str = "s3cret-token-for-tests-0123456789";
@@ -253,7 +237,7 @@ pub fn tcp_addr(d: &Daemon) -> String {
 pub fn openssl(args: &[&str]) {
     let out = Command::new("openssl")
         .args(args)
-        .output()
+        .output_within(TOOL_TIMEOUT)
         .expect("openssl is needed to make test certificates");
     assert!(
         out.status.success(),
