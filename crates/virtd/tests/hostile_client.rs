@@ -592,3 +592,16 @@ fn assert_serving_defined(d: &Daemon) {
     assert_eq!(status(&answer), 200, "{answer}");
     assert!(answer.contains("\"t\""), "{answer}");
 }
+
+#[test]
+fn a_client_that_closes_its_side_after_the_request_still_gets_the_answer() {
+    // As `printf 'GET /v1/domains ...' | nc -U SOCKET` does.
+    let d = Daemon::start();
+    let mut s = unix(&d);
+    s.write_all(LIST).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    assert_eq!(status(&answer), 200, "{answer}");
+    assert_serving(&d);
+}

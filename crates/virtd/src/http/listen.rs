@@ -216,6 +216,8 @@ async fn serve_connection<I>(
         .header_read_timeout(read_timeout)
         .max_buf_size(READ_BUFFER)
         .max_header_size(MAX_HEADER_BYTES)
+        // `printf 'GET ...' | nc -U SOCKET` closes its side after the request: still answer.
+        .half_close(true)
         .serve_connection(TokioIo::new(StallGuard::new(io, WRITE_STALL)), svc)
         .with_upgrades();
     let _ = conn.await;
