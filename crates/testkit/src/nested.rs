@@ -142,6 +142,12 @@ impl Nested {
                 "Nested: cannot pack {path}: /tmp is an empty tmpfs in the outer VM; pick another directory"
             )));
         }
+        // One outer VM at a time per test process: two TCG machines with KVM guests inside on a
+        // 2-core host starve each other past any sane timeout (seen: 400 s, versus 56 s alone).
+        static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _turn = ONE_AT_A_TIME
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let kernel = guest_kernel()?;
         let scratch = scratch_dir("nested")?;
         let image = scratch.join("outer.cpio");
