@@ -42,6 +42,7 @@ mod nested;
 pub mod process;
 mod qemu;
 mod rootdisk;
+mod seed;
 mod test_guest;
 
 pub use cache::{cache_dir, repo_root, scratch_dir};
@@ -58,4 +59,5 @@ pub use nested::{Nested, NestedOutput};
 pub use process::{RunWithin, TOOL_TIMEOUT};
 pub use qemu::{qemu_binary, qemu_tcg_boot, ConsoleRun, TcgVm};
 pub use rootdisk::make_root_disk;
+pub use seed::{count_from_env, seed_from_env};
 pub use test_guest::qemu_test_guest;

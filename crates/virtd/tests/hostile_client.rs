@@ -500,20 +500,8 @@ fn fuzz_request(rng: &mut Rng) -> Vec<u8> {
 
 #[test]
 fn randomized_malformed_requests_never_take_the_daemon_down() {
-    let seed: u64 = std::env::var("FERROVIRT_FUZZ_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-        })
-        | 1;
-    let count: usize = std::env::var("FERROVIRT_FUZZ_COUNT")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(300);
+    let seed = ferrovirt_testkit::seed_from_env("FERROVIRT_FUZZ_SEED");
+    let count = ferrovirt_testkit::count_from_env("FERROVIRT_FUZZ_COUNT", 300);
     eprintln!("fuzz seed {seed} ({count} requests; rerun with FERROVIRT_FUZZ_SEED={seed})");
     let d = Daemon::start_with(&["--read-timeout", "1"]);
     let pid = d.child.as_ref().unwrap().id();

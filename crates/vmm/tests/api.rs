@@ -453,20 +453,8 @@ fn malformed_request(rng: &mut Rng) -> Vec<u8> {
 
 #[test]
 fn randomized_malformed_requests_never_take_the_vm_down() {
-    let seed = std::env::var("FERROVMM_API_FUZZ_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-        })
-        | 1;
-    let count: usize = std::env::var("FERROVMM_API_FUZZ_COUNT")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(300);
+    let seed = ferrovirt_testkit::seed_from_env("FERROVMM_API_FUZZ_SEED");
+    let count = ferrovirt_testkit::count_from_env("FERROVMM_API_FUZZ_COUNT", 300);
     println!("API fuzz: seed {seed} ({count} requests); replay with FERROVMM_API_FUZZ_SEED={seed}");
     let dir = common::tempdir();
     let kernel = pvh_kernel(dir.path(), "count.elf", counting_guest(), vec![]);

@@ -383,20 +383,8 @@ impl Rng {
 fn randomized_command_lines_end_in_a_clear_status_never_a_panic() {
     use std::ffi::OsString;
     use std::os::unix::ffi::OsStringExt;
-    let seed = std::env::var("FERROVMM_CLI_FUZZ_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-        })
-        | 1;
-    let count: usize = std::env::var("FERROVMM_CLI_FUZZ_COUNT")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(60);
+    let seed = ferrovirt_testkit::seed_from_env("FERROVMM_CLI_FUZZ_SEED");
+    let count = ferrovirt_testkit::count_from_env("FERROVMM_CLI_FUZZ_COUNT", 60);
     println!("CLI fuzz: seed {seed} ({count} runs); replay with FERROVMM_CLI_FUZZ_SEED={seed}");
     let dir = common::tempdir();
     let kernel = hello_kernel(dir.path());
