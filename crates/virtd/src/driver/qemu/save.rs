@@ -8,7 +8,7 @@ use std::io::Seek;
 use std::os::fd::AsFd;
 use std::time::Duration;
 
-use ferrovirt_api::ApiError;
+use ferrovirt_api::{ApiError, ErrorCode};
 use serde_json::{json, Value};
 
 use super::{log_tail, QemuDriver, SOCKET_APPEARS};
@@ -52,7 +52,8 @@ impl QemuDriver {
         let result = Self::migrate_out(&mut qmp, out, deadline, progress);
         if result.is_err() && was_running {
             let recover = Deadline::after(RECOVER, format!("{}: resume", deadline.what()));
-            if let Err(e) = self.command(vm.vm_dir, "cont", None, &recover) {
+            // On this connection: QEMU serves one QMP client at a time.
+            if let Err(e) = qmp.execute("cont", None, &recover) {
                 eprintln!("ferrovirtd: the VM could not be resumed after a failed save: {e}");
             }
         }
@@ -162,14 +163,24 @@ impl QemuDriver {
                     wait_gone(pid, Duration::from_secs(5));
                 }
             }
+            if matches!(e.code, ErrorCode::Timeout) || deadline.cancelled() {
+                return Err(e);
+            }
+            // A daemonized QEMU's stderr is gone; its log has what it said before.
             let why = log_tail(&dir.join("qemu.log"));
-            return Err(
-                if why.is_empty() || e.code == ferrovirt_api::ErrorCode::Timeout {
-                    e
-                } else {
-                    ApiError::driver(format!("QEMU could not load the saved state: {why}"))
-                },
-            );
+            let detail = if e.message.contains("could not load") {
+                e.message
+            } else {
+                format!(
+                    "QEMU could not load the saved state (it ended: the stream is damaged or not of this machine): {}",
+                    e.message
+                )
+            };
+            return Err(ApiError::driver(if why.is_empty() {
+                detail
+            } else {
+                format!("{detail}; {why}")
+            }));
         }
         Ok(started)
     }
