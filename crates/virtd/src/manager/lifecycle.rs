@@ -372,7 +372,10 @@ impl Manager {
         step(0, "checking files");
         def.check_paths()?;
         deadline.check()?;
-        rotate_for_boot(&self.paths.console_log(name));
+        // A restore continues the saved VM's console; a boot starts a new log.
+        if matches!(how, Launch::Boot(_)) {
+            rotate_for_boot(&self.paths.console_log(name));
+        }
         let ctx = self.ctx(&def, id, generation, deadline.clone())?;
         step(1, "plugging network interfaces");
         self.networks.plug(&def)?;
