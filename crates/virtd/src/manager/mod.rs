@@ -5,13 +5,15 @@
 //! an operation takes the domain's job ([`jobs`]), copies out what the driver needs, releases
 //! the lock, calls the driver under a deadline, then commits ([`commit`]: the store has a lock
 //! of its own, taken before the table's).
-//! Lifecycle operations are in [`lifecycle`], VM exits in [`exits`], daemon start in [`recover`].
+//! Lifecycle operations are in [`lifecycle`], VM exits in [`exits`], daemon start in [`recover`],
+//! save and restore in [`save`].
 
 mod commit;
 mod exits;
 pub mod jobs;
 mod lifecycle;
 mod recover;
+mod save;
 #[cfg(test)]
 mod tests;
 
@@ -329,6 +331,7 @@ impl Manager {
                 None
             },
             console_log: log.exists().then(|| log.to_string_lossy().into_owned()),
+            managed_save: self.paths.managed_save(&s.def.name).exists(),
         }
     }
 
@@ -518,6 +521,7 @@ impl Manager {
             )));
         }
         Self::refuse_if_busy(dom)?;
+        self.refuse_if_managed_save(&name)?;
         let active = dom.stored.state.is_active();
         drop(inner);
         if active {
