@@ -73,6 +73,8 @@ pub enum StateReason {
     Failed,
     /// shutoff: the VM process had vanished when the daemon (re)started.
     Vanished,
+    /// running, paused or shutoff: as a snapshot-revert left it.
+    FromSnapshot,
 }
 
 impl StateReason {
@@ -89,6 +91,7 @@ impl StateReason {
             StateReason::Crashed => "crashed",
             StateReason::Failed => "failed",
             StateReason::Vanished => "vanished",
+            StateReason::FromSnapshot => "from-snapshot",
         }
     }
     pub fn parse(s: &str) -> Option<Self> {
@@ -104,6 +107,7 @@ impl StateReason {
             StateReason::Crashed,
             StateReason::Failed,
             StateReason::Vanished,
+            StateReason::FromSnapshot,
         ]
         .into_iter()
         .find(|r| r.as_str() == s)

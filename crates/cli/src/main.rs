@@ -7,6 +7,7 @@ mod leftovers;
 mod net;
 mod output;
 mod sizes;
+mod snapshot;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -53,7 +54,12 @@ enum Command {
     /// Define a persistent domain from a TOML, JSON or libvirt XML file
     Define { file: PathBuf },
     /// Remove a domain's definition
-    Undefine { domain: String },
+    Undefine {
+        domain: String,
+        /// Also forget the domain's snapshots' metadata (needed when it has snapshots)
+        #[arg(long)]
+        snapshots_metadata: bool,
+    },
     /// Create and start a transient domain from a file
     Create {
         file: PathBuf,
@@ -182,6 +188,8 @@ enum Command {
     Install(Box<install::InstallArgs>),
     #[command(flatten)]
     Net(net::NetCommand),
+    #[command(flatten)]
+    Snapshot(snapshot::SnapshotCommand),
 }
 
 /// `--wait SECONDS` of the domain operations.
@@ -255,8 +263,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 console::attach(&client, &resp.domain.name, true)?;
             }
         }
-        Command::Undefine { domain } => {
-            client.undefine(&domain)?;
+        Command::Undefine { domain, snapshots_metadata } => {
+            if snapshots_metadata {
+                client.undefine_with_snapshots(&domain)?;
+            } else {
+                client.undefine(&domain)?;
+            }
             if json {
                 println!("{{}}");
             } else {
@@ -397,6 +409,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Install(args) => install::run(&client, &args, json)?,
         Command::Net(cmd) => net::run(&client, cmd, json)?,
+        Command::Snapshot(cmd) => snapshot::run(&client, cmd, json)?,
     }
     Ok(())
 }

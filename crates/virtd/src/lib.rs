@@ -10,5 +10,6 @@ pub mod manager;
 pub mod network;
 pub mod runtime;
 pub mod server;
+pub mod snapshot;
 pub mod store;
 pub mod volume;

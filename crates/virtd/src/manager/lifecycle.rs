@@ -289,6 +289,19 @@ impl Manager {
         reason: StateReason,
         deadline: &Deadline,
     ) -> Result<(), ApiError> {
+        self.start_body_with(name, job, reason, deadline, &|driver, ctx| driver.start(ctx))
+    }
+
+    /// [`Self::start_body`] with the driver's start call given (a snapshot revert starts the VM
+    /// loading its memory).
+    pub(super) fn start_body_with(
+        &self,
+        name: &str,
+        job: &JobHandle,
+        reason: StateReason,
+        deadline: &Deadline,
+        launch: super::feature_jobs::Launch,
+    ) -> Result<(), ApiError> {
         let (def, generation, id, driver, engine) = {
             let mut inner = self.lock();
             let dom = Self::get(&inner, name)?;
@@ -331,7 +344,7 @@ impl Manager {
         let Started {
             mut runtime,
             console,
-        } = match driver.start(ctx) {
+        } = match launch(&*driver, ctx) {
             Ok(s) => s,
             Err(e) => {
                 self.networks.unplug(&def);
