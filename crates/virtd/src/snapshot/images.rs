@@ -51,13 +51,15 @@ pub fn format_of(path: &Path) -> Result<String, ApiError> {
         .unwrap_or_else(|| "raw".into()))
 }
 
-/// Names of the image's internal snapshots.
+/// Names of the image's internal snapshots (read like `qemu-img info`: works while a VM has
+/// the image open).
 pub fn internal_names(path: &Path) -> Result<Vec<String>, ApiError> {
-    if format_of(path)? != "qcow2" {
-        return Ok(Vec::new());
-    }
-    let snaps = ferrovirt_disk::ops::snapshot_list(path).map_err(|e| disk_err(path, e))?;
-    Ok(snaps.into_iter().map(|s| s.name).collect())
+    let info = ferrovirt_disk::info(path, false).map_err(|e| disk_err(path, e))?;
+    Ok(info
+        .into_iter()
+        .next()
+        .map(|i| i.snapshots.into_iter().map(|s| s.name).collect())
+        .unwrap_or_default())
 }
 
 /// A new, empty qcow2 overlay on `backing`; an existing file is an error (never overwritten).
