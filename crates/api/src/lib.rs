@@ -13,6 +13,7 @@
 //! * [`host`]: detection of the host's virtualization support (default driver)
 //! * [`op`]: the typed domain operations; [`job`]: a domain's running job
 //! * [`snapshot`]: domain snapshots (requests, metadata, libvirt's `<domainsnapshot>` XML)
+//! * [`save`]: save, restore and managed save requests
 
 pub mod client;
 pub mod def;
@@ -25,6 +26,7 @@ pub mod msg;
 pub mod netmark;
 pub mod network;
 pub mod op;
+pub mod save;
 pub mod size;
 pub mod snapshot;
 pub mod state;

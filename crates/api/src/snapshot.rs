@@ -81,7 +81,11 @@ impl DiskSpec {
                 Some(("snapshot", v)) => d.snapshot = Location::parse(v).map_err(|e| e.message)?,
                 Some(("file", v)) if !v.is_empty() => d.file = Some(v.into()),
                 Some(("driver", _)) | Some(("stype", _)) => {}
-                _ => return Err(format!("--diskspec '{spec}': '{p}' is not snapshot=… or file=…")),
+                _ => {
+                    return Err(format!(
+                        "--diskspec '{spec}': '{p}' is not snapshot=… or file=…"
+                    ))
+                }
             }
         }
         Ok(d)
@@ -227,7 +231,11 @@ impl SnapshotInfo {
         if let Some(p) = &self.parent {
             let _ = writeln!(x, "  <parent>\n    <name>{}</name>\n  </parent>", esc(p));
         }
-        let _ = writeln!(x, "  <creationTime>{}</creationTime>", self.created_ms / 1000);
+        let _ = writeln!(
+            x,
+            "  <creationTime>{}</creationTime>",
+            self.created_ms / 1000
+        );
         match &self.memory_file {
             Some(f) => {
                 let _ = writeln!(
@@ -401,7 +409,12 @@ impl Client {
     }
 
     pub fn snapshot_xml(&self, domain: &str, snap: &str) -> Result<String, ClientError> {
-        let resp = self.raw("GET", &format!("{}/xml", Self::snap(domain, snap)), None, b"")?;
+        let resp = self.raw(
+            "GET",
+            &format!("{}/xml", Self::snap(domain, snap)),
+            None,
+            b"",
+        )?;
         String::from_utf8(resp.body).map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
@@ -458,7 +471,10 @@ impl Client {
     pub fn undefine_with_snapshots(&self, name: &str) -> Result<(), ClientError> {
         self.raw(
             "DELETE",
-            &format!("/v1/domains/{}?snapshots_metadata=true", percent_encode(name)),
+            &format!(
+                "/v1/domains/{}?snapshots_metadata=true",
+                percent_encode(name)
+            ),
             None,
             b"",
         )
@@ -523,6 +539,9 @@ mod tests {
         let r = parse_xml(&info.to_xml()).unwrap();
         assert_eq!(r.name.as_deref(), Some("a<b"));
         assert_eq!(r.description.as_deref(), Some("x & y"));
-        assert_eq!(r.disks[0].file.as_deref(), Some(std::path::Path::new("/o.qcow2")));
+        assert_eq!(
+            r.disks[0].file.as_deref(),
+            Some(std::path::Path::new("/o.qcow2"))
+        );
     }
 }

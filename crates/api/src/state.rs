@@ -75,6 +75,12 @@ pub enum StateReason {
     Vanished,
     /// running, paused or shutoff: as a snapshot-revert left it.
     FromSnapshot,
+    /// paused: its state is being saved to a file (save, managedsave).
+    Saving,
+    /// shutoff: its state was saved to a file (restore or start continues it).
+    Saved,
+    /// running: restored from a save file.
+    Restored,
 }
 
 impl StateReason {
@@ -92,6 +98,9 @@ impl StateReason {
             StateReason::Failed => "failed",
             StateReason::Vanished => "vanished",
             StateReason::FromSnapshot => "from-snapshot",
+            StateReason::Saving => "saving",
+            StateReason::Saved => "saved",
+            StateReason::Restored => "restored",
         }
     }
     pub fn parse(s: &str) -> Option<Self> {
@@ -108,6 +117,9 @@ impl StateReason {
             StateReason::Failed,
             StateReason::Vanished,
             StateReason::FromSnapshot,
+            StateReason::Saving,
+            StateReason::Saved,
+            StateReason::Restored,
         ]
         .into_iter()
         .find(|r| r.as_str() == s)
@@ -136,6 +148,9 @@ pub struct DomainInfo {
     pub pid: Option<u32>,
     /// Serial console log file, when the domain has run.
     pub console_log: Option<String>,
+    /// A managed save exists: the next start resumes from it (virsh's "Managed save: yes").
+    #[serde(default)]
+    pub managed_save: bool,
 }
 
 /// Lifecycle event kinds (libvirt's names).

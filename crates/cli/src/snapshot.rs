@@ -80,7 +80,10 @@ pub enum SnapshotCommand {
         current: bool,
     },
     /// Print a snapshot's <domainsnapshot> XML
-    SnapshotDumpxml { domain: String, snapshotname: String },
+    SnapshotDumpxml {
+        domain: String,
+        snapshotname: String,
+    },
     /// Show the current snapshot (its XML, or --name)
     SnapshotCurrent {
         domain: String,
@@ -192,14 +195,15 @@ fn which(
     match (name, current) {
         (Some(n), _) => Ok(n),
         (None, true) => Ok(client.snapshot_current(domain)?.name),
-        (None, false) => Err(Failure::Usage(
-            "name a snapshot or pass --current".into(),
-        )),
+        (None, false) => Err(Failure::Usage("name a snapshot or pass --current".into())),
     }
 }
 
 fn tree_lines(all: &[SnapshotInfo], parent: Option<&str>, indent: &str, out: &mut String) {
-    let kids: Vec<&SnapshotInfo> = all.iter().filter(|s| s.parent.as_deref() == parent).collect();
+    let kids: Vec<&SnapshotInfo> = all
+        .iter()
+        .filter(|s| s.parent.as_deref() == parent)
+        .collect();
     for (i, s) in kids.iter().enumerate() {
         let last = i + 1 == kids.len();
         if parent.is_none() {
@@ -279,7 +283,10 @@ pub fn run(client: &Client, cmd: SnapshotCommand, json: bool) -> Result<(), Fail
             if json {
                 print_json(&serde_json::json!({ "snapshot": name }));
             } else {
-                println!("Domain snapshot {name} created from '{}'\n", xmlfile.display());
+                println!(
+                    "Domain snapshot {name} created from '{}'\n",
+                    xmlfile.display()
+                );
             }
         }
         SnapshotCommand::SnapshotList {
@@ -308,7 +315,8 @@ pub fn run(client: &Client, cmd: SnapshotCommand, json: bool) -> Result<(), Fail
                 let rows: Vec<Vec<String>> = all
                     .iter()
                     .map(|s| {
-                        let mut r = vec![s.name.clone(), time(s.created_ms), s.state.as_str().into()];
+                        let mut r =
+                            vec![s.name.clone(), time(s.created_ms), s.state.as_str().into()];
                         if parent {
                             r.push(s.parent.clone().unwrap_or_default());
                         }
@@ -410,11 +418,7 @@ pub fn run(client: &Client, cmd: SnapshotCommand, json: bool) -> Result<(), Fail
             let s = client.snapshot_get(&domain, &name)?;
             match s.parent {
                 Some(p) => println!("{p}\n"),
-                None => {
-                    return Err(Failure::Usage(format!(
-                        "snapshot '{name}' has no parent"
-                    )))
-                }
+                None => return Err(Failure::Usage(format!("snapshot '{name}' has no parent"))),
             }
         }
         SnapshotCommand::SnapshotEdit {
@@ -423,7 +427,12 @@ pub fn run(client: &Client, cmd: SnapshotCommand, json: bool) -> Result<(), Fail
             description,
             current,
         } => {
-            let name = which(client, &domain, snapshotname, current && description.is_some())?;
+            let name = which(
+                client,
+                &domain,
+                snapshotname,
+                current && description.is_some(),
+            )?;
             let req = EditRequest {
                 description,
                 current,

@@ -171,7 +171,11 @@ impl Env {
             initrd.display()
         );
         for d in disks {
-            let fmt = if s(d).ends_with(".raw") { "raw" } else { "qcow2" };
+            let fmt = if s(d).ends_with(".raw") {
+                "raw"
+            } else {
+                "qcow2"
+            };
             toml.push_str(&format!(
                 "[[disk]]\npath = \"{}\"\nformat = \"{fmt}\"\n",
                 d.display()
@@ -190,7 +194,11 @@ impl Env {
     fn wait_banner(&self, name: &str, count: usize) {
         let give_up = Instant::now() + BOOT;
         while self.console_log(name).matches("FERROVIRT-GUEST-UP").count() < count {
-            assert!(Instant::now() < give_up, "the guest did not boot:\n{}", self.log());
+            assert!(
+                Instant::now() < give_up,
+                "the guest did not boot:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -241,12 +249,17 @@ impl Env {
     }
 
     fn read_disk(&self, name: &str) -> String {
-        self.sh(name, "dd if=/dev/vda bs=512 skip=8 count=1 2>/dev/null | head -c 8")
+        self.sh(
+            name,
+            "dd if=/dev/vda bs=512 skip=8 count=1 2>/dev/null | head -c 8",
+        )
     }
 
     fn counter(&self, name: &str) -> u64 {
         let out = self.sh(name, "kill -0 $(cat /run/counter.pid) && cat /run/counter");
-        out.trim().parse().unwrap_or_else(|_| panic!("no running counter: {out}"))
+        out.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("no running counter: {out}"))
     }
 
     /// The counter process runs: its value grows.
@@ -335,7 +348,13 @@ fn tool(prog: &str, args: &[&str]) -> String {
 fn write_host(img: &Path, byte: u8) {
     tool(
         "qemu-io",
-        &["-f", "qcow2", "-c", &format!("write -P {byte} 0 64k"), &s(img)],
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            &format!("write -P {byte} 0 64k"),
+            &s(img),
+        ],
     );
 }
 
@@ -354,7 +373,10 @@ fn read_host(img: &Path) -> u8 {
             break;
         }
     }
-    panic!("{}: first 64 KiB are not one of the test's patterns", img.display());
+    panic!(
+        "{}: first 64 KiB are not one of the test's patterns",
+        img.display()
+    );
 }
 
 /// The image the domain's disk vda uses now (from its TOML definition).
@@ -410,7 +432,13 @@ fn a_running_guest_reverts_among_full_and_disk_only_snapshots_and_deletes_them()
     e.ok(&["snapshot-create-as", "g", "s2", "--disk-only", "--atomic"]);
     e.write_disk("g", "MARK-CCC");
     e.sh("g", "touch /run/m3");
-    e.ok(&["snapshot-create-as", "g", "s3", "--diskspec", "vda,snapshot=internal"]);
+    e.ok(&[
+        "snapshot-create-as",
+        "g",
+        "s3",
+        "--diskspec",
+        "vda,snapshot=internal",
+    ]);
     e.write_disk("g", "MARK-DDD");
 
     // Bad input changes nothing: a name twice, an overlay that exists, an unknown snapshot.
@@ -418,16 +446,31 @@ fn a_running_guest_reverts_among_full_and_disk_only_snapshots_and_deletes_them()
     assert!(err.contains("already has a snapshot 's1'"), "{err}");
     let taken = e.images().join("taken.qcow2");
     std::fs::write(&taken, b"mine").unwrap();
-    let err = e.fails(&["snapshot-create-as", "g", "s9", "--disk-only", "--diskspec", &format!("vda,file={}", taken.display())]);
+    let err = e.fails(&[
+        "snapshot-create-as",
+        "g",
+        "s9",
+        "--disk-only",
+        "--diskspec",
+        &format!("vda,file={}", taken.display()),
+    ]);
     assert!(err.contains("already exists"), "{err}");
     assert_eq!(std::fs::read(&taken).unwrap(), b"mine");
     std::fs::remove_file(&taken).unwrap();
     let err = e.fails(&["snapshot-revert", "g", "nope"]);
-    assert!(err.contains("has no snapshot 'nope'") && err.contains("[no_snapshot]"), "{err}");
+    assert!(
+        err.contains("has no snapshot 'nope'") && err.contains("[no_snapshot]"),
+        "{err}"
+    );
     assert_eq!(e.read_disk("g"), "MARK-DDD");
 
     let info = e.ok(&["snapshot-info", "g", "s3"]);
-    assert!(info.contains("State:          running\n") && info.contains("Location:       mixed\n") && info.contains("Parent:         s2\n"), "{info}");
+    assert!(
+        info.contains("State:          running\n")
+            && info.contains("Location:       mixed\n")
+            && info.contains("Parent:         s2\n"),
+        "{info}"
+    );
     let tree = e.ok(&["snapshot-list", "g", "--tree"]);
     assert_eq!(tree, "s1\n  |\n  +- s2\n      |\n      +- s3\n\n", "{tree}");
 
@@ -448,7 +491,10 @@ fn a_running_guest_reverts_among_full_and_disk_only_snapshots_and_deletes_them()
     // Disk-only: the domain is off afterwards, or boots from the snapshot's disk with --running.
     revert(&e, "g", "s2");
     assert_eq!(e.state("g"), DomainState::Shutoff);
-    assert_eq!(e.ok(&["domstate", "g", "--reason"]), "shut off (from-snapshot)\n\n");
+    assert_eq!(
+        e.ok(&["domstate", "g", "--reason"]),
+        "shut off (from-snapshot)\n\n"
+    );
     e.ok(&["snapshot-revert", "g", "s2", "--running"]);
     e.wait_banner("g", 1);
     assert_eq!(e.read_disk("g"), "MARK-BBB");
@@ -488,7 +534,10 @@ fn a_running_guest_reverts_among_full_and_disk_only_snapshots_and_deletes_them()
 /// Sector 8 of an image chain, as qemu-img sees it.
 fn read_guest_sector(img: &Path) -> String {
     let raw = img.with_extension("check.raw");
-    tool("qemu-img", &["convert", "-U", "-O", "raw", &s(img), &s(&raw)]);
+    tool(
+        "qemu-img",
+        &["convert", "-U", "-O", "raw", &s(img), &s(&raw)],
+    );
     let mut f = std::fs::File::open(&raw).unwrap();
     let mut buf = [0u8; 8];
     std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(8 * 512)).unwrap();
@@ -536,7 +585,11 @@ fn libvirt_delete_external_snapshot_of_a_paused_vm() {
     e.write_disk("p", "MARK-PPP");
     e.ok(&["suspend", "p"]);
     e.ok(&["snapshot-create-as", "p", "full"]);
-    assert_eq!(e.ok(&["snapshot-info", "p", "full"]).contains("State:          paused\n"), true);
+    assert_eq!(
+        e.ok(&["snapshot-info", "p", "full"])
+            .contains("State:          paused\n"),
+        true
+    );
     e.ok(&["snapshot-create-as", "p", "disks", "--disk-only"]);
     assert_eq!(e.state("p"), DomainState::Paused);
     e.ok(&["snapshot-delete", "p", "full"]);
@@ -559,7 +612,13 @@ fn libvirt_delete_external_child_after_revert_to_internal_parent() {
     let disk = e.disk("i.qcow2", "qcow2");
     e.define("i", &[&disk]);
     write_host(&disk, 1);
-    e.ok(&["snapshot-create-as", "i", "parent", "--diskspec", "vda,snapshot=internal"]);
+    e.ok(&[
+        "snapshot-create-as",
+        "i",
+        "parent",
+        "--diskspec",
+        "vda,snapshot=internal",
+    ]);
     write_host(&disk, 2);
     e.ok(&["snapshot-create-as", "i", "child"]);
     write_host(&disk_path(&e.c, "i"), 3);
@@ -581,11 +640,23 @@ fn libvirt_mixed_internal_external_chain_deletes_in_any_order() {
     let disk = e.disk("m.qcow2", "qcow2");
     e.define("m", &[&disk]);
     write_host(&disk, 1);
-    e.ok(&["snapshot-create-as", "m", "i1", "--diskspec", "vda,snapshot=internal"]);
+    e.ok(&[
+        "snapshot-create-as",
+        "m",
+        "i1",
+        "--diskspec",
+        "vda,snapshot=internal",
+    ]);
     write_host(&disk, 2);
     e.ok(&["snapshot-create-as", "m", "e2"]);
     write_host(&disk_path(&e.c, "m"), 3);
-    e.ok(&["snapshot-create-as", "m", "i3", "--diskspec", "vda,snapshot=internal"]);
+    e.ok(&[
+        "snapshot-create-as",
+        "m",
+        "i3",
+        "--diskspec",
+        "vda,snapshot=internal",
+    ]);
     write_host(&disk_path(&e.c, "m"), 4);
     e.ok(&["snapshot-create-as", "m", "e4"]);
     write_host(&disk_path(&e.c, "m"), 5);
@@ -593,7 +664,11 @@ fn libvirt_mixed_internal_external_chain_deletes_in_any_order() {
     e.ok(&["snapshot-delete", "m", "e2"]);
     for (name, byte) in [("i1", 1), ("i3", 3), ("e4", 4)] {
         revert(&e, "m", name);
-        assert_eq!(read_host(&disk_path(&e.c, "m")), byte, "after revert to {name}");
+        assert_eq!(
+            read_host(&disk_path(&e.c, "m")),
+            byte,
+            "after revert to {name}"
+        );
     }
     e.ok(&["snapshot-delete", "m", "i1"]);
     e.ok(&["snapshot-delete", "m", "e4"]);
@@ -619,13 +694,25 @@ fn libvirt_revert_to_external_snapshots_of_a_shut_off_domain() {
     }
     for (name, byte) in expected.iter().rev().chain(expected.iter()) {
         revert(&e, "x", name);
-        assert_eq!(read_host(&disk_path(&e.c, "x")), *byte, "after revert to {name}");
+        assert_eq!(
+            read_host(&disk_path(&e.c, "x")),
+            *byte,
+            "after revert to {name}"
+        );
         write_host(&disk_path(&e.c, "x"), 9);
     }
     let info = e.ok(&["snapshot-info", "x", "x2"]);
-    assert!(info.contains("State:          shutoff\n") && info.contains("Location:       external\n"), "{info}");
+    assert!(
+        info.contains("State:          shutoff\n") && info.contains("Location:       external\n"),
+        "{info}"
+    );
     let xml = e.ok(&["snapshot-dumpxml", "x", "x2"]);
-    assert!(xml.contains("<name>x2</name>") && xml.contains("<parent>\n    <name>x1</name>") && xml.contains("snapshot='external'"), "{xml}");
+    assert!(
+        xml.contains("<name>x2</name>")
+            && xml.contains("<parent>\n    <name>x1</name>")
+            && xml.contains("snapshot='external'"),
+        "{xml}"
+    );
     e.check_images();
 }
 
@@ -635,8 +722,18 @@ fn bad_snapshot_input_is_refused_and_changes_nothing() {
     let e = Env::start();
     let raw = e.disk("r.raw", "raw");
     e.define("r", &[&raw]);
-    let err = e.fails(&["snapshot-create-as", "r", "s", "--diskspec", "vda,snapshot=internal"]);
-    assert!(err.contains("only qcow2 images can hold an internal snapshot") && err.contains("snapshot=external"), "{err}");
+    let err = e.fails(&[
+        "snapshot-create-as",
+        "r",
+        "s",
+        "--diskspec",
+        "vda,snapshot=internal",
+    ]);
+    assert!(
+        err.contains("only qcow2 images can hold an internal snapshot")
+            && err.contains("snapshot=external"),
+        "{err}"
+    );
     let err = e.fails(&["snapshot-create-as", "r", "s", "--diskspec", "vdb"]);
     assert!(err.contains("has no disk 'vdb'"), "{err}");
     let err = e.fails(&["snapshot-create-as", "r", "bad/name"]);
@@ -650,7 +747,10 @@ fn bad_snapshot_input_is_refused_and_changes_nothing() {
         api_code(e.c.snapshot_create("r", &snap("ext"))),
         ErrorCode::OperationInvalid
     );
-    assert_eq!(api_code(e.c.snapshot_get("r", "nope")), ErrorCode::NoSnapshot);
+    assert_eq!(
+        api_code(e.c.snapshot_get("r", "nope")),
+        ErrorCode::NoSnapshot
+    );
     assert_eq!(
         api_code(e.c.snapshot_revert("r", "nope", &RevertRequest::default())),
         ErrorCode::NoSnapshot
@@ -663,7 +763,10 @@ fn bad_snapshot_input_is_refused_and_changes_nothing() {
         snapshot: Location::External,
         file: Some("relative.qcow2".into()),
     });
-    assert_eq!(api_code(e.c.snapshot_create("r", &two)), ErrorCode::InvalidArgument);
+    assert_eq!(
+        api_code(e.c.snapshot_create("r", &two)),
+        ErrorCode::InvalidArgument
+    );
     assert_eq!(e.ok(&["snapshot-list", "r", "--name"]), "ext\n\n");
     // undefine needs --snapshots-metadata, which forgets them (the images stay).
     let err = e.fails(&["undefine", "r"]);
@@ -691,7 +794,10 @@ fn a_revert_while_another_job_runs_is_refused() {
         std::thread::sleep(Duration::from_millis(10));
     }
     let err = e.fails(&["snapshot-revert", "b", "s"]);
-    assert!(err.contains("is busy with suspend") && err.contains("[domain_busy]"), "{err}");
+    assert!(
+        err.contains("is busy with suspend") && err.contains("[domain_busy]"),
+        "{err}"
+    );
     let err = e.fails(&["snapshot-delete", "b", "s"]);
     assert!(err.contains("[domain_busy]"), "{err}");
     tool("kill", &["-CONT", &pid]);

@@ -13,12 +13,15 @@ use ferrovirt_api::{Action, ApiError, DomainDef};
 use serde_json::Value;
 
 use super::qmp::Qmp;
-use super::{Driver, ExitNotifier, LiveDiskSnapshot, Started, VmCtx, VmRef};
+use super::{Driver, ExitNotifier, LiveDiskSnapshot, Progress, Started, VmCtx, VmRef};
 use crate::console::ConsoleHub;
 use crate::deadline::Deadline;
 use crate::runtime::{
     kill, kill_and_wait, pid_alive, pid_has_arg, pid_stopped, wait_gone, ExitKind, Runtime,
 };
+
+mod save;
+mod snapshot;
 
 pub struct QemuDriver {
     pub binary: PathBuf,
@@ -27,7 +30,7 @@ pub struct QemuDriver {
 }
 
 /// How long a VM's control socket may take to appear (QEMU creates it before daemonizing).
-pub(super) const SOCKET_APPEARS: Duration = Duration::from_secs(2);
+const SOCKET_APPEARS: Duration = Duration::from_secs(2);
 
 impl QemuDriver {
     pub fn from_env(default_accel: Accel) -> Self {
@@ -162,7 +165,7 @@ impl QemuDriver {
     }
 
     /// One QMP command on a fresh connection, all of it within `deadline`.
-    pub(super) fn command(
+    fn command(
         &self,
         dir: &Path,
         name: &str,
@@ -224,111 +227,9 @@ impl QemuDriver {
         let host = v.get("host").and_then(Value::as_str)?.to_string();
         Some((host, port))
     }
-}
 
-fn log_tail(path: &Path) -> String {
-    let text = fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    lines[lines.len().saturating_sub(3)..].join("; ")
-}
-
-impl Driver for QemuDriver {
-    fn check(&self, _def: &DomainDef) -> Result<(), ApiError> {
-        // Network existence is checked by the manager; everything else QEMU offers.
-        Ok(())
-    }
-
-    fn start(&self, ctx: VmCtx) -> Result<Started, ApiError> {
-        self.launch(ctx, &[])
-    }
-
-    fn reattach(&self, ctx: VmCtx, runtime: &Runtime) -> Option<Started> {
-        let pid = runtime.pid?;
-        let uuid = ctx.def.uuid.clone().unwrap_or_default();
-        if !pid_alive(pid) || !pid_has_arg(pid, &uuid) {
-            return None;
-        }
-        let console = ConsoleHub::start(
-            &ctx.vm_dir.join("serial.sock"),
-            ctx.console_log.clone(),
-            Box::new(|| {}),
-        );
-        Self::monitor(&ctx.vm_dir, pid, ctx.on_exit, &ctx.deadline).ok()?;
-        Some(Started {
-            runtime: runtime.clone(),
-            console: console.ok(),
-        })
-    }
-
-    fn destroy(&self, vm: &VmRef) -> Result<(), ApiError> {
-        let Some(pid) = vm.runtime.pid else {
-            return Ok(());
-        };
-        // A polite quit first, briefly: a QEMU that does not answer is killed.
-        let polite = vm.deadline.within(Duration::from_secs(3));
-        if pid_stopped(pid) || self.command(vm.vm_dir, "quit", None, &polite).is_err() {
-            kill(pid, libc::SIGKILL);
-        }
-        if !wait_gone(pid, vm.deadline.remaining().min(Duration::from_secs(10))) {
-            return kill_and_wait(pid, "qemu");
-        }
-        Ok(())
-    }
-
-    fn shutdown(&self, vm: &VmRef) -> Result<Option<ExitKind>, ApiError> {
-        self.command(vm.vm_dir, "system_powerdown", None, vm.deadline)
-            .map(|_| None)
-    }
-
-    fn suspend(&self, vm: &VmRef) -> Result<(), ApiError> {
-        self.command(vm.vm_dir, "stop", None, vm.deadline)
-            .map(|_| ())
-    }
-
-    fn resume(&self, vm: &VmRef) -> Result<(), ApiError> {
-        self.command(vm.vm_dir, "cont", None, vm.deadline)
-            .map(|_| ())
-    }
-
-    fn reset(&self, vm: &VmRef) -> Result<(), ApiError> {
-        self.command(vm.vm_dir, "system_reset", None, vm.deadline)
-            .map(|_| ())
-    }
-
-    // Snapshots: see qemu_snapshot.rs.
-
-    fn snapshot_live(
-        &self,
-        vm: &VmRef,
-        disks: &[LiveDiskSnapshot],
-        memory: Option<(&Path, &str)>,
-    ) -> Result<(), ApiError> {
-        self.snapshot_running(vm, disks, memory)
-    }
-
-    fn start_from_memory(&self, ctx: VmCtx, memory: &Path, tag: &str) -> Result<Started, ApiError> {
-        self.start_loading(ctx, memory, tag)
-    }
-
-    fn commit_live(
-        &self,
-        vm: &VmRef,
-        active: &Path,
-        top: &Path,
-        base: &Path,
-    ) -> Result<(), ApiError> {
-        self.commit_running(vm, active, top, base)
-    }
-
-    fn delete_internal_live(&self, vm: &VmRef, image: &Path, name: &str) -> Result<(), ApiError> {
-        self.delete_internal_running(vm, image, name)
-    }
-}
-
-impl QemuDriver {
-    /// Start QEMU with the definition's arguments plus `extra`; returns once the VM runs (or,
-    /// with `-S` in `extra`, waits paused).
-    pub(super) fn launch(&self, ctx: VmCtx, extra: &[String]) -> Result<Started, ApiError> {
+    /// Start QEMU with the definition's arguments plus `extra` (a restore adds its own).
+    fn launch(&self, ctx: VmCtx, extra: &[&str]) -> Result<Started, ApiError> {
         let dir = ctx.vm_dir.clone();
         for f in ["pid", "qmp.sock", "qmp-events.sock", "serial.sock"] {
             let _ = fs::remove_file(dir.join(f));
@@ -416,5 +317,118 @@ impl QemuDriver {
             },
             console: Some(console),
         })
+    }
+}
+
+fn log_tail(path: &Path) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(3)..].join("; ")
+}
+
+impl Driver for QemuDriver {
+    fn check(&self, _def: &DomainDef) -> Result<(), ApiError> {
+        // Network existence is checked by the manager; everything else QEMU offers.
+        Ok(())
+    }
+
+    fn start(&self, ctx: VmCtx) -> Result<Started, ApiError> {
+        self.launch(ctx, &[])
+    }
+
+    fn save(&self, vm: &VmRef, out: &mut fs::File, progress: Progress) -> Result<(), ApiError> {
+        self.save_to(vm, out, progress)
+    }
+
+    fn restore(
+        &self,
+        ctx: VmCtx,
+        input: &mut fs::File,
+        len: u64,
+        progress: Progress,
+    ) -> Result<Started, ApiError> {
+        self.restore_from(ctx, input, len, progress)
+    }
+
+    fn reattach(&self, ctx: VmCtx, runtime: &Runtime) -> Option<Started> {
+        let pid = runtime.pid?;
+        let uuid = ctx.def.uuid.clone().unwrap_or_default();
+        if !pid_alive(pid) || !pid_has_arg(pid, &uuid) {
+            return None;
+        }
+        let console = ConsoleHub::start(
+            &ctx.vm_dir.join("serial.sock"),
+            ctx.console_log.clone(),
+            Box::new(|| {}),
+        );
+        Self::monitor(&ctx.vm_dir, pid, ctx.on_exit, &ctx.deadline).ok()?;
+        Some(Started {
+            runtime: runtime.clone(),
+            console: console.ok(),
+        })
+    }
+
+    fn destroy(&self, vm: &VmRef) -> Result<(), ApiError> {
+        let Some(pid) = vm.runtime.pid else {
+            return Ok(());
+        };
+        // A polite quit first, briefly: a QEMU that does not answer is killed.
+        let polite = vm.deadline.within(Duration::from_secs(3));
+        if pid_stopped(pid) || self.command(vm.vm_dir, "quit", None, &polite).is_err() {
+            kill(pid, libc::SIGKILL);
+        }
+        if !wait_gone(pid, vm.deadline.remaining().min(Duration::from_secs(10))) {
+            return kill_and_wait(pid, "qemu");
+        }
+        Ok(())
+    }
+
+    fn shutdown(&self, vm: &VmRef) -> Result<Option<ExitKind>, ApiError> {
+        self.command(vm.vm_dir, "system_powerdown", None, vm.deadline)
+            .map(|_| None)
+    }
+
+    fn suspend(&self, vm: &VmRef) -> Result<(), ApiError> {
+        self.command(vm.vm_dir, "stop", None, vm.deadline)
+            .map(|_| ())
+    }
+
+    fn resume(&self, vm: &VmRef) -> Result<(), ApiError> {
+        self.command(vm.vm_dir, "cont", None, vm.deadline)
+            .map(|_| ())
+    }
+
+    fn reset(&self, vm: &VmRef) -> Result<(), ApiError> {
+        self.command(vm.vm_dir, "system_reset", None, vm.deadline)
+            .map(|_| ())
+    }
+
+    // Snapshots: see qemu/snapshot.rs.
+
+    fn snapshot_live(
+        &self,
+        vm: &VmRef,
+        disks: &[LiveDiskSnapshot],
+        memory: Option<(&Path, &str)>,
+    ) -> Result<(), ApiError> {
+        self.snapshot_running(vm, disks, memory)
+    }
+
+    fn start_from_memory(&self, ctx: VmCtx, memory: &Path, tag: &str) -> Result<Started, ApiError> {
+        self.start_loading(ctx, memory, tag)
+    }
+
+    fn commit_live(
+        &self,
+        vm: &VmRef,
+        active: &Path,
+        top: &Path,
+        base: &Path,
+    ) -> Result<(), ApiError> {
+        self.commit_running(vm, active, top, base)
+    }
+
+    fn delete_internal_live(&self, vm: &VmRef, image: &Path, name: &str) -> Result<(), ApiError> {
+        self.delete_internal_running(vm, image, name)
     }
 }

@@ -156,8 +156,11 @@ impl Manager {
         )?;
         Self::stopped_in_memory(&mut inner, &dom.name);
         drop(inner);
-        self.events
-            .emit(&dom.name, EventKind::Stopped, StateReason::FromSnapshot.as_str());
+        self.events.emit(
+            &dom.name,
+            EventKind::Stopped,
+            StateReason::FromSnapshot.as_str(),
+        );
         Ok(())
     }
 
@@ -169,7 +172,12 @@ impl Manager {
         deadline: &Deadline,
         launch: Launch,
     ) -> Result<(), ApiError> {
-        self.start_body_with(name, job, StateReason::FromSnapshot, deadline, launch)
+        self.launch(
+            name,
+            job,
+            deadline,
+            super::lifecycle::Launch::Feature(launch),
+        )
     }
 
     /// The domain as `GET /v1/domains/{name}` shows it.

@@ -32,12 +32,15 @@ fn body<T: DeserializeOwned + Default>(req: &Request) -> Result<T, ApiError> {
 fn wait(req: &Request) -> Result<Option<Duration>, ApiError> {
     match req.query("wait") {
         None => Ok(None),
-        Some(s) => s.parse::<u64>().map(|n| Some(Duration::from_secs(n))).map_err(|_| {
-            ApiError::new(
-                ErrorCode::InvalidArgument,
-                format!("wait '{s}' is not a number of seconds"),
-            )
-        }),
+        Some(s) => s
+            .parse::<u64>()
+            .map(|n| Some(Duration::from_secs(n)))
+            .map_err(|_| {
+                ApiError::new(
+                    ErrorCode::InvalidArgument,
+                    format!("wait '{s}' is not a number of seconds"),
+                )
+            }),
     }
 }
 

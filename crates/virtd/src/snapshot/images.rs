@@ -134,8 +134,13 @@ pub fn internal_copy(holder: &Path, name: &str, to: &Path) -> Result<(), ApiErro
     if to.exists() {
         return Err(storage(format!("{} already exists", to.display())));
     }
-    std::fs::copy(holder, to)
-        .map_err(|e| storage(format!("copy {} to {}: {e}", holder.display(), to.display())))?;
+    std::fs::copy(holder, to).map_err(|e| {
+        storage(format!(
+            "copy {} to {}: {e}",
+            holder.display(),
+            to.display()
+        ))
+    })?;
     let done = (|| {
         internal_apply(to, name)?;
         for other in internal_names(to)? {
@@ -292,11 +297,7 @@ pub fn collect(
         std::fs::remove_file(&top)
             .map_err(|e| storage(format!("remove {}: {e}", top.display())))?;
         tree.owned.remove(&top);
-        log.push(format!(
-            "merged {} into {}",
-            top.display(),
-            base.display()
-        ));
+        log.push(format!("merged {} into {}", top.display(), base.display()));
     }
     Ok(log)
 }

@@ -3,7 +3,7 @@
 //! its domain: [`create`], [`revert`], [`delete`]. [`api`] has the /v1 routes.
 //!
 //! A shut-off domain's snapshots are made with the disk library; a running VM's through its
-//! driver (qemu: QMP, see driver/qemu_snapshot.rs). External snapshots (the default) freeze the
+//! driver (qemu: QMP, see driver/qemu/snapshot.rs). External snapshots (the default) freeze the
 //! disk's image and continue on a new overlay; a revert always continues on a new overlay of
 //! the snapshot's frozen image (or a private copy of an internal snapshot's holder), so any
 //! snapshot can be reverted to, any number of times, and deleted afterwards in any order.
@@ -37,7 +37,9 @@ pub struct Snapshots {
 pub fn no_snapshot(domain: &str, snap: &str) -> ApiError {
     ApiError::new(
         ErrorCode::NoSnapshot,
-        format!("domain '{domain}' has no snapshot '{snap}' (see `ferrovirt snapshot-list {domain}`)"),
+        format!(
+            "domain '{domain}' has no snapshot '{snap}' (see `ferrovirt snapshot-list {domain}`)"
+        ),
     )
 }
 
@@ -193,7 +195,8 @@ impl Manager {
                     tree.current = Some(snap.clone());
                 }
                 mgr.snapshots.store.save(&dom.name, &tree)?;
-                tree.info(&snap).ok_or_else(|| no_snapshot(&dom.name, &snap))
+                tree.info(&snap)
+                    .ok_or_else(|| no_snapshot(&dom.name, &snap))
             },
         )
     }

@@ -40,7 +40,12 @@ fn holder_is_free(tree: &Tree, dom: &DomainCopy, holder: &Path) -> Result<bool, 
         return Ok(false);
     }
     let current: Vec<&PathBuf> = dom.def.disks.iter().map(|d| &d.path).collect();
-    for img in tree.owned.iter().chain(refs.states.iter()).chain(refs.holders.iter()) {
+    for img in tree
+        .owned
+        .iter()
+        .chain(refs.states.iter())
+        .chain(refs.holders.iter())
+    {
         if img.as_path() == holder || !img.exists() {
             continue;
         }

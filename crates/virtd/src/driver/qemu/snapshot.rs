@@ -15,10 +15,10 @@ use std::time::Duration;
 use ferrovirt_api::ApiError;
 use serde_json::{json, Value};
 
-use super::qemu::{QemuDriver, SOCKET_APPEARS};
-use super::qmp::Qmp;
-use super::{LiveDiskKind, LiveDiskSnapshot, Started, VmCtx, VmRef};
+use super::{QemuDriver, SOCKET_APPEARS};
 use crate::deadline::Deadline;
+use crate::driver::qmp::Qmp;
+use crate::driver::{LiveDiskKind, LiveDiskSnapshot, Started, VmCtx, VmRef};
 use crate::files::same_file;
 use crate::runtime::kill;
 
@@ -72,12 +72,7 @@ fn node_of(qmp: &mut Qmp, image: &Path, deadline: &Deadline) -> Result<String, A
 
 /// Poll a job until it reaches `until` (or concluded); an error of the job is returned.
 /// The job is dismissed once concluded. On the deadline (or a cancel) it is cancelled.
-fn wait_job(
-    qmp: &mut Qmp,
-    id: &str,
-    until: &str,
-    deadline: &Deadline,
-) -> Result<(), ApiError> {
+fn wait_job(qmp: &mut Qmp, id: &str, until: &str, deadline: &Deadline) -> Result<(), ApiError> {
     loop {
         let jobs = qmp.execute("query-jobs", None, deadline)?;
         let job = jobs
@@ -152,8 +147,10 @@ impl QemuDriver {
                 let saved = qmp
                     .execute(
                         "snapshot-save",
-                        Some(json!({"job-id": "fv-save", "tag": tag, "vmstate": MEMORY_NODE,
-                                    "devices": [MEMORY_NODE]})),
+                        Some(
+                            json!({"job-id": "fv-save", "tag": tag, "vmstate": MEMORY_NODE,
+                                    "devices": [MEMORY_NODE]}),
+                        ),
                         deadline,
                     )
                     .and_then(|_| wait_job(&mut qmp, "fv-save", "concluded", deadline));
@@ -194,13 +191,15 @@ impl QemuDriver {
             "driver=qcow2,node-name={MEMORY_NODE},file.driver=file,file.filename={}",
             memory.to_string_lossy().replace(',', ",,")
         );
-        let started = self.launch(ctx, &["-S".into(), "-blockdev".into(), blockdev])?;
+        let started = self.launch(ctx, &["-S", "-blockdev", &blockdev])?;
         let loaded = (|| {
             let mut qmp = Qmp::connect(&dir.join("qmp.sock"), SOCKET_APPEARS, &deadline)?;
             qmp.execute(
                 "snapshot-load",
-                Some(json!({"job-id": "fv-load", "tag": tag, "vmstate": MEMORY_NODE,
-                            "devices": [MEMORY_NODE]})),
+                Some(
+                    json!({"job-id": "fv-load", "tag": tag, "vmstate": MEMORY_NODE,
+                            "devices": [MEMORY_NODE]}),
+                ),
                 &deadline,
             )?;
             wait_job(&mut qmp, "fv-load", "concluded", &deadline)?;
