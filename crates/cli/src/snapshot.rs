@@ -13,6 +13,8 @@ use ferrovirt_api::snapshot::{
 use crate::net::table;
 use crate::{print_json, read_file, Failure};
 
+// The variants are virsh's verbs (snapshot-create-as ...), which clap derives from their names.
+#[allow(clippy::enum_variant_names)]
 #[derive(Subcommand)]
 pub enum SnapshotCommand {
     /// Take a snapshot (full, or --disk-only; external unless --diskspec says internal)

@@ -585,11 +585,9 @@ fn libvirt_delete_external_snapshot_of_a_paused_vm() {
     e.write_disk("p", "MARK-PPP");
     e.ok(&["suspend", "p"]);
     e.ok(&["snapshot-create-as", "p", "full"]);
-    assert_eq!(
-        e.ok(&["snapshot-info", "p", "full"])
-            .contains("State:          paused\n"),
-        true
-    );
+    assert!(e
+        .ok(&["snapshot-info", "p", "full"])
+        .contains("State:          paused\n"));
     e.ok(&["snapshot-create-as", "p", "disks", "--disk-only"]);
     assert_eq!(e.state("p"), DomainState::Paused);
     e.ok(&["snapshot-delete", "p", "full"]);
