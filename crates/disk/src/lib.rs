@@ -9,6 +9,7 @@ mod create;
 mod error;
 mod file;
 pub mod img_cli;
+mod img_verbs;
 mod info;
 pub mod jobs;
 #[doc(hidden)]
