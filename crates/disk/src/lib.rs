@@ -89,9 +89,13 @@ impl Image {
     }
 
     pub(crate) fn path(&self) -> &Path {
+        self.file().path()
+    }
+
+    pub(crate) fn file(&self) -> &file::ImageFile {
         match self {
-            Image::Raw(r) => r.file().path(),
-            Image::Qcow2(q) => q.file().path(),
+            Image::Raw(r) => r.file(),
+            Image::Qcow2(q) => q.file(),
         }
     }
 
