@@ -352,7 +352,6 @@ impl Manager {
                     },
                 ),
             };
-            let generation = dom.generation + 1;
             engine.check_startable()?;
             self.check_policy(&def)?;
             // QEMU runs a kvm domain with accel=kvm: the driver reads the accelerator from the
@@ -361,6 +360,13 @@ impl Manager {
                 def.accel = engine.accel;
             }
             let driver = self.drivers.get(engine.engine.driver())?;
+            // Every attempt gets its own generation: the late exit report of a VM whose start
+            // (or restore) failed must not pass for the next attempt's.
+            let Some(dom) = inner.doms.get_mut(name) else {
+                return Err(ApiError::no_domain(name));
+            };
+            dom.generation += 1;
+            let generation = dom.generation;
             let id = inner.next_id;
             inner.next_id += 1;
             (def, generation, id, driver, engine)
@@ -376,7 +382,10 @@ impl Manager {
         step(0, "checking files");
         def.check_paths()?;
         deadline.check()?;
-        rotate_for_boot(&self.paths.console_log(name));
+        // A restore continues the saved VM's console; a boot starts a new log.
+        if matches!(how, Launch::Boot(_)) {
+            rotate_for_boot(&self.paths.console_log(name));
+        }
         let ctx = self.ctx(&def, id, generation, deadline.clone())?;
         step(1, "plugging network interfaces");
         self.networks.plug(&def)?;
