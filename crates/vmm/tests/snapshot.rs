@@ -362,3 +362,38 @@ fn wait_until(mut cond: impl FnMut() -> bool, what: &str) {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
+
+/// The first resume of a restored VM announces each NIC's MAC on its TAP (broadcast
+/// RARP from the guest's MAC, as QEMU does), so a bridge learns the guest's new port.
+#[test]
+fn a_restored_vm_announces_its_mac_on_its_tap_when_resumed() {
+    use common::netns::{in_new_netns, ip, open_tap, PacketSocket};
+    in_new_netns(|| {
+        let dir = common::tempdir();
+        let kernel = pvh_kernel(dir.path(), "count.elf", counting_guest(), vec![]);
+        let api = dir.path().join("src.sock");
+        // Passed as a descriptor, as ferrovirtd does (inherited by both processes).
+        let tap = open_tap("fvann0");
+        ip("link set fvann0 up");
+        let net = format!("fd={tap},mac=52:54:00:12:34:56");
+        let vm = LiveVm::start(&kernel, &api, &["--net", &net]);
+        vm.wait_for(|| last_count(&vm) >= 3, "the guest to count to 3");
+        put(&vm, "/vm/pause");
+        let snap = dir.path().join("snap");
+        let (status, body) = snapshot(&api, &snap);
+        assert_eq!(status, 200, "{body}");
+        put(&vm, "/vm/stop");
+        assert_eq!(vm.finish().status, 0);
+
+        let api2 = dir.path().join("dst.sock");
+        let restored = restore(&snap, &api2, &["--net", &format!("0=fd={tap}")]);
+        let rarp = PacketSocket::bind("fvann0", 0x8035, std::time::Duration::from_secs(20));
+        put(&restored, "/vm/resume");
+        let frame = rarp.recv().expect("no RARP frame on the TAP within 20 s of the resume");
+        assert_eq!(&frame[0..6], &[0xff; 6], "{frame:02x?}");
+        assert_eq!(&frame[6..12], &[0x52, 0x54, 0, 0x12, 0x34, 0x56], "{frame:02x?}");
+        assert_eq!(&frame[20..22], &[0, 3], "not a reverse request: {frame:02x?}");
+        put(&restored, "/vm/stop");
+        assert_eq!(restored.finish().status, 0);
+    });
+}
