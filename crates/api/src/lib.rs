@@ -12,6 +12,7 @@
 //! * [`size`]: memory sizes with libvirt's units, in KiB
 //! * [`host`]: detection of the host's virtualization support (default driver)
 //! * [`op`]: the typed domain operations; [`job`]: a domain's running job
+//! * [`save`]: save, restore and managed save requests
 
 pub mod client;
 pub mod def;
@@ -24,6 +25,7 @@ pub mod msg;
 pub mod netmark;
 pub mod network;
 pub mod op;
+pub mod save;
 pub mod size;
 pub mod state;
 pub mod tls;

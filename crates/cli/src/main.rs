@@ -6,6 +6,7 @@ mod install;
 mod leftovers;
 mod net;
 mod output;
+mod save;
 mod sizes;
 
 use std::ffi::OsString;
@@ -49,6 +50,15 @@ enum Command {
         /// List inactive domains only
         #[arg(long)]
         inactive: bool,
+        /// Show inactive domains with a managed save as "saved"
+        #[arg(long)]
+        managed_save: bool,
+        /// Only domains with a managed save
+        #[arg(long)]
+        with_managed_save: bool,
+        /// Only domains without a managed save
+        #[arg(long)]
+        without_managed_save: bool,
     },
     /// Define a persistent domain from a TOML, JSON or libvirt XML file
     Define { file: PathBuf },
@@ -182,6 +192,8 @@ enum Command {
     Install(Box<install::InstallArgs>),
     #[command(flatten)]
     Net(net::NetCommand),
+    #[command(flatten)]
+    Save(save::SaveCommand),
 }
 
 /// `--wait SECONDS` of the domain operations.
@@ -228,16 +240,19 @@ fn run(cli: Cli) -> Result<(), Failure> {
     };
     match cli.command {
         Command::Img { .. } => unreachable!("handled before connecting"),
-        Command::List { all, inactive } => {
+        Command::List { all, inactive, managed_save, with_managed_save, without_managed_save } => {
             let mut doms = client.list(all || inactive)?;
             if inactive {
                 doms.retain(|d| !d.state.is_active());
+            }
+            if with_managed_save || without_managed_save {
+                doms.retain(|d| d.managed_save == with_managed_save);
             }
             output::sort_like_virsh(&mut doms);
             if json {
                 print_json(&doms);
             } else {
-                print!("{}", output::list_table(&doms));
+                print!("{}", output::list_table(&doms, managed_save));
             }
         }
         Command::Define { file } => {
@@ -397,6 +412,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Install(args) => install::run(&client, &args, json)?,
         Command::Net(cmd) => net::run(&client, cmd, json)?,
+        Command::Save(cmd) => save::run(&client, cmd, json)?,
     }
     Ok(())
 }

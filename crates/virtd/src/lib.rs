@@ -9,6 +9,7 @@ pub mod http;
 pub mod manager;
 pub mod network;
 pub mod runtime;
+pub mod save;
 pub mod server;
 pub mod store;
 pub mod volume;

@@ -41,6 +41,10 @@ pub struct VmRef<'a> {
     pub deadline: &'a Deadline,
 }
 
+/// How far a save or restore got: (bytes done, total when known). Called from the driver's
+/// thread; the manager shows it as the job's progress.
+pub type Progress<'a> = &'a (dyn Fn(u64, Option<u64>) + Sync);
+
 /// A started or reattached VM.
 pub struct Started {
     pub runtime: Runtime,
@@ -60,6 +64,30 @@ pub trait Driver: Send + Sync {
     fn resume(&self, vm: &VmRef) -> Result<(), ApiError>;
     /// Hard reset, the VM keeps running.
     fn reset(&self, vm: &VmRef) -> Result<(), ApiError>;
+    /// Write the VM's memory and device state to `out` from its current position (the save
+    /// file's payload; see crate::save). The VM is paused for it and stays paused on success
+    /// (the manager then destroys it); on failure it runs (or stays paused) as before.
+    fn save(
+        &self,
+        vm: &VmRef,
+        out: &mut std::fs::File,
+        progress: Progress,
+    ) -> Result<(), ApiError> {
+        let _ = (vm, out, progress);
+        Err(ApiError::not_supported("this driver cannot save a VM"))
+    }
+    /// Start the VM from a payload `save::format::open` checked (`input` is at its start,
+    /// `len` bytes long), paused: the manager resumes it unless asked not to.
+    fn restore(
+        &self,
+        ctx: VmCtx,
+        input: &mut std::fs::File,
+        len: u64,
+        progress: Progress,
+    ) -> Result<Started, ApiError> {
+        let _ = (ctx, input, len, progress);
+        Err(ApiError::not_supported("this driver cannot restore a VM"))
+    }
     /// Refuse a definition this driver cannot run, with a clear message (checked at define/start).
     fn check(&self, def: &DomainDef) -> Result<(), ApiError>;
     /// SIGKILL the VM process without talking to it: how destroy gets past an operation stuck

@@ -4,13 +4,15 @@
 //! One lock guards the domain table and the store, and it is never held across a driver call:
 //! an operation takes the domain's job ([`jobs`]), copies out what the driver needs, releases
 //! the lock, calls the driver under a deadline, then re-locks and commits ([`commit`]).
-//! Lifecycle operations are in [`lifecycle`], VM exits in [`exits`], daemon start in [`recover`].
+//! Lifecycle operations are in [`lifecycle`], VM exits in [`exits`], daemon start in [`recover`],
+//! save and restore in [`save`].
 
 mod commit;
 mod exits;
 pub mod jobs;
 mod lifecycle;
 mod recover;
+mod save;
 #[cfg(test)]
 mod tests;
 
@@ -319,6 +321,7 @@ impl Manager {
                 None
             },
             console_log: log.exists().then(|| log.to_string_lossy().into_owned()),
+            managed_save: self.paths.managed_save(&s.def.name).exists(),
         }
     }
 
@@ -501,6 +504,7 @@ impl Manager {
             )));
         }
         Self::refuse_if_busy(dom)?;
+        self.refuse_if_managed_save(&name)?;
         if dom.stored.state.is_active() {
             // Like libvirt: a running domain becomes transient and disappears when it stops.
             inner.commit(&name, Transient::Keep, |s| {
