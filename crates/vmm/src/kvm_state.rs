@@ -5,9 +5,9 @@
 //! freshly created vCPUs before their threads start, in the order KVM needs.
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
-    kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
-    CpuId, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state,
+    kvm_mp_state, kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
+    kvm_xsave, CpuId, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
     KVM_MAX_CPUID_ENTRIES, KVM_MAX_MSR_ENTRIES,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
@@ -225,10 +225,7 @@ impl VcpuState {
 
 /// The FPU/SSE/AVX state: XSAVE where KVM offers it (`try_xsave`), else the plain
 /// FXSAVE-format registers of KVM_GET_FPU (hosts without XSAVE).
-fn save_fpu(
-    fd: &VcpuFd,
-    try_xsave: bool,
-) -> Result<(Option<kvm_xsave>, Option<FpuRegs>), String> {
+fn save_fpu(fd: &VcpuFd, try_xsave: bool) -> Result<(Option<kvm_xsave>, Option<FpuRegs>), String> {
     if try_xsave {
         match fd.get_xsave() {
             Ok(x) => return Ok((Some(x), None)),

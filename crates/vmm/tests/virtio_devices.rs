@@ -7,11 +7,11 @@ mod common;
 
 use std::time::Duration;
 
+use common::netns::{in_new_netns, ip, open_tap};
 use common::vdriver::{
     Driver, DATA_BASE, STATUS_NEEDS_RESET, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
 };
 use ferrovirt_testkit::{RunWithin, TOOL_TIMEOUT};
-use common::netns::{in_new_netns, ip, open_tap};
 use ferrovmm::virtio::block::{Block, BlockOptions};
 use ferrovmm::virtio::rng::Rng;
 use vm_memory::{Bytes, GuestAddress};
