@@ -16,12 +16,14 @@ use ferrovirt_api::{ApiError, DomainDef};
 use ferrovmm_api::launch::{DiskConfig, Mac, NetBackend, NetConfig, SerialMode};
 use ferrovmm_api::{ExitReason, ExitRecord, LaunchConfig};
 
-use super::{Driver, ExitNotifier, Started, VmCtx, VmRef};
+use super::{Driver, ExitNotifier, Progress, Started, VmCtx, VmRef};
 use crate::console::ConsoleHub;
 use crate::deadline::Deadline;
 use crate::runtime::{
     kill, kill_and_wait, pid_alive, pid_has_arg, pid_stopped, wait_gone, ExitKind, Runtime,
 };
+
+mod save;
 
 pub struct KvmDriver {
     pub binary: PathBuf,
@@ -51,13 +53,25 @@ impl KvmDriver {
         path: &str,
         deadline: &Deadline,
     ) -> Result<Vec<u8>, ApiError> {
+        self.api_with(dir, method, path, None, deadline)
+    }
+
+    /// The same with a JSON body.
+    fn api_with(
+        &self,
+        dir: &Path,
+        method: &str,
+        path: &str,
+        json: Option<&[u8]>,
+        deadline: &Deadline,
+    ) -> Result<Vec<u8>, ApiError> {
         deadline.check()?;
         let resp = unix_request(
             &dir.join("api.sock"),
             method,
             path,
-            None,
-            b"",
+            json.map(|_| "application/json"),
+            json.unwrap_or_default(),
             deadline.io_timeout(),
         )
         .map_err(|e| {
@@ -77,6 +91,92 @@ impl KvmDriver {
             )));
         }
         Ok(resp.body)
+    }
+
+    /// Run ferrovmm with `argv` (a launch or a restore) and wait until its API answers.
+    fn spawn(&self, ctx: VmCtx, argv: Vec<String>) -> Result<Started, ApiError> {
+        let dir = ctx.vm_dir.clone();
+        for f in ["pid", "api.sock", "serial.sock", EXIT_FILE] {
+            let _ = fs::remove_file(dir.join(f));
+        }
+        let log_path = dir.join("vmm.log");
+        let log = crate::files::create_private(&log_path)
+            .map_err(|e| ApiError::internal(format!("{}: {e}", log_path.display())))?;
+        let mut cmd = Command::new(ctx.def.emulator_binary().unwrap_or(&self.binary));
+        cmd.args(argv)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        // SAFETY: setsid() is async-signal-safe; it detaches the VMM from the daemon's session so
+        // signals aimed at the daemon's process group do not reach the VM.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().map_err(|e| {
+            ApiError::driver(format!(
+                "cannot run {}: {e} (build ferrovmm or set FERROVIRT_VMM)",
+                self.binary.display()
+            ))
+        })?;
+        let pid = child.id();
+        let _ = fs::write(dir.join("pid"), format!("{pid}\n"));
+        // Wait for the API socket to answer: the contract says it exists once the VM runs.
+        let deadline = ctx.deadline.within(Duration::from_secs(10));
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(ApiError::driver(format!(
+                    "ferrovmm exited at start ({status}): {}",
+                    why_it_ended(&dir, &log_path)
+                )));
+            }
+            if self.api(&dir, "GET", "/vm", &deadline).is_ok() {
+                break;
+            }
+            if deadline.check().is_err() {
+                kill(pid, libc::SIGKILL);
+                let _ = child.wait();
+                return Err(ApiError::driver(format!(
+                    "ferrovmm did not answer on its API socket within 10 s: {}",
+                    log_tail(&log_path)
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Reap our child while we live; after a daemon restart init reaps it.
+        let _ = std::thread::Builder::new()
+            .name("vmm-reaper".into())
+            .spawn(move || {
+                let _ = child.wait();
+            });
+        let on_eof = Self::watch_exit(dir.clone(), pid, ctx.on_exit);
+        let console = ConsoleHub::start(&dir.join("serial.sock"), ctx.console_log.clone(), on_eof)
+            .map_err(|e| {
+                // A guest that ends at once takes its console socket with it.
+                match ExitRecord::read(&dir.join(EXIT_FILE)) {
+                    Ok(record) => ApiError::driver(format!(
+                        "the VM ended as soon as it started: {}",
+                        record.reason.describe()
+                    )),
+                    Err(_) => {
+                        kill(pid, libc::SIGKILL);
+                        ApiError::driver(e)
+                    }
+                }
+            })?;
+        Ok(Started {
+            runtime: Runtime {
+                id: ctx.id,
+                pid: Some(pid),
+                vnc_port: None,
+                vnc_listen: None,
+                // Recorded by the manager, which chose the engine.
+                engine: None,
+            },
+            console: Some(console),
+        })
     }
 
     /// After the serial socket closed: wait for the process to end and read its exit record.
@@ -197,91 +297,26 @@ impl Driver for KvmDriver {
     }
 
     fn start(&self, ctx: VmCtx) -> Result<Started, ApiError> {
-        let dir = ctx.vm_dir.clone();
-        let argv = launch_config(ctx.def, &dir)?
+        let argv = launch_config(ctx.def, &ctx.vm_dir)?
             .to_args()
             .map_err(|e| ApiError::invalid(e.to_string()))?;
-        for f in ["pid", "api.sock", "serial.sock", EXIT_FILE] {
-            let _ = fs::remove_file(dir.join(f));
-        }
-        let log_path = dir.join("vmm.log");
-        let log = crate::files::create_private(&log_path)
-            .map_err(|e| ApiError::internal(format!("{}: {e}", log_path.display())))?;
-        let mut cmd = Command::new(ctx.def.emulator_binary().unwrap_or(&self.binary));
-        cmd.args(argv)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        // SAFETY: setsid() is async-signal-safe; it detaches the VMM from the daemon's session so
-        // signals aimed at the daemon's process group do not reach the VM.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::setsid();
-                Ok(())
-            });
-        }
-        let mut child = cmd.spawn().map_err(|e| {
-            ApiError::driver(format!(
-                "cannot run {}: {e} (build ferrovmm or set FERROVIRT_VMM)",
-                self.binary.display()
-            ))
-        })?;
-        let pid = child.id();
-        let _ = fs::write(dir.join("pid"), format!("{pid}\n"));
-        // Wait for the API socket to answer: the contract says it exists once the VM runs.
-        let deadline = ctx.deadline.within(Duration::from_secs(10));
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Err(ApiError::driver(format!(
-                    "ferrovmm exited at start ({status}): {}",
-                    why_it_ended(&dir, &log_path)
-                )));
-            }
-            if self.api(&dir, "GET", "/vm", &deadline).is_ok() {
-                break;
-            }
-            if deadline.check().is_err() {
-                kill(pid, libc::SIGKILL);
-                let _ = child.wait();
-                return Err(ApiError::driver(format!(
-                    "ferrovmm did not answer on its API socket within 10 s: {}",
-                    log_tail(&log_path)
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        // Reap our child while we live; after a daemon restart init reaps it.
-        let _ = std::thread::Builder::new()
-            .name("vmm-reaper".into())
-            .spawn(move || {
-                let _ = child.wait();
-            });
-        let on_eof = Self::watch_exit(dir.clone(), pid, ctx.on_exit);
-        let console = ConsoleHub::start(&dir.join("serial.sock"), ctx.console_log.clone(), on_eof)
-            .map_err(|e| {
-                // A guest that ends at once takes its console socket with it.
-                match ExitRecord::read(&dir.join(EXIT_FILE)) {
-                    Ok(record) => ApiError::driver(format!(
-                        "the VM ended as soon as it started: {}",
-                        record.reason.describe()
-                    )),
-                    Err(_) => {
-                        kill(pid, libc::SIGKILL);
-                        ApiError::driver(e)
-                    }
-                }
-            })?;
-        Ok(Started {
-            runtime: Runtime {
-                id: ctx.id,
-                pid: Some(pid),
-                vnc_port: None,
-                vnc_listen: None,
-                // Recorded by the manager, which chose the engine.
-                engine: None,
-            },
-            console: Some(console),
-        })
+        // A booted VM needs nothing of an earlier restore.
+        let _ = fs::remove_dir_all(ctx.vm_dir.join(save::RESTORE_DIR));
+        self.spawn(ctx, argv)
+    }
+
+    fn save(&self, vm: &VmRef, out: &mut fs::File, progress: Progress) -> Result<(), ApiError> {
+        self.save_to(vm, out, progress)
+    }
+
+    fn restore(
+        &self,
+        ctx: VmCtx,
+        input: &mut fs::File,
+        len: u64,
+        progress: Progress,
+    ) -> Result<Started, ApiError> {
+        self.restore_from(ctx, input, len, progress)
     }
 
     fn reattach(&self, ctx: VmCtx, runtime: &Runtime) -> Option<Started> {

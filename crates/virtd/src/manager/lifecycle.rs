@@ -32,6 +32,9 @@ pub(super) enum Launch<'a> {
         saved: &'a mut SaveFile,
         paused: bool,
     },
+    /// Boot the stored definition through a feature's own driver call (a snapshot revert
+    /// starts the VM loading its memory); recorded running, from snapshot.
+    Feature(super::feature_jobs::Launch<'a>),
 }
 
 impl Launch<'_> {
@@ -41,6 +44,7 @@ impl Launch<'_> {
             Launch::Boot(reason) => (DomainState::Running, *reason),
             Launch::Restore { paused: false, .. } => (DomainState::Running, StateReason::Restored),
             Launch::Restore { paused: true, .. } => (DomainState::Paused, StateReason::User),
+            Launch::Feature(_) => (DomainState::Running, StateReason::FromSnapshot),
         }
     }
 }
@@ -333,7 +337,7 @@ impl Manager {
             let mut inner = self.lock();
             let dom = Self::get(&inner, name)?;
             let (mut def, engine) = match &how {
-                Launch::Boot(_) => {
+                Launch::Boot(_) | Launch::Feature(_) => {
                     let def = dom.stored.def.clone();
                     let engine = self.engine(&def);
                     (def, engine)
@@ -348,7 +352,6 @@ impl Manager {
                     },
                 ),
             };
-            let generation = dom.generation + 1;
             engine.check_startable()?;
             self.check_policy(&def)?;
             // QEMU runs a kvm domain with accel=kvm: the driver reads the accelerator from the
@@ -357,6 +360,13 @@ impl Manager {
                 def.accel = engine.accel;
             }
             let driver = self.drivers.get(engine.engine.driver())?;
+            // Every attempt gets its own generation: the late exit report of a VM whose start
+            // (or restore) failed must not pass for the next attempt's.
+            let Some(dom) = inner.doms.get_mut(name) else {
+                return Err(ApiError::no_domain(name));
+            };
+            dom.generation += 1;
+            let generation = dom.generation;
             let id = inner.next_id;
             inner.next_id += 1;
             (def, generation, id, driver, engine)
@@ -372,7 +382,10 @@ impl Manager {
         step(0, "checking files");
         def.check_paths()?;
         deadline.check()?;
-        rotate_for_boot(&self.paths.console_log(name));
+        // A restore continues the saved VM's console; a boot starts a new log.
+        if matches!(how, Launch::Boot(_)) {
+            rotate_for_boot(&self.paths.console_log(name));
+        }
         let ctx = self.ctx(&def, id, generation, deadline.clone())?;
         step(1, "plugging network interfaces");
         self.networks.plug(&def)?;
@@ -384,6 +397,7 @@ impl Manager {
         );
         let started = match &mut how {
             Launch::Boot(_) => driver.start(ctx),
+            Launch::Feature(start) => start(&*driver, ctx),
             Launch::Restore { saved, .. } => {
                 let progress = super::save::progress(job, "restoring memory and device state");
                 driver.restore(ctx, &mut saved.file, saved.payload_len, &progress)
