@@ -174,14 +174,8 @@ fn from_snapshot(r: &RestoreArgs, dir: &std::path::Path) -> Result<i32> {
 
 /// Refuses a snapshot whose guest used CPU features this host's KVM lacks.
 pub(crate) fn check_host_cpu(state: &crate::vm::MachineState) -> Result<()> {
-    // What KVM offers counts too (features it emulates); without /dev/kvm the build
-    // fails later with its own clear error.
-    let offered = kvm_ioctls::Kvm::new()
-        .ok()
-        .and_then(|kvm| crate::cpu::cpuid::supported(&kvm).ok());
-    let offered = offered.as_ref().map_or(&[][..], |c| c.as_slice());
     for (i, vcpu) in state.vcpus.iter().enumerate() {
-        let missing = crate::cpu::cpuid::missing_features(&vcpu.cpuid, offered);
+        let missing = crate::cpu::cpuid::missing_features(&vcpu.cpuid);
         if !missing.is_empty() {
             return Err(Error::usage(format!(
                 "this host's CPU lacks features the snapshot's vcpu{i} uses: {}",

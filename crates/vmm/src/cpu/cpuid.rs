@@ -146,16 +146,14 @@ fn reg(e: &kvm_bindings::kvm_cpuid_entry2, name: &str) -> u32 {
     }
 }
 
-/// CPU features in `saved` (a vCPU's CPUID from a snapshot) that this host's CPU
-/// does not have, e.g. "leaf 0x7.0 ebx bits 0x20". Empty when the guest can run here.
-/// A feature is there when the host's CPU has it or KVM offers it (`supported`, from
-/// KVM_GET_SUPPORTED_CPUID): on PVM, KVM hands guests the host's values whatever the VMM
-/// sets, so KVM's list says less than they saw; elsewhere KVM emulates features the CPU
-/// lacks (x2APIC, TSC_ADJUST, ARCH_CAPABILITIES), which a guest of this host also saw.
-pub fn missing_features(
-    saved: &[kvm_bindings::kvm_cpuid_entry2],
-    supported: &[kvm_bindings::kvm_cpuid_entry2],
-) -> Vec<String> {
+/// CPU features in `saved` (a vCPU's CPUID from a snapshot) that this host cannot give
+/// a guest, e.g. "leaf 0x7.0 ebx bits 0x20". Empty when the guest can run here.
+/// A feature is there when the host's CPU has it or KVM offers it: on PVM, KVM hands
+/// guests the host's values whatever the VMM sets, so KVM's "supported" list says less
+/// than they saw; elsewhere KVM emulates features the CPU lacks (ARCH_CAPABILITIES,
+/// x2APIC, the TSC deadline timer), so the host's CPUID says less than KVM gives.
+pub fn missing_features(saved: &[kvm_bindings::kvm_cpuid_entry2]) -> Vec<String> {
+    let kvm_offers = Kvm::new().ok().and_then(|kvm| supported(&kvm).ok());
     let mut missing = Vec::new();
     for &(leaf, sub, name, ignore) in FEATURE_REGS {
         let Some(want) = saved.iter().find(|e| e.function == leaf && e.index == sub) else {
@@ -174,9 +172,13 @@ pub fn missing_features(
         } else {
             kvm_bindings::kvm_cpuid_entry2::default()
         };
-        let offered = supported
-            .iter()
-            .find(|e| e.function == leaf && e.index == sub)
+        let offered = kvm_offers
+            .as_ref()
+            .and_then(|c| {
+                c.as_slice()
+                    .iter()
+                    .find(|e| e.function == leaf && e.index == sub)
+            })
             .map_or(0, |e| reg(e, name));
         let lacking = reg(want, name) & !(reg(&have, name) | offered) & !ignore;
         if lacking != 0 {
@@ -195,18 +197,13 @@ mod host_tests {
     #[test]
     fn our_own_cpuid_needs_nothing_the_host_lacks_and_more_is_refused() {
         let Ok(kvm) = Kvm::new() else { return };
-        let offered = supported(&kvm).unwrap();
-        let mine = for_vcpu(&offered, 0, 2);
-        let offered = offered.as_slice();
-        assert_eq!(
-            missing_features(mine.as_slice(), offered),
-            Vec::<String>::new()
-        );
+        let mine = for_vcpu(&supported(&kvm).unwrap(), 0, 2);
+        assert_eq!(missing_features(mine.as_slice()), Vec::<String>::new());
         let mut more = mine.as_slice().to_vec();
         let leaf7 = more.iter_mut().find(|e| e.function == 7 && e.index == 0);
         if let Some(e) = leaf7 {
             e.ebx = u32::MAX;
-            let missing = missing_features(&more, offered);
+            let missing = missing_features(&more);
             assert!(
                 missing.iter().any(|m| m.contains("leaf 0x7.0 ebx")),
                 "{missing:?}"
