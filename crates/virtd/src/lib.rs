@@ -7,6 +7,7 @@ pub mod events;
 pub mod files;
 pub mod http;
 pub mod manager;
+pub mod memory;
 pub mod network;
 pub mod runtime;
 pub mod save;

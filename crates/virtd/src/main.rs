@@ -238,6 +238,8 @@ fn fit_to_fd_limit(limits: &mut HttpLimits) {
 }
 
 fn main() -> ExitCode {
+    // Before any thread starts (see memory.rs).
+    ferrovirtd::memory::limit_arenas();
     // Everything the daemon and its VMs create is private (state 0700/0600, see files.rs).
     ferrovirtd::files::restrict_umask();
     let run = || -> Result<(), String> {
@@ -290,10 +292,12 @@ fn main() -> ExitCode {
             mgr.default_reason
         );
         // Two workers for the connections; blocking work (driver calls, the database) runs on
-        // the blocking pool, whose threads end when idle.
+        // the blocking pool, whose threads end soon after a burst (then the idle trimmer gives
+        // their memory back, see memory.rs).
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
-            .max_blocking_threads(128)
+            .max_blocking_threads(64)
+            .thread_keep_alive(Duration::from_secs(2))
             .thread_name("api")
             .enable_all()
             .build()

@@ -18,11 +18,14 @@ use tokio_rustls::TlsAcceptor;
 use super::stall::StallGuard;
 use super::{service, Limits, MAX_HEADER_BYTES, READ_BUFFER, WRITE_STALL};
 use crate::manager::Manager;
+use crate::memory::{self, Activity};
 
 /// What every connection's requests are served with.
 pub struct Shared {
     pub mgr: Arc<Manager>,
     pub limits: Limits,
+    /// Requests in flight and served, for the idle trimmer.
+    pub activity: Arc<Activity>,
 }
 
 /// The TCP listener's settings: its bearer token, and TLS if configured.
@@ -46,7 +49,17 @@ pub async fn serve(
     unix: std::os::unix::net::UnixListener,
     tcp: Option<(std::net::TcpListener, TcpAuth)>,
 ) -> io::Result<()> {
-    let shared = Arc::new(Shared { mgr, limits });
+    let activity = Arc::new(Activity::default());
+    tokio::spawn(memory::trim_when_idle(
+        activity.clone(),
+        memory::TRIM_PERIOD,
+        memory::trim,
+    ));
+    let shared = Arc::new(Shared {
+        mgr,
+        limits,
+        activity,
+    });
     let gate = Arc::new(Gate {
         open: Arc::new(Semaphore::new(limits.max_connections)),
         refusing: Arc::new(Semaphore::new(MAX_REFUSING)),

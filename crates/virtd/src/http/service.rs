@@ -1,7 +1,8 @@
 //! One request: on TCP the bearer token is checked from the headers before anything else; then
 //! the route's body limit is checked against Content-Length and enforced while reading (chunked
-//! included), within the read timeout; then the route runs on the blocking pool. A panic while
-//! answering is logged and answered with a 500; the daemon keeps serving.
+//! included), within the read timeout; then the route runs on the blocking pool (reads that only
+//! take the domain table's short lock run on the async worker: `server::route_inline`). A panic
+//! while answering is logged and answered with a 500; the daemon keeps serving.
 
 use std::any::Any;
 use std::convert::Infallible;
@@ -32,6 +33,7 @@ pub async fn handle(
     auth: Option<Arc<TcpAuth>>,
     permit: Arc<OwnedSemaphorePermit>,
 ) -> Response<Body> {
+    let _serving = shared.activity.begin();
     guarded(answer(req, &shared, auth.as_deref(), permit)).await
 }
 
@@ -49,14 +51,19 @@ async fn run_blocking(
     route: impl FnOnce() -> Result<Reply, ApiError> + Send + 'static,
 ) -> Response<Body> {
     match tokio::task::spawn_blocking(route).await {
-        Ok(Ok(reply)) => match reply {
-            Reply::Json(status, body) => full(status, "application/json", body),
-            Reply::Text(ct, body) => full(200, ct, body),
-            Reply::Empty => empty(StatusCode::NO_CONTENT),
-        },
-        Ok(Err(e)) => error(&e),
+        Ok(reply) => respond(reply),
         Err(join) if join.is_panic() => internal_error(join.into_panic().as_ref()),
         Err(_) => error(&ApiError::internal("the request was cancelled")),
+    }
+}
+
+/// A route's reply as the HTTP response.
+fn respond(reply: Result<Reply, ApiError>) -> Response<Body> {
+    match reply {
+        Ok(Reply::Json(status, body)) => full(status, "application/json", body),
+        Ok(Reply::Text(ct, body)) => full(200, ct, body),
+        Ok(Reply::Empty) => empty(StatusCode::NO_CONTENT),
+        Err(e) => error(&e),
     }
 }
 
@@ -152,6 +159,9 @@ async fn answer(
         headers,
         body,
     };
+    if let Some(reply) = server::route_inline(&request, &shared.mgr) {
+        return respond(reply);
+    }
     let mgr = shared.mgr.clone();
     run_blocking(move || server::route(&request, &mgr)).await
 }
