@@ -15,9 +15,9 @@ mod format;
 mod kv;
 pub mod launch;
 
-pub use exit::{CrashCause, ExitReason, ExitRecord};
+pub use exit::{CrashCause, ExitReason, ExitRecord, SeccompViolation};
 pub use format::{DiskFormat, UnknownFormat};
 pub use launch::{
     ConsoleMode, DiskCache, DiskConfig, LaunchConfig, LaunchError, LogLevel, Mac, NetBackend,
-    NetConfig, SerialMode,
+    NetConfig, SeccompMode, SerialMode,
 };

@@ -146,7 +146,7 @@ pub fn exit_kind(dir: &Path) -> ExitKind {
             ExitReason::Poweroff => ExitKind::Poweroff,
             ExitReason::Reset => ExitKind::Reboot,
             ExitReason::Stopped | ExitReason::Migrated => ExitKind::Destroyed,
-            ExitReason::Crash { cause, detail } => {
+            ExitReason::Crash { cause, detail, .. } => {
                 eprintln!(
                     "ferrovirtd: VM in {} crashed ({}): {detail}",
                     dir.display(),
