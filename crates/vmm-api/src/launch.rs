@@ -73,6 +73,9 @@ pub struct LaunchConfig {
     /// ferrovmm's per-thread seccomp filters (on unless asked otherwise).
     #[serde(default)]
     pub seccomp: SeccompMode,
+    /// The jail a launcher prepared; ferrovmm enters it before anything else.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jail: Option<crate::JailConfig>,
 }
 
 impl LaunchConfig {
@@ -94,6 +97,7 @@ impl LaunchConfig {
             exit_file: None,
             log_level: None,
             seccomp: SeccompMode::On,
+            jail: None,
         }
     }
 
@@ -152,6 +156,9 @@ impl LaunchConfig {
         if let Some(p) = &self.exit_file {
             check_path("--exit-file", p)?;
         }
+        if let Some(j) = &self.jail {
+            j.check().map_err(|e| LaunchError(format!("--jail: {e}")))?;
+        }
         Ok(())
     }
 
@@ -189,6 +196,9 @@ impl LaunchConfig {
         }
         if self.seccomp != SeccompMode::On {
             opt("seccomp", &self.seccomp);
+        }
+        if let Some(j) = &self.jail {
+            opt("jail", j);
         }
         if self.rng {
             a.push("--rng".into());

@@ -12,11 +12,13 @@
 pub mod control;
 pub mod exit;
 mod format;
+pub mod jail;
 mod kv;
 pub mod launch;
 
 pub use exit::{CrashCause, ExitReason, ExitRecord, SeccompViolation};
 pub use format::{DiskFormat, UnknownFormat};
+pub use jail::JailConfig;
 pub use launch::{
     ConsoleMode, DiskCache, DiskConfig, LaunchConfig, LaunchError, LogLevel, Mac, NetBackend,
     NetConfig, SeccompMode, SerialMode,

@@ -14,6 +14,7 @@ pub mod device_manager;
 pub mod devices;
 pub mod error;
 pub mod irq;
+pub mod jail;
 pub mod kvm_state;
 pub mod layout;
 pub mod lifecycle;

@@ -146,6 +146,17 @@ fn main() {
     if let Some(path) = &config.exit_file {
         let _ = std::fs::remove_file(path);
     }
+    if let Some(jail) = &config.jail {
+        if let Err(message) = ferrovmm::jail::enter(jail) {
+            eprintln!("ferrovmm: {message}");
+            ferrovmm::record_exit(
+                config.exit_file.as_deref(),
+                ExitReason::Error { message },
+                1,
+            );
+            std::process::exit(1);
+        }
+    }
     start_seccomp(config.seccomp, config.exit_file.as_deref());
     match ferrovmm::run(&config) {
         Ok(code) => std::process::exit(code),

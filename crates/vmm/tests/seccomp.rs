@@ -29,7 +29,9 @@ fn thread_seccomp(pid: u32) -> BTreeMap<String, Vec<String>> {
                 .map(|v| v.trim().to_string())
                 .unwrap_or_default()
         };
-        out.entry(field("Name:")).or_default().push(field("Seccomp:"));
+        out.entry(field("Name:"))
+            .or_default()
+            .push(field("Seccomp:"));
     }
     out
 }
@@ -113,10 +115,7 @@ fn with_seccomp_off_no_thread_is_filtered() {
     );
     vm.wait_for_output("up\n");
     let threads = thread_seccomp(vm.child.id());
-    assert!(
-        threads.values().flatten().all(|m| m == "0"),
-        "{threads:?}"
-    );
+    assert!(threads.values().flatten().all(|m| m == "0"), "{threads:?}");
 }
 
 /// Runs an idle VM whose thread of `kind` attempts a forbidden syscall; returns its record.

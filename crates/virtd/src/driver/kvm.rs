@@ -83,7 +83,108 @@ impl KvmDriver {
     fn watch_exit(dir: PathBuf, pid: u32, on_exit: ExitNotifier) -> Box<dyn FnOnce() + Send> {
         Box::new(move || {
             wait_gone(pid, Duration::from_secs(10));
+            crate::jail::release(&dir);
             on_exit(exit_kind(&dir));
+        })
+    }
+
+    /// Starts ferrovmm, jailed when the daemon can (see crate::jail).
+    fn start_in(&self, ctx: VmCtx) -> Result<Started, ApiError> {
+        let dir = ctx.vm_dir.clone();
+        let mut launch = launch_config(ctx.def, &dir)?;
+        for f in ["pid", "api.sock", "serial.sock", EXIT_FILE] {
+            let _ = fs::remove_file(dir.join(f));
+        }
+        // TAPs are not handed over as descriptors yet: a VM with interfaces runs unjailed.
+        let mounts = if crate::jail::enabled() && launch.nets.is_empty() {
+            Some(crate::jail::prepare(&mut launch, &dir)?)
+        } else {
+            None
+        };
+        let argv = launch
+            .to_args()
+            .map_err(|e| ApiError::invalid(e.to_string()))?;
+        let log_path = dir.join("vmm.log");
+        let log = crate::files::create_private(&log_path)
+            .map_err(|e| ApiError::internal(format!("{}: {e}", log_path.display())))?;
+        let mut cmd = Command::new(ctx.def.emulator_binary().unwrap_or(&self.binary));
+        cmd.args(argv)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        // SAFETY: setsid() is async-signal-safe; it detaches the VMM from the daemon's session so
+        // signals aimed at the daemon's process group do not reach the VM. The jail's mounts
+        // are plain syscalls on strings prepared before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::setsid();
+                match &mounts {
+                    Some(m) => m.enter(),
+                    None => Ok(()),
+                }
+            });
+        }
+        let mut child = cmd.spawn().map_err(|e| {
+            ApiError::driver(format!(
+                "cannot run {}: {e} (build ferrovmm or set FERROVIRT_VMM)",
+                self.binary.display()
+            ))
+        })?;
+        let pid = child.id();
+        let _ = fs::write(dir.join("pid"), format!("{pid}\n"));
+        // Wait for the API socket to answer: the contract says it exists once the VM runs.
+        let deadline = ctx.deadline.within(Duration::from_secs(10));
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(ApiError::driver(format!(
+                    "ferrovmm exited at start ({status}): {}",
+                    why_it_ended(&dir, &log_path)
+                )));
+            }
+            if self.api(&dir, "GET", "/vm", &deadline).is_ok() {
+                break;
+            }
+            if deadline.check().is_err() {
+                kill(pid, libc::SIGKILL);
+                let _ = child.wait();
+                return Err(ApiError::driver(format!(
+                    "ferrovmm did not answer on its API socket within 10 s: {}",
+                    log_tail(&log_path)
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Reap our child while we live; after a daemon restart init reaps it.
+        let _ = std::thread::Builder::new()
+            .name("vmm-reaper".into())
+            .spawn(move || {
+                let _ = child.wait();
+            });
+        let on_eof = Self::watch_exit(dir.clone(), pid, ctx.on_exit);
+        let console = ConsoleHub::start(&dir.join("serial.sock"), ctx.console_log.clone(), on_eof)
+            .map_err(|e| {
+                // A guest that ends at once takes its console socket with it.
+                match ExitRecord::read(&dir.join(EXIT_FILE)) {
+                    Ok(record) => ApiError::driver(format!(
+                        "the VM ended as soon as it started: {}",
+                        record.reason.describe()
+                    )),
+                    Err(_) => {
+                        kill(pid, libc::SIGKILL);
+                        ApiError::driver(e)
+                    }
+                }
+            })?;
+        Ok(Started {
+            runtime: Runtime {
+                id: ctx.id,
+                pid: Some(pid),
+                vnc_port: None,
+                vnc_listen: None,
+                // Recorded by the manager, which chose the engine.
+                engine: None,
+            },
+            console: Some(console),
         })
     }
 }
@@ -198,90 +299,11 @@ impl Driver for KvmDriver {
 
     fn start(&self, ctx: VmCtx) -> Result<Started, ApiError> {
         let dir = ctx.vm_dir.clone();
-        let argv = launch_config(ctx.def, &dir)?
-            .to_args()
-            .map_err(|e| ApiError::invalid(e.to_string()))?;
-        for f in ["pid", "api.sock", "serial.sock", EXIT_FILE] {
-            let _ = fs::remove_file(dir.join(f));
+        let started = self.start_in(ctx);
+        if started.is_err() {
+            crate::jail::release(&dir);
         }
-        let log_path = dir.join("vmm.log");
-        let log = crate::files::create_private(&log_path)
-            .map_err(|e| ApiError::internal(format!("{}: {e}", log_path.display())))?;
-        let mut cmd = Command::new(ctx.def.emulator_binary().unwrap_or(&self.binary));
-        cmd.args(argv)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        // SAFETY: setsid() is async-signal-safe; it detaches the VMM from the daemon's session so
-        // signals aimed at the daemon's process group do not reach the VM.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::setsid();
-                Ok(())
-            });
-        }
-        let mut child = cmd.spawn().map_err(|e| {
-            ApiError::driver(format!(
-                "cannot run {}: {e} (build ferrovmm or set FERROVIRT_VMM)",
-                self.binary.display()
-            ))
-        })?;
-        let pid = child.id();
-        let _ = fs::write(dir.join("pid"), format!("{pid}\n"));
-        // Wait for the API socket to answer: the contract says it exists once the VM runs.
-        let deadline = ctx.deadline.within(Duration::from_secs(10));
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Err(ApiError::driver(format!(
-                    "ferrovmm exited at start ({status}): {}",
-                    why_it_ended(&dir, &log_path)
-                )));
-            }
-            if self.api(&dir, "GET", "/vm", &deadline).is_ok() {
-                break;
-            }
-            if deadline.check().is_err() {
-                kill(pid, libc::SIGKILL);
-                let _ = child.wait();
-                return Err(ApiError::driver(format!(
-                    "ferrovmm did not answer on its API socket within 10 s: {}",
-                    log_tail(&log_path)
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        // Reap our child while we live; after a daemon restart init reaps it.
-        let _ = std::thread::Builder::new()
-            .name("vmm-reaper".into())
-            .spawn(move || {
-                let _ = child.wait();
-            });
-        let on_eof = Self::watch_exit(dir.clone(), pid, ctx.on_exit);
-        let console = ConsoleHub::start(&dir.join("serial.sock"), ctx.console_log.clone(), on_eof)
-            .map_err(|e| {
-                // A guest that ends at once takes its console socket with it.
-                match ExitRecord::read(&dir.join(EXIT_FILE)) {
-                    Ok(record) => ApiError::driver(format!(
-                        "the VM ended as soon as it started: {}",
-                        record.reason.describe()
-                    )),
-                    Err(_) => {
-                        kill(pid, libc::SIGKILL);
-                        ApiError::driver(e)
-                    }
-                }
-            })?;
-        Ok(Started {
-            runtime: Runtime {
-                id: ctx.id,
-                pid: Some(pid),
-                vnc_port: None,
-                vnc_listen: None,
-                // Recorded by the manager, which chose the engine.
-                engine: None,
-            },
-            console: Some(console),
-        })
+        started
     }
 
     fn reattach(&self, ctx: VmCtx, runtime: &Runtime) -> Option<Started> {
@@ -311,13 +333,18 @@ impl Driver for KvmDriver {
         };
         // A polite stop first, briefly: a ferrovmm that does not answer is killed.
         let polite = vm.deadline.within(Duration::from_secs(3));
-        if pid_stopped(pid)
+        let gone = if pid_stopped(pid)
             || self.api(vm.vm_dir, "PUT", "/vm/stop", &polite).is_err()
             || !wait_gone(pid, vm.deadline.remaining().min(Duration::from_secs(5)))
         {
-            return kill_and_wait(pid, "ferrovmm");
+            kill_and_wait(pid, "ferrovmm")
+        } else {
+            Ok(())
+        };
+        if gone.is_ok() {
+            crate::jail::release(vm.vm_dir);
         }
-        Ok(())
+        gone
     }
 
     fn shutdown(&self, vm: &VmRef) -> Result<Option<ExitKind>, ApiError> {

@@ -176,8 +176,11 @@ const TTY: u64 = 0x5400;
 fn syscalls(kind: ThreadKind) -> Vec<&'static [c_long]> {
     let mut lists = vec![COMMON, REPORT];
     lists.extend_from_slice(match kind {
-        ThreadKind::Vcpu => &[EVENTS, SOCKETS][..],
-        ThreadKind::Device => &[EVENTS, DISK_IO, SOCKETS][..],
+        // A guest's driver activates a disk from a vCPU (MMIO) or the device thread, and the
+        // disk's I/O workers are started then: both may start threads (which inherit the filter
+        // and stack their own).
+        ThreadKind::Vcpu => &[EVENTS, SOCKETS, THREADS][..],
+        ThreadKind::Device => &[EVENTS, DISK_IO, SOCKETS, THREADS][..],
         ThreadKind::BlockIo => &[EVENTS, DISK_IO][..],
         ThreadKind::Api => &[EVENTS, DISK_IO, SOCKETS, THREADS, FILES, CONNECT, KICKS][..],
         ThreadKind::Migration => &[EVENTS, DISK_IO, SOCKETS, FILES, CONNECT, KICKS][..],
@@ -224,12 +227,7 @@ pub(super) fn build(kind: ThreadKind, mismatch: SeccompAction) -> Result<BpfProg
             .collect::<Result<Vec<_>, _>>()?;
         rules.insert(libc::SYS_ioctl, per_type);
     }
-    let filter = SeccompFilter::new(
-        rules,
-        mismatch,
-        SeccompAction::Allow,
-        TargetArch::x86_64,
-    )
-    .map_err(err)?;
+    let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)
+        .map_err(err)?;
     BpfProgram::try_from(filter).map_err(err)
 }

@@ -52,9 +52,8 @@ pub(super) fn install(exit_file: Option<&Path>) -> std::io::Result<()> {
                 .mode(0o600)
                 .custom_flags(libc::O_CLOEXEC)
                 .open(&tmp)?;
-            let cstr = |p: &Path| {
-                CString::new(p.as_os_str().as_bytes()).map_err(std::io::Error::other)
-            };
+            let cstr =
+                |p: &Path| CString::new(p.as_os_str().as_bytes()).map_err(std::io::Error::other);
             Some((file.into_raw_fd(), cstr(&tmp)?, cstr(path)?))
         }
         None => None,

@@ -31,7 +31,10 @@ fn the_handlers_record_is_an_exit_record_naming_the_call() {
     );
     // A name that is not plain cannot break the JSON; an unknown number still gets a record.
     let rec: ExitRecord = serde_json::from_str(&report::record_for_test(9999, "a\"b\\c")).unwrap();
-    let ExitReason::Crash { seccomp: Some(v), .. } = rec.reason else {
+    let ExitReason::Crash {
+        seccomp: Some(v), ..
+    } = rec.reason
+    else {
         panic!("{rec:?}");
     };
     assert_eq!((v.name.as_str(), v.thread.as_str()), ("unknown", "a?b?c"));
