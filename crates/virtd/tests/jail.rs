@@ -162,3 +162,52 @@ fn a_kvm_vm_runs_confined_to_its_own_files_as_its_own_user() {
     let exit = std::fs::read_to_string(vm_dir.join("exit.json")).unwrap();
     assert!(exit.contains("\"poweroff\""), "{exit}");
 }
+
+#[test]
+fn a_jailed_vm_gets_its_tap_as_a_descriptor_and_has_no_network_of_its_own() {
+    let d = Daemon::start_in_own_netns();
+    let daemon_pid = d.child.as_ref().unwrap().id();
+    // A bridge in the daemon's namespace for the VM's interface.
+    let ns = format!("/proc/{daemon_pid}/ns/net");
+    let made = std::process::Command::new("nsenter")
+        .args([
+            &format!("--net={ns}"),
+            "ip",
+            "link",
+            "add",
+            "fvjbr0",
+            "type",
+            "bridge",
+        ])
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let kernel = pvh_kernel(&d.dir, "wait.elf", &WAIT_THEN_POWEROFF);
+    let def = format!(
+        "name = \"n\"\ntype = \"kvm\"\nemulator = \"ferrovmm\"\nmemory_mib = 16\n[os]\nkernel = \"{}\"\n[[interface]]\ntype = \"bridge\"\nsource = \"fvjbr0\"\n",
+        kernel.display()
+    );
+    let c = d.client();
+    c.define(&def, DefFormat::Toml, false).expect("define");
+    c.action("n", DomainOp::Start)
+        .unwrap_or_else(|e| panic!("start: {e:?}\n{}", d.log()));
+    let pid = c.get("n").unwrap().pid.expect("a pid");
+    // Its TAP is an open /dev/net/tun descriptor; the device itself is not in its root.
+    let fds: Vec<PathBuf> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.unwrap().path()).ok())
+        .collect();
+    assert!(
+        fds.iter().any(|t| t == Path::new("/dev/net/tun")),
+        "{fds:?}"
+    );
+    assert!(!Path::new(&format!("/proc/{pid}/root/dev/net")).exists());
+    // Its network namespace is neither the daemon's nor the host's.
+    let vm_ns = std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
+    assert_ne!(vm_ns, std::fs::read_link(&ns).unwrap());
+    assert_ne!(vm_ns, std::fs::read_link("/proc/self/ns/net").unwrap());
+    c.action("n", DomainOp::Shutdown).expect("shutdown");
+    wait_for("n to power off", Duration::from_secs(20), || {
+        c.get("n").is_ok_and(|i| i.state == DomainState::Shutoff)
+    });
+}

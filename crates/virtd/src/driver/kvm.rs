@@ -95,8 +95,7 @@ impl KvmDriver {
         for f in ["pid", "api.sock", "serial.sock", EXIT_FILE] {
             let _ = fs::remove_file(dir.join(f));
         }
-        // TAPs are not handed over as descriptors yet: a VM with interfaces runs unjailed.
-        let mounts = if crate::jail::enabled() && launch.nets.is_empty() {
+        let mounts = if crate::jail::enabled() {
             Some(crate::jail::prepare(&mut launch, &dir)?)
         } else {
             None

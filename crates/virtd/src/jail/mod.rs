@@ -9,8 +9,10 @@
 //! disk images are given to the VM's uid while it runs and handed back when it ends
 //! (libvirt's DAC labels); read-only images and backing files must be readable by others.
 //! No /proc in the jail: other processes, the daemon's state and the host's files are not there.
+//! Its own network namespace too (empty): its TAPs are handed over as open descriptors.
 
 mod mounts;
+mod taps;
 
 use std::collections::HashMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -18,6 +20,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use ferrovirt_api::ApiError;
+use std::os::fd::AsRawFd;
+
+use ferrovmm_api::launch::NetBackend;
 use ferrovmm_api::{JailConfig, LaunchConfig};
 
 pub use mounts::Mounts;
@@ -124,6 +129,13 @@ pub fn prepare(launch: &mut LaunchConfig, vm_dir: &Path) -> Result<Mounts, ApiEr
         }
     }
     mounts.device("/dev/kvm", libc::makedev(10, 232));
+    for net in &mut launch.nets {
+        if let NetBackend::Tap(name) = &net.backend {
+            let fd = taps::open(name).map_err(ApiError::driver)?;
+            net.backend = NetBackend::Fd(fd.as_raw_fd());
+            mounts.pass(fd);
+        }
+    }
     LENT.lock()
         .unwrap_or_else(|p| p.into_inner())
         .get_or_insert_with(HashMap::new)

@@ -4,6 +4,7 @@
 
 use std::ffi::CString;
 use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
@@ -27,6 +28,8 @@ pub struct Mounts {
     id: u32,
     dirs: Vec<PathBuf>,
     steps: Vec<Step>,
+    /// Descriptors the process keeps across exec (TAPs), at their own numbers.
+    pass: Vec<OwnedFd>,
 }
 
 fn cstr(p: &Path) -> CString {
@@ -50,6 +53,7 @@ impl Mounts {
             id,
             dirs: Vec::new(),
             steps: Vec::new(),
+            pass: Vec::new(),
         }
     }
 
@@ -89,6 +93,11 @@ impl Mounts {
         });
     }
 
+    /// Keeps `fd` open in the VM's process (under the same number).
+    pub fn pass(&mut self, fd: OwnedFd) {
+        self.pass.push(fd);
+    }
+
     pub fn device(&mut self, path: &str, dev: libc::dev_t) {
         let target = self.inside(Path::new(path));
         self.steps.push(Step::Device {
@@ -97,14 +106,20 @@ impl Mounts {
         });
     }
 
-    /// In the VM's process, before exec: new mount and IPC namespaces, the root's tmpfs with
+    /// In the VM's process, before exec: the passed descriptors kept open, new mount, IPC and
+    /// network namespaces, the root's tmpfs with
     /// its binds and devices, then the tmpfs made read-only.
     pub fn enter(&self) -> io::Result<()> {
         // SAFETY: only syscalls on C strings prepared before the fork.
         unsafe {
             // The daemon's umask (077) would make the root's folders untraversable for the VM.
             libc::umask(0o022);
-            check(libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWIPC))?;
+            for fd in &self.pass {
+                check(libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, 0))?;
+            }
+            check(libc::unshare(
+                libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWNET,
+            ))?;
             // Nothing mounted from here on reaches the host's namespace.
             check(libc::mount(
                 std::ptr::null(),
