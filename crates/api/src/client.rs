@@ -21,6 +21,7 @@ use crate::msg::{
     VersionInfo, VolumeCreateRequest, VolumeInfo,
 };
 use crate::op::DomainOp;
+use crate::save::{ManagedSaveRequest, RestoreRequest, SaveRequest, StartState};
 use crate::state::{DomainInfo, Event};
 
 #[derive(Debug)]
@@ -393,6 +394,60 @@ impl Client {
     /// Ask the domain's running job to stop; answers with the job as it was.
     pub fn abort_job(&self, name: &str) -> Result<JobInfo, ClientError> {
         self.json("DELETE", &format!("{}/job", Self::dom(name)), None)
+    }
+
+    /// `save`: stop the domain, its memory and device state to `file` (an absolute path).
+    pub fn save(
+        &self,
+        name: &str,
+        file: &str,
+        start: Option<StartState>,
+    ) -> Result<DomainInfo, ClientError> {
+        let body = serde_json::to_string(&SaveRequest {
+            file: file.to_string(),
+            start,
+        })
+        .unwrap_or_default();
+        let r: DomainResponse =
+            self.json("POST", &format!("{}/save", Self::dom(name)), Some(body))?;
+        Ok(r.domain)
+    }
+
+    /// `restore`: start the domain named in the save file `file` (an absolute path) from it.
+    pub fn restore(
+        &self,
+        file: &str,
+        start: Option<StartState>,
+    ) -> Result<DomainInfo, ClientError> {
+        let body = serde_json::to_string(&RestoreRequest {
+            file: file.to_string(),
+            start,
+        })
+        .unwrap_or_default();
+        let r: DomainResponse = self.json("POST", "/v1/restore", Some(body))?;
+        Ok(r.domain)
+    }
+
+    /// `managedsave`: save to the daemon's own file; the next start resumes from it.
+    pub fn managed_save(
+        &self,
+        name: &str,
+        start: Option<StartState>,
+    ) -> Result<DomainInfo, ClientError> {
+        let body = serde_json::to_string(&ManagedSaveRequest { start }).unwrap_or_default();
+        let r: DomainResponse = self.json(
+            "POST",
+            &format!("{}/managed-save", Self::dom(name)),
+            Some(body),
+        )?;
+        Ok(r.domain)
+    }
+
+    /// `managedsave-remove`: forget the managed save (the next start boots afresh).
+    pub fn managed_save_remove(&self, name: &str) -> Result<DomainInfo, ClientError> {
+        let r: DomainResponse =
+            self.json("DELETE", &format!("{}/managed-save", Self::dom(name)), None)?;
+        Ok(r.domain)
     }
 
     pub fn xml(&self, name: &str) -> Result<String, ClientError> {

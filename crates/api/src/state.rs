@@ -73,6 +73,14 @@ pub enum StateReason {
     Failed,
     /// shutoff: the VM process had vanished when the daemon (re)started.
     Vanished,
+    /// running, paused or shutoff: as a snapshot-revert left it.
+    FromSnapshot,
+    /// paused: its state is being saved to a file (save, managedsave).
+    Saving,
+    /// shutoff: its state was saved to a file (restore or start continues it).
+    Saved,
+    /// running: restored from a save file.
+    Restored,
 }
 
 impl StateReason {
@@ -89,6 +97,10 @@ impl StateReason {
             StateReason::Crashed => "crashed",
             StateReason::Failed => "failed",
             StateReason::Vanished => "vanished",
+            StateReason::FromSnapshot => "from-snapshot",
+            StateReason::Saving => "saving",
+            StateReason::Saved => "saved",
+            StateReason::Restored => "restored",
         }
     }
     pub fn parse(s: &str) -> Option<Self> {
@@ -104,6 +116,10 @@ impl StateReason {
             StateReason::Crashed,
             StateReason::Failed,
             StateReason::Vanished,
+            StateReason::FromSnapshot,
+            StateReason::Saving,
+            StateReason::Saved,
+            StateReason::Restored,
         ]
         .into_iter()
         .find(|r| r.as_str() == s)
@@ -132,6 +148,9 @@ pub struct DomainInfo {
     pub pid: Option<u32>,
     /// Serial console log file, when the domain has run.
     pub console_log: Option<String>,
+    /// A managed save exists: the next start resumes from it (virsh's "Managed save: yes").
+    #[serde(default)]
+    pub managed_save: bool,
 }
 
 /// Lifecycle event kinds (libvirt's names).

@@ -6,7 +6,9 @@ mod install;
 mod leftovers;
 mod net;
 mod output;
+mod save;
 mod sizes;
+mod snapshot;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -49,11 +51,25 @@ enum Command {
         /// List inactive domains only
         #[arg(long)]
         inactive: bool,
+        /// Show inactive domains with a managed save as "saved"
+        #[arg(long)]
+        managed_save: bool,
+        /// Only domains with a managed save
+        #[arg(long)]
+        with_managed_save: bool,
+        /// Only domains without a managed save
+        #[arg(long)]
+        without_managed_save: bool,
     },
     /// Define a persistent domain from a TOML, JSON or libvirt XML file
     Define { file: PathBuf },
     /// Remove a domain's definition
-    Undefine { domain: String },
+    Undefine {
+        domain: String,
+        /// Also forget the domain's snapshots' metadata (needed when it has snapshots)
+        #[arg(long)]
+        snapshots_metadata: bool,
+    },
     /// Create and start a transient domain from a file
     Create {
         file: PathBuf,
@@ -182,6 +198,10 @@ enum Command {
     Install(Box<install::InstallArgs>),
     #[command(flatten)]
     Net(net::NetCommand),
+    #[command(flatten)]
+    Snapshot(snapshot::SnapshotCommand),
+    #[command(flatten)]
+    Save(save::SaveCommand),
 }
 
 /// `--wait SECONDS` of the domain operations.
@@ -228,16 +248,19 @@ fn run(cli: Cli) -> Result<(), Failure> {
     };
     match cli.command {
         Command::Img { .. } => unreachable!("handled before connecting"),
-        Command::List { all, inactive } => {
+        Command::List { all, inactive, managed_save, with_managed_save, without_managed_save } => {
             let mut doms = client.list(all || inactive)?;
             if inactive {
                 doms.retain(|d| !d.state.is_active());
+            }
+            if with_managed_save || without_managed_save {
+                doms.retain(|d| d.managed_save == with_managed_save);
             }
             output::sort_like_virsh(&mut doms);
             if json {
                 print_json(&doms);
             } else {
-                print!("{}", output::list_table(&doms));
+                print!("{}", output::list_table(&doms, managed_save));
             }
         }
         Command::Define { file } => {
@@ -255,8 +278,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 console::attach(&client, &resp.domain.name, true)?;
             }
         }
-        Command::Undefine { domain } => {
-            client.undefine(&domain)?;
+        Command::Undefine { domain, snapshots_metadata } => {
+            if snapshots_metadata {
+                client.undefine_with_snapshots(&domain)?;
+            } else {
+                client.undefine(&domain)?;
+            }
             if json {
                 println!("{{}}");
             } else {
@@ -397,6 +424,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Install(args) => install::run(&client, &args, json)?,
         Command::Net(cmd) => net::run(&client, cmd, json)?,
+        Command::Snapshot(cmd) => snapshot::run(&client, cmd, json)?,
+        Command::Save(cmd) => save::run(&client, cmd, json)?,
     }
     Ok(())
 }

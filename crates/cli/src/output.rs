@@ -13,7 +13,17 @@ pub fn sort_like_virsh(doms: &mut [DomainInfo]) {
     });
 }
 
-pub fn list_table(doms: &[DomainInfo]) -> String {
+/// The State column: virsh's "saved" for an inactive domain with a managed save when asked
+/// (`list --managed-save`).
+fn list_state(d: &DomainInfo, mark_saved: bool) -> &'static str {
+    if mark_saved && d.managed_save && !d.state.is_active() {
+        "saved"
+    } else {
+        d.state.display()
+    }
+}
+
+pub fn list_table(doms: &[DomainInfo], mark_saved: bool) -> String {
     let ids: Vec<String> = doms
         .iter()
         .map(|d| d.id.map(|i| i.to_string()).unwrap_or("-".into()))
@@ -22,7 +32,7 @@ pub fn list_table(doms: &[DomainInfo]) -> String {
     let name_w = doms.iter().map(|d| d.name.len()).max().unwrap_or(0).max(4);
     let state_w = doms
         .iter()
-        .map(|d| d.state.display().len())
+        .map(|d| list_state(d, mark_saved).len())
         .max()
         .unwrap_or(0)
         .max(5);
@@ -38,7 +48,7 @@ pub fn list_table(doms: &[DomainInfo]) -> String {
         out.push_str(&format!(
             " {id:<id_w$}   {:<name_w$}   {}\n",
             d.name,
-            d.state.display()
+            list_state(d, mark_saved)
         ));
     }
     out.push('\n');
@@ -65,6 +75,7 @@ pub fn dominfo(d: &DomainInfo) -> String {
             "Autostart",
             if d.autostart { "enable" } else { "disable" }.into(),
         ),
+        ("Managed save", yes(d.managed_save).into()),
         ("PID", d.pid.map(|p| p.to_string()).unwrap_or("-".into())),
         ("Console log", d.console_log.clone().unwrap_or("-".into())),
     ];

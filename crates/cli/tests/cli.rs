@@ -802,3 +802,74 @@ fn install_cloud_init_makes_a_nocloud_seed_iso() {
     assert!(err.contains("'bogus'"), "{err}");
     assert!(!images.join("ci3.qcow2").exists());
 }
+
+/// save, restore, managedsave and managedsave-remove as virsh shows them (test driver): the
+/// "saved" / "restored" reasons, dominfo's "Managed save", list --managed-save, and a relative
+/// FILE resolved against the caller's directory.
+#[test]
+fn save_restore_and_managed_save_verbs() {
+    let e = Env::start();
+    let def = e.file(
+        "app.toml",
+        &format!(
+            "name = \"app\"\ntype = \"test\"\nmemory_mib = 64\n[os]\nkernel = \"{}\"\n",
+            e.kernel()
+        ),
+    );
+    e.ok(&["define", &def]);
+    e.ok(&["start", "app"]);
+    let out = e
+        .cmd(&["save", "app", "app.save"])
+        .current_dir(&e.dir)
+        .output_within(TOOL_TIMEOUT)
+        .unwrap();
+    let file = e.dir.join("app.save");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("Domain 'app' saved to {}\n\n", file.display())
+    );
+    assert!(file.is_file());
+    assert_eq!(
+        e.ok(&["domstate", "--reason", "app"]),
+        "shut off (saved)\n\n"
+    );
+    let err = e.fails(&["save", "app", file.to_str().unwrap()]);
+    assert!(err.starts_with("error: domain 'app' is shut off"), "{err}");
+    assert_eq!(
+        e.ok(&["restore", file.to_str().unwrap()]),
+        format!("Domain 'app' restored from {}\n\n", file.display())
+    );
+    assert_eq!(
+        e.ok(&["domstate", "--reason", "app"]),
+        "running (restored)\n\n"
+    );
+    let err = e.fails(&[
+        "save",
+        "app",
+        file.to_str().unwrap(),
+        "--running",
+        "--paused",
+    ]);
+    assert!(err.contains("exclude each other"), "{err}");
+
+    assert_eq!(
+        e.ok(&["managedsave", "app"]),
+        "Domain 'app' state saved by ferrovirtd\n\n"
+    );
+    assert!(e.ok(&["dominfo", "app"]).contains("Managed save:   yes\n"));
+    assert_eq!(
+        e.ok(&["list", "--all", "--managed-save"]),
+        " Id   Name   State\n--------------------\n -    app    saved\n\n"
+    );
+    assert!(e.ok(&["list", "--all"]).contains(" -    app    shut off\n"));
+    assert!(e
+        .ok(&["list", "--all", "--without-managed-save"])
+        .ends_with("-\n\n"));
+    assert_eq!(
+        e.ok(&["managedsave-remove", "app"]),
+        "Removed managedsave image for domain 'app'\n\n"
+    );
+    assert!(e.ok(&["dominfo", "app"]).contains("Managed save:   no\n"));
+    let err = e.fails(&["restore", "/nonexistent/app.save"]);
+    assert!(err.contains("cannot open the save file"), "{err}");
+}

@@ -10,6 +10,8 @@ pub mod jail;
 pub mod manager;
 pub mod network;
 pub mod runtime;
+pub mod save;
 pub mod server;
+pub mod snapshot;
 pub mod store;
 pub mod volume;

@@ -57,6 +57,13 @@ impl Paths {
     pub fn console_log(&self, name: &str) -> PathBuf {
         self.logs().join(format!("{name}.log"))
     }
+    /// Managed saves (`managedsave`): one file per domain.
+    pub fn saves(&self) -> PathBuf {
+        self.state_dir.join("save")
+    }
+    pub fn managed_save(&self, name: &str) -> PathBuf {
+        self.saves().join(format!("{name}.save"))
+    }
     /// Per-VM runtime folder: sockets and pidfile.
     pub fn vm_dir(&self, name: &str) -> PathBuf {
         self.run_dir.join("vms").join(name)

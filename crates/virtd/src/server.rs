@@ -9,6 +9,7 @@ use ferrovirt_api::http::percent_decode;
 use ferrovirt_api::msg::{
     AutostartRequest, DomainResponse, MemoryRequest, VcpusRequest, VersionInfo, VolumeCreateRequest,
 };
+use ferrovirt_api::save::{ManagedSaveRequest, RestoreRequest, SaveRequest};
 use ferrovirt_api::{xml, ApiError, DomainDef, DomainOp, ErrorCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -24,6 +25,7 @@ pub const DEFINITION_BODY: usize = 1024 * 1024;
 pub fn body_limit(method: &str, seg: &[&str]) -> usize {
     match (method, seg) {
         ("POST", ["v1", "domains"])
+        | ("POST", ["v1", "domains", _, "snapshots"])
         | ("POST", ["v1", "networks"])
         | ("POST", ["v1", "pools", "default", "cloud-init"]) => DEFINITION_BODY,
         _ => ACTION_BODY,
@@ -187,7 +189,7 @@ pub fn route(req: &Request, mgr: &Manager) -> Result<Reply, ApiError> {
         }
         ("GET", ["v1", "domains", name]) => Ok(json(200, &mgr.domain(name)?)),
         ("DELETE", ["v1", "domains", name]) => {
-            mgr.undefine(name)?;
+            mgr.undefine_opts(name, flag(req, "snapshots_metadata"))?;
             Ok(Reply::Empty)
         }
         ("GET", ["v1", "domains", name, "xml"]) => {
@@ -228,8 +230,35 @@ pub fn route(req: &Request, mgr: &Manager) -> Result<Reply, ApiError> {
             let domain = mgr.update_config(name, r.config, |d| d.vcpus = r.vcpus)?;
             Ok(json(200, &DomainResponse { domain }))
         }
+        (_, ["v1", "domains", _, "snapshots" | "snapshot-current", ..]) => {
+            crate::snapshot::api::route(req, mgr, &seg)
+        }
         ("GET", ["v1", "domains", name, "job"]) => Ok(json(200, &mgr.job_info(name)?)),
         ("DELETE", ["v1", "domains", name, "job"]) => Ok(json(200, &mgr.abort_job(name)?)),
+        ("POST", ["v1", "domains", name, "save"]) => {
+            let r: SaveRequest = body(req)?;
+            let domain = mgr.save(name, &r.file, r.start)?;
+            Ok(json(200, &DomainResponse { domain }))
+        }
+        ("POST", ["v1", "domains", name, "managed-save"]) => {
+            // An empty body asks for the defaults.
+            let r: ManagedSaveRequest = if req.body.is_empty() {
+                ManagedSaveRequest::default()
+            } else {
+                body(req)?
+            };
+            let domain = mgr.managed_save(name, r.start)?;
+            Ok(json(200, &DomainResponse { domain }))
+        }
+        ("DELETE", ["v1", "domains", name, "managed-save"]) => {
+            let domain = mgr.managed_save_remove(name)?;
+            Ok(json(200, &DomainResponse { domain }))
+        }
+        ("POST", ["v1", "restore"]) => {
+            let r: RestoreRequest = body(req)?;
+            let domain = mgr.restore(&r.file, r.start)?;
+            Ok(json(200, &DomainResponse { domain }))
+        }
         ("POST", ["v1", "domains", name, verb]) => {
             let op = DomainOp::from_verb(verb).ok_or_else(|| {
                 ApiError::new(

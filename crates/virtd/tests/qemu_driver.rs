@@ -3,71 +3,18 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{wait_for, Daemon};
-use ferrovirt_api::client::{Client, DefFormat};
+use common::{
+    console_log, console_roundtrip, pid_alive, qemu_def, qmp_status, wait_booted, wait_for, Daemon,
+    BOOT,
+};
+use ferrovirt_api::client::DefFormat;
 use ferrovirt_api::DomainOp;
 use ferrovirt_api::{DomainState, StateReason};
-use ferrovirt_testkit::qemu_test_guest as guest;
 use ferrovirt_testkit::{RunWithin, TOOL_TIMEOUT};
-
-const BOOT: Duration = Duration::from_secs(90);
-
-fn qemu_def(name: &str, cmdline_extra: &str, extra: &str) -> String {
-    let (kernel, initrd) = guest();
-    format!(
-        "name = \"{name}\"\ntype = \"qemu\"\naccel = \"tcg\"\nmemory_mib = 192\n{extra}\n[os]\nkernel = \"{}\"\ninitrd = \"{}\"\ncmdline = \"console=ttyS0 quiet no_timer_check {cmdline_extra}\"\n",
-        kernel.display(),
-        initrd.display()
-    )
-}
-
-fn console_log(d: &Daemon, name: &str) -> String {
-    std::fs::read_to_string(d.state_dir().join("logs").join(format!("{name}.log")))
-        .unwrap_or_default()
-}
-
-fn wait_booted(d: &Daemon, name: &str) {
-    wait_for("the guest's init banner in the console log", BOOT, || {
-        console_log(d, name).contains("FERROVIRT-GUEST-UP")
-    });
-}
-
-fn pid_alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .map(|s| {
-            !s.lines()
-                .any(|l| l.starts_with("State:") && l.contains('Z'))
-        })
-        .unwrap_or(false)
-}
-
-/// Type a shell command on the live console and wait for `expect` in the output.
-fn console_roundtrip(c: &Client, name: &str, command: &str, expect: &str) {
-    let mut conn = c.console(name, false).expect("attach console");
-    conn.set_read_timeout(Some(Duration::from_millis(500)));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut seen = String::new();
-    let mut last_send = Instant::now() - Duration::from_secs(10);
-    while !seen.contains(expect) {
-        assert!(
-            Instant::now() < deadline,
-            "no '{expect}' on the console; got: {seen}"
-        );
-        // Re-send now and then: keystrokes typed while the shell starts can be lost.
-        if last_send.elapsed() > Duration::from_secs(3) {
-            conn.write_all(format!("{command}\n").as_bytes()).unwrap();
-            last_send = Instant::now();
-        }
-        let mut buf = [0u8; 4096];
-        if let Ok(n) = conn.read(&mut buf) {
-            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-    }
-}
 
 /// The same over a WebSocket (`GET .../console`, binary messages), as a browser would do it.
 fn websocket_console_roundtrip(d: &Daemon, name: &str, command: &str, expect: &str) {
@@ -141,26 +88,6 @@ fn boots_a_guest_with_console_log_and_live_console_then_destroys_it() {
         (DomainState::Shutoff, StateReason::Destroyed)
     );
     assert!(!pid_alive(pid), "qemu {pid} still runs after destroy");
-}
-
-fn qmp_status(d: &Daemon, name: &str) -> String {
-    use std::io::BufRead;
-    let sock = d.run_dir().join("vms").join(name).join("qmp.sock");
-    let s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
-    let mut r = std::io::BufReader::new(s.try_clone().unwrap());
-    let mut w = s;
-    let mut line = String::new();
-    r.read_line(&mut line).unwrap();
-    w.write_all(b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"query-status\"}\n")
-        .unwrap();
-    loop {
-        line.clear();
-        r.read_line(&mut line).unwrap();
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-        if let Some(status) = v.pointer("/return/status") {
-            return status.as_str().unwrap().to_string();
-        }
-    }
 }
 
 #[test]

@@ -208,11 +208,11 @@ impl LaunchConfig {
 }
 
 /// A path already checked to be UTF-8 (by `check_path`).
-fn utf8(p: &Path) -> &str {
+pub(crate) fn utf8(p: &Path) -> &str {
     p.to_str().unwrap_or_default()
 }
 
-fn check_name(name: &str) -> Result<(), LaunchError> {
+pub(crate) fn check_name(name: &str) -> Result<(), LaunchError> {
     if name.is_empty() || name.chars().count() > MAX_NAME_LEN || name.chars().any(char::is_control)
     {
         return err(format!(
@@ -223,7 +223,7 @@ fn check_name(name: &str) -> Result<(), LaunchError> {
 }
 
 /// A path argv can carry: not empty, UTF-8, no NUL.
-fn check_path(flag: &str, p: &Path) -> Result<(), LaunchError> {
+pub(crate) fn check_path(flag: &str, p: &Path) -> Result<(), LaunchError> {
     match p.to_str() {
         None => err(format!(
             "{flag} {}: the path is not UTF-8",

@@ -4,6 +4,7 @@
 //!   ([`LaunchConfig::to_args`]) and the parsers ferrovmm's command line uses for each value;
 //! - [`exit`]: the [`ExitRecord`] ferrovmm leaves in `--exit-file` saying how the VM ended;
 //! - [`control`]: the messages of ferrovmm's control API (`GET /vm`, errors);
+//! - [`restore`]: `PUT /vm/snapshot`'s request and `ferrovmm --restore`'s command line;
 //! - [`DiskFormat`]: the one image-format type of the project (ferrovirt-disk and the
 //!   domain definitions use it too).
 //!
@@ -15,6 +16,7 @@ mod format;
 pub mod jail;
 mod kv;
 pub mod launch;
+pub mod restore;
 
 pub use exit::{CrashCause, ExitReason, ExitRecord, SeccompViolation};
 pub use format::{DiskFormat, UnknownFormat};
@@ -23,3 +25,4 @@ pub use launch::{
     ConsoleMode, DiskCache, DiskConfig, LaunchConfig, LaunchError, LogLevel, Mac, NetBackend,
     NetConfig, SeccompMode, SerialMode,
 };
+pub use restore::{RestoreConfig, SnapshotReply, SnapshotRequest};

@@ -263,16 +263,10 @@ async fn handle(
     reply.into_response(false, pending_stop)
 }
 
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SnapshotRequest {
-    path: std::path::PathBuf,
-}
-
 /// `PUT /vm/snapshot {"path": DIR}`: writes DIR/state and DIR/memory of a paused VM.
 fn snapshot(machine: &Machine, body: &[u8]) -> Reply {
     use crate::snapshot::SnapshotError;
-    let req: SnapshotRequest = match serde_json::from_slice(body) {
+    let req: ferrovmm_api::SnapshotRequest = match serde_json::from_slice(body) {
         Ok(r) => r,
         Err(e) => {
             return Reply::error(

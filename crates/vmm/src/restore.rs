@@ -190,3 +190,48 @@ pub(crate) fn check_host_cpu(state: &crate::vm::MachineState) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// ferrovirtd builds this command line with `RestoreConfig::to_args`: ferrovmm reads back
+    /// every value, hostile-looking ones included.
+    #[test]
+    fn the_contract_s_argv_parses_back_to_the_same_values() {
+        let mut c = ferrovmm_api::RestoreConfig::new("/run/-dir/restore");
+        c.name = Some("-web".into());
+        c.api_socket = Some("/run/x/api.sock".into());
+        c.serial = Some(SerialMode::Socket("/run/x/serial.sock".into()));
+        c.exit_file = Some("/run/x/exit.json".into());
+        c.disks = vec![(0, "/img/a=b.qcow2".into())];
+        c.taps = vec![(1, "fvtap-1".into())];
+        c.resume = true;
+        let mut argv = vec!["ferrovmm".to_string()];
+        argv.extend(c.to_args().unwrap());
+        let r = RestoreArgs::try_parse_from(&argv).unwrap();
+        assert_eq!(r.restore, Some(c.dir.clone()));
+        assert_eq!(r.name, c.name);
+        assert_eq!(r.api_socket, c.api_socket);
+        assert_eq!(r.serial, c.serial);
+        assert_eq!(r.exit_file, c.exit_file);
+        assert!(r.resume);
+        assert_eq!(r.disk, ["0=/img/a=b.qcow2"]);
+        assert_eq!(r.net, ["1=tap=fvtap-1"]);
+        let saved = LaunchConfig::new("old", "/k");
+        let mut saved = saved;
+        saved.disks.push(crate::config::DiskConfig::new("/old.img"));
+        saved.nets.push(crate::config::NetConfig {
+            backend: NetBackend::Tap("t0".into()),
+            mac: None,
+        });
+        saved.nets.push(crate::config::NetConfig {
+            backend: NetBackend::Tap("t1".into()),
+            mac: None,
+        });
+        let config = configure(&r, &saved).unwrap();
+        assert_eq!(config.disks[0].path, PathBuf::from("/img/a=b.qcow2"));
+        assert_eq!(config.nets[1].backend, NetBackend::Tap("fvtap-1".into()));
+        assert_eq!(config.name, "-web");
+    }
+}

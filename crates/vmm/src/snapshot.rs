@@ -20,8 +20,7 @@ pub const FORMAT_VERSION: u32 = 1;
 const HEADER_LEN: usize = 8 + 4 + 4 + 8;
 /// The payload is device and vCPU state; a few MiB would already be absurd.
 pub const MAX_PAYLOAD: u64 = 64 << 20;
-pub const STATE_FILE: &str = "state";
-pub const MEMORY_FILE: &str = "memory";
+pub use ferrovmm_api::restore::{MEMORY_FILE, STATE_FILE};
 
 /// What `DIR/state` holds.
 #[derive(Serialize, Deserialize)]

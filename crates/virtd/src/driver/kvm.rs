@@ -16,12 +16,14 @@ use ferrovirt_api::{ApiError, DomainDef};
 use ferrovmm_api::launch::{DiskConfig, Mac, NetBackend, NetConfig, SerialMode};
 use ferrovmm_api::{ExitReason, ExitRecord, LaunchConfig};
 
-use super::{Driver, ExitNotifier, Started, VmCtx, VmRef};
+use super::{Driver, ExitNotifier, Progress, Started, VmCtx, VmRef};
 use crate::console::ConsoleHub;
 use crate::deadline::Deadline;
 use crate::runtime::{
     kill, kill_and_wait, pid_alive, pid_has_arg, pid_stopped, wait_gone, ExitKind, Runtime,
 };
+
+mod save;
 
 pub struct KvmDriver {
     pub binary: PathBuf,
@@ -51,13 +53,25 @@ impl KvmDriver {
         path: &str,
         deadline: &Deadline,
     ) -> Result<Vec<u8>, ApiError> {
+        self.api_with(dir, method, path, None, deadline)
+    }
+
+    /// The same with a JSON body.
+    fn api_with(
+        &self,
+        dir: &Path,
+        method: &str,
+        path: &str,
+        json: Option<&[u8]>,
+        deadline: &Deadline,
+    ) -> Result<Vec<u8>, ApiError> {
         deadline.check()?;
         let resp = unix_request(
             &dir.join("api.sock"),
             method,
             path,
-            None,
-            b"",
+            json.map(|_| "application/json"),
+            json.unwrap_or_default(),
             deadline.io_timeout(),
         )
         .map_err(|e| {
@@ -79,30 +93,15 @@ impl KvmDriver {
         Ok(resp.body)
     }
 
-    /// After the serial socket closed: wait for the process to end and read its exit record.
-    fn watch_exit(dir: PathBuf, pid: u32, on_exit: ExitNotifier) -> Box<dyn FnOnce() + Send> {
-        Box::new(move || {
-            wait_gone(pid, Duration::from_secs(10));
-            crate::jail::release(&dir);
-            on_exit(exit_kind(&dir));
-        })
-    }
-
-    /// Starts ferrovmm, jailed when the daemon can (see crate::jail).
-    fn start_in(&self, ctx: VmCtx) -> Result<Started, ApiError> {
+    /// Run ferrovmm with `argv` (a launch or a restore) and wait until its API answers.
+    /// With `jail`, the process makes its jail's mounts before it runs ferrovmm.
+    fn spawn(
+        &self,
+        ctx: VmCtx,
+        argv: Vec<String>,
+        jail: Option<crate::jail::Mounts>,
+    ) -> Result<Started, ApiError> {
         let dir = ctx.vm_dir.clone();
-        let mut launch = launch_config(ctx.def, &dir)?;
-        for f in ["pid", "api.sock", "serial.sock", EXIT_FILE] {
-            let _ = fs::remove_file(dir.join(f));
-        }
-        let mounts = if crate::jail::enabled() {
-            Some(crate::jail::prepare(&mut launch, &dir)?)
-        } else {
-            None
-        };
-        let argv = launch
-            .to_args()
-            .map_err(|e| ApiError::invalid(e.to_string()))?;
         let log_path = dir.join("vmm.log");
         let log = crate::files::create_private(&log_path)
             .map_err(|e| ApiError::internal(format!("{}: {e}", log_path.display())))?;
@@ -117,7 +116,7 @@ impl KvmDriver {
         unsafe {
             cmd.pre_exec(move || {
                 libc::setsid();
-                match &mounts {
+                match &jail {
                     Some(m) => m.enter(),
                     None => Ok(()),
                 }
@@ -184,6 +183,15 @@ impl KvmDriver {
                 engine: None,
             },
             console: Some(console),
+        })
+    }
+
+    /// After the serial socket closed: wait for the process to end and read its exit record.
+    fn watch_exit(dir: PathBuf, pid: u32, on_exit: ExitNotifier) -> Box<dyn FnOnce() + Send> {
+        Box::new(move || {
+            wait_gone(pid, Duration::from_secs(10));
+            crate::jail::release(&dir);
+            on_exit(exit_kind(&dir));
         })
     }
 }
@@ -298,11 +306,42 @@ impl Driver for KvmDriver {
 
     fn start(&self, ctx: VmCtx) -> Result<Started, ApiError> {
         let dir = ctx.vm_dir.clone();
-        let started = self.start_in(ctx);
+        let mut launch = launch_config(ctx.def, &dir)?;
+        for f in ["pid", "api.sock", "serial.sock", EXIT_FILE] {
+            let _ = fs::remove_file(dir.join(f));
+        }
+        // A booted VM needs nothing of an earlier restore.
+        let _ = fs::remove_dir_all(dir.join(save::RESTORE_DIR));
+        // A booted VM runs jailed when the daemon can (see crate::jail); a restored one not yet.
+        let started = (|| {
+            let jail = if crate::jail::enabled() {
+                Some(crate::jail::prepare(&mut launch, &dir)?)
+            } else {
+                None
+            };
+            let argv = launch
+                .to_args()
+                .map_err(|e| ApiError::invalid(e.to_string()))?;
+            self.spawn(ctx, argv, jail)
+        })();
         if started.is_err() {
             crate::jail::release(&dir);
         }
         started
+    }
+
+    fn save(&self, vm: &VmRef, out: &mut fs::File, progress: Progress) -> Result<(), ApiError> {
+        self.save_to(vm, out, progress)
+    }
+
+    fn restore(
+        &self,
+        ctx: VmCtx,
+        input: &mut fs::File,
+        len: u64,
+        progress: Progress,
+    ) -> Result<Started, ApiError> {
+        self.restore_from(ctx, input, len, progress)
     }
 
     fn reattach(&self, ctx: VmCtx, runtime: &Runtime) -> Option<Started> {

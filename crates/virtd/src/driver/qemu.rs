@@ -13,12 +13,15 @@ use ferrovirt_api::{Action, ApiError, DomainDef};
 use serde_json::Value;
 
 use super::qmp::Qmp;
-use super::{Driver, ExitNotifier, Started, VmCtx, VmRef};
+use super::{Driver, ExitNotifier, LiveDiskSnapshot, Progress, Started, VmCtx, VmRef};
 use crate::console::ConsoleHub;
 use crate::deadline::Deadline;
 use crate::runtime::{
     kill, kill_and_wait, pid_alive, pid_has_arg, pid_stopped, wait_gone, ExitKind, Runtime,
 };
+
+mod save;
+mod snapshot;
 
 pub struct QemuDriver {
     pub binary: PathBuf,
@@ -224,21 +227,9 @@ impl QemuDriver {
         let host = v.get("host").and_then(Value::as_str)?.to_string();
         Some((host, port))
     }
-}
 
-fn log_tail(path: &Path) -> String {
-    let text = fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    lines[lines.len().saturating_sub(3)..].join("; ")
-}
-
-impl Driver for QemuDriver {
-    fn check(&self, _def: &DomainDef) -> Result<(), ApiError> {
-        // Network existence is checked by the manager; everything else QEMU offers.
-        Ok(())
-    }
-
-    fn start(&self, ctx: VmCtx) -> Result<Started, ApiError> {
+    /// Start QEMU with the definition's arguments plus `extra` (a restore adds its own).
+    fn launch(&self, ctx: VmCtx, extra: &[&str]) -> Result<Started, ApiError> {
         let dir = ctx.vm_dir.clone();
         for f in ["pid", "qmp.sock", "qmp-events.sock", "serial.sock"] {
             let _ = fs::remove_file(dir.join(f));
@@ -254,6 +245,7 @@ impl Driver for QemuDriver {
         let binary = ctx.def.emulator_binary().unwrap_or(&self.binary);
         let mut child = Command::new(binary)
             .args(self.args(&ctx))
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
@@ -326,6 +318,37 @@ impl Driver for QemuDriver {
             console: Some(console),
         })
     }
+}
+
+fn log_tail(path: &Path) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(3)..].join("; ")
+}
+
+impl Driver for QemuDriver {
+    fn check(&self, _def: &DomainDef) -> Result<(), ApiError> {
+        // Network existence is checked by the manager; everything else QEMU offers.
+        Ok(())
+    }
+
+    fn start(&self, ctx: VmCtx) -> Result<Started, ApiError> {
+        self.launch(ctx, &[])
+    }
+
+    fn save(&self, vm: &VmRef, out: &mut fs::File, progress: Progress) -> Result<(), ApiError> {
+        self.save_to(vm, out, progress)
+    }
+
+    fn restore(
+        &self,
+        ctx: VmCtx,
+        input: &mut fs::File,
+        len: u64,
+        progress: Progress,
+    ) -> Result<Started, ApiError> {
+        self.restore_from(ctx, input, len, progress)
+    }
 
     fn reattach(&self, ctx: VmCtx, runtime: &Runtime) -> Option<Started> {
         let pid = runtime.pid?;
@@ -378,5 +401,34 @@ impl Driver for QemuDriver {
     fn reset(&self, vm: &VmRef) -> Result<(), ApiError> {
         self.command(vm.vm_dir, "system_reset", None, vm.deadline)
             .map(|_| ())
+    }
+
+    // Snapshots: see qemu/snapshot.rs.
+
+    fn snapshot_live(
+        &self,
+        vm: &VmRef,
+        disks: &[LiveDiskSnapshot],
+        memory: Option<(&Path, &str)>,
+    ) -> Result<(), ApiError> {
+        self.snapshot_running(vm, disks, memory)
+    }
+
+    fn start_from_memory(&self, ctx: VmCtx, memory: &Path, tag: &str) -> Result<Started, ApiError> {
+        self.start_loading(ctx, memory, tag)
+    }
+
+    fn commit_live(
+        &self,
+        vm: &VmRef,
+        active: &Path,
+        top: &Path,
+        base: &Path,
+    ) -> Result<(), ApiError> {
+        self.commit_running(vm, active, top, base)
+    }
+
+    fn delete_internal_live(&self, vm: &VmRef, image: &Path, name: &str) -> Result<(), ApiError> {
+        self.delete_internal_running(vm, image, name)
     }
 }

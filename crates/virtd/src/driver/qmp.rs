@@ -5,7 +5,7 @@
 //! so a QEMU that does not answer fails the call with a timeout error naming the operation.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -79,6 +79,42 @@ fn try_connect(path: &Path) -> Result<UnixStream, ConnectError> {
     let stream = UnixStream::from(owned);
     stream.set_nonblocking(false).map_err(ConnectError::Other)?;
     Ok(stream)
+}
+
+/// One sendmsg(2) of `bytes` with `fd` attached as SCM_RIGHTS (QMP reads the descriptor with
+/// the command it came with).
+fn send_with_fd(sock: &UnixStream, bytes: &[u8], fd: BorrowedFd) -> std::io::Result<()> {
+    let raw: libc::c_int = fd.as_raw_fd();
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) } as usize;
+    let mut control = vec![0u8; space];
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut libc::c_void,
+        iov_len: bytes.len(),
+    };
+    // SAFETY: msghdr is plain data; zeroed is valid, the fields are set below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+    msg.msg_controllen = space as _;
+    // SAFETY: msg_control points at `space` bytes, enough for one header and one int; the
+    // header pointer is non-null for that size and the data is written within it.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::c_int>() as u32) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg) as *mut libc::c_int, raw);
+    }
+    // SAFETY: the socket is open, msg and everything it points to outlive the call.
+    let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // The descriptor went with the first bytes; the rest of a short write follows plainly.
+    let mut w = sock;
+    w.write_all(&bytes[n as usize..])
 }
 
 impl Qmp {
@@ -165,20 +201,49 @@ impl Qmp {
         arguments: Option<Value>,
         deadline: &Deadline,
     ) -> Result<Value, ApiError> {
+        let line = Self::line(command, arguments);
+        let _ = self.writer.set_write_timeout(deadline.io_timeout());
+        self.writer
+            .write_all(line.as_bytes())
+            .map_err(|e| Self::write_error(e, deadline))?;
+        self.reply(command, deadline)
+    }
+
+    /// `getfd`: hand QEMU the descriptor `fd` under `name` (it travels with the command as
+    /// SCM_RIGHTS), e.g. for a migration to or from a file the daemon opened.
+    pub fn send_fd(
+        &mut self,
+        fd: BorrowedFd,
+        name: &str,
+        deadline: &Deadline,
+    ) -> Result<(), ApiError> {
+        let line = Self::line("getfd", Some(json!({ "fdname": name })));
+        let _ = self.writer.set_write_timeout(deadline.io_timeout());
+        send_with_fd(&self.writer, line.as_bytes(), fd)
+            .map_err(|e| Self::write_error(e, deadline))?;
+        self.reply("getfd", deadline).map(|_| ())
+    }
+
+    fn line(command: &str, arguments: Option<Value>) -> String {
         let mut msg = json!({ "execute": command });
         if let Some(args) = arguments {
             msg["arguments"] = args;
         }
         let mut line = msg.to_string();
         line.push('\n');
-        let _ = self.writer.set_write_timeout(deadline.io_timeout());
-        self.writer.write_all(line.as_bytes()).map_err(|e| {
-            if deadline.expired() {
-                deadline.timeout("QEMU does not read its QMP socket")
-            } else {
-                ApiError::driver(format!("QMP write: {e}"))
-            }
-        })?;
+        line
+    }
+
+    fn write_error(e: std::io::Error, deadline: &Deadline) -> ApiError {
+        if deadline.expired() {
+            deadline.timeout("QEMU does not read its QMP socket")
+        } else {
+            ApiError::driver(format!("QMP write: {e}"))
+        }
+    }
+
+    /// The answer to `command`: its "return" value or its error.
+    fn reply(&mut self, command: &str, deadline: &Deadline) -> Result<Value, ApiError> {
         loop {
             let v = self
                 .read_value(deadline)?

@@ -3,10 +3,15 @@
 
 use ferrovirt_api::{ApiError, DomainDef};
 
-use super::{Driver, Started, VmCtx, VmRef};
+use std::io::{Read, Write};
+
+use super::{Driver, Progress, Started, VmCtx, VmRef};
 use crate::runtime::{ExitKind, Runtime};
 
 pub struct TestDriver;
+
+/// The whole "memory" of a simulated guest, as its save payload.
+const STATE: &[u8] = b"ferrovirt test driver state\n";
 
 impl Driver for TestDriver {
     fn start(&self, ctx: VmCtx) -> Result<Started, ApiError> {
@@ -53,5 +58,35 @@ impl Driver for TestDriver {
 
     fn check(&self, _def: &DomainDef) -> Result<(), ApiError> {
         Ok(())
+    }
+
+    fn save(
+        &self,
+        _vm: &VmRef,
+        out: &mut std::fs::File,
+        progress: Progress,
+    ) -> Result<(), ApiError> {
+        out.write_all(STATE)
+            .map_err(|e| ApiError::driver(format!("cannot write the state: {e}")))?;
+        progress(STATE.len() as u64, Some(STATE.len() as u64));
+        Ok(())
+    }
+
+    fn restore(
+        &self,
+        ctx: VmCtx,
+        input: &mut std::fs::File,
+        len: u64,
+        _progress: Progress,
+    ) -> Result<Started, ApiError> {
+        let mut state = Vec::new();
+        input
+            .take(len.min(STATE.len() as u64 + 1))
+            .read_to_end(&mut state)
+            .map_err(|e| ApiError::driver(format!("cannot read the state: {e}")))?;
+        if state != STATE {
+            return Err(ApiError::driver("the saved state is not a test driver's"));
+        }
+        self.start(ctx)
     }
 }

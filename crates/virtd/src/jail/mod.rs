@@ -61,8 +61,20 @@ pub fn root_of(vm_dir: &Path) -> PathBuf {
         .join(name)
 }
 
-/// Images given to a VM's uid, by run folder, to be handed back when it ends.
-static LENT: Mutex<Option<HashMap<PathBuf, Vec<(PathBuf, u32, u32)>>>> = Mutex::new(None);
+/// An image lent to a VM: its path and the owner (uid, gid) it goes back to.
+type Lent = (PathBuf, u32, u32);
+
+/// The jailed VMs by run folder: their uid and the images lent to it, handed back at the end.
+static LENT: Mutex<Option<HashMap<PathBuf, (u32, Vec<Lent>)>>> = Mutex::new(None);
+
+/// The uid of the jailed VM whose run folder is `vm_dir` (None: not jailed by this daemon).
+pub fn uid_of(vm_dir: &Path) -> Option<u32> {
+    LENT.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+        .and_then(|m| m.get(vm_dir))
+        .map(|(uid, _)| *uid)
+}
 
 fn err(what: &str, path: &Path, e: std::io::Error) -> ApiError {
     ApiError::internal(format!("jail: {what} {}: {e}", path.display()))
@@ -140,7 +152,8 @@ pub fn prepare(launch: &mut LaunchConfig, vm_dir: &Path) -> Result<Mounts, ApiEr
         .unwrap_or_else(|p| p.into_inner())
         .get_or_insert_with(HashMap::new)
         .entry(vm_dir.to_path_buf())
-        .or_default()
+        .or_insert((id, Vec::new()))
+        .1
         .extend(lent);
     launch.jail = Some(JailConfig {
         root,
@@ -157,6 +170,7 @@ pub fn release(vm_dir: &Path) {
         .unwrap_or_else(|p| p.into_inner())
         .as_mut()
         .and_then(|m| m.remove(vm_dir))
+        .map(|(_, lent)| lent)
         .unwrap_or_default();
     for (file, uid, gid) in lent {
         if let Err(e) = std::os::unix::fs::chown(&file, Some(uid), Some(gid)) {

@@ -5,6 +5,7 @@
 use std::sync::{Arc, MutexGuard};
 use std::time::Duration;
 
+use ferrovirt_api::engine::EngineChoice;
 use ferrovirt_api::state::EventKind;
 use ferrovirt_api::{
     ApiError, DomainDef, DomainInfo, DomainOp, DomainState, JobProgress, StateReason,
@@ -17,9 +18,36 @@ use crate::console::rotate_for_boot;
 use crate::deadline::Deadline;
 use crate::driver::{Driver, Started, VmRef};
 use crate::runtime::Runtime;
+use crate::save::format::SaveFile;
 
 /// The steps of a start, for its job's progress.
 const START_STEPS: u64 = 4;
+
+/// How [`Manager::launch`] brings a VM up.
+pub(super) enum Launch<'a> {
+    /// Boot the stored definition; the state reason it runs with.
+    Boot(StateReason),
+    /// Restore a checked save file (its definition, its engine), then resume unless `paused`.
+    Restore {
+        saved: &'a mut SaveFile,
+        paused: bool,
+    },
+    /// Boot the stored definition through a feature's own driver call (a snapshot revert
+    /// starts the VM loading its memory); recorded running, from snapshot.
+    Feature(super::feature_jobs::Launch<'a>),
+}
+
+impl Launch<'_> {
+    /// The state and reason the VM is recorded with once up.
+    fn outcome(&self) -> (DomainState, StateReason) {
+        match self {
+            Launch::Boot(reason) => (DomainState::Running, *reason),
+            Launch::Restore { paused: false, .. } => (DomainState::Running, StateReason::Restored),
+            Launch::Restore { paused: true, .. } => (DomainState::Paused, StateReason::User),
+            Launch::Feature(_) => (DomainState::Running, StateReason::FromSnapshot),
+        }
+    }
+}
 
 /// What an operation copies out of the domain before the lock is released.
 struct Snapshot {
@@ -124,6 +152,7 @@ impl Manager {
                             vcpus,
                             pid: None,
                             console_log: None,
+                            managed_save: false,
                         })
                     },
                 )
@@ -282,6 +311,7 @@ impl Manager {
 
     /// Start the domain's VM within the job `job`: networks, driver, then commit. A start that
     /// cannot be recorded, was cancelled, or whose client stopped waiting is taken down again.
+    /// A domain with a managed save resumes from it (see super::save).
     pub(super) fn start_body(
         &self,
         name: &str,
@@ -289,12 +319,39 @@ impl Manager {
         reason: StateReason,
         deadline: &Deadline,
     ) -> Result<(), ApiError> {
+        if let Some(path) = self.managed_save_to_resume(name, reason) {
+            return self.start_from_managed_save(name, &path, job, deadline);
+        }
+        self.launch(name, job, deadline, Launch::Boot(reason))
+    }
+
+    /// Bring the domain's VM up as `how` says (see [`start_body`](Self::start_body)).
+    pub(super) fn launch(
+        &self,
+        name: &str,
+        job: &JobHandle,
+        deadline: &Deadline,
+        mut how: Launch,
+    ) -> Result<(), ApiError> {
         let (def, generation, id, driver, engine) = {
             let mut inner = self.lock();
             let dom = Self::get(&inner, name)?;
-            let mut def = dom.stored.def.clone();
-            let generation = dom.generation + 1;
-            let engine = self.engine(&def);
+            let (mut def, engine) = match &how {
+                Launch::Boot(_) | Launch::Feature(_) => {
+                    let def = dom.stored.def.clone();
+                    let engine = self.engine(&def);
+                    (def, engine)
+                }
+                Launch::Restore { saved, .. } => (
+                    saved.header.definition.clone(),
+                    EngineChoice {
+                        engine: saved.header.engine,
+                        accel: None,
+                        reason: "the engine that wrote the save file".into(),
+                        cannot_start: None,
+                    },
+                ),
+            };
             engine.check_startable()?;
             self.check_policy(&def)?;
             // QEMU runs a kvm domain with accel=kvm: the driver reads the accelerator from the
@@ -303,6 +360,13 @@ impl Manager {
                 def.accel = engine.accel;
             }
             let driver = self.drivers.get(engine.engine.driver())?;
+            // Every attempt gets its own generation: the late exit report of a VM whose start
+            // (or restore) failed must not pass for the next attempt's.
+            let Some(dom) = inner.doms.get_mut(name) else {
+                return Err(ApiError::no_domain(name));
+            };
+            dom.generation += 1;
+            let generation = dom.generation;
             let id = inner.next_id;
             inner.next_id += 1;
             (def, generation, id, driver, engine)
@@ -318,7 +382,10 @@ impl Manager {
         step(0, "checking files");
         def.check_paths()?;
         deadline.check()?;
-        rotate_for_boot(&self.paths.console_log(name));
+        // A restore continues the saved VM's console; a boot starts a new log.
+        if matches!(how, Launch::Boot(_)) {
+            rotate_for_boot(&self.paths.console_log(name));
+        }
         let ctx = self.ctx(&def, id, generation, deadline.clone())?;
         step(1, "plugging network interfaces");
         self.networks.plug(&def)?;
@@ -328,10 +395,18 @@ impl Manager {
             engine.describe(),
             engine.reason
         );
+        let started = match &mut how {
+            Launch::Boot(_) => driver.start(ctx),
+            Launch::Feature(start) => start(&*driver, ctx),
+            Launch::Restore { saved, .. } => {
+                let progress = super::save::progress(job, "restoring memory and device state");
+                driver.restore(ctx, &mut saved.file, saved.payload_len, &progress)
+            }
+        };
         let Started {
             mut runtime,
             console,
-        } = match driver.start(ctx) {
+        } = match started {
             Ok(s) => s,
             Err(e) => {
                 self.networks.unplug(&def);
@@ -357,6 +432,19 @@ impl Manager {
             self.networks.unplug(&def);
             e
         };
+        let (state, reason) = how.outcome();
+        if state == DomainState::Running && matches!(how, Launch::Restore { .. }) {
+            let vm_dir = self.paths.vm_dir(name);
+            let vm = VmRef {
+                def: &def,
+                vm_dir: &vm_dir,
+                runtime: &runtime,
+                deadline,
+            };
+            if let Err(e) = driver.resume(&vm) {
+                return Err(undo(e));
+            }
+        }
         if let Err(e) = deadline.check() {
             return Err(undo(e));
         }
@@ -368,7 +456,7 @@ impl Manager {
         }
         let record = runtime.clone();
         if let Err(e) = inner.commit_started(name, id, |s| {
-            s.state = DomainState::Running;
+            s.state = state;
             s.reason = reason;
             s.runtime = Some(record);
         }) {
@@ -384,6 +472,10 @@ impl Manager {
         }
         drop(inner);
         self.events.emit(name, EventKind::Started, reason.as_str());
+        if state == DomainState::Paused {
+            self.events
+                .emit(name, EventKind::Suspended, "restored paused");
+        }
         Ok(())
     }
 

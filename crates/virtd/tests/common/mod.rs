@@ -340,3 +340,98 @@ pub fn certificates(dir: &std::path::Path, name: &str) -> (PathBuf, PathBuf, Pat
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
     (ca_crt.into(), crt.into(), key.into())
 }
+
+/// Type a shell command on a guest's live console (re-sent now and then: keystrokes typed while
+/// the shell starts can be lost) until `expect` appears in the output; returns the output.
+pub fn console_roundtrip(c: &Client, name: &str, command: &str, expect: &str) -> String {
+    console_until(c, name, command, expect, |seen| seen.contains(expect))
+}
+
+/// The same, until `done` says the output (the terminal's echo of the command included) has
+/// what the caller waits for, described by `what`.
+pub fn console_until(
+    c: &Client,
+    name: &str,
+    command: &str,
+    what: &str,
+    done: impl Fn(&str) -> bool,
+) -> String {
+    use std::io::{Read, Write};
+    let mut conn = c.console(name, false).expect("attach console");
+    conn.set_read_timeout(Some(Duration::from_millis(500)));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = String::new();
+    let mut last_send = Instant::now() - Duration::from_secs(10);
+    while !done(&seen) {
+        assert!(
+            Instant::now() < deadline,
+            "no {what} on the console; got: {seen}"
+        );
+        if last_send.elapsed() > Duration::from_secs(3) {
+            conn.write_all(format!("{command}\n").as_bytes()).unwrap();
+            last_send = Instant::now();
+        }
+        let mut buf = [0u8; 4096];
+        if let Ok(n) = conn.read(&mut buf) {
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    }
+    seen
+}
+
+// The qemu driver's test guest (guest/make-test-guest.sh).
+
+/// How long a TCG guest may take to reach its init.
+pub const BOOT: Duration = Duration::from_secs(90);
+
+/// A qemu-driver (TCG) definition of the test guest; `extra` goes into the TOML.
+pub fn qemu_def(name: &str, cmdline_extra: &str, extra: &str) -> String {
+    let (kernel, initrd) = ferrovirt_testkit::qemu_test_guest();
+    format!(
+        "name = \"{name}\"\ntype = \"qemu\"\naccel = \"tcg\"\nmemory_mib = 192\n{extra}\n[os]\nkernel = \"{}\"\ninitrd = \"{}\"\ncmdline = \"console=ttyS0 quiet no_timer_check {cmdline_extra}\"\n",
+        kernel.display(),
+        initrd.display()
+    )
+}
+
+pub fn console_log(d: &Daemon, name: &str) -> String {
+    std::fs::read_to_string(d.state_dir().join("logs").join(format!("{name}.log")))
+        .unwrap_or_default()
+}
+
+pub fn wait_booted(d: &Daemon, name: &str) {
+    wait_for("the guest's init banner in the console log", BOOT, || {
+        console_log(d, name).contains("FERROVIRT-GUEST-UP")
+    });
+}
+
+/// The process exists and is not a zombie.
+pub fn pid_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map(|s| {
+            !s.lines()
+                .any(|l| l.starts_with("State:") && l.contains('Z'))
+        })
+        .unwrap_or(false)
+}
+
+/// QEMU's own view of the VM (`query-status`), asked on its QMP socket.
+pub fn qmp_status(d: &Daemon, name: &str) -> String {
+    use std::io::{BufRead, Write};
+    let sock = d.run_dir().join("vms").join(name).join("qmp.sock");
+    let s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    let mut r = std::io::BufReader::new(s.try_clone().unwrap());
+    let mut w = s;
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    w.write_all(b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"query-status\"}\n")
+        .unwrap();
+    loop {
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if let Some(status) = v.pointer("/return/status") {
+            return status.as_str().unwrap().to_string();
+        }
+    }
+}

@@ -104,6 +104,8 @@ const DISK_IO: &[c_long] = &[
     libc::SYS_fallocate,
     libc::SYS_lseek,
     libc::SYS_fstat,
+    // The image's locks (ferrovirt-disk's OFD locks, e.g. when a guest's flush reaches them).
+    libc::SYS_fcntl,
 ];
 
 /// Serving Unix sockets (the API, the serial console's clients).
@@ -177,9 +179,10 @@ fn syscalls(kind: ThreadKind) -> Vec<&'static [c_long]> {
     let mut lists = vec![COMMON, REPORT];
     lists.extend_from_slice(match kind {
         // A guest's driver activates a disk from a vCPU (MMIO) or the device thread, and the
-        // disk's I/O workers are started then: both may start threads (which inherit the filter
-        // and stack their own).
-        ThreadKind::Vcpu => &[EVENTS, SOCKETS, THREADS][..],
+        // disk's I/O workers are started then, inheriting that thread's filter under their own
+        // (stacked filters allow only what both allow): so both may start threads and need what
+        // a worker does with the image.
+        ThreadKind::Vcpu => &[EVENTS, SOCKETS, THREADS, DISK_IO][..],
         ThreadKind::Device => &[EVENTS, DISK_IO, SOCKETS, THREADS][..],
         ThreadKind::BlockIo => &[EVENTS, DISK_IO][..],
         ThreadKind::Api => &[EVENTS, DISK_IO, SOCKETS, THREADS, FILES, CONNECT, KICKS][..],

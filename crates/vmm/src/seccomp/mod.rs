@@ -35,6 +35,7 @@ fn mode() -> SeccompMode {
 /// Chooses the mode for every thread that calls `apply` from now on. With `on`, installs the
 /// SIGSYS handler and prepares the exit record it writes (beside `exit_file`).
 pub fn init(mode: SeccompMode, exit_file: Option<&Path>) -> std::io::Result<()> {
+    fix_malloc_arenas();
     if mode == SeccompMode::On {
         report::install(exit_file)?;
     }
@@ -45,6 +46,16 @@ pub fn init(mode: SeccompMode, exit_file: Option<&Path>) -> std::io::Result<()> 
     };
     MODE.store(code, Ordering::SeqCst);
     Ok(())
+}
+
+/// glibc sizes its malloc arenas the first time a thread needs a new one, by reading
+/// /sys/devices/system/cpu/online: in a filtered thread (a disk's I/O worker) that is a forbidden
+/// openat. Setting the limit up front means glibc never looks (its default: 8 per CPU).
+fn fix_malloc_arenas() {
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let arenas = (8 * cpus).min(i32::MAX as usize) as libc::c_int;
+    // SAFETY: mallopt only sets a malloc parameter.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, arenas) };
 }
 
 /// Removes what `init` prepared for a violation that did not happen (the process is ending

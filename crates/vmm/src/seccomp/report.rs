@@ -154,9 +154,9 @@ impl std::fmt::Display for SafeName {
 fn record_json(buf: &mut Buf, nr: u32, thread: [u8; 16]) {
     let name = names::name(nr).unwrap_or("unknown");
     let thread = SafeName(thread);
-    let _ = write!(
+    let _ = writeln!(
         buf,
-        "{{\"reason\":\"crash\",\"cause\":\"seccomp\",\"detail\":\"{thread}: seccomp forbids syscall {name} ({nr})\",\"seccomp\":{{\"syscall\":{nr},\"name\":\"{name}\",\"thread\":\"{thread}\"}},\"status\":1}}\n"
+        "{{\"reason\":\"crash\",\"cause\":\"seccomp\",\"detail\":\"{thread}: seccomp forbids syscall {name} ({nr})\",\"seccomp\":{{\"syscall\":{nr},\"name\":\"{name}\",\"thread\":\"{thread}\"}},\"status\":1}}"
     );
 }
 
