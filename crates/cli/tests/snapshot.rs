@@ -190,7 +190,8 @@ impl Env {
         std::fs::read_to_string(self.dir.join(format!("state/logs/{name}.log"))).unwrap_or_default()
     }
 
-    /// Wait for the guest's banner in the console log (a start begins a new log).
+    /// Wait for the guest's banner in the console log (a start begins a new log), then for
+    /// its shell: keys typed while the shell starts can be lost or mangled.
     fn wait_banner(&self, name: &str, count: usize) {
         let give_up = Instant::now() + BOOT;
         while self.console_log(name).matches("FERROVIRT-GUEST-UP").count() < count {
@@ -201,6 +202,12 @@ impl Env {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+        while self.sh(name, "echo READY") != "READY" {
+            assert!(
+                Instant::now() < give_up,
+                "the guest's shell does not answer"
+            );
+        }
     }
 
     /// Run a shell command in the guest over its serial console; its output.
@@ -210,8 +217,12 @@ impl Env {
         let (begin, end) = (format!("B{n}X"), format!("E{n}X"));
         // The typed line echoes as B{n}''X, which does not contain the markers.
         let line = format!("echo B{n}''X; {cmd}; echo E{n}''X\n");
-        let mut conn = self.c.console(name, false).expect("attach the console");
-        conn.set_read_timeout(Some(Duration::from_millis(300)));
+        let attach = || {
+            let mut conn = self.c.console(name, false).expect("attach the console");
+            conn.set_read_timeout(Some(Duration::from_millis(300)));
+            conn
+        };
+        let mut conn = attach();
         let give_up = Instant::now() + Duration::from_secs(60);
         let mut seen = String::new();
         let mut sent = None::<Instant>;
@@ -230,7 +241,12 @@ impl Env {
             );
             // Keystrokes typed while the shell starts can be lost: type again until it echoes.
             if !seen.contains(&begin) && sent.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
-                conn.write_all(line.as_bytes()).unwrap();
+                if conn.write_all(line.as_bytes()).is_err() {
+                    // The console connection ended (the daemon drops a client that falls behind
+                    // the guest's output): attach again and type again.
+                    conn = attach();
+                    continue;
+                }
                 sent = Some(Instant::now());
             }
             let mut buf = [0u8; 4096];
@@ -302,6 +318,9 @@ impl Env {
 
 impl Drop for Env {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("daemon log:\n{}", self.log());
+        }
         if let Ok(doms) = self.c.list(false) {
             for d in doms {
                 let _ = self.c.action(&d.name, DomainOp::Destroy);
@@ -802,4 +821,125 @@ fn a_revert_while_another_job_runs_is_refused() {
     let _ = stuck.join();
     assert_eq!(e.ok(&["snapshot-list", "b", "--name"]), "s\n\n");
     assert_eq!(e.c.get("b").unwrap().pid.unwrap().to_string(), pid);
+}
+
+/// The listing, editing and bookkeeping verbs on a shut-off domain: snapshot-create from XML,
+/// snapshot-list --parent/--current, snapshot-current, snapshot-edit, snapshot-delete
+/// --children / --metadata, --no-metadata.
+#[test]
+fn listing_editing_and_deleting_subtrees_work_like_virsh() {
+    let e = Env::start();
+    let disk = e.disk("v.qcow2", "qcow2");
+    e.define("v", &[&disk]);
+    let xml = e.dir.join("s.xml");
+    std::fs::write(
+        &xml,
+        "<domainsnapshot><name>root</name><description>from XML</description>\
+         <disks><disk name='vda' snapshot='internal'/></disks></domainsnapshot>",
+    )
+    .unwrap();
+    assert_eq!(
+        e.ok(&["snapshot-create", "v", &s(&xml)]),
+        format!("Domain snapshot root created from '{}'\n\n", xml.display())
+    );
+    e.ok(&["snapshot-create-as", "v", "a"]);
+    e.ok(&["snapshot-create-as", "v", "a2"]);
+    revert(&e, "v", "root");
+    e.ok(&["snapshot-create-as", "v", "b"]);
+    let list = e.ok(&["snapshot-list", "v", "--parent"]);
+    let rows: Vec<Vec<&str>> = list
+        .lines()
+        .skip(2)
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            vec![w[0], w[w.len() - 1]]
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            vec!["root", "shutoff"],
+            vec!["a", "root"],
+            vec!["a2", "a"],
+            vec!["b", "root"]
+        ],
+        "{list}"
+    );
+    assert!(e.ok(&["snapshot-list", "v", "--current"]).contains(" b "));
+    assert_eq!(e.ok(&["snapshot-current", "v", "--name"]), "b\n\n");
+    e.ok(&["snapshot-current", "v", "a"]);
+    assert_eq!(e.ok(&["snapshot-current", "v", "--name"]), "a\n\n");
+    e.ok(&["snapshot-edit", "v", "root", "--description", "the base"]);
+    assert!(e
+        .ok(&["snapshot-dumpxml", "v", "root"])
+        .contains("<description>the base</description>"));
+    let err = e.fails(&["snapshot-parent", "v", "root"]);
+    assert!(err.contains("has no parent"), "{err}");
+
+    // --children-only keeps a, --children takes b's subtree, --metadata keeps the files.
+    e.ok(&["snapshot-delete", "v", "a", "--children-only"]);
+    assert_eq!(e.ok(&["snapshot-list", "v", "--name"]), "root\na\nb\n\n");
+    e.ok(&["snapshot-delete", "v", "root", "--children"]);
+    assert_eq!(e.ok(&["snapshot-list", "v", "--name"]), "\n");
+    let err = e.fails(&["snapshot-current", "v"]);
+    assert!(err.contains("has no current snapshot"), "{err}");
+    e.check_images();
+    e.ok(&["snapshot-create-as", "v", "keep"]);
+    let overlay = disk_path(&e.c, "v");
+    e.ok(&["snapshot-delete", "v", "keep", "--metadata"]);
+    assert!(overlay.exists() && disk_path(&e.c, "v") == overlay);
+    // --no-metadata: the overlay is made and used, no snapshot is recorded.
+    e.ok(&["snapshot-create-as", "v", "ghost", "--no-metadata"]);
+    assert_eq!(e.ok(&["snapshot-list", "v", "--name"]), "\n");
+    assert_ne!(disk_path(&e.c, "v"), overlay);
+    e.ok(&["undefine", "v"]);
+}
+
+/// A base image below the domain's disk (shared with other VMs, say) is never written: not by
+/// a revert to an internal snapshot that needs a private copy, nor by the merges of deletes.
+#[test]
+fn a_shared_base_below_the_domains_disk_is_never_written() {
+    let e = Env::start();
+    let golden = e.disk("golden.qcow2", "qcow2");
+    write_host(&golden, 7);
+    let vm = e.images().join("vm.qcow2");
+    tool(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            "-b",
+            &s(&golden),
+            &s(&vm),
+        ],
+    );
+    let before = std::fs::read(&golden).unwrap();
+    e.define("g", &[&vm]);
+    write_host(&vm, 1);
+    let internal = [
+        "snapshot-create-as",
+        "g",
+        "i1",
+        "--diskspec",
+        "vda,snapshot=internal",
+    ];
+    e.ok(&internal);
+    write_host(&vm, 2);
+    e.ok(&["snapshot-create-as", "g", "e2"]);
+    write_host(&disk_path(&e.c, "g"), 3);
+    revert(&e, "g", "i1");
+    assert_eq!(read_host(&disk_path(&e.c, "g")), 1);
+    e.ok(&["snapshot-delete", "g", "e2"]);
+    e.ok(&["snapshot-delete", "g", "i1"]);
+    assert_eq!(read_host(&disk_path(&e.c, "g")), 1);
+    assert_ne!(disk_path(&e.c, "g"), golden);
+    let after = std::fs::read(&golden).unwrap();
+    assert!(after == before, "golden.qcow2 was written");
+    assert_eq!(read_host(&golden), 7);
+    e.check_images();
 }

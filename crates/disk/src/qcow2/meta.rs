@@ -664,7 +664,7 @@ impl Meta {
                 j += 1;
             }
             let off = released[i] << self.geo.cluster_bits;
-            f.punch_hole(off, (j - i) as u64 * self.geo.cluster_size)?;
+            f.release(off, (j - i) as u64 * self.geo.cluster_size)?;
             i = j;
         }
         Ok(())
@@ -743,6 +743,18 @@ impl Meta {
         let mut bytes = vec![0u8; self.geo.cluster_size as usize];
         f.read_at(&mut bytes, l2_off)?;
         Ok(be_u64s(&bytes))
+    }
+
+    /// Takes a refcount table written elsewhere (check's rebuild) as the image's.
+    pub fn replace_refcount_table(&mut self, offset: u64, clusters: u32, rt: Vec<u64>, end: u64) {
+        self.header.refcount_table_offset = offset;
+        self.header.refcount_table_clusters = clusters;
+        self.rt = rt;
+        self.rb.clear();
+        self.rt_dirty = false;
+        self.rt_moved = false;
+        self.raise_end(end);
+        self.free_hint = 0;
     }
 
     pub fn refcount_table(&self) -> &[u64] {

@@ -380,15 +380,15 @@ impl Manager {
             return Err(e);
         }
         self.networks.unplug(&r.def);
-        let mut inner = self.lock();
-        Self::settle(&mut inner, name, job);
-        inner.commit(
+        let mut writer = self.writer();
+        Self::settle(&mut self.lock(), name, job);
+        writer.commit_and(
             name,
             Transient::Forget,
             commit::stopped(DomainState::Shutoff, StateReason::Saved),
+            |inner| Self::stopped_in_memory(inner, name),
         )?;
-        Self::stopped_in_memory(&mut inner, name);
-        drop(inner);
+        drop(writer);
         self.events.emit(name, EventKind::Stopped, "saved");
         Ok(())
     }
@@ -474,7 +474,7 @@ impl Manager {
         state: DomainState,
         reason: StateReason,
     ) -> Result<(), ApiError> {
-        self.lock()
+        self.writer()
             .commit(name, Transient::Keep, commit::state(state, reason))
     }
 
