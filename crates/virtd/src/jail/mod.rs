@@ -64,8 +64,11 @@ pub fn root_of(vm_dir: &Path) -> PathBuf {
 /// An image lent to a VM: its path and the owner (uid, gid) it goes back to.
 type Lent = (PathBuf, u32, u32);
 
-/// The jailed VMs by run folder: their uid and the images lent to it, handed back at the end.
-static LENT: Mutex<Option<HashMap<PathBuf, (u32, Vec<Lent>)>>> = Mutex::new(None);
+/// A jailed VM: its uid and the images lent to it, handed back at the end.
+type Jailed = (u32, Vec<Lent>);
+
+/// The jailed VMs by run folder.
+static LENT: Mutex<Option<HashMap<PathBuf, Jailed>>> = Mutex::new(None);
 
 /// The uid of the jailed VM whose run folder is `vm_dir` (None: not jailed by this daemon).
 pub fn uid_of(vm_dir: &Path) -> Option<u32> {
