@@ -262,18 +262,7 @@ impl Manager {
             }
             DomainOp::Destroy => {
                 snap.driver.destroy(&vm)?;
-                self.networks.unplug(&snap.def);
-                let mut inner = self.lock();
-                // The VM is gone whoever still waits: record it.
-                Self::settle(&mut inner, name, job);
-                inner.commit(
-                    name,
-                    Transient::Forget,
-                    commit::stopped(DomainState::Shutoff, StateReason::Destroyed),
-                )?;
-                Self::stopped_in_memory(&mut inner, name);
-                drop(inner);
-                self.events.emit(name, EventKind::Stopped, "destroyed");
+                self.record_gone(name, job, &snap.def, StateReason::Destroyed)?;
             }
             DomainOp::Reset => {
                 snap.driver.reset(&vm)?;
@@ -302,6 +291,29 @@ impl Manager {
                 self.events.emit(name, EventKind::Resumed, "unpaused");
             }
         }
+        Ok(())
+    }
+
+    /// The job `job` took the VM down (destroy, save): record it shut off for `reason`, whoever
+    /// still waits for the answer.
+    pub(super) fn record_gone(
+        &self,
+        name: &str,
+        job: &JobHandle,
+        def: &DomainDef,
+        reason: StateReason,
+    ) -> Result<(), ApiError> {
+        self.networks.unplug(def);
+        let mut inner = self.lock();
+        Self::settle(&mut inner, name, job);
+        inner.commit(
+            name,
+            Transient::Forget,
+            commit::stopped(DomainState::Shutoff, reason),
+        )?;
+        Self::stopped_in_memory(&mut inner, name);
+        drop(inner);
+        self.events.emit(name, EventKind::Stopped, reason.as_str());
         Ok(())
     }
 

@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use ferrovirt_api::engine::Engine;
 use ferrovirt_api::save::StartState;
-use ferrovirt_api::state::EventKind;
 use ferrovirt_api::{
     xml, ApiError, DomainDef, DomainInfo, DomainState, ErrorCode, JobKind, JobProgress, StateReason,
 };
@@ -379,18 +378,7 @@ impl Manager {
             self.resume_after_failed_save(name, &r);
             return Err(e);
         }
-        self.networks.unplug(&r.def);
-        let mut inner = self.lock();
-        Self::settle(&mut inner, name, job);
-        inner.commit(
-            name,
-            Transient::Forget,
-            commit::stopped(DomainState::Shutoff, StateReason::Saved),
-        )?;
-        Self::stopped_in_memory(&mut inner, name);
-        drop(inner);
-        self.events.emit(name, EventKind::Stopped, "saved");
-        Ok(())
+        self.record_gone(name, job, &r.def, StateReason::Saved)
     }
 
     /// Header, paused state, payload, completion: everything of a save that can still fail
