@@ -33,6 +33,9 @@ use crate::store::StoredDomain;
 /// before the client's own 120 s limit.
 const SAVE_LIMIT: Duration = Duration::from_secs(100);
 
+/// How long the stopped VM's console may take to deliver its last output.
+const CONSOLE_DRAIN: Duration = Duration::from_secs(5);
+
 const SAVE: JobSpec = JobSpec {
     name: "save",
     kind: JobKind::Operation,
@@ -372,11 +375,20 @@ impl Manager {
             runtime: &r.runtime,
             deadline: &cleanup,
         };
+        let console = self.lock().doms.get(name).and_then(|d| d.console.clone());
         if let Err(e) = r.driver.destroy(&vm) {
             // Saved, but the VM still exists: keep both rather than a file that is not the end.
             let _ = std::fs::remove_file(finally.as_ref().unwrap_or(&path));
             self.resume_after_failed_save(name, &r);
             return Err(e);
+        }
+        // What the guest printed before the pause is logged before a restore can append to
+        // the same console log: the old console's pump ends at the VM's end of output.
+        if let Some(hub) = console {
+            let drained = Deadline::after(CONSOLE_DRAIN, format!("domain '{name}': console"));
+            while hub.is_connected() && !drained.expired() {
+                std::thread::sleep(Duration::from_millis(5));
+            }
         }
         self.record_gone(name, job, &r.def, StateReason::Saved)
     }
