@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Compares ferrovirt-disk (crates/disk/examples/diskbench.rs) with `qemu-img bench`
+# Compares `ferrovirt img bench` (crates/disk/src/ops/bench.rs) with `qemu-img bench`
 # on the same qcow2 images in the same run: 4 KiB strided ("random") reads and writes
 # and 64 KiB sequential writes, on fresh and fully allocated images, with and without
 # a backing file. Both tools get the same options (-c -d -s -S -w, cache=writeback).
@@ -19,8 +19,8 @@ mkdir -p "$WORK"
 trap 'rm -rf "$WORK"' EXIT
 
 command -v qemu-img >/dev/null || { echo "qemu-img is missing (apt-get install qemu-utils)" >&2; exit 1; }
-(cd "$ROOT" && cargo build -q --release -p ferrovirt-disk --example diskbench)
-OURS="$ROOT/target/release/examples/diskbench"
+(cd "$ROOT" && cargo build -q --release -p ferrovirt-disk --example ferrovirt-img)
+OURS="$ROOT/target/release/examples/ferrovirt-img"
 
 cd "$WORK"
 echo "preparing images ($SIZE) in $WORK ..." >&2
@@ -51,7 +51,7 @@ for template in fresh full ov-fresh ov-full; do
       cp --reflink=auto "$template.qcow2" work.qcow2
       q+=("$(qemu-img bench -f qcow2 -t "$CACHE" --pattern=0xa5 -d "$DEPTH" "${opts[@]}" work.qcow2 | secs)")
       cp --reflink=auto "$template.qcow2" work.qcow2
-      o+=("$("$OURS" -f qcow2 -t "$CACHE" -d "$DEPTH" "${opts[@]}" work.qcow2 | secs)")
+      o+=("$("$OURS" bench -f qcow2 -t "$CACHE" --pattern=0xa5 -d "$DEPTH" "${opts[@]}" work.qcow2 | secs)")
     done
     qm=$(printf '%s\n' "${q[@]}" | median)
     om=$(printf '%s\n' "${o[@]}" | median)

@@ -43,6 +43,8 @@ pub enum ErrorCode {
     DomainBusy,
     /// The VM did not answer within the operation's deadline.
     Timeout,
+    /// No snapshot with this name on the domain (or the domain has no current snapshot).
+    NoSnapshot,
 }
 
 impl ErrorCode {
@@ -52,7 +54,10 @@ impl ErrorCode {
             ErrorCode::MalformedBody
             | ErrorCode::InvalidDefinition
             | ErrorCode::InvalidArgument => 400,
-            ErrorCode::NoDomain | ErrorCode::NoNetwork | ErrorCode::NotFound => 404,
+            ErrorCode::NoDomain
+            | ErrorCode::NoNetwork
+            | ErrorCode::NotFound
+            | ErrorCode::NoSnapshot => 404,
             ErrorCode::DomainExists
             | ErrorCode::OperationInvalid
             | ErrorCode::StorageError
@@ -87,6 +92,7 @@ impl ErrorCode {
             ErrorCode::RequestTimeout => "request_timeout",
             ErrorCode::DomainBusy => "domain_busy",
             ErrorCode::Timeout => "timeout",
+            ErrorCode::NoSnapshot => "no_snapshot",
         }
     }
 }

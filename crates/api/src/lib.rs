@@ -12,6 +12,7 @@
 //! * [`size`]: memory sizes with libvirt's units, in KiB
 //! * [`host`]: detection of the host's virtualization support (default driver)
 //! * [`op`]: the typed domain operations; [`job`]: a domain's running job
+//! * [`snapshot`]: domain snapshots (requests, metadata, libvirt's `<domainsnapshot>` XML)
 //! * [`save`]: save, restore and managed save requests
 
 pub mod client;
@@ -27,6 +28,7 @@ pub mod network;
 pub mod op;
 pub mod save;
 pub mod size;
+pub mod snapshot;
 pub mod state;
 pub mod tls;
 pub mod xml;

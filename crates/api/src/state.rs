@@ -73,6 +73,8 @@ pub enum StateReason {
     Failed,
     /// shutoff: the VM process had vanished when the daemon (re)started.
     Vanished,
+    /// running, paused or shutoff: as a snapshot-revert left it.
+    FromSnapshot,
     /// paused: its state is being saved to a file (save, managedsave).
     Saving,
     /// shutoff: its state was saved to a file (restore or start continues it).
@@ -95,6 +97,7 @@ impl StateReason {
             StateReason::Crashed => "crashed",
             StateReason::Failed => "failed",
             StateReason::Vanished => "vanished",
+            StateReason::FromSnapshot => "from-snapshot",
             StateReason::Saving => "saving",
             StateReason::Saved => "saved",
             StateReason::Restored => "restored",
@@ -113,6 +116,7 @@ impl StateReason {
             StateReason::Crashed,
             StateReason::Failed,
             StateReason::Vanished,
+            StateReason::FromSnapshot,
             StateReason::Saving,
             StateReason::Saved,
             StateReason::Restored,

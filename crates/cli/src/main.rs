@@ -8,6 +8,7 @@ mod net;
 mod output;
 mod save;
 mod sizes;
+mod snapshot;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -63,7 +64,12 @@ enum Command {
     /// Define a persistent domain from a TOML, JSON or libvirt XML file
     Define { file: PathBuf },
     /// Remove a domain's definition
-    Undefine { domain: String },
+    Undefine {
+        domain: String,
+        /// Also forget the domain's snapshots' metadata (needed when it has snapshots)
+        #[arg(long)]
+        snapshots_metadata: bool,
+    },
     /// Create and start a transient domain from a file
     Create {
         file: PathBuf,
@@ -193,6 +199,8 @@ enum Command {
     #[command(flatten)]
     Net(net::NetCommand),
     #[command(flatten)]
+    Snapshot(snapshot::SnapshotCommand),
+    #[command(flatten)]
     Save(save::SaveCommand),
 }
 
@@ -270,8 +278,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 console::attach(&client, &resp.domain.name, true)?;
             }
         }
-        Command::Undefine { domain } => {
-            client.undefine(&domain)?;
+        Command::Undefine { domain, snapshots_metadata } => {
+            if snapshots_metadata {
+                client.undefine_with_snapshots(&domain)?;
+            } else {
+                client.undefine(&domain)?;
+            }
             if json {
                 println!("{{}}");
             } else {
@@ -412,6 +424,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Install(args) => install::run(&client, &args, json)?,
         Command::Net(cmd) => net::run(&client, cmd, json)?,
+        Command::Snapshot(cmd) => snapshot::run(&client, cmd, json)?,
         Command::Save(cmd) => save::run(&client, cmd, json)?,
     }
     Ok(())

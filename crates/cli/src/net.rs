@@ -52,7 +52,7 @@ pub enum NetCommand {
 }
 
 /// A virsh-style table: a header, a dashed line, one row per entry, an empty line.
-fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+pub(crate) fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     let widths: Vec<usize> = (0..header.len())
         .map(|i| {
             rows.iter()

@@ -336,6 +336,12 @@ impl ImageFile {
     }
 }
 
+impl Drop for ImageFile {
+    fn drop(&mut self) {
+        crate::lock::unlock_all(self.file.as_raw_fd());
+    }
+}
+
 fn is_unsupported(e: &std::io::Error) -> bool {
     matches!(
         e.raw_os_error(),

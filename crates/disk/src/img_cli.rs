@@ -214,6 +214,81 @@ enum Cmd {
         #[arg(required = true)]
         operands: Vec<String>,
     },
+    /// How large a new image would be: measure [--output=human|json] [-O FMT] [-o OPTIONS] (--size N | [-f FMT] FILE)
+    Measure {
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+        #[arg(short = 'O', default_value = "raw")]
+        out_format: String,
+        /// cluster_size=, compat=0.10|1.1, refcount_bits=, preallocation=, backing_file=, extended_l2=
+        #[arg(short = 'o')]
+        options: Vec<String>,
+        /// Measure a new empty image of this size instead of FILE
+        #[arg(long)]
+        size: Option<String>,
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// Internal snapshot of FILE (not supported)
+        #[arg(short = 'l')]
+        snapshot: Option<String>,
+        file: Option<PathBuf>,
+    },
+    /// Change a qcow2 image's options: amend -o compat=0.10|1.1,lazy_refcounts=on|off,size=N [-f FMT] FILE
+    Amend {
+        #[arg(short = 'o')]
+        options: Vec<String>,
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// Progress (accepted; amend is quick)
+        #[arg(short = 'p')]
+        progress: bool,
+        #[arg(short = 'q')]
+        quiet: bool,
+        /// Cache mode (accepted for compatibility)
+        #[arg(short = 't')]
+        cache: Option<String>,
+        #[arg(long)]
+        force: bool,
+        file: PathBuf,
+    },
+    /// Time a run of read or write requests, like qemu-img bench
+    Bench {
+        #[arg(short = 'c', default_value = "75000", allow_hyphen_values = true)]
+        count: String,
+        #[arg(short = 'd', default_value = "64", allow_hyphen_values = true)]
+        depth: String,
+        #[arg(short = 'f')]
+        format: Option<String>,
+        #[arg(long, allow_hyphen_values = true)]
+        flush_interval: Option<String>,
+        /// AIO mode (accepted for compatibility)
+        #[arg(short = 'i')]
+        aio: Option<String>,
+        /// Native AIO (accepted for compatibility)
+        #[arg(short = 'n')]
+        native: bool,
+        #[arg(long)]
+        no_drain: bool,
+        #[arg(short = 'o', allow_hyphen_values = true)]
+        offset: Option<String>,
+        #[arg(long, allow_hyphen_values = true)]
+        pattern: Option<String>,
+        #[arg(short = 'q')]
+        quiet: bool,
+        #[arg(short = 's', allow_hyphen_values = true)]
+        buf_size: Option<String>,
+        #[arg(short = 'S', allow_hyphen_values = true)]
+        step: Option<String>,
+        /// none, writeback, writethrough, directsync or unsafe
+        #[arg(short = 't', default_value = "writeback")]
+        cache: String,
+        #[arg(short = 'w')]
+        write: bool,
+        /// Force share (accepted; reads take no exclusive lock anyway)
+        #[arg(short = 'U')]
+        force_share: bool,
+        file: PathBuf,
+    },
     /// Show where an image's data lives
     Map {
         #[arg(long, value_enum, default_value = "human")]
@@ -763,6 +838,57 @@ fn execute(cmd: Cmd) -> Result<i32, DiskError> {
             )?;
             Ok(0)
         }
+        Cmd::Measure {
+            output,
+            out_format,
+            options,
+            size,
+            format,
+            snapshot,
+            file,
+        } => crate::img_verbs::measure(crate::img_verbs::MeasureArgs {
+            json: output == Output::Json,
+            out_format,
+            options,
+            size,
+            format: opt_format(&format)?,
+            snapshot,
+            file,
+        }),
+        Cmd::Amend {
+            options,
+            format,
+            file,
+            ..
+        } => crate::img_verbs::amend(&options, opt_format(&format)?, &file),
+        Cmd::Bench {
+            count,
+            depth,
+            format,
+            flush_interval,
+            no_drain,
+            offset,
+            pattern,
+            buf_size,
+            step,
+            cache,
+            write,
+            file,
+            ..
+        } => crate::img_verbs::bench(crate::img_verbs::BenchArgs {
+            count,
+            depth,
+            format: opt_format(&format)?,
+            flush_interval,
+            no_drain,
+            offset,
+            pattern,
+            buf_size,
+            step,
+            cache,
+            write,
+            file,
+        }),
         Cmd::Map {
             output,
             format: _,

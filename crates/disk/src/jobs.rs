@@ -416,6 +416,13 @@ fn copy_and_switch(
         copy_grains(&src, &target, &dirty, size, commit_only_top, job)?;
         src.flush()?;
         target.flush()?;
+        if commit_only_top {
+            // The backing file's writable opening took no locks (our read-only one held
+            // them); it becomes the disk, so it locks the file as a writer before the
+            // old chain lets go of it.
+            let f = target.file();
+            crate::lock::take_over(f.raw_fd(), f.path(), crate::lock::LockMode::Exclusive)?;
+        }
         *disk.current.write().unwrap_or_else(|p| p.into_inner()) = target.clone();
         Ok(JobOutcome::Completed)
     })();

@@ -9,6 +9,7 @@ mod create;
 mod error;
 mod file;
 pub mod img_cli;
+mod img_verbs;
 mod info;
 pub mod jobs;
 #[doc(hidden)]
@@ -88,9 +89,13 @@ impl Image {
     }
 
     pub(crate) fn path(&self) -> &Path {
+        self.file().path()
+    }
+
+    pub(crate) fn file(&self) -> &file::ImageFile {
         match self {
-            Image::Raw(r) => r.file().path(),
-            Image::Qcow2(q) => q.file().path(),
+            Image::Raw(r) => r.file(),
+            Image::Qcow2(q) => q.file(),
         }
     }
 

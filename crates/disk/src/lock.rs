@@ -72,6 +72,41 @@ fn set_read_lock(fd: RawFd, byte: i64) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Sets the locks of `mode` without looking for conflicts: for a descriptor that takes
+/// over from another opening of the same file in this process (whose locks would be
+/// seen as a conflict), while that one still holds them, so there is no unlocked gap.
+pub(crate) fn take_over(fd: RawFd, path: &Path, mode: LockMode) -> Result<(), DiskError> {
+    let (held, unshared) = perms(mode);
+    for byte in held
+        .iter()
+        .map(|p| HELD_BASE + p)
+        .chain(unshared.iter().map(|p| UNSHARED_BASE + p))
+    {
+        if let Err(e) = set_read_lock(fd, byte) {
+            if held_by_other(fd, byte).is_none() {
+                return Ok(()); // no OFD locks on this file system
+            }
+            return Err(DiskError::io(path, e));
+        }
+    }
+    Ok(())
+}
+
+/// Drops every lock this open file description holds. Called before the descriptor is
+/// closed: a child forked meanwhile shares the description until it execs, and would
+/// otherwise keep the image locked after we let it go.
+pub(crate) fn unlock_all(fd: RawFd) {
+    let fl = libc::flock {
+        l_type: libc::F_UNLCK as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: HELD_BASE,
+        l_len: UNSHARED_BASE + 100 - HELD_BASE,
+        l_pid: 0,
+    };
+    // SAFETY: F_OFD_SETLK only reads the flock struct we pass.
+    unsafe { libc::fcntl(fd, libc::F_OFD_SETLK, &fl) };
+}
+
 /// Takes the locks for `mode`, or says which other opener is in the way. The locks
 /// last as long as the descriptor.
 pub(crate) fn lock(fd: RawFd, path: &Path, mode: LockMode) -> Result<(), DiskError> {

@@ -148,3 +148,91 @@ fn backing_files_in_use_are_not_written_underneath() {
     drop(vm);
     open_rw_soon(&base).expect("base is writable once nothing uses it");
 }
+
+#[test]
+fn a_forked_child_does_not_keep_a_closed_image_locked() {
+    let d = Scratch::new("lock-fork");
+    let p = d.path("vm.qcow2");
+    qemu_img_ok(&["create", "-f", "qcow2", &s(&p), "1M"]);
+    let img = open(&p, &opts(false)).unwrap();
+    // A child forked while the image is open shares its descriptors (as a spawned
+    // process does until it execs); it waits until we close the pipe.
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe writes two descriptors into the array we pass.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: the child only calls async-signal-safe functions (close, read, _exit).
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        let mut b = [0u8; 1];
+        // SAFETY: plain syscalls on descriptors the child owns.
+        unsafe {
+            libc::close(fds[1]);
+            libc::read(fds[0], b.as_mut_ptr().cast(), 1);
+            libc::_exit(0);
+        }
+    }
+    // SAFETY: closing our copy of the read end.
+    unsafe { libc::close(fds[0]) };
+    drop(img);
+    // The child still holds the descriptor: the image must be free all the same.
+    let again = open(&p, &opts(false));
+    let o = run("qemu-io", &["-c", "write 0 512", &s(&p)]);
+    // SAFETY: closing the write end lets the child exit; waitpid reaps our own child.
+    unsafe {
+        libc::close(fds[1]);
+        libc::waitpid(pid, std::ptr::null_mut(), 0);
+    }
+    let text = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(
+        again.is_err() || !o.status.success(),
+        "qemu-io must not write while we hold the image again"
+    );
+    assert!(
+        again.is_ok(),
+        "closed image still locked: {:?}",
+        again.err()
+    );
+    assert!(text.contains("lock"), "{text}");
+}
+
+#[test]
+fn after_an_active_commit_the_backing_file_is_locked_as_the_disk() {
+    let d = Scratch::new("lock-commit");
+    let base = d.path("base.qcow2");
+    let ov = d.path("ov.qcow2");
+    qemu_img_ok(&["create", "-f", "qcow2", &s(&base), "1M"]);
+    qemu_img_ok(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        &s(&ov),
+    ]);
+    let disk = ferrovirt_disk::open_disk(&ov, &opts(false)).unwrap();
+    use ferrovirt_disk::BlockBackend;
+    disk.write_at(&[7u8; 512], 0).unwrap();
+    let job = ferrovirt_disk::jobs::start_commit(&disk).unwrap();
+    assert!(matches!(
+        job.wait().unwrap(),
+        ferrovirt_disk::JobOutcome::Completed
+    ));
+    assert_eq!(disk.path(), base);
+    // The disk now writes the base: nobody else may open it for writing.
+    assert!(matches!(
+        open(&base, &opts(false)),
+        Err(DiskError::InUse { .. })
+    ));
+    let o = run("qemu-io", &["-c", "write 0 512", &s(&base)]);
+    let text = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(
+        text.contains("lock"),
+        "qemu-io wrote the committed base: {text}"
+    );
+    disk.write_at(&[8u8; 512], 512).unwrap();
+    drop(disk);
+    open_rw_soon(&base).expect("free once the disk is closed");
+}

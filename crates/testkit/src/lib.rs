@@ -42,6 +42,7 @@ mod nested;
 pub mod process;
 mod qemu;
 mod rootdisk;
+pub mod run_clock;
 mod seed;
 mod test_guest;
 

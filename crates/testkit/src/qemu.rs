@@ -10,6 +10,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::error::{Context, Error, Result};
+use crate::run_clock::RunClock;
 
 /// QEMU's system emulator binary (override with `$FERROVIRT_QEMU`).
 pub fn qemu_binary() -> PathBuf {
@@ -107,7 +108,8 @@ impl TcgVm {
         self
     }
 
-    /// How long the guest may run before QEMU is killed (default 120 s).
+    /// How long the guest may run before QEMU is killed (default 120 s), counted as
+    /// [`RunClock`] does: time spent waiting for a host CPU does not count.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
@@ -191,23 +193,33 @@ impl TcgVm {
         let stdout_reader = spawn_console_reader(&mut child, Arc::clone(&console), start);
         let stderr_reader = spawn_stderr_reader(&mut child);
 
-        let deadline = || {
-            let after_marker = self.timeout_after.as_ref().and_then(|(marker, limit)| {
-                let seen = lock(&console)
-                    .marks
-                    .iter()
-                    .find(|(m, _)| m == marker)
-                    .and_then(|(_, t)| *t)?;
-                Some(start + seen + *limit)
-            });
-            let overall = start + self.timeout;
-            after_marker.map_or(overall, |t| t.min(overall))
-        };
+        // Limits count the time QEMU was not waiting for a CPU (see run_clock): a guest
+        // that is only slow on a loaded host is not killed, one that hangs still is.
+        let mut clock = RunClock::new(child.id());
+        let after = self
+            .timeout_after
+            .as_ref()
+            .map(|(marker, limit)| (marker.as_str(), *limit));
+        let mut marker_seen_at: Option<Duration> = None;
         let status = loop {
             match child.try_wait() {
                 Ok(Some(status)) => break Some(status),
-                Ok(None) if Instant::now() >= deadline() => break None,
-                Ok(None) => std::thread::sleep(Duration::from_millis(5)),
+                Ok(None) => {
+                    let ran = clock.elapsed();
+                    if let Some((marker, _)) = after {
+                        if marker_seen_at.is_none() && lock(&console).seen(marker) {
+                            marker_seen_at = Some(ran);
+                        }
+                    }
+                    let past_marker_limit = match (after, marker_seen_at) {
+                        (Some((_, limit)), Some(at)) => ran >= at + limit,
+                        _ => false,
+                    };
+                    if ran >= self.timeout || past_marker_limit {
+                        break None;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
                 Err(e) => {
                     let _ = child.kill();
                     let _ = child.wait();
@@ -226,7 +238,9 @@ impl TcgVm {
         let text = state.text();
         match status {
             None => Err(Error::new(format!(
-                "QEMU guest timed out after {elapsed:?} and was killed; console so far:\n{text}\nQEMU stderr:\n{}",
+                "QEMU guest timed out after {:?} of run time ({elapsed:?} wall clock, of which {:?} waiting for a CPU) and was killed; console so far:\n{text}\nQEMU stderr:\n{}",
+                elapsed.saturating_sub(clock.starved()),
+                clock.starved(),
                 stderr.trim()
             ))),
             Some(status) if !status.success() => Err(Error::new(format!(
@@ -276,6 +290,10 @@ impl ConsoleState {
                 *seen = Some(now);
             }
         }
+    }
+
+    fn seen(&self, marker: &str) -> bool {
+        self.marks.iter().any(|(m, t)| m == marker && t.is_some())
     }
 
     fn text(&self) -> String {

@@ -11,5 +11,6 @@ pub mod network;
 pub mod runtime;
 pub mod save;
 pub mod server;
+pub mod snapshot;
 pub mod store;
 pub mod volume;

@@ -25,6 +25,7 @@ pub const DEFINITION_BODY: usize = 1024 * 1024;
 pub fn body_limit(method: &str, seg: &[&str]) -> usize {
     match (method, seg) {
         ("POST", ["v1", "domains"])
+        | ("POST", ["v1", "domains", _, "snapshots"])
         | ("POST", ["v1", "networks"])
         | ("POST", ["v1", "pools", "default", "cloud-init"]) => DEFINITION_BODY,
         _ => ACTION_BODY,
@@ -188,7 +189,7 @@ pub fn route(req: &Request, mgr: &Manager) -> Result<Reply, ApiError> {
         }
         ("GET", ["v1", "domains", name]) => Ok(json(200, &mgr.domain(name)?)),
         ("DELETE", ["v1", "domains", name]) => {
-            mgr.undefine(name)?;
+            mgr.undefine_opts(name, flag(req, "snapshots_metadata"))?;
             Ok(Reply::Empty)
         }
         ("GET", ["v1", "domains", name, "xml"]) => {
@@ -228,6 +229,9 @@ pub fn route(req: &Request, mgr: &Manager) -> Result<Reply, ApiError> {
             let r: VcpusRequest = body(req)?;
             let domain = mgr.update_config(name, r.config, |d| d.vcpus = r.vcpus)?;
             Ok(json(200, &DomainResponse { domain }))
+        }
+        (_, ["v1", "domains", _, "snapshots" | "snapshot-current", ..]) => {
+            crate::snapshot::api::route(req, mgr, &seg)
         }
         ("GET", ["v1", "domains", name, "job"]) => Ok(json(200, &mgr.job_info(name)?)),
         ("DELETE", ["v1", "domains", name, "job"]) => Ok(json(200, &mgr.abort_job(name)?)),

@@ -33,6 +33,19 @@ const MIGRATIONS: &[&str] = &[
         active INTEGER NOT NULL DEFAULT 0
     );
     CREATE TABLE IF NOT EXISTS network_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
+    // v3: domain snapshots (crate::snapshot): one row per snapshot (its metadata as JSON), and
+    // per domain the current snapshot and the image files snapshots made (theirs to delete).
+    "CREATE TABLE snapshots (
+        domain TEXT NOT NULL,
+        name TEXT NOT NULL,
+        meta TEXT NOT NULL,
+        PRIMARY KEY (domain, name)
+    );
+    CREATE TABLE snapshot_domains (
+        domain TEXT PRIMARY KEY,
+        current TEXT,
+        owned TEXT NOT NULL DEFAULT '[]'
+    );",
 ];
 
 /// One stored domain.

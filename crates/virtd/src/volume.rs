@@ -43,11 +43,21 @@ pub fn create(pool: &Path, req: &VolumeCreateRequest) -> Result<VolumeInfo, ApiE
         ));
     }
     create_image(&path, &req.format, req.capacity_bytes)?;
+    // The image's own virtual size (sizes are rounded up to whole sectors), not the request.
+    let capacity_bytes = ferrovirt_disk::info(&path, false)
+        .ok()
+        .and_then(|i| i.first().map(|i| i.virtual_size))
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::StorageError,
+                format!("cannot read back the size of {}", path.display()),
+            )
+        })?;
     Ok(VolumeInfo {
         name: req.name.clone(),
         path: path.to_string_lossy().into_owned(),
         format: req.format.clone(),
-        capacity_bytes: req.capacity_bytes,
+        capacity_bytes,
     })
 }
 

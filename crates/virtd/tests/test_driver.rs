@@ -461,4 +461,25 @@ fn volumes_are_created_thin_in_the_default_pool() {
     assert_eq!(code(c.create_volume(&req)), ErrorCode::StorageError);
     c.delete_volume("big.qcow2").unwrap();
     assert!(!std::path::Path::new(&vol.path).exists());
+    // Sizes that are not whole sectors: the capacity reported is the image's, as
+    // qemu-img info reads it, not the number asked for.
+    for (name, format, asked) in [
+        ("odd.qcow2", "qcow2", 1000u64),
+        ("odd.raw", "raw", (1 << 30) + 1),
+    ] {
+        let req = ferrovirt_api::msg::VolumeCreateRequest {
+            name: name.into(),
+            capacity_bytes: asked,
+            format: format.into(),
+        };
+        let vol = c.create_volume(&req).unwrap();
+        let out = std::process::Command::new("qemu-img")
+            .args(["info", "--output=json", "-f", format, &vol.path])
+            .output_within(TOOL_TIMEOUT)
+            .expect("qemu-img (qemu-utils) is needed");
+        let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(info["virtual-size"], vol.capacity_bytes, "{name}");
+        assert_eq!(vol.capacity_bytes, asked.div_ceil(512) * 512, "{name}");
+        c.delete_volume(name).unwrap();
+    }
 }

@@ -362,6 +362,44 @@ impl Qcow2 {
         })
     }
 
+    /// Before a resize: QEMU refuses it while a bitmap cannot follow the new size (one
+    /// left in use by a crash, or of a kind not loaded).
+    pub(super) fn bitmaps_allow_resize(&self, new_size: u64) -> Result<(), DiskError> {
+        let st = self.bitmap_state();
+        if let Some(e) = st.kept.first() {
+            return Err(DiskError::InvalidArgument(if e.in_use() {
+                format!(
+                    "Bitmap '{}' is inconsistent and cannot be used\nTry block-dirty-bitmap-remove to delete this bitmap from disk",
+                    e.name
+                )
+            } else {
+                "Cannot resize qcow2 with persistent bitmaps that are not loaded".into()
+            }));
+        }
+        for l in &st.live {
+            if bit_count(new_size, l.granularity_bits).div_ceil(8) > MAX_BITMAP_BYTES {
+                return Err(DiskError::InvalidArgument(format!(
+                    "bitmap '{}' would be too large for the new size; remove it or use a coarser granularity",
+                    l.name
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// After a resize: every loaded bitmap covers the new size (new bits clean).
+    pub(super) fn resize_bitmaps(&self, new_size: u64) {
+        let mut st = self.bitmap_state();
+        if st.live.is_empty() {
+            return;
+        }
+        for l in st.live.iter_mut() {
+            let words = bit_count(new_size, l.granularity_bits).div_ceil(64) as usize;
+            l.bits.resize(words, 0);
+        }
+        st.needs_store = true;
+    }
+
     /// Writes the bitmaps back and clears their in-use flags (at close).
     pub(crate) fn store_bitmaps(&self) -> Result<(), DiskError> {
         if self.read_only || !self.bitmap_state().needs_store {

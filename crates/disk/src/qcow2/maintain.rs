@@ -39,6 +39,7 @@ impl Qcow2 {
     /// Grows the virtual size (the L1 table moves if it must).
     pub fn grow(&self, new_size: u64) -> Result<(), DiskError> {
         self.check_writable()?;
+        self.bitmaps_allow_resize(new_size)?;
         let _g = self.gate.write().unwrap_or_else(|p| p.into_inner());
         let mut meta = self.lock();
         let entries = Header::l1_entries_for(new_size, self.cluster_bits);
@@ -50,9 +51,11 @@ impl Qcow2 {
         self.file.write_at(&new_size.to_be_bytes(), 24)?;
         self.file.sync()?;
         meta.header.size = new_size;
+        drop(meta);
+        // Bitmaps cover the new size before any write can reach it.
+        self.resize_bitmaps(new_size);
         self.size
             .store(new_size, std::sync::atomic::Ordering::Release);
-        drop(meta);
         Ok(())
     }
 

@@ -1,6 +1,7 @@
 //! qcow2 images: read/write with copy-on-write from a backing image, zero clusters,
 //! discard, compressed-cluster reads, and the block-status walk used by map/convert.
 
+mod amend;
 mod bitmap_ops;
 pub mod bitmaps;
 pub mod header;

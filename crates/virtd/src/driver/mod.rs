@@ -101,4 +101,70 @@ pub trait Driver: Send + Sync {
             _ => Ok(()),
         }
     }
+
+    // Snapshots of running VMs (crate::snapshot). Shut-off domains need no driver: their
+    // images are changed with the disk library. A driver without these answers not_supported.
+
+    /// Snapshot the running VM's disks atomically (external overlays are already created),
+    /// after saving its memory into `memory` (a qcow2 image; internal snapshot `tag`) when
+    /// given. The VM is paused while memory and disks are taken and continues if it ran.
+    fn snapshot_live(
+        &self,
+        vm: &VmRef,
+        disks: &[LiveDiskSnapshot],
+        memory: Option<(&Path, &str)>,
+    ) -> Result<(), ApiError> {
+        let _ = (disks, memory);
+        Err(live_snapshots_unsupported(vm))
+    }
+
+    /// Start the VM paused, its memory and devices loaded from `memory` (internal snapshot `tag`).
+    fn start_from_memory(&self, ctx: VmCtx, memory: &Path, tag: &str) -> Result<Started, ApiError> {
+        let _ = (memory, tag);
+        Err(ApiError::not_supported(format!(
+            "domain '{}': reverting to a snapshot with memory is not supported by this driver yet",
+            ctx.def.name
+        )))
+    }
+
+    /// Merge image `top` of the running VM's disk whose active image is `active` into its
+    /// backing file `base`; afterwards `base` takes `top`'s place in the chain.
+    fn commit_live(
+        &self,
+        vm: &VmRef,
+        active: &Path,
+        top: &Path,
+        base: &Path,
+    ) -> Result<(), ApiError> {
+        let _ = (active, top, base);
+        Err(live_snapshots_unsupported(vm))
+    }
+
+    /// Delete the internal snapshot `name` of `image`, the active image of a running disk.
+    fn delete_internal_live(&self, vm: &VmRef, image: &Path, name: &str) -> Result<(), ApiError> {
+        let _ = (image, name);
+        Err(live_snapshots_unsupported(vm))
+    }
+}
+
+/// One disk of a live snapshot; the VM's disk is the one whose active image is `current`.
+#[derive(Debug, Clone)]
+pub struct LiveDiskSnapshot {
+    pub current: PathBuf,
+    pub kind: LiveDiskKind,
+}
+
+#[derive(Debug, Clone)]
+pub enum LiveDiskKind {
+    /// Switch the disk to this overlay (created, backed by `current`).
+    External { overlay: PathBuf },
+    /// An internal snapshot of `current` with this name.
+    Internal { name: String },
+}
+
+fn live_snapshots_unsupported(vm: &VmRef) -> ApiError {
+    ApiError::not_supported(format!(
+        "domain '{}': snapshots of a running VM are not supported by this driver yet (the qemu driver has them; shut the domain off for a disk snapshot)",
+        vm.def.name
+    ))
 }

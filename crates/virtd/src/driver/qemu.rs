@@ -13,7 +13,7 @@ use ferrovirt_api::{Action, ApiError, DomainDef};
 use serde_json::Value;
 
 use super::qmp::Qmp;
-use super::{Driver, ExitNotifier, Progress, Started, VmCtx, VmRef};
+use super::{Driver, ExitNotifier, LiveDiskSnapshot, Progress, Started, VmCtx, VmRef};
 use crate::console::ConsoleHub;
 use crate::deadline::Deadline;
 use crate::runtime::{
@@ -21,6 +21,7 @@ use crate::runtime::{
 };
 
 mod save;
+mod snapshot;
 
 pub struct QemuDriver {
     pub binary: PathBuf,
@@ -400,5 +401,34 @@ impl Driver for QemuDriver {
     fn reset(&self, vm: &VmRef) -> Result<(), ApiError> {
         self.command(vm.vm_dir, "system_reset", None, vm.deadline)
             .map(|_| ())
+    }
+
+    // Snapshots: see qemu/snapshot.rs.
+
+    fn snapshot_live(
+        &self,
+        vm: &VmRef,
+        disks: &[LiveDiskSnapshot],
+        memory: Option<(&Path, &str)>,
+    ) -> Result<(), ApiError> {
+        self.snapshot_running(vm, disks, memory)
+    }
+
+    fn start_from_memory(&self, ctx: VmCtx, memory: &Path, tag: &str) -> Result<Started, ApiError> {
+        self.start_loading(ctx, memory, tag)
+    }
+
+    fn commit_live(
+        &self,
+        vm: &VmRef,
+        active: &Path,
+        top: &Path,
+        base: &Path,
+    ) -> Result<(), ApiError> {
+        self.commit_running(vm, active, top, base)
+    }
+
+    fn delete_internal_live(&self, vm: &VmRef, image: &Path, name: &str) -> Result<(), ApiError> {
+        self.delete_internal_running(vm, image, name)
     }
 }

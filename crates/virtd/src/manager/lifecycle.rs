@@ -32,6 +32,9 @@ pub(super) enum Launch<'a> {
         saved: &'a mut SaveFile,
         paused: bool,
     },
+    /// Boot the stored definition through a feature's own driver call (a snapshot revert
+    /// starts the VM loading its memory); recorded running, from snapshot.
+    Feature(super::feature_jobs::Launch<'a>),
 }
 
 impl Launch<'_> {
@@ -41,6 +44,7 @@ impl Launch<'_> {
             Launch::Boot(reason) => (DomainState::Running, *reason),
             Launch::Restore { paused: false, .. } => (DomainState::Running, StateReason::Restored),
             Launch::Restore { paused: true, .. } => (DomainState::Paused, StateReason::User),
+            Launch::Feature(_) => (DomainState::Running, StateReason::FromSnapshot),
         }
     }
 }
@@ -345,7 +349,7 @@ impl Manager {
             let mut inner = self.lock();
             let dom = Self::get(&inner, name)?;
             let (mut def, engine) = match &how {
-                Launch::Boot(_) => {
+                Launch::Boot(_) | Launch::Feature(_) => {
                     let def = dom.stored.def.clone();
                     let engine = self.engine(&def);
                     (def, engine)
@@ -405,6 +409,7 @@ impl Manager {
         );
         let started = match &mut how {
             Launch::Boot(_) => driver.start(ctx),
+            Launch::Feature(start) => start(&*driver, ctx),
             Launch::Restore { saved, .. } => {
                 let progress = super::save::progress(job, "restoring memory and device state");
                 driver.restore(ctx, &mut saved.file, saved.payload_len, &progress)

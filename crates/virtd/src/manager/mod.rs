@@ -9,6 +9,7 @@
 
 mod commit;
 mod exits;
+mod feature_jobs;
 pub mod jobs;
 mod lifecycle;
 mod recover;
@@ -38,6 +39,7 @@ use crate::runtime::{new_mac, new_uuid, ExitKind, Paths, Runtime};
 use crate::store::{Store, StoredDomain};
 use crate::volume;
 use commit::Transient;
+pub use feature_jobs::DomainCopy;
 use jobs::Job;
 
 /// How long driver calls and waits may take.
@@ -144,6 +146,8 @@ pub struct Manager {
     pub networks: Arc<Networks>,
     /// Serializes volume creation and deletion (not the domains: creating an image can be slow).
     volumes: Mutex<()>,
+    /// Domain snapshots' metadata (crate::snapshot).
+    pub(crate) snapshots: crate::snapshot::Snapshots,
     me: Weak<Manager>,
 }
 
@@ -166,6 +170,7 @@ impl Manager {
         let loaded = store.load_all()?;
         let next_id = store.peek_next_id().map_err(|e| e.message)?;
         let networks = Networks::open(&paths)?;
+        let snapshots = crate::snapshot::Snapshots::open(&paths)?;
         // Networks first: reattached and autostarted domains need their bridges.
         let taps = |d: &StoredDomain| {
             (0..d.def.interfaces.len())
@@ -207,6 +212,7 @@ impl Manager {
             allow_remote_vnc,
             networks,
             volumes: Mutex::new(()),
+            snapshots,
             me: me.clone(),
         });
         mgr.recover();
@@ -495,8 +501,15 @@ impl Manager {
     }
 
     pub fn undefine(&self, name: &str) -> Result<(), ApiError> {
+        self.undefine_opts(name, false)
+    }
+
+    /// undefine; a domain with snapshots needs `snapshots_metadata` (virsh --snapshots-metadata),
+    /// which deletes their metadata (their images and files stay).
+    pub fn undefine_opts(&self, name: &str, snapshots_metadata: bool) -> Result<(), ApiError> {
         let mut inner = self.lock();
         let name = Self::resolve(&inner, name)?;
+        self.snapshots.check_undefine(&name, snapshots_metadata)?;
         let dom = Self::get(&inner, &name)?;
         if !dom.stored.persistent {
             return Err(ApiError::wrong_state(format!(
@@ -514,6 +527,9 @@ impl Manager {
         } else {
             inner.store.delete(&name)?;
             inner.doms.remove(&name);
+        }
+        if snapshots_metadata {
+            self.snapshots.forget_domain(&name)?;
         }
         self.events.emit(&name, EventKind::Undefined, "removed");
         Ok(())
