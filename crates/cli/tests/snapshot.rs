@@ -803,3 +803,76 @@ fn a_revert_while_another_job_runs_is_refused() {
     assert_eq!(e.ok(&["snapshot-list", "b", "--name"]), "s\n\n");
     assert_eq!(e.c.get("b").unwrap().pid.unwrap().to_string(), pid);
 }
+
+/// The listing, editing and bookkeeping verbs on a shut-off domain: snapshot-create from XML,
+/// snapshot-list --parent/--current, snapshot-current, snapshot-edit, snapshot-delete
+/// --children / --metadata, --no-metadata.
+#[test]
+fn listing_editing_and_deleting_subtrees_work_like_virsh() {
+    let e = Env::start();
+    let disk = e.disk("v.qcow2", "qcow2");
+    e.define("v", &[&disk]);
+    let xml = e.dir.join("s.xml");
+    std::fs::write(
+        &xml,
+        "<domainsnapshot><name>root</name><description>from XML</description>\
+         <disks><disk name='vda' snapshot='internal'/></disks></domainsnapshot>",
+    )
+    .unwrap();
+    assert_eq!(
+        e.ok(&["snapshot-create", "v", &s(&xml)]),
+        format!("Domain snapshot root created from '{}'\n\n", xml.display())
+    );
+    e.ok(&["snapshot-create-as", "v", "a"]);
+    e.ok(&["snapshot-create-as", "v", "a2"]);
+    revert(&e, "v", "root");
+    e.ok(&["snapshot-create-as", "v", "b"]);
+    let list = e.ok(&["snapshot-list", "v", "--parent"]);
+    let rows: Vec<Vec<&str>> = list
+        .lines()
+        .skip(2)
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            vec![w[0], w[w.len() - 1]]
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            vec!["root", "shutoff"],
+            vec!["a", "root"],
+            vec!["a2", "a"],
+            vec!["b", "root"]
+        ],
+        "{list}"
+    );
+    assert!(e.ok(&["snapshot-list", "v", "--current"]).contains(" b "));
+    assert_eq!(e.ok(&["snapshot-current", "v", "--name"]), "b\n\n");
+    e.ok(&["snapshot-current", "v", "a"]);
+    assert_eq!(e.ok(&["snapshot-current", "v", "--name"]), "a\n\n");
+    e.ok(&["snapshot-edit", "v", "root", "--description", "the base"]);
+    assert!(e
+        .ok(&["snapshot-dumpxml", "v", "root"])
+        .contains("<description>the base</description>"));
+    let err = e.fails(&["snapshot-parent", "v", "root"]);
+    assert!(err.contains("has no parent"), "{err}");
+
+    // --children-only keeps a, --children takes b's subtree, --metadata keeps the files.
+    e.ok(&["snapshot-delete", "v", "a", "--children-only"]);
+    assert_eq!(e.ok(&["snapshot-list", "v", "--name"]), "root\na\nb\n\n");
+    e.ok(&["snapshot-delete", "v", "root", "--children"]);
+    assert_eq!(e.ok(&["snapshot-list", "v", "--name"]), "\n");
+    let err = e.fails(&["snapshot-current", "v"]);
+    assert!(err.contains("has no current snapshot"), "{err}");
+    e.check_images();
+    e.ok(&["snapshot-create-as", "v", "keep"]);
+    let overlay = disk_path(&e.c, "v");
+    e.ok(&["snapshot-delete", "v", "keep", "--metadata"]);
+    assert!(overlay.exists() && disk_path(&e.c, "v") == overlay);
+    // --no-metadata: the overlay is made and used, no snapshot is recorded.
+    e.ok(&["snapshot-create-as", "v", "ghost", "--no-metadata"]);
+    assert_eq!(e.ok(&["snapshot-list", "v", "--name"]), "\n");
+    assert_ne!(disk_path(&e.c, "v"), overlay);
+    e.ok(&["undefine", "v"]);
+}

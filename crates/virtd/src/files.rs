@@ -75,6 +75,36 @@ pub fn make_private(path: &Path) -> io::Result<()> {
     }
 }
 
+/// Drop the group and other bits of every folder and regular file under `dir` (and of `dir`):
+/// what an older version created 0755/0644 (console logs, volumes, seeds, VM run folders)
+/// becomes 0700/0600. Symlinks are not followed; sockets and the like are left alone (they
+/// sit in folders nobody else can enter).
+pub fn tighten_tree(dir: &Path) -> io::Result<()> {
+    /// Deeper than anything the daemon creates; a bound on the walk all the same.
+    const MAX_DEPTH: usize = 16;
+    fn walk(path: &Path, depth: usize) -> io::Result<()> {
+        let meta = match fs::symlink_metadata(path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            other => other?,
+        };
+        let kind = meta.file_type();
+        if !(kind.is_dir() || kind.is_file()) {
+            return Ok(());
+        }
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & 0o077 != 0 {
+            fs::set_permissions(path, Permissions::from_mode(mode & 0o700))?;
+        }
+        if kind.is_dir() && depth < MAX_DEPTH {
+            for entry in fs::read_dir(path)? {
+                walk(&entry?.path(), depth + 1)?;
+            }
+        }
+        Ok(())
+    }
+    walk(dir, 0)
+}
+
 /// `path` with `.` and `..` resolved lexically (for a path that does not exist).
 fn normalize(path: &Path) -> std::path::PathBuf {
     use std::path::Component;
@@ -152,6 +182,61 @@ mod tests {
         append_private(&log).unwrap();
         assert_eq!(mode(&log), 0o600);
         make_private(&open.join("absent")).unwrap();
+        let _ = fs::remove_dir_all(&base);
+    }
+
+    #[test]
+    fn a_tree_left_open_by_an_older_version_is_tightened_without_following_links() {
+        let base = std::env::temp_dir().join(format!("ferrovirt-tree-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&base);
+        let outside = base.join("outside");
+        let state = base.join("state");
+        fs::create_dir_all(state.join("logs/deep/er")).unwrap();
+        fs::create_dir_all(&outside).unwrap();
+        let files = [
+            state.join("logs/vm.log"),
+            state.join("logs/deep/er/seed.iso"),
+        ];
+        for f in &files {
+            fs::write(f, "guest data").unwrap();
+            fs::set_permissions(f, Permissions::from_mode(0o644)).unwrap();
+        }
+        let exe = state.join("logs/hook");
+        fs::write(&exe, "#!/bin/sh").unwrap();
+        fs::set_permissions(&exe, Permissions::from_mode(0o755)).unwrap();
+        for d in [
+            &state,
+            &state.join("logs"),
+            &state.join("logs/deep"),
+            &outside,
+        ] {
+            fs::set_permissions(d, Permissions::from_mode(0o755)).unwrap();
+        }
+        let target = outside.join("not-ours");
+        fs::write(&target, "x").unwrap();
+        fs::set_permissions(&target, Permissions::from_mode(0o644)).unwrap();
+        std::os::unix::fs::symlink(&outside, state.join("link-to-dir")).unwrap();
+        std::os::unix::fs::symlink(&target, state.join("link-to-file")).unwrap();
+
+        tighten_tree(&state).unwrap();
+        for d in [&state, &state.join("logs"), &state.join("logs/deep/er")] {
+            assert_eq!(mode(d), 0o700, "{}", d.display());
+        }
+        for f in &files {
+            assert_eq!(mode(f), 0o600, "{}", f.display());
+        }
+        assert_eq!(mode(&exe), 0o700);
+        assert_eq!(
+            mode(&outside),
+            0o755,
+            "a symlinked folder is not ours to change"
+        );
+        assert_eq!(
+            mode(&target),
+            0o644,
+            "a symlinked file is not ours to change"
+        );
+        tighten_tree(&base.join("absent")).unwrap();
         let _ = fs::remove_dir_all(&base);
     }
 }

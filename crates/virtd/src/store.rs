@@ -61,6 +61,9 @@ pub struct StoredDomain {
 
 pub struct Store {
     conn: Connection,
+    /// Called at the start of every write (tests: what holds which lock while the store writes).
+    #[cfg(test)]
+    pub(crate) on_write: Option<Box<dyn Fn() + Send>>,
 }
 
 pub(crate) fn db_err(e: rusqlite::Error) -> ApiError {
@@ -122,6 +125,8 @@ impl Store {
     pub fn open(path: &Path) -> Result<Store, String> {
         Ok(Store {
             conn: connect(path)?,
+            #[cfg(test)]
+            on_write: None,
         })
     }
 
@@ -166,6 +171,7 @@ impl Store {
 
     /// Insert or replace a domain row.
     pub fn put(&self, d: &StoredDomain) -> Result<(), ApiError> {
+        self.writing();
         let def = serde_json::to_string(&d.def).map_err(|e| ApiError::internal(e.to_string()))?;
         let runtime = d
             .runtime
@@ -193,11 +199,22 @@ impl Store {
     }
 
     pub fn delete(&self, name: &str) -> Result<(), ApiError> {
+        self.writing();
         self.conn
             .execute("DELETE FROM domains WHERE name = ?1", params![name])
             .map_err(db_err)?;
         Ok(())
     }
+
+    #[cfg(test)]
+    fn writing(&self) {
+        if let Some(hook) = &self.on_write {
+            hook();
+        }
+    }
+
+    #[cfg(not(test))]
+    fn writing(&self) {}
 
     /// The id the next started domain gets (virsh's Id column); persisted by [`Store::put_started`]
     /// so ids are not reused after a restart.

@@ -95,10 +95,31 @@ fn an_older_state_dir_left_world_readable_is_tightened_at_start() {
     }
     let db = state.join("ferrovirt.db");
     std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
+    // Files and folders as a version without a umask made them: world-readable.
+    let vm_dir = d.run_dir().join("vms/old");
+    std::fs::create_dir_all(&vm_dir).unwrap();
+    let old_files = [
+        state.join("logs/old.log"),
+        state.join("images/old.qcow2"),
+        state.join("images/old-cidata.iso"),
+        vm_dir.join("launch.json"),
+    ];
+    for f in &old_files {
+        std::fs::write(f, "guest data").unwrap();
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    std::fs::set_permissions(&vm_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     d.spawn();
     assert_eq!(mode(&state), 0o700);
     assert_eq!(mode(&state.join("images")), 0o700);
+    assert_eq!(mode(&vm_dir), 0o700);
     assert_eq!(mode(&db), 0o600);
+    for f in &old_files {
+        assert_eq!(mode(f), 0o600, "{}", f.display());
+    }
+    // The run folder keeps the mode that lets the socket's group reach the socket.
+    assert_eq!(mode(&d.run_dir()), 0o710);
+    assert_eq!(mode(&d.socket()), 0o660);
 }
 
 /// A test domain with VNC graphics in the three input formats.

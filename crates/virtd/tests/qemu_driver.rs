@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -16,19 +16,48 @@ use ferrovirt_api::DomainOp;
 use ferrovirt_api::{DomainState, StateReason};
 use ferrovirt_testkit::{RunWithin, TOOL_TIMEOUT};
 
-/// The same over a WebSocket (`GET .../console`, binary messages), as a browser would do it.
-fn websocket_console_roundtrip(d: &Daemon, name: &str, command: &str, expect: &str) {
+/// A stream whose read timeout can be set (the Unix socket and TCP).
+trait Timeout {
+    fn read_timeout(&self, t: Duration);
+}
+impl Timeout for std::os::unix::net::UnixStream {
+    fn read_timeout(&self, t: Duration) {
+        self.set_read_timeout(Some(t)).unwrap();
+    }
+}
+impl Timeout for std::net::TcpStream {
+    fn read_timeout(&self, t: Duration) {
+        self.set_read_timeout(Some(t)).unwrap();
+    }
+}
+
+/// The same over a WebSocket (`GET .../console`, binary messages), as a browser would do it:
+/// on the Unix socket, or on TCP with the token as a subprotocol (browsers cannot set headers).
+fn websocket_console_roundtrip<S: Read + Write + Timeout>(
+    stream: S,
+    protocols: Option<&str>,
+    name: &str,
+    command: &str,
+    expect: &str,
+) {
     use tungstenite::client::IntoClientRequest;
     use tungstenite::Message;
-    let stream = std::os::unix::net::UnixStream::connect(d.socket()).unwrap();
-    let req = format!("ws://localhost/v1/domains/{name}/console")
+    let mut req = format!("ws://localhost/v1/domains/{name}/console")
         .into_client_request()
         .unwrap();
+    if let Some(p) = protocols {
+        req.headers_mut()
+            .insert("sec-websocket-protocol", p.parse().unwrap());
+    }
+    stream.read_timeout(Duration::from_secs(30));
     let (mut ws, resp) = tungstenite::client(req, stream).expect("WebSocket handshake");
     assert_eq!(resp.status(), 101);
-    ws.get_ref()
-        .set_read_timeout(Some(Duration::from_millis(500)))
-        .unwrap();
+    let chosen = resp.headers().get("sec-websocket-protocol");
+    match protocols {
+        Some(_) => assert_eq!(chosen.unwrap(), "ferrovirt.console"),
+        None => assert!(chosen.is_none(), "{chosen:?}"),
+    }
+    ws.get_ref().read_timeout(Duration::from_millis(500));
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut seen = String::new();
     let mut last_send = Instant::now() - Duration::from_secs(10);
@@ -56,9 +85,30 @@ fn websocket_console_roundtrip(d: &Daemon, name: &str, command: &str, expect: &s
     let _ = ws.close(None);
 }
 
+/// What a WebSocket handshake on TCP offering these subprotocols (and no Authorization) gets.
+fn tcp_websocket_status(addr: &str, name: &str, protocols: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        s,
+        "GET /v1/domains/{name}/console HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: {protocols}\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = [0u8; 4096];
+    let n = s.read(&mut answer).unwrap();
+    String::from_utf8_lossy(&answer[..n]).into_owned()
+}
+
 #[test]
 fn boots_a_guest_with_console_log_and_live_console_then_destroys_it() {
-    let d = Daemon::start();
+    let token = common::token_file(0o600);
+    let d = Daemon::start_with(&[
+        "--listen-tcp",
+        "127.0.0.1:0",
+        "--token-file",
+        token.to_str().unwrap(),
+    ]);
+    let addr = common::tcp_addr(&d);
     let c = d.client();
     c.define(&qemu_def("tiny", "", ""), DefFormat::Toml, false)
         .unwrap();
@@ -70,7 +120,33 @@ fn boots_a_guest_with_console_log_and_live_console_then_destroys_it() {
     wait_booted(&d, "tiny");
     eprintln!("guest reached init {:?} after start", started.elapsed());
     console_roundtrip(&c, "tiny", "echo answer-$((6*7))", "answer-42");
-    websocket_console_roundtrip(&d, "tiny", "echo ws-answer-$((6*7))", "ws-answer-42");
+    let unix = std::os::unix::net::UnixStream::connect(d.socket()).unwrap();
+    websocket_console_roundtrip(
+        unix,
+        None,
+        "tiny",
+        "echo ws-answer-$((6*7))",
+        "ws-answer-42",
+    );
+    // On TCP as a browser does it: the token in a subprotocol, ours chosen in the answer.
+    let bearer = format!(
+        "ferrovirt.bearer.{}",
+        data_encoding::BASE64URL_NOPAD.encode(common::TOKEN.as_bytes())
+    );
+    let offered = format!("ferrovirt.console, {bearer}");
+    let tcp = std::net::TcpStream::connect(&addr).unwrap();
+    let cmd = "echo tcp-ws-answer-$((6*7))";
+    websocket_console_roundtrip(tcp, Some(&offered), "tiny", cmd, "tcp-ws-answer-42");
+    for refused in [
+        "ferrovirt.console",
+        "ferrovirt.console, ferrovirt.bearer.d3Jvbmc",
+    ] {
+        let answer = tcp_websocket_status(&addr, "tiny", refused);
+        assert!(answer.starts_with("HTTP/1.1 401"), "{refused}: {answer}");
+    }
+    let answer = tcp_websocket_status(&addr, "tiny", &bearer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("ferrovirt.console"), "{answer}");
     // The console log caught the live session too.
     wait_for("console log of the session", Duration::from_secs(5), || {
         console_log(&d, "tiny").contains("answer-42")
@@ -88,6 +164,7 @@ fn boots_a_guest_with_console_log_and_live_console_then_destroys_it() {
         (DomainState::Shutoff, StateReason::Destroyed)
     );
     assert!(!pid_alive(pid), "qemu {pid} still runs after destroy");
+    let _ = std::fs::remove_file(token);
 }
 
 #[test]

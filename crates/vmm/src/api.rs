@@ -383,7 +383,7 @@ fn route(machine: &Arc<Machine>, method: &Method, path: &str, body: &[u8]) -> Re
             Reply::no_content()
         }
         "/vm/resume" => {
-            machine.vcpus.resume();
+            machine.resume();
             Reply::no_content()
         }
         "/vm/power-button" => {

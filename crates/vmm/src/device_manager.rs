@@ -57,6 +57,13 @@ impl Devices {
         self.pci.event_loop.resume();
     }
 
+    /// One round of announcing every NIC's MAC on its network (see `announce`).
+    pub fn announce(&self) {
+        for (_, d) in &self.pci.virtio {
+            lock(d).announce();
+        }
+    }
+
     pub fn save(&self) -> DevicesState {
         DevicesState {
             serial: lock(&self.serial).save(),

@@ -4,6 +4,7 @@
 //! the console, and returns the exit status when the VM stops.
 
 pub mod acpi;
+pub mod announce;
 pub mod api;
 pub mod boot;
 pub mod config;
@@ -41,7 +42,9 @@ use ferrovmm_api::{ExitReason, ExitRecord};
 /// Runs the VM to its end; returns the process exit status.
 pub fn run(config: &LaunchConfig) -> Result<i32> {
     config::validate(config)?;
-    run_machine(config, vm::Origin::Boot, true)
+    // A booted machine's vCPUs start running; resuming them again here would undo a
+    // `PUT /vm/pause` that came in as soon as the API socket appeared.
+    run_machine(config, vm::Origin::Boot, false)
 }
 
 /// Builds the machine (booted or restored), serves the API and the console until
@@ -82,7 +85,7 @@ pub fn serve_machine(config: &LaunchConfig, started: Started, resume: bool) -> R
         console_listener,
     } = started;
     if resume {
-        machine.vcpus.resume();
+        machine.resume();
     }
     let stdin = config.serial == config::SerialMode::Stdio;
     let reason = console::EventLoop::new(&machine, stdin, console_listener)?.run();

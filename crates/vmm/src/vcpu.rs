@@ -225,6 +225,12 @@ impl Vcpu {
                 return;
             }
             pause.checkpoint(&mut self);
+            // A VM stopped while paused must not enter the guest again: the vCPU leaves
+            // its checkpoint because of the stop, and one more KVM_RUN would run guest code
+            // past its saved state (a serial byte the restored VM then prints again).
+            if self.lifecycle.is_stopping() {
+                return;
+            }
             let flow = self.run_once();
             if let Flow::Stop(reason) = flow {
                 self.lifecycle.request_stop(reason);

@@ -47,6 +47,8 @@ pub struct Machine {
     pub devices: Devices,
     /// The live migration of this VM, if one was asked for.
     pub migration: crate::migration::Tracker,
+    /// Set for a restored or migrated machine: its first resume announces its NICs.
+    pub announce: crate::announce::Pending,
 }
 
 /// Opens /dev/kvm and checks it is usable.
@@ -129,6 +131,20 @@ pub enum MemorySource {
 }
 
 impl Machine {
+    /// Runs the vCPUs again; the first resume of a restored or migrated machine also
+    /// tells the network where its NICs are now.
+    pub fn resume(self: &Arc<Self>) {
+        self.vcpus.resume();
+        if self.announce.take() {
+            let machine = Arc::downgrade(self);
+            crate::announce::start(move || {
+                if let Some(m) = machine.upgrade() {
+                    m.devices.announce();
+                }
+            });
+        }
+    }
+
     /// The state of a paused machine. The caller holds device I/O (`devices.pause_io`)
     /// so that devices and RAM do not move while it and the memory are saved.
     pub fn save_state(&self) -> std::result::Result<MachineState, String> {
@@ -350,5 +366,6 @@ pub fn build(args: &LaunchConfig, origin: Origin) -> Result<Machine> {
         config: args.clone(),
         devices,
         migration: crate::migration::Tracker::default(),
+        announce: crate::announce::Pending::new(paused),
     })
 }

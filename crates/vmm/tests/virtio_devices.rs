@@ -7,6 +7,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::netns::{in_new_netns, ip, open_tap};
 use common::vdriver::{
     Driver, DATA_BASE, STATUS_NEEDS_RESET, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
 };
@@ -413,54 +414,6 @@ fn block_devices_work_as_disks() {
         file[8192..12288].iter().all(|b| *b == 0x42),
         "written through to the backing file"
     );
-}
-
-/// Runs `f` on a thread inside a fresh network namespace (the host's networking is untouched).
-fn in_new_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    std::thread::spawn(move || {
-        // SAFETY: unshare only changes this thread's network namespace.
-        assert_eq!(
-            unsafe { libc::unshare(libc::CLONE_NEWNET) },
-            0,
-            "unshare(CLONE_NEWNET) needs root"
-        );
-        f()
-    })
-    .join()
-    .unwrap()
-}
-
-fn ip(args: &str) {
-    let st = std::process::Command::new("ip")
-        .args(args.split(' '))
-        .status_within(TOOL_TIMEOUT)
-        .expect("ip (iproute2)");
-    assert!(st.success(), "ip {args}");
-}
-
-/// Opens a TAP with a virtio-net header, as a management daemon would before passing it on.
-fn open_tap(name: &str) -> i32 {
-    #[repr(C)]
-    struct IfReq {
-        name: [u8; 16],
-        flags: i16,
-        _pad: [u8; 22],
-    }
-    // SAFETY: open(2) on a constant NUL-terminated path.
-    let fd = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR) };
-    assert!(fd >= 0, "/dev/net/tun");
-    let mut req = IfReq {
-        name: [0; 16],
-        flags: 0x0002 | 0x1000 | 0x4000,
-        _pad: [0; 22],
-    };
-    req.name[..name.len()].copy_from_slice(name.as_bytes());
-    assert_eq!(
-        unsafe { libc::ioctl(fd, 0x4004_54ca, &mut req) },
-        0,
-        "TUNSETIFF"
-    );
-    fd
 }
 
 fn tap_rx_packets(name: &str) -> u64 {

@@ -1,7 +1,7 @@
 //! `check`: recount every reference and compare with the stored refcounts; repair.
 
 use crate::chain::{open_chain_with, ChainOpts};
-use crate::qcow2::meta::{be_u64s, Mapping, L1_OFFSET_MASK, RT_OFFSET_MASK};
+use crate::qcow2::meta::{be_u64s, Mapping, COPIED, L1_OFFSET_MASK, RT_OFFSET_MASK, ZERO};
 use crate::qcow2::refs::{count_l2_trees, l2_multiplicity, Refs};
 use crate::qcow2::snapshot::encode_table;
 use crate::qcow2::Qcow2;
@@ -81,12 +81,27 @@ pub fn check(path: &Path, repair: Option<Repair>) -> Result<CheckReport, DiskErr
             path.display()
         )));
     };
-    let (mut report, mismatches) = check_qcow2(q, path)?;
+    let (mut report, mut found) = check_qcow2(q, path)?;
     if let Some(mode) = repair {
-        let (leaks, corruptions) = repair_refcounts(q, mismatches, mode)?;
+        let mut fixed = Vec::new();
+        let mut corruptions = 0;
+        if mode == Repair::All && !found.entries.is_empty() {
+            // References that cannot be right go first; the refcounts follow them.
+            corruptions += repair_entries(q, &found.entries, &mut fixed)?;
+            found = check_qcow2(q, path)?.1;
+        }
+        let (leaks, c) = repair_refcounts(q, found.mismatches, mode)?;
+        corruptions += c;
+        if mode == Repair::All {
+            // OFLAG_COPIED against the repaired refcounts, as QEMU does after them.
+            let (_, again) = check_qcow2(q, path)?;
+            corruptions += repair_flags(q, &again.flags, &mut fixed)?;
+        }
         let (mut after, _) = check_qcow2(q, path)?;
         after.leaks_fixed = leaks;
         after.corruptions_fixed = corruptions;
+        fixed.append(&mut after.messages);
+        after.messages = fixed;
         after
             .messages
             .splice(0..0, std::mem::take(&mut report.messages));
@@ -101,7 +116,32 @@ pub fn check(path: &Path, repair: Option<Repair>) -> Result<CheckReport, DiskErr
 /// Refcount mismatches to repair: (cluster, on-disk refcount, references).
 type Mismatches = Vec<(u64, u64, u64)>;
 
-fn check_qcow2(q: &Qcow2, path: &Path) -> Result<(CheckReport, Mismatches), DiskError> {
+/// An L1 or L2 entry whose OFLAG_COPIED disagrees with its cluster's refcount.
+struct FlagFix {
+    /// File offset of the entry.
+    at: u64,
+    entry: u64,
+    want_copied: bool,
+    refcount: u64,
+    /// Set for L1 entries (L2 tables).
+    l1_index: Option<usize>,
+}
+
+/// A table entry rewritten by `-r all` (a reference that cannot be right).
+struct EntryFix {
+    at: u64,
+    new: u64,
+    l1_index: Option<usize>,
+    what: String,
+}
+
+struct Findings {
+    mismatches: Mismatches,
+    flags: Vec<FlagFix>,
+    entries: Vec<EntryFix>,
+}
+
+fn check_qcow2(q: &Qcow2, path: &Path) -> Result<(CheckReport, Findings), DiskError> {
     let f = q.file();
     let mut meta = q.lock();
     let h = meta.header.clone();
@@ -160,19 +200,82 @@ fn check_qcow2(q: &Qcow2, path: &Path) -> Result<(CheckReport, Mismatches), Disk
         inc(&mut r, off / cs, 1, "refcount block");
     }
     // Guest mappings, plus the OFLAG_COPIED expectations to verify afterwards.
-    let mut copied_checks: Vec<(u64, bool, String)> = Vec::new();
+    // (cluster, entry, where the entry is in the file, L1 index for L2 tables)
+    let mut copied_checks: Vec<(u64, u64, u64, Option<usize>)> = Vec::new();
     let mut last_host = None;
     let mut seen_l2 = std::collections::HashSet::new();
+    // Clusters no L2 table or data cluster may be: header, tables, refcount blocks.
+    let mut metadata = std::collections::HashSet::new();
+    metadata.insert(0u64);
+    metadata.extend(h.l1_table_offset / cs..h.l1_table_offset / cs + l1_clusters);
+    metadata.extend(
+        h.refcount_table_offset / cs
+            ..h.refcount_table_offset / cs + h.refcount_table_clusters as u64,
+    );
+    for &e in meta.refcount_table() {
+        if e & RT_OFFSET_MASK != 0 {
+            metadata.insert((e & RT_OFFSET_MASK) / cs);
+        }
+    }
+    for sn in &meta.snapshots {
+        let first = sn.l1_table_offset / cs;
+        metadata.extend(first..first + (sn.l1_size as u64 * 8).div_ceil(cs));
+    }
+    let l2_tables: std::collections::HashSet<u64> = meta
+        .l1
+        .iter()
+        .map(|e| (e & L1_OFFSET_MASK) / cs)
+        .filter(|&c| c != 0)
+        .collect();
+    let mut entries = Vec::new();
+    let zero_entry = if h.version >= 3 { ZERO } else { 0 };
     for (i, &l1e) in meta.l1.clone().iter().enumerate() {
         let l2_off = l1e & L1_OFFSET_MASK;
+        let at = h.l1_table_offset + i as u64 * 8;
+        let drop_l1 = |r: &mut CheckReport, entries: &mut Vec<EntryFix>, why: &str| {
+            r.corruptions += 1;
+            r.messages
+                .push(format!("ERROR L1 entry {i} ({l1e:#x}): {why}"));
+            entries.push(EntryFix {
+                at,
+                new: 0,
+                l1_index: Some(i),
+                what: format!("L1 entry {i} ({l1e:#x}): {why}; dropped"),
+            });
+        };
         if l2_off == 0 {
+            if l1e != 0 {
+                // Flags without a table: reads see no L2 table (as in QEMU's read path).
+                drop_l1(&mut r, &mut entries, "flags set but no L2 table");
+            }
             continue;
         }
-        if !l2_off.is_multiple_of(cs) || l2_off >= file_len {
+        if l1e & !(L1_OFFSET_MASK | COPIED) != 0 {
             r.corruptions += 1;
             r.messages.push(format!(
-                "ERROR L2 table {i} at offset {l2_off:#x} is unaligned or past the end of the file"
+                "ERROR L1 entry {i} ({l1e:#x}) has reserved bits set"
             ));
+            entries.push(EntryFix {
+                at,
+                new: l1e & (L1_OFFSET_MASK | COPIED),
+                l1_index: Some(i),
+                what: format!("L1 entry {i} ({l1e:#x}): reserved bits cleared"),
+            });
+        }
+        if !l2_off.is_multiple_of(cs) || l2_off >= file_len {
+            drop_l1(
+                &mut r,
+                &mut entries,
+                "L2 table unaligned or past the end of the file",
+            );
+            continue;
+        }
+        if metadata.contains(&(l2_off / cs)) {
+            drop_l1(
+                &mut r,
+                &mut entries,
+                "the L2 table would be the image's own metadata",
+            );
             continue;
         }
         inc(&mut r, l2_off / cs, 1, "L2 table");
@@ -181,11 +284,7 @@ fn check_qcow2(q: &Qcow2, path: &Path) -> Result<(CheckReport, Mismatches), Disk
             // again would only multiply the work a hostile image can cause.
             continue;
         }
-        copied_checks.push((
-            l2_off / cs,
-            l1e & crate::qcow2::meta::COPIED != 0,
-            format!("L1 entry {i}"),
-        ));
+        copied_checks.push((l2_off / cs, l1e, h.l1_table_offset + i as u64 * 8, Some(i)));
         let mut bytes = vec![0u8; cs as usize];
         f.read_at(&mut bytes, l2_off)?;
         for (j, e) in bytes.chunks_exact(8).enumerate() {
@@ -193,6 +292,24 @@ fn check_qcow2(q: &Qcow2, path: &Path) -> Result<(CheckReport, Mismatches), Disk
             let guest = i as u64 * geo.l2_entries + j as u64;
             let m = Mapping::decode(e, &geo);
             match m {
+                Mapping::Data { host, .. } | Mapping::Zero { host: Some(host) }
+                    if host >= file_len
+                        || metadata.contains(&(host / cs))
+                        || l2_tables.contains(&(host / cs)) =>
+                {
+                    r.corruptions += 1;
+                    r.messages.push(format!(
+                        "ERROR cluster {guest}: offset {host:#x} is past the end of the file or metadata"
+                    ));
+                    entries.push(EntryFix {
+                        at: l2_off + j as u64 * 8,
+                        new: zero_entry,
+                        l1_index: None,
+                        what: format!(
+                            "L2 entry of guest cluster {guest} ({e:#x}): past the end of the file or metadata; reads zeros now"
+                        ),
+                    });
+                }
                 Mapping::Data { host, .. } | Mapping::Zero { host: Some(host) } => {
                     if host % cs != 0 {
                         r.corruptions += 1;
@@ -202,12 +319,7 @@ fn check_qcow2(q: &Qcow2, path: &Path) -> Result<(CheckReport, Mismatches), Disk
                         continue;
                     }
                     inc(&mut r, host / cs, 1, "data cluster");
-                    let copied = e & crate::qcow2::meta::COPIED != 0;
-                    copied_checks.push((
-                        host / cs,
-                        copied,
-                        format!("L2 entry of guest cluster {guest}"),
-                    ));
+                    copied_checks.push((host / cs, e, l2_off + j as u64 * 8, None));
                     if let Mapping::Data { .. } = m {
                         if guest < r.total_clusters {
                             r.allocated_clusters += 1;
@@ -329,16 +441,38 @@ fn check_qcow2(q: &Qcow2, path: &Path) -> Result<(CheckReport, Mismatches), Disk
             mismatches.push((c, rc, refs_c));
         }
     }
-    for (c, copied, what) in copied_checks {
+    let mut flags = Vec::new();
+    for (c, entry, at, l1_index) in copied_checks {
         let rc = meta.refcount(f, c).unwrap_or(0);
-        if (rc == 1) != copied {
-            r.corruptions += 1;
-            r.messages
-                .push(format!("ERROR OFLAG_COPIED in {what}: refcount={rc}"));
+        let copied = entry & COPIED != 0;
+        // As QEMU: a refcount of 0 is a refcount error, not a flag error.
+        if rc == 0 || (rc == 1) == copied {
+            continue;
         }
+        r.corruptions += 1;
+        r.messages.push(match l1_index {
+            Some(i) => format!(
+                "ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={entry:x} refcount={rc}"
+            ),
+            None => format!("ERROR OFLAG_COPIED data cluster: l2_entry={entry:x} refcount={rc}"),
+        });
+        flags.push(FlagFix {
+            at,
+            entry,
+            want_copied: rc == 1,
+            refcount: rc,
+            l1_index,
+        });
     }
     r.image_end_offset = end_cluster * cs;
-    Ok((r, mismatches))
+    Ok((
+        r,
+        Findings {
+            mismatches,
+            flags,
+            entries,
+        },
+    ))
 }
 
 fn repair_refcounts(
@@ -367,4 +501,55 @@ fn repair_refcounts(
     f.sync()?;
     meta.drop_caches();
     Ok((leaks, corr))
+}
+
+/// Sets or clears OFLAG_COPIED in the entries that disagree with their refcounts.
+fn repair_flags(q: &Qcow2, fixes: &[FlagFix], msgs: &mut Vec<String>) -> Result<u64, DiskError> {
+    if fixes.is_empty() {
+        return Ok(0);
+    }
+    let f = q.file();
+    let mut meta = q.lock();
+    for fx in fixes {
+        let new = if fx.want_copied {
+            fx.entry | COPIED
+        } else {
+            fx.entry & !COPIED
+        };
+        f.write_at(&new.to_be_bytes(), fx.at)?;
+        msgs.push(match fx.l1_index {
+            Some(i) => {
+                if let Some(e) = meta.l1.get_mut(i) {
+                    *e = new;
+                }
+                format!(
+                    "Repairing OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={:x} refcount={}",
+                    fx.entry, fx.refcount
+                )
+            }
+            None => format!(
+                "Repairing OFLAG_COPIED data cluster: l2_entry={:x} refcount={}",
+                fx.entry, fx.refcount
+            ),
+        });
+    }
+    f.sync()?;
+    meta.drop_caches();
+    Ok(fixes.len() as u64)
+}
+
+/// Rewrites the entries `check` found pointing where no reference may point.
+fn repair_entries(q: &Qcow2, fixes: &[EntryFix], msgs: &mut Vec<String>) -> Result<u64, DiskError> {
+    let f = q.file();
+    let mut meta = q.lock();
+    for fx in fixes {
+        f.write_at(&fx.new.to_be_bytes(), fx.at)?;
+        if let Some(e) = fx.l1_index.and_then(|i| meta.l1.get_mut(i)) {
+            *e = fx.new;
+        }
+        msgs.push(format!("Repairing {}", fx.what));
+    }
+    f.sync()?;
+    meta.drop_caches();
+    Ok(fixes.len() as u64)
 }

@@ -102,28 +102,72 @@ pub fn commit(path: &Path) -> Result<(), DiskError> {
         grow_image(base, top.size())?;
     }
     let size = top.size();
-    let mut buf = vec![0u8; 1 << 20];
+    // The map first (metadata only), then the data runs copied by a few threads, so
+    // that reading the overlay and writing the base overlap as in qemu-img.
+    let mut data = Vec::new();
     let mut pos = 0;
     while pos < size {
         let (st, n) = top.layer_status(pos, size - pos)?;
-        let n = if matches!(st, LayerStatus::Data { .. }) {
-            n.min(buf.len() as u64)
-        } else {
-            n
-        };
         match st {
             LayerStatus::Unallocated => {}
             LayerStatus::Zero => base.write_zeroes(pos, n, false)?,
             LayerStatus::Data { .. } => {
-                let b = &mut buf[..n as usize];
-                top.read_at(b, pos)?;
-                base.write_at(b, pos)?;
+                let mut p = pos;
+                while p < pos + n {
+                    let k = (pos + n - p).min(COPY_CHUNK);
+                    data.push((p, k));
+                    p += k;
+                }
             }
         }
         pos += n;
     }
+    copy_runs(&top, base, &data)?;
     base.flush()?;
     q.make_empty()
+}
+
+const COPY_CHUNK: u64 = 1 << 20;
+const COPY_THREADS: usize = 4;
+
+/// Copies the (offset, length) runs from `src` to `dst` with a few threads.
+fn copy_runs(src: &Arc<Image>, dst: &Arc<Image>, runs: &[(u64, u64)]) -> Result<(), DiskError> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|sc| {
+        let workers: Vec<_> = (0..COPY_THREADS.min(runs.len()))
+            .map(|_| {
+                sc.spawn(|| -> Result<(), DiskError> {
+                    let mut buf = crate::file::AlignedBuf::zeroed(COPY_CHUNK as usize);
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(&(pos, n)) = runs.get(i) else {
+                            return Ok(());
+                        };
+                        if failed.load(std::sync::atomic::Ordering::Relaxed) {
+                            return Ok(());
+                        }
+                        let b = &mut buf[..n as usize];
+                        let r = src.read_at(b, pos).and_then(|()| dst.write_at(b, pos));
+                        if r.is_err() {
+                            failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                            return r;
+                        }
+                    }
+                })
+            })
+            .collect();
+        let mut result = Ok(());
+        for w in workers {
+            let r = w.join().unwrap_or_else(|_| {
+                Err(DiskError::InvalidArgument("a copy thread panicked".into()))
+            });
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        result
+    })
 }
 
 fn grow_image(img: &Image, new_size: u64) -> Result<(), DiskError> {

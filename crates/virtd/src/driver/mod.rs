@@ -122,8 +122,9 @@ pub trait Driver: Send + Sync {
     fn start_from_memory(&self, ctx: VmCtx, memory: &Path, tag: &str) -> Result<Started, ApiError> {
         let _ = (memory, tag);
         Err(ApiError::not_supported(format!(
-            "domain '{}': reverting to a snapshot with memory is not supported by this driver yet",
-            ctx.def.name
+            "domain '{}': reverting to a snapshot with memory is not supported by the {} driver yet (the qemu driver has it)",
+            ctx.def.name,
+            ctx.def.virt_type.map(|t| t.as_str()).unwrap_or("this")
         )))
     }
 
@@ -163,8 +164,13 @@ pub enum LiveDiskKind {
 }
 
 fn live_snapshots_unsupported(vm: &VmRef) -> ApiError {
+    let driver = vm
+        .runtime
+        .engine
+        .map(|e| e.driver().as_str())
+        .unwrap_or("this");
     ApiError::not_supported(format!(
-        "domain '{}': snapshots of a running VM are not supported by this driver yet (the qemu driver has them; shut the domain off for a disk snapshot)",
+        "domain '{}': snapshots of a running VM are not supported by the {driver} driver yet (the qemu driver has them); shut the domain off for a disk snapshot",
         vm.def.name
     ))
 }

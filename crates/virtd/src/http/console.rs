@@ -8,7 +8,7 @@ use bytes::Bytes;
 use ferrovirt_api::{ApiError, ErrorCode};
 use futures_util::{SinkExt, StreamExt};
 use hyper::body::Incoming;
-use hyper::header::{HeaderMap, HeaderValue, CONNECTION, UPGRADE};
+use hyper::header::{HeaderMap, HeaderValue, CONNECTION, SEC_WEBSOCKET_PROTOCOL, UPGRADE};
 use hyper::{Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -18,6 +18,7 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
+use super::auth::{offered_protocols, CONSOLE_PROTOCOL};
 use super::listen::Shared;
 use super::service::{closing, empty, error, Body};
 use crate::console::Attached;
@@ -147,6 +148,14 @@ pub async fn websocket(
         return bad_upgrade("the WebSocket handshake needs Sec-WebSocket-Key");
     };
     let accept = derive_accept_key(key.as_bytes());
+    // A client that offers subprotocols (a browser passing the token in one) must get one of
+    // them back, or it drops the connection: ours, never the token.
+    let offered = offered_protocols(h).count() > 0;
+    if offered && !offered_protocols(h).any(|p| p == CONSOLE_PROTOCOL) {
+        return bad_upgrade(&format!(
+            "the console's WebSocket subprotocol is `{CONSOLE_PROTOCOL}`: offer it (with `ferrovirt.bearer.BASE64URL_TOKEN` on TCP)"
+        ));
+    }
     let attached = match attach(shared, name, replay).await {
         Ok(a) => a,
         Err(e) => return refused(&e),
@@ -170,6 +179,12 @@ pub async fn websocket(
     h.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
     if let Ok(v) = HeaderValue::from_str(&accept) {
         h.insert("sec-websocket-accept", v);
+    }
+    if offered {
+        h.insert(
+            SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(CONSOLE_PROTOCOL),
+        );
     }
     resp
 }

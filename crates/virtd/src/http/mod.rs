@@ -3,6 +3,7 @@
 //! count, body size per route, and the time to send headers and body; a panic while answering a
 //! request becomes a 500 for that request only.
 
+mod auth;
 mod console;
 mod events;
 pub mod listen;

@@ -15,7 +15,7 @@ use futures_util::FutureExt;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full, LengthLimitError, Limited};
 use hyper::body::{Body as _, Incoming};
-use hyper::header::{HeaderValue, AUTHORIZATION, CONNECTION, CONTENT_TYPE};
+use hyper::header::{HeaderValue, CONNECTION, CONTENT_TYPE};
 use hyper::{Response, StatusCode};
 use tokio::sync::OwnedSemaphorePermit;
 
@@ -80,14 +80,10 @@ async fn answer(
     permit: Arc<OwnedSemaphorePermit>,
 ) -> Response<Body> {
     if let Some(auth) = auth {
-        let given = req
-            .headers()
-            .get(AUTHORIZATION)
-            .and_then(|v| v.to_str().ok());
-        if !server::token_matches(given, &auth.token) {
+        if !super::auth::authorized(req.headers(), &auth.token) {
             return closing(error(&ApiError::new(
                 ErrorCode::Unauthorized,
-                "missing or wrong bearer token (set FERROVIRT_TOKEN)",
+                "missing or wrong bearer token (set FERROVIRT_TOKEN; a browser's WebSocket passes it as the subprotocol ferrovirt.bearer.BASE64URL_TOKEN)",
             )));
         }
     }

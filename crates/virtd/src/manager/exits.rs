@@ -138,14 +138,18 @@ impl Manager {
         state: DomainState,
         reason: StateReason,
     ) {
-        let mut inner = self.lock();
+        let mut writer = self.writer();
         let change = commit::stopped(state, reason);
-        if let Err(e) = inner.commit(name, keep, change) {
+        let committed = writer.commit_and(name, keep, change, |inner| {
+            Self::stopped_in_memory(inner, name)
+        });
+        if let Err(e) = committed {
             eprintln!("ferrovirtd: cannot record that domain '{name}' stopped: {e}");
+            let mut inner = self.lock();
             if let Some(d) = inner.doms.get_mut(name) {
                 change(&mut d.stored);
             }
+            Self::stopped_in_memory(&mut inner, name);
         }
-        Self::stopped_in_memory(&mut inner, name);
     }
 }

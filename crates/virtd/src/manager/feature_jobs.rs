@@ -112,9 +112,9 @@ impl Manager {
         job: &JobHandle,
         def: DomainDef,
     ) -> Result<(), ApiError> {
-        let mut inner = self.lock();
-        Self::settle(&mut inner, name, job);
-        inner.commit(name, Transient::Keep, |s| s.def = def)
+        let mut writer = self.writer();
+        Self::settle(&mut self.lock(), name, job);
+        writer.commit(name, Transient::Keep, |s| s.def = def)
     }
 
     /// Record the VM's state (paused, running) after a feature job changed it.
@@ -125,10 +125,10 @@ impl Manager {
         state: DomainState,
         reason: StateReason,
     ) -> Result<(), ApiError> {
-        let mut inner = self.lock();
-        Self::settle(&mut inner, name, job);
-        inner.commit(name, Transient::Keep, commit::state(state, reason))?;
-        drop(inner);
+        let mut writer = self.writer();
+        Self::settle(&mut self.lock(), name, job);
+        writer.commit(name, Transient::Keep, commit::state(state, reason))?;
+        drop(writer);
         let kind = match state {
             DomainState::Paused => EventKind::Suspended,
             _ => EventKind::Resumed,
@@ -147,15 +147,15 @@ impl Manager {
         let vm_dir = self.paths.vm_dir(&dom.name);
         dom.driver.destroy(&dom.vm(&vm_dir, deadline))?;
         self.networks.unplug(&dom.def);
-        let mut inner = self.lock();
-        Self::settle(&mut inner, &dom.name, job);
-        inner.commit(
+        let mut writer = self.writer();
+        Self::settle(&mut self.lock(), &dom.name, job);
+        writer.commit_and(
             &dom.name,
             Transient::Keep,
             commit::stopped(DomainState::Shutoff, StateReason::FromSnapshot),
+            |inner| Self::stopped_in_memory(inner, &dom.name),
         )?;
-        Self::stopped_in_memory(&mut inner, &dom.name);
-        drop(inner);
+        drop(writer);
         self.events.emit(
             &dom.name,
             EventKind::Stopped,

@@ -199,6 +199,8 @@ impl Manager {
         loop {
             let mut next = None;
             {
+                // Forgetting a transient domain deletes its row: writer lock first.
+                let mut writer = self.writer();
                 let mut inner = self.lock();
                 let mut forget = false;
                 if let Some(dom) = inner.doms.get_mut(name) {
@@ -219,11 +221,14 @@ impl Manager {
                 }
                 if forget {
                     inner.doms.remove(name);
-                    if let Err(e) = inner.store.delete(name) {
+                }
+                self.job_ended.notify_all();
+                drop(inner);
+                if forget {
+                    if let Err(e) = writer.delete_row(name) {
                         eprintln!("ferrovirtd: cannot forget transient domain '{name}': {e}");
                     }
                 }
-                self.job_ended.notify_all();
             }
             match next {
                 Some((h, kind)) => {

@@ -274,24 +274,26 @@ impl Manager {
             }
             DomainOp::Suspend => {
                 snap.driver.suspend(&vm)?;
-                let mut inner = self.lock();
-                Self::settle(&mut inner, name, job);
-                inner.commit(
+                let mut writer = self.writer();
+                Self::settle(&mut self.lock(), name, job);
+                writer.commit(
                     name,
                     Transient::Keep,
                     commit::state(DomainState::Paused, StateReason::User),
                 )?;
+                drop(writer);
                 self.events.emit(name, EventKind::Suspended, "paused");
             }
             DomainOp::Resume => {
                 snap.driver.resume(&vm)?;
-                let mut inner = self.lock();
-                Self::settle(&mut inner, name, job);
-                inner.commit(
+                let mut writer = self.writer();
+                Self::settle(&mut self.lock(), name, job);
+                writer.commit(
                     name,
                     Transient::Keep,
                     commit::state(DomainState::Running, StateReason::Unpaused),
                 )?;
+                drop(writer);
                 self.events.emit(name, EventKind::Resumed, "unpaused");
             }
         }
@@ -308,15 +310,15 @@ impl Manager {
         reason: StateReason,
     ) -> Result<(), ApiError> {
         self.networks.unplug(def);
-        let mut inner = self.lock();
-        Self::settle(&mut inner, name, job);
-        inner.commit(
+        let mut writer = self.writer();
+        Self::settle(&mut self.lock(), name, job);
+        writer.commit_and(
             name,
             Transient::Forget,
             commit::stopped(DomainState::Shutoff, reason),
+            |inner| Self::stopped_in_memory(inner, name),
         )?;
-        Self::stopped_in_memory(&mut inner, name);
-        drop(inner);
+        drop(writer);
         self.events.emit(name, EventKind::Stopped, reason.as_str());
         Ok(())
     }
@@ -461,28 +463,35 @@ impl Manager {
             return Err(undo(e));
         }
         step(3, "recording");
-        let mut inner = self.lock();
-        if !Self::settle(&mut inner, name, job) {
-            drop(inner);
+        let mut writer = self.writer();
+        if !Self::settle(&mut self.lock(), name, job) {
+            drop(writer);
             return Err(undo(deadline.timeout("the VM started too late")));
         }
         let record = runtime.clone();
-        if let Err(e) = inner.commit_started(name, id, |s| {
-            s.state = state;
-            s.reason = reason;
-            s.runtime = Some(record);
-        }) {
+        let committed = writer.commit_started(
+            name,
+            id,
+            |s| {
+                s.state = state;
+                s.reason = reason;
+                s.runtime = Some(record);
+            },
+            // With the record: an exit report of the new generation must find it running.
+            |inner| {
+                if let Some(d) = inner.doms.get_mut(name) {
+                    d.generation = generation;
+                    d.pending_reboot = false;
+                    d.killed = false;
+                    d.console = console;
+                }
+            },
+        );
+        drop(writer);
+        if let Err(e) = committed {
             // Not recorded means not started: take the VM down again rather than lose track of it.
-            drop(inner);
             return Err(undo(e));
         }
-        if let Some(d) = inner.doms.get_mut(name) {
-            d.generation = generation;
-            d.pending_reboot = false;
-            d.killed = false;
-            d.console = console;
-        }
-        drop(inner);
         self.events.emit(name, EventKind::Started, reason.as_str());
         if state == DomainState::Paused {
             self.events

@@ -1,9 +1,10 @@
 //! The domain manager: object model, lifecycle rules and persistence. Every change is written to
 //! the store before the caller gets an answer; an error leaves store and memory unchanged.
 //!
-//! One lock guards the domain table and the store, and it is never held across a driver call:
+//! One lock guards the domain table, and it is never held across a driver call or a store write:
 //! an operation takes the domain's job ([`jobs`]), copies out what the driver needs, releases
-//! the lock, calls the driver under a deadline, then re-locks and commits ([`commit`]).
+//! the lock, calls the driver under a deadline, then commits ([`commit`]: the store has a lock
+//! of its own, taken before the table's).
 //! Lifecycle operations are in [`lifecycle`], VM exits in [`exits`], daemon start in [`recover`],
 //! save and restore in [`save`].
 
@@ -123,7 +124,6 @@ impl Dom {
 }
 
 struct Inner {
-    store: Store,
     doms: BTreeMap<String, Dom>,
     /// The id the next start uses; handed out under the lock, so parallel starts never share one.
     next_id: u32,
@@ -131,6 +131,8 @@ struct Inner {
 
 pub struct Manager {
     inner: Mutex<Inner>,
+    /// The state database; its lock is the writer lock (see [`commit`]).
+    store: Mutex<Store>,
     /// Signalled whenever a job ends (for operations waiting for a busy domain).
     job_ended: Condvar,
     pub events: EventBus,
@@ -164,6 +166,17 @@ impl Manager {
         ] {
             files::private_dir(dir)?;
         }
+        // What older versions left inside them 0644/0755 (logs, volumes, seeds, VM folders).
+        for dir in [&paths.state_dir, &paths.run_dir.join("vms")] {
+            // Not fatal: a file that cannot be changed (read-only mount) must not keep the
+            // daemon from starting.
+            if let Err(e) = files::tighten_tree(dir) {
+                eprintln!(
+                    "ferrovirtd: cannot make everything under {} private: {e}",
+                    dir.display()
+                );
+            }
+        }
         files::dir_with_mode(&paths.run_dir, files::SOCKET_DIR_MODE)
             .map_err(|e| format!("cannot create {}: {e}", paths.run_dir.display()))?;
         let store = Store::open(&paths.db())?;
@@ -196,11 +209,8 @@ impl Manager {
             .map(|s| (s.def.name.clone(), Dom::new(s)))
             .collect();
         let mgr = Arc::new_cyclic(|me| Manager {
-            inner: Mutex::new(Inner {
-                store,
-                doms,
-                next_id,
-            }),
+            inner: Mutex::new(Inner { doms, next_id }),
+            store: Mutex::new(store),
             job_ended: Condvar::new(),
             events: EventBus::default(),
             paths,
@@ -429,6 +439,7 @@ impl Manager {
                 nic.mac = Some(new_mac());
             }
         }
+        let mut writer = self.writer();
         let mut inner = self.lock();
         if let Some(uuid) = &def.uuid {
             if let Some(other) = inner
@@ -464,9 +475,11 @@ impl Manager {
                 let domain = self.info(&Dom::new(stored));
                 return Ok(DefineResponse { domain, warnings });
             }
-            inner.commit(&name, Transient::Keep, |s| s.def = def)?;
+            drop(inner);
+            writer.commit(&name, Transient::Keep, |s| s.def = def)?;
+            drop(writer);
             self.events.emit(&name, EventKind::Defined, "updated");
-            let domain = self.info(Self::get(&inner, &name)?);
+            let domain = self.domain(&name)?;
             return Ok(DefineResponse { domain, warnings });
         }
         if def.uuid.is_none() {
@@ -488,15 +501,18 @@ impl Manager {
             });
         }
         if transient {
-            // Nothing is stored unless the VM actually starts; a failed start forgets it.
+            // Nothing is stored unless the VM actually starts; a failed start forgets it. The
+            // start commits from its job's thread: it needs the writer lock.
+            drop(writer);
             inner.doms.insert(name.clone(), Dom::new(stored));
             let domain = self.create(inner, &name)?;
             return Ok(DefineResponse { domain, warnings });
         }
-        inner.store.put(&stored)?;
-        inner.doms.insert(name.clone(), Dom::new(stored));
+        drop(inner);
+        writer.add(stored)?;
+        drop(writer);
         self.events.emit(&name, EventKind::Defined, "added");
-        let domain = self.info(Self::get(&inner, &name)?);
+        let domain = self.domain(&name)?;
         Ok(DefineResponse { domain, warnings })
     }
 
@@ -507,7 +523,8 @@ impl Manager {
     /// undefine; a domain with snapshots needs `snapshots_metadata` (virsh --snapshots-metadata),
     /// which deletes their metadata (their images and files stay).
     pub fn undefine_opts(&self, name: &str, snapshots_metadata: bool) -> Result<(), ApiError> {
-        let mut inner = self.lock();
+        let mut writer = self.writer();
+        let inner = self.lock();
         let name = Self::resolve(&inner, name)?;
         self.snapshots.check_undefine(&name, snapshots_metadata)?;
         let dom = Self::get(&inner, &name)?;
@@ -518,16 +535,18 @@ impl Manager {
         }
         Self::refuse_if_busy(dom)?;
         self.refuse_if_managed_save(&name)?;
-        if dom.stored.state.is_active() {
+        let active = dom.stored.state.is_active();
+        drop(inner);
+        if active {
             // Like libvirt: a running domain becomes transient and disappears when it stops.
-            inner.commit(&name, Transient::Keep, |s| {
+            writer.commit(&name, Transient::Keep, |s| {
                 s.persistent = false;
                 s.autostart = false;
             })?;
         } else {
-            inner.store.delete(&name)?;
-            inner.doms.remove(&name);
+            writer.remove(&name)?;
         }
+        drop(writer);
         if snapshots_metadata {
             self.snapshots.forget_domain(&name)?;
         }
@@ -536,7 +555,8 @@ impl Manager {
     }
 
     pub fn set_autostart(&self, name: &str, autostart: bool) -> Result<DomainInfo, ApiError> {
-        let mut inner = self.lock();
+        let mut writer = self.writer();
+        let inner = self.lock();
         let name = Self::resolve(&inner, name)?;
         let dom = Self::get(&inner, &name)?;
         if !dom.stored.persistent {
@@ -544,9 +564,11 @@ impl Manager {
                 "domain '{name}' is transient: autostart needs a defined domain"
             )));
         }
+        drop(inner);
         // Allowed during a job: a job's commit changes only what it owns, on the current record.
-        inner.commit(&name, Transient::Keep, |s| s.autostart = autostart)?;
-        Ok(self.info(Self::get(&inner, &name)?))
+        writer.commit(&name, Transient::Keep, |s| s.autostart = autostart)?;
+        drop(writer);
+        self.domain(&name)
     }
 
     /// setmem / setvcpus: change the persistent definition (applies at the next start).
@@ -556,7 +578,8 @@ impl Manager {
         config: bool,
         change: impl FnOnce(&mut DomainDef),
     ) -> Result<DomainInfo, ApiError> {
-        let mut inner = self.lock();
+        let mut writer = self.writer();
+        let inner = self.lock();
         let name = Self::resolve(&inner, name)?;
         let dom = Self::get(&inner, &name)?;
         if dom.stored.state.is_active() && !config {
@@ -573,8 +596,10 @@ impl Manager {
         let mut def = dom.stored.def.clone();
         change(&mut def);
         def.validate()?;
-        inner.commit(&name, Transient::Keep, |s| s.def = def)?;
-        Ok(self.info(Self::get(&inner, &name)?))
+        drop(inner);
+        writer.commit(&name, Transient::Keep, |s| s.def = def)?;
+        drop(writer);
+        self.domain(&name)
     }
 
     pub fn display(&self, name: &str) -> Result<DisplayInfo, ApiError> {

@@ -199,6 +199,9 @@ impl Manager {
         driver.check(&def)?;
         self.check_policy(&def)?;
         self.networks.check_interfaces(&def, false)?;
+        // The writer lock (then the table's) from the checks to the new domain's insertion, so
+        // no define of the same name comes in between (as define does it).
+        let writer = self.writer();
         let mut inner = self.lock();
         let existing = Self::get(&inner, &name)
             .ok()
@@ -244,7 +247,9 @@ impl Manager {
                 );
             }
         }
-        let (inner, name, job) = self.take_job(inner, &name, RESTORE, Duration::ZERO)?;
+        let taken = self.take_job(inner, &name, RESTORE, Duration::ZERO);
+        drop(writer);
+        let (inner, name, job) = taken?;
         let state = Self::get(&inner, &name)?.stored.state;
         drop(inner);
         if state.is_active() {
@@ -474,7 +479,7 @@ impl Manager {
         state: DomainState,
         reason: StateReason,
     ) -> Result<(), ApiError> {
-        self.lock()
+        self.writer()
             .commit(name, Transient::Keep, commit::state(state, reason))
     }
 

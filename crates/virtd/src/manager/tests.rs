@@ -526,3 +526,52 @@ fn a_wait_longer_than_the_cap_ends_with_the_busy_error() {
     f.fake.release("reset");
     reset.join().unwrap().unwrap();
 }
+
+#[test]
+fn store_writes_never_hold_the_domain_table_lock() {
+    let f = fixture(Limits::default());
+    // At every write: could a `list` take the table's lock right now?
+    let seen = Arc::new(Mutex::new(Vec::<bool>::new()));
+    {
+        let mgr = Arc::downgrade(&f.mgr);
+        let seen = seen.clone();
+        f.mgr.store.lock().unwrap().on_write = Some(Box::new(move || {
+            let free = mgr.upgrade().is_some_and(|m| m.inner.try_lock().is_ok());
+            seen.lock().unwrap().push(free);
+        }));
+    }
+    define(&f, "w");
+    f.mgr.set_autostart("w", true).unwrap();
+    f.mgr
+        .update_config("w", true, |d| d.memory_kib = 219_100)
+        .unwrap();
+    for op in [
+        DomainOp::Start,
+        DomainOp::Suspend,
+        DomainOp::Resume,
+        DomainOp::Destroy,
+        DomainOp::Start,
+    ] {
+        f.mgr.action("w", op, None).unwrap();
+    }
+    // The VM ends by itself (poweroff): recorded by the exit job.
+    f.mgr
+        .vm_exited("w", generation(&f.mgr, "w"), ExitKind::Poweroff);
+    assert_eq!(state(&f.mgr, "w").0, DomainState::Shutoff);
+    f.mgr.undefine("w").unwrap();
+    // A transient domain: stored when it starts, deleted when it is destroyed.
+    let kernel = f.dir.join("kernel");
+    let mut def = DomainDef::new("t");
+    def.virt_type = Some(VirtType::Test);
+    def.os.kernel = Some(kernel);
+    f.mgr.define(def, Vec::new(), true, false).unwrap();
+    f.mgr.action("t", DomainOp::Destroy, None).unwrap();
+    assert!(f.mgr.domain("t").is_err());
+
+    let seen = seen.lock().unwrap();
+    assert!(seen.len() >= 11, "{} writes", seen.len());
+    assert!(
+        seen.iter().all(|&free| free),
+        "writes under the table's lock: {seen:?}"
+    );
+}

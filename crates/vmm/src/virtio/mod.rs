@@ -73,6 +73,10 @@ pub trait VirtioDevice: Send {
     fn pause_io(&mut self) {}
     fn resume_io(&mut self) {}
 
+    /// A NIC tells its network where the guest's MAC is now (after a restore or a
+    /// migration); other devices have nothing to say.
+    fn announce(&self) {}
+
     /// The device's own state beyond its queues and feature bits (which the
     /// transport saves), as a serde value; see `persist::Persist`.
     fn save_state(&self) -> serde_json::Value;

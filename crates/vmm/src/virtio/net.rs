@@ -248,6 +248,15 @@ impl VirtioDevice for Net {
         self.registrations.clear();
     }
 
+    fn announce(&self) {
+        // The TAP takes frames with a virtio-net header; all zero means no offload.
+        let mut frame = [0u8; VNET_HDR_LEN + crate::announce::FRAME_LEN];
+        frame[VNET_HDR_LEN..].copy_from_slice(&crate::announce::rarp_frame(self.mac));
+        if let Err(e) = self.tap.write(&frame) {
+            log::debug!("TAP {}: announcement not sent: {e}", self.tap.name);
+        }
+    }
+
     fn save_state(&self) -> serde_json::Value {
         super::save_persist(self)
     }

@@ -683,6 +683,12 @@ impl VirtioPciDevice {
             self.device.resume_io();
         }
     }
+
+    /// See `VirtioDevice::announce`: whether or not the guest's driver runs the device,
+    /// the MAC is the guest's and the network should find it here.
+    pub fn announce(&self) {
+        self.device.announce();
+    }
 }
 
 impl crate::persist::Persist for VirtioPciDevice {

@@ -5,6 +5,7 @@
 pub mod asm;
 pub mod image;
 pub mod live;
+pub mod netns;
 pub mod vdriver;
 
 use std::io::Read;

@@ -1,0 +1,60 @@
+//! Snapshots and the drivers without live snapshots (test here; kvm answers the same way): a
+//! running VM gets one clear not_supported error and nothing changes; once shut off, its disks
+//! are snapshotted with the disk library, whatever the driver.
+
+mod common;
+
+use common::{code, Daemon};
+use ferrovirt_api::client::DefFormat;
+use ferrovirt_api::snapshot::{SnapshotRequest, SnapshotState};
+use ferrovirt_api::{DomainOp, ErrorCode};
+use ferrovirt_testkit::{RunWithin, TOOL_TIMEOUT};
+
+#[test]
+fn a_running_vm_of_a_driver_without_live_snapshots_is_refused_clearly() {
+    let d = Daemon::start();
+    let c = d.client();
+    let kernel = d.file("kernel", "not a kernel: the test driver boots nothing");
+    let disk = d.dir.join("t.qcow2");
+    let out = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&disk)
+        .arg("16M")
+        .output_within(TOOL_TIMEOUT)
+        .unwrap();
+    assert!(out.status.success());
+    let def = format!(
+        "name = \"t\"\ntype = \"test\"\n[os]\nkernel = \"{}\"\n[[disk]]\npath = \"{}\"\nformat = \"qcow2\"\n",
+        kernel.display(),
+        disk.display()
+    );
+    c.define(&def, DefFormat::Toml, false).unwrap();
+    c.action("t", DomainOp::Start).unwrap();
+    let req = SnapshotRequest {
+        name: Some("s".into()),
+        ..Default::default()
+    };
+    let err = match c.snapshot_create("t", &req) {
+        Err(ferrovirt_api::client::ClientError::Api(e)) => e,
+        other => panic!("expected an error, got {other:?}"),
+    };
+    assert_eq!(err.code, ErrorCode::NotSupported, "{err}");
+    assert!(
+        err.message.contains("not supported by the test driver yet"),
+        "{err}"
+    );
+    assert!(c.snapshot_list("t").unwrap().is_empty());
+    let files: Vec<_> = std::fs::read_dir(&d.dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(
+        !files.iter().any(|f| f.to_string_lossy().contains(".s.")),
+        "{files:?}"
+    );
+    c.action("t", DomainOp::Destroy).unwrap();
+    let r = c.snapshot_create("t", &req).unwrap();
+    assert_eq!(r.snapshot.unwrap().state, SnapshotState::Shutoff);
+    assert_eq!(code(c.snapshot_get("t", "other")), ErrorCode::NoSnapshot);
+}
