@@ -88,7 +88,7 @@ fn yes(b: bool) -> String {
 }
 
 /// Unix seconds as "YYYY-MM-DD HH:MM:SS" (UTC).
-fn utc(secs: u64) -> String {
+pub(crate) fn utc(secs: u64) -> String {
     if secs == 0 {
         return "never".into();
     }

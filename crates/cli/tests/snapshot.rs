@@ -190,7 +190,8 @@ impl Env {
         std::fs::read_to_string(self.dir.join(format!("state/logs/{name}.log"))).unwrap_or_default()
     }
 
-    /// Wait for the guest's banner in the console log (a start begins a new log).
+    /// Wait for the guest's banner in the console log (a start begins a new log), then for
+    /// its shell: keys typed while the shell starts can be lost or mangled.
     fn wait_banner(&self, name: &str, count: usize) {
         let give_up = Instant::now() + BOOT;
         while self.console_log(name).matches("FERROVIRT-GUEST-UP").count() < count {
@@ -201,6 +202,12 @@ impl Env {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+        while self.sh(name, "echo READY") != "READY" {
+            assert!(
+                Instant::now() < give_up,
+                "the guest's shell does not answer"
+            );
+        }
     }
 
     /// Run a shell command in the guest over its serial console; its output.
@@ -210,8 +217,12 @@ impl Env {
         let (begin, end) = (format!("B{n}X"), format!("E{n}X"));
         // The typed line echoes as B{n}''X, which does not contain the markers.
         let line = format!("echo B{n}''X; {cmd}; echo E{n}''X\n");
-        let mut conn = self.c.console(name, false).expect("attach the console");
-        conn.set_read_timeout(Some(Duration::from_millis(300)));
+        let attach = || {
+            let mut conn = self.c.console(name, false).expect("attach the console");
+            conn.set_read_timeout(Some(Duration::from_millis(300)));
+            conn
+        };
+        let mut conn = attach();
         let give_up = Instant::now() + Duration::from_secs(60);
         let mut seen = String::new();
         let mut sent = None::<Instant>;
@@ -230,7 +241,12 @@ impl Env {
             );
             // Keystrokes typed while the shell starts can be lost: type again until it echoes.
             if !seen.contains(&begin) && sent.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
-                conn.write_all(line.as_bytes()).unwrap();
+                if conn.write_all(line.as_bytes()).is_err() {
+                    // The console connection ended (the daemon drops a client that falls behind
+                    // the guest's output): attach again and type again.
+                    conn = attach();
+                    continue;
+                }
                 sent = Some(Instant::now());
             }
             let mut buf = [0u8; 4096];
@@ -302,6 +318,9 @@ impl Env {
 
 impl Drop for Env {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("daemon log:\n{}", self.log());
+        }
         if let Ok(doms) = self.c.list(false) {
             for d in doms {
                 let _ = self.c.action(&d.name, DomainOp::Destroy);

@@ -65,6 +65,8 @@ fn corrupt(p: &Path, kind: &str) {
         "l2-is-l1" => put64(&f, l1 + 8, l1 | COPIED),
         "l1-copied-without-table" => put64(&f, l1 + 8, COPIED),
         "l2-table-past-eof" => put64(&f, l1 + 8, ((len / CS + 10) * CS) | COPIED),
+        // The second refcount table entry names a block past the end of the file.
+        "refcount-block-past-eof" => put64(&f, rt + 8, (len / CS + 20) * CS),
         "data-past-eof" => put64(&f, l2 + 16, ((len / CS + 10) * CS) | COPIED),
         other => panic!("unknown corruption {other}"),
     }
@@ -95,6 +97,7 @@ fn repairs_leave_images_qemu_img_accepts_with_the_data_qemu_keeps() {
         ("refcount-zero", true),
         ("shared-cluster", true),
         ("copied-flag-missing", true),
+        ("refcount-block-past-eof", true),
         ("l2-is-l1", false),
         ("l1-copied-without-table", false),
         ("l2-table-past-eof", false),

@@ -84,7 +84,7 @@ pub enum Reply {
     Empty,
 }
 
-fn json<T: Serialize>(status: u16, value: &T) -> Reply {
+pub(crate) fn json<T: Serialize>(status: u16, value: &T) -> Reply {
     Reply::Json(
         status,
         serde_json::to_string(value).unwrap_or_else(|_| "{}".into()),
@@ -105,12 +105,12 @@ fn body<T: DeserializeOwned>(req: &Request) -> Result<T, ApiError> {
         .map_err(|e| ApiError::malformed(format!("invalid JSON body: {e}")))
 }
 
-fn flag(req: &Request, name: &str) -> bool {
+pub(crate) fn flag(req: &Request, name: &str) -> bool {
     matches!(req.query(name), Some("true" | "1" | "yes" | ""))
 }
 
 /// `?wait=SECONDS`: how long an operation may wait for a busy domain (the manager caps it).
-fn wait_param(req: &Request) -> Result<Option<Duration>, ApiError> {
+pub(crate) fn wait_param(req: &Request) -> Result<Option<Duration>, ApiError> {
     match req.query("wait") {
         None => Ok(None),
         Some(s) => s

@@ -13,6 +13,7 @@
 use std::convert::Infallible;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,7 +41,8 @@ pub const MAX_HEADERS: usize = 32;
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// And a body (there should be none) within this one.
 const BODY_TIMEOUT: Duration = Duration::from_secs(5);
-/// No connection lives longer, however it behaves.
+/// No connection lives longer, however it behaves; time spent carrying out its requests
+/// (a snapshot of a large VM on a slow disk) does not count.
 pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 
 /// The whole answer to a connection beyond [`MAX_CONNECTIONS`].
@@ -172,18 +174,35 @@ async fn accept_loop(listener: tokio::net::UnixListener, machine: Arc<Machine>) 
         let builder = builder.clone();
         tokio::spawn(async move {
             let pending_stop = PendingStop::default();
+            let working = Arc::new(AtomicUsize::new(0));
             let service = {
-                let (machine, pending_stop) = (machine.clone(), pending_stop.clone());
+                let (machine, pending_stop, working) =
+                    (machine.clone(), pending_stop.clone(), working.clone());
                 hyper::service::service_fn(move |req| {
-                    let (machine, pending_stop) = (machine.clone(), pending_stop.clone());
-                    async move { Ok::<_, Infallible>(handle(machine, req, &pending_stop).await) }
+                    let (machine, pending_stop, working) =
+                        (machine.clone(), pending_stop.clone(), working.clone());
+                    async move {
+                        Ok::<_, Infallible>(handle(machine, req, &pending_stop, &working).await)
+                    }
                 })
             };
             let conn = builder.serve_connection(TokioIo::new(stream), service);
-            match tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
-                Ok(Err(e)) => log::debug!("API connection: {e}"),
-                Err(_) => log::debug!("API connection closed after {CONNECTION_LIFETIME:?}"),
-                Ok(Ok(())) => {}
+            let mut conn = std::pin::pin!(conn);
+            let mut deadline = tokio::time::Instant::now() + CONNECTION_LIFETIME;
+            loop {
+                match tokio::time::timeout_at(deadline, conn.as_mut()).await {
+                    Ok(done) => {
+                        if let Err(e) = done {
+                            log::debug!("API connection: {e}");
+                        }
+                        break;
+                    }
+                    Err(_) if working.load(Ordering::SeqCst) == 0 => {
+                        log::debug!("API connection closed after {CONNECTION_LIFETIME:?}");
+                        break;
+                    }
+                    Err(_) => deadline = tokio::time::Instant::now() + CONNECTION_LIFETIME,
+                }
             }
             let stop = pending_stop
                 .lock()
@@ -200,10 +219,27 @@ async fn accept_loop(listener: tokio::net::UnixListener, machine: Arc<Machine>) 
 /// A stop asked for on a connection, carried out when the connection is done.
 type PendingStop = Arc<std::sync::Mutex<Option<StopReason>>>;
 
+/// Counts a request being carried out on its connection while it lives.
+struct Working(Arc<AtomicUsize>);
+
+impl Working {
+    fn start(counter: &Arc<AtomicUsize>) -> Self {
+        counter.fetch_add(1, Ordering::SeqCst);
+        Working(counter.clone())
+    }
+}
+
+impl Drop for Working {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 async fn handle(
     machine: Arc<Machine>,
     req: Request<Incoming>,
     pending_stop: &PendingStop,
+    working: &Arc<AtomicUsize>,
 ) -> Response<Full<Bytes>> {
     let declared = req
         .headers()
@@ -245,6 +281,7 @@ async fn handle(
     // Off the connection thread: a pause that waits for a busy vCPU must not hold up the
     // other connections (GET /vm, stop).
     let path = parts.uri.path().to_string();
+    let _working = Working::start(working);
     let reply = tokio::task::spawn_blocking(move || route(&machine, &parts.method, &path, &body))
         .await
         .unwrap_or_else(|_| {

@@ -90,6 +90,12 @@ pub fn check(path: &Path, repair: Option<Repair>) -> Result<CheckReport, DiskErr
             corruptions += repair_entries(q, &found.entries, &mut fixed)?;
             found = check_qcow2(q, path)?.1;
         }
+        if let (Repair::All, Some(refs)) = (mode, &found.rebuild) {
+            fixed.push("Rebuilding refcount structure".into());
+            rebuild_refcounts(q, refs)?;
+            corruptions += 1;
+            found = check_qcow2(q, path)?.1;
+        }
         let (leaks, c) = repair_refcounts(q, found.mismatches, mode)?;
         corruptions += c;
         if mode == Repair::All {
@@ -139,6 +145,8 @@ struct Findings {
     mismatches: Mismatches,
     flags: Vec<FlagFix>,
     entries: Vec<EntryFix>,
+    /// References per cluster, when the refcount structures must be rebuilt.
+    rebuild: Option<Vec<u16>>,
 }
 
 fn check_qcow2(q: &Qcow2, path: &Path) -> Result<(CheckReport, Findings), DiskError> {
@@ -185,6 +193,12 @@ fn check_qcow2(q: &Qcow2, path: &Path) -> Result<(CheckReport, Findings), DiskEr
         h.refcount_table_clusters as u64,
         "refcount table",
     );
+    // Refcount structures that cannot be read make -r all rebuild them from scratch.
+    let mut rebuild = false;
+    let mut rc_structure = vec![(
+        h.refcount_table_offset / cs,
+        h.refcount_table_clusters as u64,
+    )];
     for (i, &e) in meta.refcount_table().to_vec().iter().enumerate() {
         let off = e & RT_OFFSET_MASK;
         if off == 0 {
@@ -192,12 +206,21 @@ fn check_qcow2(q: &Qcow2, path: &Path) -> Result<(CheckReport, Findings), DiskEr
         }
         if !off.is_multiple_of(cs) {
             r.corruptions += 1;
+            rebuild = true;
             r.messages.push(format!(
                 "ERROR refcount block {i} is not cluster aligned; refcount table corrupted"
             ));
             continue;
         }
+        if off >= file_len || off < cs {
+            r.corruptions += 1;
+            rebuild = true;
+            r.messages
+                .push(format!("ERROR refcount block {i} is outside image"));
+            continue;
+        }
         inc(&mut r, off / cs, 1, "refcount block");
+        rc_structure.push((off / cs, 1));
     }
     // Guest mappings, plus the OFLAG_COPIED expectations to verify afterwards.
     // (cluster, entry, where the entry is in the file, L1 index for L2 tables)
@@ -408,9 +431,13 @@ fn check_qcow2(q: &Qcow2, path: &Path) -> Result<(CheckReport, Findings), DiskEr
         let rc = match meta.refcount(f, c) {
             Ok(v) => v,
             Err(e) => {
-                r.corruptions += 1;
-                r.messages
-                    .push(format!("ERROR cannot read refcount of cluster {c}: {e}"));
+                // One message per refcount block, not per cluster.
+                if c % geo.rc_per_block == 0 || c == 0 {
+                    r.corruptions += 1;
+                    r.messages
+                        .push(format!("ERROR cannot read refcount of cluster {c}: {e}"));
+                }
+                rebuild = true;
                 continue;
             }
         };
@@ -465,12 +492,25 @@ fn check_qcow2(q: &Qcow2, path: &Path) -> Result<(CheckReport, Findings), DiskEr
         });
     }
     r.image_end_offset = end_cluster * cs;
+    // For a rebuild: the references without the old refcount structures.
+    let rebuild = rebuild.then(|| {
+        let mut plain = refs.clone();
+        for (first, n) in rc_structure {
+            for c in first..first + n {
+                if let Some(v) = plain.get_mut(c as usize) {
+                    *v = v.saturating_sub(1);
+                }
+            }
+        }
+        plain
+    });
     Ok((
         r,
         Findings {
             mismatches,
             flags,
             entries,
+            rebuild,
         },
     ))
 }
@@ -552,4 +592,66 @@ fn repair_entries(q: &Qcow2, fixes: &[EntryFix], msgs: &mut Vec<String>) -> Resu
     f.sync()?;
     meta.drop_caches();
     Ok(fixes.len() as u64)
+}
+
+/// Writes a new refcount table and blocks past everything in use, counting `refs`
+/// (and themselves), then points the header at them (QEMU's rebuild_refcount_structure).
+fn rebuild_refcounts(q: &Qcow2, refs: &[u16]) -> Result<(), DiskError> {
+    use crate::qcow2::meta::{rc_set, to_be_bytes};
+    let f = q.file();
+    let mut meta = q.lock();
+    let geo = meta.geo;
+    let cs = geo.cluster_size;
+    let used = refs
+        .iter()
+        .rposition(|&v| v > 0)
+        .map_or(1, |p| p as u64 + 1);
+    let start = used.max(f.len()?.div_ceil(cs));
+    let per = geo.rc_per_block;
+    let (mut blocks, mut table) = (0u64, 0u64);
+    loop {
+        let nb = (start + blocks + table).div_ceil(per);
+        let nt = (nb * 8).div_ceil(cs);
+        if (nb, nt) == (blocks, table) {
+            break;
+        }
+        (blocks, table) = (nb, nt);
+    }
+    if table * cs > crate::qcow2::header::MAX_REFTABLE_BYTES {
+        return Err(DiskError::InvalidArgument(
+            "the rebuilt refcount table would exceed its 8 MiB limit".into(),
+        ));
+    }
+    let total = start + blocks + table;
+    let mut rt = vec![0u64; (table * cs / 8) as usize];
+    for (b, slot) in rt.iter_mut().enumerate().take(blocks as usize) {
+        let mut blk = vec![0u8; cs as usize];
+        for k in 0..per {
+            let c = b as u64 * per + k;
+            if c >= total {
+                break;
+            }
+            let v = if c >= start {
+                1
+            } else {
+                refs.get(c as usize).copied().unwrap_or(0) as u64
+            };
+            if v > 0 {
+                rc_set(&mut blk, k, geo.refcount_order, v.min(geo.max_refcount()));
+            }
+        }
+        let at = (start + b as u64) * cs;
+        f.write_at(&blk, at)?;
+        *slot = at;
+    }
+    let table_at = (start + blocks) * cs;
+    f.write_at(&to_be_bytes(&rt), table_at)?;
+    f.sync()?;
+    let mut fields = [0u8; 12];
+    fields[..8].copy_from_slice(&table_at.to_be_bytes());
+    fields[8..].copy_from_slice(&(table as u32).to_be_bytes());
+    f.write_at(&fields, 48)?;
+    f.sync()?;
+    meta.replace_refcount_table(table_at, table as u32, rt, total);
+    Ok(())
 }

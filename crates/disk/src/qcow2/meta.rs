@@ -745,6 +745,18 @@ impl Meta {
         Ok(be_u64s(&bytes))
     }
 
+    /// Takes a refcount table written elsewhere (check's rebuild) as the image's.
+    pub fn replace_refcount_table(&mut self, offset: u64, clusters: u32, rt: Vec<u64>, end: u64) {
+        self.header.refcount_table_offset = offset;
+        self.header.refcount_table_clusters = clusters;
+        self.rt = rt;
+        self.rb.clear();
+        self.rt_dirty = false;
+        self.rt_moved = false;
+        self.raise_end(end);
+        self.free_hint = 0;
+    }
+
     pub fn refcount_table(&self) -> &[u64] {
         &self.rt
     }

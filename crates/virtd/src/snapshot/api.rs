@@ -1,25 +1,12 @@
 //! The /v1/domains/{name}/snapshots routes (see docs/api/openapi.yaml).
 
-use std::time::Duration;
-
 use ferrovirt_api::snapshot::{self, EditRequest, RevertRequest, SnapshotRequest};
 use ferrovirt_api::{ApiError, ErrorCode};
 use serde::de::DeserializeOwned;
 
 use super::delete::DeleteWhat;
 use crate::manager::Manager;
-use crate::server::{Reply, Request};
-
-fn json<T: serde::Serialize>(status: u16, v: &T) -> Reply {
-    Reply::Json(
-        status,
-        serde_json::to_string(v).unwrap_or_else(|_| "{}".into()),
-    )
-}
-
-fn flag(req: &Request, name: &str) -> bool {
-    matches!(req.query(name), Some("true" | "1" | "yes" | ""))
-}
+use crate::server::{flag, json, wait_param as wait, Reply, Request};
 
 fn body<T: DeserializeOwned + Default>(req: &Request) -> Result<T, ApiError> {
     if req.body.iter().all(u8::is_ascii_whitespace) {
@@ -27,21 +14,6 @@ fn body<T: DeserializeOwned + Default>(req: &Request) -> Result<T, ApiError> {
     }
     serde_json::from_slice(&req.body)
         .map_err(|e| ApiError::malformed(format!("invalid JSON body: {e}")))
-}
-
-fn wait(req: &Request) -> Result<Option<Duration>, ApiError> {
-    match req.query("wait") {
-        None => Ok(None),
-        Some(s) => s
-            .parse::<u64>()
-            .map(|n| Some(Duration::from_secs(n)))
-            .map_err(|_| {
-                ApiError::new(
-                    ErrorCode::InvalidArgument,
-                    format!("wait '{s}' is not a number of seconds"),
-                )
-            }),
-    }
 }
 
 /// A create request from JSON or libvirt's `<domainsnapshot>` XML (by Content-Type, else by

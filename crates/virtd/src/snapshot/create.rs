@@ -252,16 +252,14 @@ impl Manager {
                         })
                         .collect();
                     let vm_dir = mgr.paths.vm_dir(&dom.name);
-                    job.set_progress(Some(ferrovirt_api::JobProgress {
-                        phase: Some(if with_memory {
-                            "saving memory and disks".into()
+                    super::phase(
+                        job,
+                        if with_memory {
+                            "saving memory and disks"
                         } else {
-                            "switching disks to overlays".into()
-                        }),
-                        done: 0,
-                        total: None,
-                        unit: "steps".into(),
-                    }));
+                            "switching disks to overlays"
+                        },
+                    );
                     dom.driver.snapshot_live(
                         &dom.vm(&vm_dir, deadline),
                         &live,

@@ -102,6 +102,7 @@ impl Manager {
                 }
                 let mut def = dom.def.clone();
                 if !what.metadata_only {
+                    super::phase(job, "merging and removing images");
                     let live = active.then_some(&running as &dyn images::LiveChain);
                     let log = images::collect(&mut tree, &mut def, live)?;
                     for line in log {

@@ -43,6 +43,16 @@ pub fn no_snapshot(domain: &str, snap: &str) -> ApiError {
     )
 }
 
+/// Show what a snapshot job does now (domjobinfo).
+fn phase(job: &crate::manager::jobs::JobHandle, text: &str) {
+    job.set_progress(Some(ferrovirt_api::JobProgress {
+        phase: Some(text.to_string()),
+        done: 0,
+        total: None,
+        unit: "steps".into(),
+    }));
+}
+
 /// Snapshot names: what a domain name may be (they become parts of file names).
 fn check_name(name: &str) -> Result<(), ApiError> {
     ferrovirt_api::def::validate_name(name).map_err(|e| {

@@ -120,8 +120,10 @@ impl Manager {
                     }
                 }
                 if dom.state.is_active() {
+                    super::phase(job, "stopping the VM");
                     mgr.stop_for_job(&dom, job, deadline)?;
                 }
+                super::phase(job, "preparing the disks");
                 let mut def = target.def.clone();
                 def.name = dom.def.name.clone();
                 def.uuid = dom.def.uuid.clone();
@@ -177,6 +179,7 @@ impl Manager {
                     return Ok(dom.name.clone());
                 };
                 let name = dom.name.clone();
+                super::phase(job, "starting the VM");
                 match &s.memory_file {
                     Some(memory) => {
                         let tag = snap.clone();

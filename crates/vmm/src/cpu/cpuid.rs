@@ -146,11 +146,14 @@ fn reg(e: &kvm_bindings::kvm_cpuid_entry2, name: &str) -> u32 {
     }
 }
 
-/// CPU features in `saved` (a vCPU's CPUID from a snapshot) that this host's CPU
-/// does not have, e.g. "leaf 0x7.0 ebx bits 0x20". Empty when the guest can run here.
-/// The host's own CPUID is the yardstick: on PVM, KVM hands guests the host's
-/// values whatever the VMM sets, so KVM's "supported" list says less than they saw.
+/// CPU features in `saved` (a vCPU's CPUID from a snapshot) that this host cannot give
+/// a guest, e.g. "leaf 0x7.0 ebx bits 0x20". Empty when the guest can run here.
+/// A feature is there when the host's CPU has it or KVM offers it: on PVM, KVM hands
+/// guests the host's values whatever the VMM sets, so KVM's "supported" list says less
+/// than they saw; elsewhere KVM emulates features the CPU lacks (ARCH_CAPABILITIES,
+/// x2APIC, the TSC deadline timer), so the host's CPUID says less than KVM gives.
 pub fn missing_features(saved: &[kvm_bindings::kvm_cpuid_entry2]) -> Vec<String> {
+    let kvm_offers = Kvm::new().ok().and_then(|kvm| supported(&kvm).ok());
     let mut missing = Vec::new();
     for &(leaf, sub, name, ignore) in FEATURE_REGS {
         let Some(want) = saved.iter().find(|e| e.function == leaf && e.index == sub) else {
@@ -169,7 +172,15 @@ pub fn missing_features(saved: &[kvm_bindings::kvm_cpuid_entry2]) -> Vec<String>
         } else {
             kvm_bindings::kvm_cpuid_entry2::default()
         };
-        let lacking = reg(want, name) & !reg(&have, name) & !ignore;
+        let offered = kvm_offers
+            .as_ref()
+            .and_then(|c| {
+                c.as_slice()
+                    .iter()
+                    .find(|e| e.function == leaf && e.index == sub)
+            })
+            .map_or(0, |e| reg(e, name));
+        let lacking = reg(want, name) & !(reg(&have, name) | offered) & !ignore;
         if lacking != 0 {
             missing.push(format!(
                 "CPUID leaf {leaf:#x}.{sub} {name} bits {lacking:#x}"
