@@ -242,7 +242,9 @@ fn check_qcow2(q: &Qcow2, path: &Path) -> Result<(CheckReport, Findings), DiskEr
     }
     for sn in &meta.snapshots {
         let first = sn.l1_table_offset / cs;
-        metadata.extend(first..first + (sn.l1_size as u64 * 8).div_ceil(cs));
+        // Bounded: a hostile snapshot entry may claim any L1 size.
+        let n = (sn.l1_size as u64 * 8).min(crate::qcow2::header::MAX_L1_BYTES);
+        metadata.extend(first..first.saturating_add(n.div_ceil(cs)));
     }
     let l2_tables: std::collections::HashSet<u64> = meta
         .l1
