@@ -58,10 +58,11 @@ fn last_count(d: &Daemon, name: &str) -> u32 {
 /// PVM host (README): at a restore the last serial byte before the pause is occasionally
 /// written again, garbling that one line; at most `garbled` such lines are allowed.
 fn assert_unbroken(log: &str, garbled: usize) {
-    let mut bad = 0;
+    let mut bad = Vec::new();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("c ")).collect();
     let first = counts(log).first().copied().unwrap_or(1);
     // A garbled line stands for the one count it was.
-    for (expected, line) in (first..).zip(log.lines().filter(|l| l.contains("c "))) {
+    for (i, (expected, line)) in (first..).zip(&lines).enumerate() {
         match line
             .strip_prefix("c ")
             .filter(|h| h.len() == 8)
@@ -70,13 +71,13 @@ fn assert_unbroken(log: &str, garbled: usize) {
             Some(v) => assert_eq!(
                 v,
                 expected,
-                "the count broke at {line:?}; log starts {:?}",
-                &log[..log.len().min(200)]
+                "the count broke at {line:?}; the lines before: {:?}",
+                &lines[i.saturating_sub(6)..i]
             ),
-            None => bad += 1,
+            None => bad.push(*line),
         }
     }
-    assert!(bad <= garbled, "{bad} garbled lines in {log}");
+    assert!(bad.len() <= garbled, "garbled lines: {bad:?}");
 }
 
 fn ferrovmm_present() {
