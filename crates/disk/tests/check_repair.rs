@@ -64,6 +64,7 @@ fn corrupt(p: &Path, kind: &str) {
         // L1 entry 1 names the L1 table itself as its L2 table.
         "l2-is-l1" => put64(&f, l1 + 8, l1 | COPIED),
         "l1-copied-without-table" => put64(&f, l1 + 8, COPIED),
+        "l1-reserved-bits" => put64(&f, l1, be64(&f, l1) | 0x0100_0000_0000_0000),
         "l2-table-past-eof" => put64(&f, l1 + 8, ((len / CS + 10) * CS) | COPIED),
         // The second refcount table entry names a block past the end of the file.
         "refcount-block-past-eof" => put64(&f, rt + 8, (len / CS + 20) * CS),
@@ -100,6 +101,7 @@ fn repairs_leave_images_qemu_img_accepts_with_the_data_qemu_keeps() {
         ("refcount-block-past-eof", true),
         ("l2-is-l1", false),
         ("l1-copied-without-table", false),
+        ("l1-reserved-bits", false),
         ("l2-table-past-eof", false),
         ("data-past-eof", false),
     ];
