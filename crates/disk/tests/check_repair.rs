@@ -152,3 +152,37 @@ fn repairs_leave_images_qemu_img_accepts_with_the_data_qemu_keeps() {
         assert_clean(&o);
     }
 }
+
+#[test]
+fn check_output_is_qemu_img_checks_byte_for_byte() {
+    let d = Scratch::new("check-output");
+    let p = d.path("f.qcow2");
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", &s(&p), "2G"]);
+    qemu_io(
+        &p,
+        "qcow2",
+        &[
+            "write -P 1 0 1M".into(),
+            "write -P 2 600M 64k".into(),
+            "write -P 3 100M 64k".into(),
+            "write -c -P 4 1200M 64k".into(),
+            "write -c -P 5 1300M 128k".into(),
+            "write -z 0 128k".into(),
+            "write -P 6 50M 64k".into(),
+        ],
+    );
+    let c = d.path("c.qcow2");
+    subject(&c);
+    corrupt(&c, "shared-cluster");
+    for img_path in [&p, &c] {
+        for args in [vec!["check"], vec!["check", "--output=json"]] {
+            let mut a = args.clone();
+            let ps = s(img_path);
+            a.push(&ps);
+            let q = qemu_img(&a);
+            let (code, out, _) = img(&a);
+            assert_eq!(code, q.status.code().unwrap_or(-1), "{a:?}");
+            assert_eq!(out, String::from_utf8_lossy(&q.stdout), "{a:?}");
+        }
+    }
+}

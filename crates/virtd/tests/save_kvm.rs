@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{console_log, wait_for, Daemon};
+use common::{console_log, wait_for, Daemon, Tmpfs};
 use ferrovirt_api::client::{ClientError, DefFormat};
 use ferrovirt_api::{DomainOp, DomainState, ErrorCode, StateReason};
 use ferrovirt_testkit::image::pvh_kernel;
@@ -182,6 +182,7 @@ fn a_restored_tiny_guest_counts_on_from_where_it_was_saved() {
 
 #[test]
 fn a_damaged_kvm_save_is_refused_and_a_failed_save_keeps_the_vm_running() {
+    // (an existing target, a full file system, damage in ferrovmm's part of the payload)
     ferrovmm_present();
     let d = Daemon::start();
     let c = d.client();
@@ -198,6 +199,28 @@ fn a_damaged_kvm_save_is_refused_and_a_failed_save_keeps_the_vm_running() {
     }
     let i = c.get("solid").unwrap();
     assert_eq!((i.state, i.pid), (DomainState::Running, pid));
+    let n = last_count(&d, "solid");
+    counts_past(&d, "solid", n + 10);
+
+    // A file system too small for the state: one clear error, nothing left behind, the VM
+    // counts on.
+    let small = Tmpfs::mount(d.dir.join("small"), "16k");
+    let full = c.save("solid", small.0.join("full.save").to_str().unwrap(), None);
+    let listing: Vec<_> = std::fs::read_dir(&small.0)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    drop(small);
+    match full {
+        Err(ClientError::Api(e)) => assert!(e.message.contains("No space left"), "{e}"),
+        other => panic!("expected an error: {other:?}"),
+    }
+    assert!(listing.is_empty(), "left behind: {listing:?}");
+    let i = c.get("solid").unwrap();
+    assert_eq!(
+        (i.state, i.reason, i.pid),
+        (DomainState::Running, StateReason::Booted, pid)
+    );
     let n = last_count(&d, "solid");
     counts_past(&d, "solid", n + 10);
 
