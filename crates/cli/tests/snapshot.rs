@@ -895,3 +895,51 @@ fn listing_editing_and_deleting_subtrees_work_like_virsh() {
     assert_ne!(disk_path(&e.c, "v"), overlay);
     e.ok(&["undefine", "v"]);
 }
+
+/// A base image below the domain's disk (shared with other VMs, say) is never written: not by
+/// a revert to an internal snapshot that needs a private copy, nor by the merges of deletes.
+#[test]
+fn a_shared_base_below_the_domains_disk_is_never_written() {
+    let e = Env::start();
+    let golden = e.disk("golden.qcow2", "qcow2");
+    write_host(&golden, 7);
+    let vm = e.images().join("vm.qcow2");
+    tool(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            "-b",
+            &s(&golden),
+            &s(&vm),
+        ],
+    );
+    let before = std::fs::read(&golden).unwrap();
+    e.define("g", &[&vm]);
+    write_host(&vm, 1);
+    let internal = [
+        "snapshot-create-as",
+        "g",
+        "i1",
+        "--diskspec",
+        "vda,snapshot=internal",
+    ];
+    e.ok(&internal);
+    write_host(&vm, 2);
+    e.ok(&["snapshot-create-as", "g", "e2"]);
+    write_host(&disk_path(&e.c, "g"), 3);
+    revert(&e, "g", "i1");
+    assert_eq!(read_host(&disk_path(&e.c, "g")), 1);
+    e.ok(&["snapshot-delete", "g", "e2"]);
+    e.ok(&["snapshot-delete", "g", "i1"]);
+    assert_eq!(read_host(&disk_path(&e.c, "g")), 1);
+    assert_ne!(disk_path(&e.c, "g"), golden);
+    let after = std::fs::read(&golden).unwrap();
+    assert!(after == before, "golden.qcow2 was written");
+    assert_eq!(read_host(&golden), 7);
+    e.check_images();
+}

@@ -27,3 +27,8 @@ fn domain_json_fuzz() {
 fn network_toml_json_fuzz() {
     run(&NETWORK_TOML, network_any);
 }
+
+#[test]
+fn snapshot_xml_fuzz() {
+    run(&SNAPSHOT_XML, snapshot_xml);
+}

@@ -397,6 +397,9 @@ fn route(machine: &Arc<Machine>, method: &Method, path: &str, body: &[u8]) -> Re
                     uptime_ms: u64::try_from(machine.started.elapsed().as_millis())
                         .unwrap_or(u64::MAX),
                     config: machine.config.clone(),
+                    console_clients: machine.serial_clients.as_ref().map_or(0, |c| {
+                        c.lock().unwrap_or_else(|p| p.into_inner()).len() as u32
+                    }),
                 },
             )
         }

@@ -338,3 +338,95 @@ pub fn network_any(input: &[u8]) -> Outcome {
         Err(_) => Outcome::Rejected,
     }
 }
+
+/// libvirt's `<domainsnapshot>` (snapshot-create NAME XMLFILE).
+pub const SNAPSHOT_XML: Target = Target {
+    name: "snapshot_xml",
+    dict: &[
+        b"<domainsnapshot>",
+        b"</domainsnapshot>",
+        b"<name>",
+        b"</name>",
+        b"<description>",
+        b"</description>",
+        b"<memory snapshot='external' file='/m'/>",
+        b"<memory snapshot='no'/>",
+        b"<disks>",
+        b"</disks>",
+        b"<disk name='vda' snapshot='internal'/>",
+        b"<disk name='vdb' snapshot='external'>",
+        b"<source file='/o.qcow2'/>",
+        b"</disk>",
+        b"&amp;",
+        b"&#10;",
+    ],
+    max_len: 64 << 10,
+};
+
+/// An accepted request, written back as snapshot-dumpxml writes a snapshot, parses to the same
+/// name, description, memory file and disks.
+pub fn snapshot_xml(input: &[u8]) -> Outcome {
+    use ferrovirt_api::snapshot::{parse_xml, Location, SnapshotDisk, SnapshotInfo, SnapshotState};
+    let text = String::from_utf8_lossy(input);
+    let Ok(req) = parse_xml(&text) else {
+        return Outcome::Rejected;
+    };
+    let info = SnapshotInfo {
+        name: req.name.clone().unwrap_or_else(|| "unnamed".into()),
+        domain: "d".into(),
+        parent: None,
+        created_ms: 0,
+        state: SnapshotState::DiskSnapshot,
+        description: req.description.clone(),
+        memory_file: req.memory_file.clone(),
+        disks: req
+            .disks
+            .iter()
+            .map(|d| SnapshotDisk {
+                target: d.target.clone(),
+                snapshot: d.snapshot,
+                file: d.file.clone().filter(|_| d.snapshot == Location::External),
+                base: None,
+                format: None,
+            })
+            .collect(),
+        current: false,
+        children: Vec::new(),
+        descendants: 0,
+        domain_xml: None,
+    };
+    if !xml_can_carry(&serde_json::to_value(&info).unwrap()) {
+        return Outcome::Accepted;
+    }
+    let x = info.to_xml();
+    let back =
+        parse_xml(&x).unwrap_or_else(|e| panic!("emitted snapshot XML does not parse: {e}\n{x}"));
+    let trimmed =
+        |p: &Option<std::path::PathBuf>| p.as_ref().map(|p| p.to_string_lossy().into_owned());
+    assert_eq!(
+        back.name.as_deref(),
+        Some(info.name.as_str())
+            .filter(|n| !n.trim().is_empty())
+            .map(str::trim),
+        "{x}"
+    );
+    assert_eq!(
+        back.description.as_deref().map(str::trim),
+        info.description.as_deref().map(str::trim),
+        "{x}"
+    );
+    assert_eq!(
+        trimmed(&back.memory_file),
+        trimmed(&info.memory_file),
+        "{x}"
+    );
+    assert_eq!(back.disks.len(), info.disks.len(), "{x}");
+    for (b, d) in back.disks.iter().zip(&info.disks) {
+        assert_eq!(
+            (&b.target, b.snapshot, &b.file),
+            (&d.target, d.snapshot, &d.file),
+            "{x}"
+        );
+    }
+    Outcome::Accepted
+}

@@ -316,6 +316,11 @@ impl Manager {
                     return Ok(info);
                 }
                 tree.owned.extend(plan.iter().filter_map(|p| p.overlay.clone()));
+                tree.adopted.extend(
+                    plan.iter()
+                        .filter(|p| p.kind != Location::No && !tree.owned.contains(&p.current))
+                        .map(|p| p.current.clone()),
+                );
                 tree.snaps.insert(
                     name.clone(),
                     Stored {

@@ -3,8 +3,9 @@
 //! backing file of one of those) is never deleted, and its content never changes.
 //!
 //! [`collect`] runs after every delete and revert: an overlay snapshots made that nothing
-//! needs any more is deleted; an image nothing refers to whose only dependent is such an
-//! overlay gets that overlay merged into it (a block commit: online when the overlay is in the
+//! needs any more is deleted; an image of the domain's (ours, or a disk a snapshot froze)
+//! that nothing refers to and whose only dependent is such an overlay gets that overlay merged
+//! into it (a block commit: online when the overlay is in the
 //! running VM's chain, else with the disk library), and takes its place everywhere.
 
 use std::collections::BTreeSet;
@@ -265,6 +266,10 @@ pub fn collect(
         for (c, b) in &backing {
             let Some(b) = b else { continue };
             if !tree.owned.contains(c) || refs.needs(b) || refs.holders.contains(c) {
+                continue;
+            }
+            // Only into the domain's own images: a shared base below them is never written.
+            if !tree.owned.contains(b) && !tree.adopted.contains(b) {
                 continue;
             }
             if dependents(b).len() != 1 || !internal_names(c)?.is_empty() {

@@ -27,6 +27,18 @@ pub struct Tree {
     pub current: Option<String>,
     /// Overlays and copies made by snapshot operations: deleted when nothing needs them.
     pub owned: BTreeSet<PathBuf>,
+    /// The domain's own images that snapshots froze or hold (its disks when they were taken):
+    /// never deleted, but an overlay of ours may be merged back into them. An image outside
+    /// both sets (a shared base below the domain's disk) is never written.
+    pub adopted: BTreeSet<PathBuf>,
+}
+
+/// The `owned` column: both sets (a bare list, as first written, is the owned set).
+#[derive(Serialize, Deserialize, Default)]
+struct Images {
+    owned: BTreeSet<PathBuf>,
+    #[serde(default)]
+    adopted: BTreeSet<PathBuf>,
 }
 
 impl Tree {
@@ -87,8 +99,16 @@ impl SnapStore {
             .map_err(db_err)?;
         if let Some((current, owned)) = row {
             tree.current = current;
-            tree.owned = serde_json::from_str(&owned)
+            let images: Images = serde_json::from_str(&owned)
+                .or_else(|_| {
+                    serde_json::from_str(&owned).map(|owned| Images {
+                        owned,
+                        adopted: BTreeSet::new(),
+                    })
+                })
                 .map_err(|e| ApiError::internal(format!("stored snapshot images: {e}")))?;
+            tree.owned = images.owned;
+            tree.adopted = images.adopted;
         }
         let mut stmt = conn
             .prepare("SELECT meta FROM snapshots WHERE domain = ?1")
@@ -118,15 +138,18 @@ impl SnapStore {
             )
             .map_err(db_err)?;
         }
-        if tree.snaps.is_empty() && tree.owned.is_empty() {
+        if tree.snaps.is_empty() && tree.owned.is_empty() && tree.adopted.is_empty() {
             tx.execute(
                 "DELETE FROM snapshot_domains WHERE domain = ?1",
                 params![domain],
             )
             .map_err(db_err)?;
         } else {
-            let owned = serde_json::to_string(&tree.owned)
-                .map_err(|e| ApiError::internal(e.to_string()))?;
+            let owned = serde_json::to_string(&Images {
+                owned: tree.owned.clone(),
+                adopted: tree.adopted.clone(),
+            })
+            .map_err(|e| ApiError::internal(e.to_string()))?;
             tx.execute(
                 "INSERT INTO snapshot_domains (domain, current, owned) VALUES (?1, ?2, ?3)
                  ON CONFLICT(domain) DO UPDATE SET current = ?2, owned = ?3",
@@ -141,6 +164,17 @@ impl SnapStore {
         self.conn()
             .query_row(
                 "SELECT COUNT(*) FROM snapshots WHERE domain = ?1",
+                params![domain],
+                |r| r.get(0),
+            )
+            .map_err(db_err)
+    }
+
+    pub fn has_any(&self, domain: &str) -> Result<bool, ApiError> {
+        self.conn()
+            .query_row(
+                "SELECT EXISTS(SELECT 1 FROM snapshots WHERE domain = ?1)
+                     OR EXISTS(SELECT 1 FROM snapshot_domains WHERE domain = ?1)",
                 params![domain],
                 |r| r.get(0),
             )

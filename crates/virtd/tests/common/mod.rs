@@ -399,3 +399,28 @@ pub fn qmp_status(d: &Daemon, name: &str) -> String {
         }
     }
 }
+
+/// A tmpfs of `size` mounted for the test (the save target that runs out of space).
+pub struct Tmpfs(pub PathBuf);
+
+impl Tmpfs {
+    pub fn mount(dir: PathBuf, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(&dir).unwrap();
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&dir)
+            .status_within(TOOL_TIMEOUT)
+            .expect("run mount");
+        assert!(st.success(), "mounting a small tmpfs needs root");
+        Tmpfs(dir)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(&self.0)
+            .status_within(TOOL_TIMEOUT);
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
