@@ -64,6 +64,7 @@ fn corrupt(p: &Path, kind: &str) {
         // L1 entry 1 names the L1 table itself as its L2 table.
         "l2-is-l1" => put64(&f, l1 + 8, l1 | COPIED),
         "l1-copied-without-table" => put64(&f, l1 + 8, COPIED),
+        "l1-reserved-bits" => put64(&f, l1, be64(&f, l1) | 0x0100_0000_0000_0000),
         "l2-table-past-eof" => put64(&f, l1 + 8, ((len / CS + 10) * CS) | COPIED),
         // The second refcount table entry names a block past the end of the file.
         "refcount-block-past-eof" => put64(&f, rt + 8, (len / CS + 20) * CS),
@@ -100,6 +101,7 @@ fn repairs_leave_images_qemu_img_accepts_with_the_data_qemu_keeps() {
         ("refcount-block-past-eof", true),
         ("l2-is-l1", false),
         ("l1-copied-without-table", false),
+        ("l1-reserved-bits", false),
         ("l2-table-past-eof", false),
         ("data-past-eof", false),
     ];
@@ -148,5 +150,39 @@ fn repairs_leave_images_qemu_img_accepts_with_the_data_qemu_keeps() {
         // cluster: QEMU leaves the flag of the remaining sharer stale itself).
         qemu_io(&o, "qcow2", &["write -P 9 600M 128k".into()]);
         assert_clean(&o);
+    }
+}
+
+#[test]
+fn check_output_is_qemu_img_checks_byte_for_byte() {
+    let d = Scratch::new("check-output");
+    let p = d.path("f.qcow2");
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", &s(&p), "2G"]);
+    qemu_io(
+        &p,
+        "qcow2",
+        &[
+            "write -P 1 0 1M".into(),
+            "write -P 2 600M 64k".into(),
+            "write -P 3 100M 64k".into(),
+            "write -c -P 4 1200M 64k".into(),
+            "write -c -P 5 1300M 128k".into(),
+            "write -z 0 128k".into(),
+            "write -P 6 50M 64k".into(),
+        ],
+    );
+    let c = d.path("c.qcow2");
+    subject(&c);
+    corrupt(&c, "shared-cluster");
+    for img_path in [&p, &c] {
+        for args in [vec!["check"], vec!["check", "--output=json"]] {
+            let mut a = args.clone();
+            let ps = s(img_path);
+            a.push(&ps);
+            let q = qemu_img(&a);
+            let (code, out, _) = img(&a);
+            assert_eq!(code, q.status.code().unwrap_or(-1), "{a:?}");
+            assert_eq!(out, String::from_utf8_lossy(&q.stdout), "{a:?}");
+        }
     }
 }

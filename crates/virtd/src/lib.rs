@@ -6,6 +6,7 @@ pub mod driver;
 pub mod events;
 pub mod files;
 pub mod http;
+pub mod jail;
 pub mod manager;
 pub mod memory;
 pub mod network;

@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{console_log, wait_for, Daemon};
+use common::{console_log, wait_for, Daemon, Tmpfs};
 use ferrovirt_api::client::{ClientError, DefFormat};
 use ferrovirt_api::{DomainOp, DomainState, ErrorCode, StateReason};
 use ferrovirt_testkit::image::pvh_kernel;
@@ -58,10 +58,11 @@ fn last_count(d: &Daemon, name: &str) -> u32 {
 /// PVM host (README): at a restore the last serial byte before the pause is occasionally
 /// written again, garbling that one line; at most `garbled` such lines are allowed.
 fn assert_unbroken(log: &str, garbled: usize) {
-    let mut bad = 0;
+    let mut bad = Vec::new();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("c ")).collect();
     let first = counts(log).first().copied().unwrap_or(1);
     // A garbled line stands for the one count it was.
-    for (expected, line) in (first..).zip(log.lines().filter(|l| l.contains("c "))) {
+    for (i, (expected, line)) in (first..).zip(&lines).enumerate() {
         match line
             .strip_prefix("c ")
             .filter(|h| h.len() == 8)
@@ -70,13 +71,13 @@ fn assert_unbroken(log: &str, garbled: usize) {
             Some(v) => assert_eq!(
                 v,
                 expected,
-                "the count broke at {line:?}; log starts {:?}",
-                &log[..log.len().min(200)]
+                "the count broke at {line:?}; the lines before: {:?}",
+                &lines[i.saturating_sub(6)..i]
             ),
-            None => bad += 1,
+            None => bad.push(*line),
         }
     }
-    assert!(bad <= garbled, "{bad} garbled lines in {log}");
+    assert!(bad.len() <= garbled, "garbled lines: {bad:?}");
 }
 
 fn ferrovmm_present() {
@@ -181,6 +182,7 @@ fn a_restored_tiny_guest_counts_on_from_where_it_was_saved() {
 
 #[test]
 fn a_damaged_kvm_save_is_refused_and_a_failed_save_keeps_the_vm_running() {
+    // (an existing target, a full file system, damage in ferrovmm's part of the payload)
     ferrovmm_present();
     let d = Daemon::start();
     let c = d.client();
@@ -197,6 +199,28 @@ fn a_damaged_kvm_save_is_refused_and_a_failed_save_keeps_the_vm_running() {
     }
     let i = c.get("solid").unwrap();
     assert_eq!((i.state, i.pid), (DomainState::Running, pid));
+    let n = last_count(&d, "solid");
+    counts_past(&d, "solid", n + 10);
+
+    // A file system too small for the state: one clear error, nothing left behind, the VM
+    // counts on.
+    let small = Tmpfs::mount(d.dir.join("small"), "16k");
+    let full = c.save("solid", small.0.join("full.save").to_str().unwrap(), None);
+    let listing: Vec<_> = std::fs::read_dir(&small.0)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    drop(small);
+    match full {
+        Err(ClientError::Api(e)) => assert!(e.message.contains("No space left"), "{e}"),
+        other => panic!("expected an error: {other:?}"),
+    }
+    assert!(listing.is_empty(), "left behind: {listing:?}");
+    let i = c.get("solid").unwrap();
+    assert_eq!(
+        (i.state, i.reason, i.pid),
+        (DomainState::Running, StateReason::Booted, pid)
+    );
     let n = last_count(&d, "solid");
     counts_past(&d, "solid", n + 10);
 

@@ -5,16 +5,15 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use common::{
     console_roundtrip, console_until, pid_alive, qemu_def, qmp_status, wait_booted, wait_for,
-    Daemon,
+    Daemon, Tmpfs,
 };
 use ferrovirt_api::client::{Client, ClientError, DefFormat};
 use ferrovirt_api::{DomainOp, DomainState, ErrorCode, StateReason};
-use ferrovirt_testkit::{RunWithin, TOOL_TIMEOUT};
 
 /// Starts the counter process (its pid in the answer) and writes a marker file. Answers are
 /// spelled with `""` inside so the terminal's echo of the command never looks like one.
@@ -150,31 +149,6 @@ fn a_restored_guest_counts_on_in_the_same_process_with_its_files() {
     assert_eq!(qmp_status(&d, "saver"), "paused");
     c.action("saver", DomainOp::Resume).unwrap();
     still_counting(&c, "saver", pid, at_save);
-}
-
-/// A tmpfs of `size` mounted for the test (the save target that runs out of space).
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: PathBuf, size: &str) -> Tmpfs {
-        std::fs::create_dir_all(&dir).unwrap();
-        let st = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(&dir)
-            .status_within(TOOL_TIMEOUT)
-            .expect("run mount");
-        assert!(st.success(), "mounting a small tmpfs needs root");
-        Tmpfs(dir)
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg(&self.0)
-            .status_within(TOOL_TIMEOUT);
-        let _ = std::fs::remove_dir(&self.0);
-    }
 }
 
 #[test]

@@ -58,3 +58,50 @@ fn a_running_vm_of_a_driver_without_live_snapshots_is_refused_clearly() {
     assert_eq!(r.snapshot.unwrap().state, SnapshotState::Shutoff);
     assert_eq!(code(c.snapshot_get("t", "other")), ErrorCode::NoSnapshot);
 }
+
+/// Metadata left under a name (by a transient domain that ended) is not a new domain's.
+#[test]
+fn a_new_domain_does_not_inherit_snapshot_metadata_left_under_its_name() {
+    let mut d = Daemon::start();
+    d.kill9();
+    let db = rusqlite::Connection::open(d.state_dir().join("ferrovirt.db")).unwrap();
+    let old = ferrovirtd::snapshot::store::Stored {
+        info: ferrovirt_api::snapshot::SnapshotInfo {
+            name: "old".into(),
+            domain: "t".into(),
+            parent: None,
+            created_ms: 1,
+            state: SnapshotState::Shutoff,
+            description: None,
+            memory_file: None,
+            disks: Vec::new(),
+            current: false,
+            children: Vec::new(),
+            descendants: 0,
+            domain_xml: None,
+        },
+        def: ferrovirt_api::DomainDef::new("t"),
+    };
+    db.execute(
+        "INSERT INTO snapshots (domain, name, meta) VALUES ('t', 'old', ?1)",
+        [serde_json::to_string(&old).unwrap()],
+    )
+    .unwrap();
+    db.execute(
+        "INSERT INTO snapshot_domains (domain, current, owned) VALUES ('t', 'old', '[]')",
+        [],
+    )
+    .unwrap();
+    drop(db);
+    d.spawn();
+    let c = d.client();
+    let kernel = d.file("kernel", "not a kernel: the test driver boots nothing");
+    let def = format!(
+        "name = \"t\"\ntype = \"test\"\n[os]\nkernel = \"{}\"\n",
+        kernel.display()
+    );
+    c.define(&def, DefFormat::Toml, false).unwrap();
+    assert!(c.snapshot_list("t").unwrap().is_empty());
+    assert_eq!(code(c.snapshot_current("t")), ErrorCode::NoSnapshot);
+    c.undefine("t").unwrap();
+}

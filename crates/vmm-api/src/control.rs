@@ -21,6 +21,10 @@ pub struct VmInfo {
     pub uptime_ms: u64,
     /// The configuration the VM was launched with.
     pub config: LaunchConfig,
+    /// Clients attached to the `--serial socket=` console. A launcher that must not miss any
+    /// output (a restore waiting to resume) waits for its own to be counted here.
+    #[serde(default)]
+    pub console_clients: u32,
 }
 
 /// The body of every 4xx/5xx answer.

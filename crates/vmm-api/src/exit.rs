@@ -41,9 +41,23 @@ pub enum ExitReason {
         cause: CrashCause,
         /// One line for people (the register dump stays in the log).
         detail: String,
+        /// With cause `seccomp`: the syscall the filter stopped.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        seccomp: Option<SeccompViolation>,
     },
     /// ferrovmm did not get the VM running: a usage, host or startup error.
     Error { message: String },
+}
+
+/// A syscall one of ferrovmm's seccomp filters did not allow.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeccompViolation {
+    /// The x86_64 syscall number.
+    pub syscall: u32,
+    /// Its name ("unknown" for a number newer than ferrovmm's table).
+    pub name: String,
+    /// The thread that made it (its name, e.g. "vcpu0", "virtio-dev", "api").
+    pub thread: String,
 }
 
 /// Why a VM crashed.
@@ -62,6 +76,8 @@ pub enum CrashCause {
     VcpuError,
     /// The VMM's own machinery failed while the VM ran (event loop, threads).
     Vmm,
+    /// A thread made a syscall its seccomp filter forbids (see `seccomp` in the record).
+    Seccomp,
 }
 
 impl CrashCause {
@@ -74,6 +90,7 @@ impl CrashCause {
             CrashCause::GuestPanic => "guest_panic",
             CrashCause::VcpuError => "vcpu_error",
             CrashCause::Vmm => "vmm",
+            CrashCause::Seccomp => "seccomp",
         }
     }
 }
@@ -170,6 +187,7 @@ mod tests {
                 ExitReason::Crash {
                     cause: CrashCause::KvmInternalError,
                     detail: "vcpu0: KVM internal error (suberror 1)".into(),
+                    seccomp: None,
                 },
                 r#"{"reason":"crash","cause":"kvm_internal_error","detail":"vcpu0: KVM internal error (suberror 1)","status":1}"#,
             ),
@@ -209,6 +227,7 @@ mod tests {
             CrashCause::GuestPanic,
             CrashCause::VcpuError,
             CrashCause::Vmm,
+            CrashCause::Seccomp,
         ] {
             assert_eq!(
                 serde_json::to_string(&cause).unwrap(),

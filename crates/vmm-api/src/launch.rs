@@ -70,6 +70,12 @@ pub struct LaunchConfig {
     /// None: ferrovmm's own default (FERROVMM_LOG, else warn).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_level: Option<LogLevel>,
+    /// ferrovmm's per-thread seccomp filters (on unless asked otherwise).
+    #[serde(default)]
+    pub seccomp: SeccompMode,
+    /// The jail a launcher prepared; ferrovmm enters it before anything else.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jail: Option<crate::JailConfig>,
 }
 
 impl LaunchConfig {
@@ -90,6 +96,8 @@ impl LaunchConfig {
             api_socket: None,
             exit_file: None,
             log_level: None,
+            seccomp: SeccompMode::On,
+            jail: None,
         }
     }
 
@@ -148,6 +156,9 @@ impl LaunchConfig {
         if let Some(p) = &self.exit_file {
             check_path("--exit-file", p)?;
         }
+        if let Some(j) = &self.jail {
+            j.check().map_err(|e| LaunchError(format!("--jail: {e}")))?;
+        }
         Ok(())
     }
 
@@ -182,6 +193,12 @@ impl LaunchConfig {
         }
         if let Some(l) = self.log_level {
             opt("log-level", &l);
+        }
+        if self.seccomp != SeccompMode::On {
+            opt("seccomp", &self.seccomp);
+        }
+        if let Some(j) = &self.jail {
+            opt("jail", j);
         }
         if self.rng {
             a.push("--rng".into());
@@ -619,6 +636,46 @@ impl fmt::Display for LogLevel {
     }
 }
 
+/// ferrovmm's seccomp filters: `on` (a forbidden syscall stops the VM with an exit record that
+/// names it), `log` (the kernel logs it and lets it through: for finding what a filter lacks)
+/// or `off`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SeccompMode {
+    Off,
+    Log,
+    #[default]
+    On,
+}
+
+impl SeccompMode {
+    pub const ALL: [SeccompMode; 3] = [SeccompMode::Off, SeccompMode::Log, SeccompMode::On];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SeccompMode::Off => "off",
+            SeccompMode::Log => "log",
+            SeccompMode::On => "on",
+        }
+    }
+}
+
+impl FromStr for SeccompMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        SeccompMode::ALL
+            .into_iter()
+            .find(|m| m.as_str() == s)
+            .ok_or_else(|| "expected off, log or on".to_string())
+    }
+}
+
+impl fmt::Display for SeccompMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -655,6 +712,7 @@ mod tests {
         c.api_socket = Some("/run/fv/vms/web-1/api.sock".into());
         c.exit_file = Some("/run/fv/vms/web-1/exit.json".into());
         c.log_level = Some(LogLevel::Info);
+        c.seccomp = SeccompMode::Log;
         c
     }
 
@@ -697,6 +755,9 @@ mod tests {
         );
         for l in LogLevel::ALL {
             assert_eq!(l.to_string().parse::<LogLevel>().unwrap(), l);
+        }
+        for m in SeccompMode::ALL {
+            assert_eq!(m.to_string().parse::<SeccompMode>().unwrap(), m);
         }
     }
 

@@ -13,14 +13,16 @@
 pub mod control;
 pub mod exit;
 mod format;
+pub mod jail;
 mod kv;
 pub mod launch;
 pub mod restore;
 
-pub use exit::{CrashCause, ExitReason, ExitRecord};
+pub use exit::{CrashCause, ExitReason, ExitRecord, SeccompViolation};
 pub use format::{DiskFormat, UnknownFormat};
+pub use jail::JailConfig;
 pub use launch::{
     ConsoleMode, DiskCache, DiskConfig, LaunchConfig, LaunchError, LogLevel, Mac, NetBackend,
-    NetConfig, SerialMode,
+    NetConfig, SeccompMode, SerialMode,
 };
 pub use restore::{RestoreConfig, SnapshotReply, SnapshotRequest};

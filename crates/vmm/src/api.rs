@@ -127,6 +127,9 @@ pub fn serve(path: &Path, machine: Arc<Machine>) -> Result<()> {
         // Requests run on these (pause waits for every vCPU): one per connection at most.
         .max_blocking_threads(MAX_CONNECTIONS)
         .thread_stack_size(256 << 10)
+        // Blocking-pool threads inherit the API thread's seccomp filter; a violation names them.
+        .thread_name("api-worker")
+        .on_thread_start(crate::seccomp::name_this_thread)
         .build()
         .map_err(|e| Error::host(format!("cannot start the API runtime: {e}")))?;
     let listener = {
@@ -136,7 +139,10 @@ pub fn serve(path: &Path, machine: Arc<Machine>) -> Result<()> {
     std::thread::Builder::new()
         .name("api".into())
         .stack_size(256 << 10)
-        .spawn(move || runtime.block_on(accept_loop(listener, machine)))
+        .spawn(move || {
+            crate::seccomp::apply(crate::seccomp::ThreadKind::Api);
+            runtime.block_on(accept_loop(listener, machine))
+        })
         .map_err(|e| Error::host(format!("cannot start the API thread: {e}")))?;
     Ok(())
 }
@@ -397,6 +403,9 @@ fn route(machine: &Arc<Machine>, method: &Method, path: &str, body: &[u8]) -> Re
                     uptime_ms: u64::try_from(machine.started.elapsed().as_millis())
                         .unwrap_or(u64::MAX),
                     config: machine.config.clone(),
+                    console_clients: machine.serial_clients.as_ref().map_or(0, |c| {
+                        c.lock().unwrap_or_else(|p| p.into_inner()).len() as u32
+                    }),
                 },
             )
         }

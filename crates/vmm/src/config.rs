@@ -8,8 +8,8 @@ use std::str::FromStr;
 
 use clap::Parser;
 pub use ferrovmm_api::launch::{
-    ConsoleMode, DiskCache, DiskConfig, LaunchConfig, LogLevel, NetBackend, NetConfig, SerialMode,
-    DEFAULT_CMDLINE,
+    ConsoleMode, DiskCache, DiskConfig, LaunchConfig, LogLevel, NetBackend, NetConfig, SeccompMode,
+    SerialMode, DEFAULT_CMDLINE,
 };
 
 use crate::error::{Error, Result};
@@ -88,6 +88,16 @@ pub struct Args {
     /// FERROVMM_LOG).
     #[arg(long, value_name = "LEVEL", env = "FERROVMM_LOG", value_parser = LogLevel::from_str)]
     pub log_level: Option<LogLevel>,
+
+    /// Per-thread seccomp filters: on (a forbidden syscall stops the VM; its exit record
+    /// names the call), log (the kernel logs it and allows it) or off (also FERROVMM_SECCOMP).
+    #[arg(long, value_name = "MODE", default_value = "on", env = "FERROVMM_SECCOMP", value_parser = SeccompMode::from_str)]
+    pub seccomp: SeccompMode,
+
+    /// Enter the jail a launcher prepared, before anything else: root=PATH,uid=N,gid=N
+    /// (chroot to PATH, then run as uid/gid without supplementary groups or capabilities).
+    #[arg(long, value_name = "SPEC", value_parser = ferrovmm_api::JailConfig::from_str)]
+    pub jail: Option<ferrovmm_api::JailConfig>,
 }
 
 impl Args {
@@ -108,6 +118,8 @@ impl Args {
             api_socket: self.api_socket,
             exit_file: self.exit_file,
             log_level: self.log_level,
+            seccomp: self.seccomp,
+            jail: self.jail,
         }
     }
 }
@@ -236,6 +248,12 @@ mod tests {
         c.api_socket = Some("--api-socket".into());
         c.exit_file = Some("-".into());
         c.log_level = Some(LogLevel::Trace);
+        c.seccomp = SeccompMode::Log;
+        c.jail = Some(ferrovmm_api::JailConfig {
+            root: "/j/-a=b c".into(),
+            uid: 70_000,
+            gid: 70_001,
+        });
         c
     }
 

@@ -15,6 +15,7 @@ pub mod device_manager;
 pub mod devices;
 pub mod error;
 pub mod irq;
+pub mod jail;
 pub mod kvm_state;
 pub mod layout;
 pub mod lifecycle;
@@ -25,6 +26,7 @@ pub mod pci;
 pub mod pci_devices;
 pub mod persist;
 pub mod restore;
+pub mod seccomp;
 pub mod snapshot;
 pub mod teardown;
 pub mod vcpu;
@@ -88,6 +90,7 @@ pub fn serve_machine(config: &LaunchConfig, started: Started, resume: bool) -> R
         machine.resume();
     }
     let stdin = config.serial == config::SerialMode::Stdio;
+    seccomp::apply(seccomp::ThreadKind::Main);
     let reason = console::EventLoop::new(&machine, stdin, console_listener)?.run();
 
     let (line, code) = reason.report();
@@ -101,6 +104,7 @@ pub fn serve_machine(config: &LaunchConfig, started: Started, resume: bool) -> R
 /// Writes the exit record to `--exit-file`, if one was asked for. A failure is only logged:
 /// the launcher then finds no record and treats the end as a crash.
 pub fn record_exit(path: Option<&std::path::Path>, reason: ExitReason, status: i32) {
+    seccomp::finish();
     let Some(path) = path else {
         return;
     };

@@ -50,6 +50,7 @@ impl StopReason {
             StopReason::Crash { cause, detail, .. } => ExitReason::Crash {
                 cause: *cause,
                 detail: detail.clone(),
+                seccomp: None,
             },
         }
     }

@@ -78,6 +78,7 @@ fn restore(raw: &[OsString]) -> ! {
         }
     };
     ferrovmm::logger::init(ferrovmm::config::log_filter(args.log_level));
+    start_seccomp(args.seccomp, args.exit_file.as_deref());
     let (api_socket, exit_file) = (args.api_socket.clone(), args.exit_file.clone());
     match ferrovmm::restore::run(args) {
         Ok(code) => std::process::exit(code),
@@ -95,6 +96,16 @@ fn restore(raw: &[OsString]) -> ! {
             }
             std::process::exit(e.exit_code());
         }
+    }
+}
+
+/// Chooses the seccomp mode every thread of the VM applies as it starts.
+fn start_seccomp(mode: ferrovmm_api::SeccompMode, exit_file: Option<&std::path::Path>) {
+    if let Err(e) = ferrovmm::seccomp::init(mode, exit_file) {
+        let message = format!("cannot prepare seccomp: {e}");
+        eprintln!("ferrovmm: {message}");
+        ferrovmm::record_exit(exit_file, ExitReason::Error { message }, 1);
+        std::process::exit(1);
     }
 }
 
@@ -135,6 +146,18 @@ fn main() {
     if let Some(path) = &config.exit_file {
         let _ = std::fs::remove_file(path);
     }
+    if let Some(jail) = &config.jail {
+        if let Err(message) = ferrovmm::jail::enter(jail) {
+            eprintln!("ferrovmm: {message}");
+            ferrovmm::record_exit(
+                config.exit_file.as_deref(),
+                ExitReason::Error { message },
+                1,
+            );
+            std::process::exit(1);
+        }
+    }
+    start_seccomp(config.seccomp, config.exit_file.as_deref());
     match ferrovmm::run(&config) {
         Ok(code) => std::process::exit(code),
         Err(e) => {

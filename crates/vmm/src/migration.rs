@@ -237,6 +237,7 @@ pub fn start(machine: Arc<Machine>, req: MigrateRequest) -> std::result::Result<
     std::thread::Builder::new()
         .name("migration".into())
         .spawn(move || {
+            crate::seccomp::apply(crate::seccomp::ThreadKind::Migration);
             let started = Instant::now();
             let result = migrate(&m, &address, &req);
             m.migration.update(|s| match &result {

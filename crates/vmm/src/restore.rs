@@ -8,7 +8,7 @@ use clap::Parser;
 
 use std::str::FromStr;
 
-use crate::config::{LaunchConfig, LogLevel, NetBackend, SerialMode};
+use crate::config::{LaunchConfig, LogLevel, NetBackend, SeccompMode, SerialMode};
 use crate::error::{Error, Result};
 use crate::snapshot::{self, MEMORY_FILE, STATE_FILE};
 use crate::vm::{MemorySource, Origin};
@@ -66,6 +66,10 @@ pub struct RestoreArgs {
     /// Log level on stderr (also FERROVMM_LOG).
     #[arg(long, value_name = "LEVEL", env = "FERROVMM_LOG", value_parser = LogLevel::from_str)]
     pub log_level: Option<LogLevel>,
+
+    /// Per-thread seccomp filters: on, log or off (also FERROVMM_SECCOMP); as at launch.
+    #[arg(long, value_name = "MODE", default_value = "on", env = "FERROVMM_SECCOMP", value_parser = SeccompMode::from_str)]
+    pub seccomp: SeccompMode,
 }
 
 /// True when the command line asks for a restore (main picks the parser by this).
@@ -105,6 +109,7 @@ pub(crate) fn configure(r: &RestoreArgs, saved: &LaunchConfig) -> Result<LaunchC
     config.api_socket = r.api_socket.clone();
     config.exit_file = r.exit_file.clone();
     config.log_level = r.log_level;
+    config.seccomp = r.seccomp;
     for d in &r.disk {
         let (n, path) = index_and_value("--disk", d, config.disks.len())?;
         config.disks[n].path = PathBuf::from(path);

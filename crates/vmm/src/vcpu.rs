@@ -207,7 +207,10 @@ pub fn start(vcpus: Vec<Vcpu>, paused: bool) -> std::io::Result<VcpuSet> {
             std::thread::Builder::new()
                 .name(name)
                 .stack_size(256 << 10)
-                .spawn(move || vcpu.run(&pause))?,
+                .spawn(move || {
+                    crate::seccomp::apply(crate::seccomp::ThreadKind::Vcpu);
+                    vcpu.run(&pause)
+                })?,
         );
     }
     Ok(VcpuSet { threads, pause })

@@ -72,7 +72,7 @@ fn an_emulation_failure_is_a_crash_with_its_cause() {
     let (run, rec) = boot_to_end(g, &[]);
     assert_eq!(run.status, 1, "stderr: {}", run.stderr);
     assert_eq!(rec.status, 1);
-    let ExitReason::Crash { cause, detail } = &rec.reason else {
+    let ExitReason::Crash { cause, detail, .. } = &rec.reason else {
         panic!("want a crash record, got {rec:?}");
     };
     assert!(

@@ -19,22 +19,25 @@ pub enum Repair {
 #[derive(Clone, Debug, Default, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct CheckReport {
-    pub filename: String,
-    pub format: String,
+    // Fields in the order qemu-img 7.2's --output=json prints them.
+    pub image_end_offset: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub compressed_clusters: u64,
+    pub total_clusters: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub corruptions: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub corruptions_fixed: u64,
     pub check_errors: u64,
     #[serde(skip_serializing_if = "is_zero")]
     pub leaks: u64,
     #[serde(skip_serializing_if = "is_zero")]
-    pub corruptions: u64,
-    #[serde(skip_serializing_if = "is_zero")]
     pub leaks_fixed: u64,
-    #[serde(skip_serializing_if = "is_zero")]
-    pub corruptions_fixed: u64,
-    pub image_end_offset: u64,
-    pub total_clusters: u64,
     pub allocated_clusters: u64,
+    pub filename: String,
+    pub format: String,
+    #[serde(skip_serializing_if = "is_zero")]
     pub fragmented_clusters: u64,
-    pub compressed_clusters: u64,
     /// One line per problem found, in qemu-img's wording.
     #[serde(skip)]
     pub messages: Vec<String>,
@@ -225,7 +228,7 @@ fn check_qcow2(q: &Qcow2, path: &Path) -> Result<(CheckReport, Findings), DiskEr
     // Guest mappings, plus the OFLAG_COPIED expectations to verify afterwards.
     // (cluster, entry, where the entry is in the file, L1 index for L2 tables)
     let mut copied_checks: Vec<(u64, u64, u64, Option<usize>)> = Vec::new();
-    let mut last_host = None;
+    let mut last_host: Option<u64>;
     let mut seen_l2 = std::collections::HashSet::new();
     // Clusters no L2 table or data cluster may be: header, tables, refcount blocks.
     let mut metadata = std::collections::HashSet::new();
@@ -242,7 +245,9 @@ fn check_qcow2(q: &Qcow2, path: &Path) -> Result<(CheckReport, Findings), DiskEr
     }
     for sn in &meta.snapshots {
         let first = sn.l1_table_offset / cs;
-        metadata.extend(first..first + (sn.l1_size as u64 * 8).div_ceil(cs));
+        // Bounded: a hostile snapshot entry may claim any L1 size.
+        let n = (sn.l1_size as u64 * 8).min(crate::qcow2::header::MAX_L1_BYTES);
+        metadata.extend(first..first.saturating_add(n.div_ceil(cs)));
     }
     let l2_tables: std::collections::HashSet<u64> = meta
         .l1
@@ -308,6 +313,7 @@ fn check_qcow2(q: &Qcow2, path: &Path) -> Result<(CheckReport, Findings), DiskEr
             continue;
         }
         copied_checks.push((l2_off / cs, l1e, h.l1_table_offset + i as u64 * 8, Some(i)));
+        last_host = None;
         let mut bytes = vec![0u8; cs as usize];
         f.read_at(&mut bytes, l2_off)?;
         for (j, e) in bytes.chunks_exact(8).enumerate() {
@@ -343,14 +349,14 @@ fn check_qcow2(q: &Qcow2, path: &Path) -> Result<(CheckReport, Findings), DiskEr
                     }
                     inc(&mut r, host / cs, 1, "data cluster");
                     copied_checks.push((host / cs, e, l2_off + j as u64 * 8, None));
-                    if let Mapping::Data { .. } = m {
-                        if guest < r.total_clusters {
-                            r.allocated_clusters += 1;
-                            if last_host.is_some_and(|p: u64| p + cs != host) {
-                                r.fragmented_clusters += 1;
-                            }
-                            last_host = Some(host);
+                    // As QEMU counts them: preallocated zero clusters are allocated
+                    // too, and contiguity is judged within one L2 table.
+                    if guest < r.total_clusters {
+                        r.allocated_clusters += 1;
+                        if last_host.is_some_and(|p: u64| p + cs != host) {
+                            r.fragmented_clusters += 1;
                         }
+                        last_host = Some(host);
                     }
                 }
                 Mapping::Compressed { .. } => {
@@ -359,6 +365,8 @@ fn check_qcow2(q: &Qcow2, path: &Path) -> Result<(CheckReport, Findings), DiskEr
                     }
                     r.allocated_clusters += 1;
                     r.compressed_clusters += 1;
+                    // QEMU: compressed clusters are fragmented by nature.
+                    r.fragmented_clusters += 1;
                 }
                 _ => {}
             }

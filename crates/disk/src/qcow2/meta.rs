@@ -664,7 +664,7 @@ impl Meta {
                 j += 1;
             }
             let off = released[i] << self.geo.cluster_bits;
-            f.punch_hole(off, (j - i) as u64 * self.geo.cluster_size)?;
+            f.release(off, (j - i) as u64 * self.geo.cluster_size)?;
             i = j;
         }
         Ok(())

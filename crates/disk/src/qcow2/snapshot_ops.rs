@@ -633,7 +633,7 @@ impl Qcow2 {
             }
         }
         for (s, n) in runs {
-            let _ = self.file.punch_hole(s * cs, n * cs);
+            let _ = self.file.release(s * cs, n * cs);
         }
     }
 }

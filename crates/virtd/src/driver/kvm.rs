@@ -94,11 +94,14 @@ impl KvmDriver {
     }
 
     /// Run ferrovmm with `argv` (a launch or a restore) and wait until its API answers.
-    fn spawn(&self, ctx: VmCtx, argv: Vec<String>) -> Result<Started, ApiError> {
+    /// With `jail`, the process makes its jail's mounts before it runs ferrovmm.
+    fn spawn(
+        &self,
+        ctx: VmCtx,
+        argv: Vec<String>,
+        jail: Option<crate::jail::Mounts>,
+    ) -> Result<Started, ApiError> {
         let dir = ctx.vm_dir.clone();
-        for f in ["pid", "api.sock", "serial.sock", EXIT_FILE] {
-            let _ = fs::remove_file(dir.join(f));
-        }
         let log_path = dir.join("vmm.log");
         let log = crate::files::create_private(&log_path)
             .map_err(|e| ApiError::internal(format!("{}: {e}", log_path.display())))?;
@@ -108,11 +111,15 @@ impl KvmDriver {
             .stdout(Stdio::null())
             .stderr(log);
         // SAFETY: setsid() is async-signal-safe; it detaches the VMM from the daemon's session so
-        // signals aimed at the daemon's process group do not reach the VM.
+        // signals aimed at the daemon's process group do not reach the VM. The jail's mounts
+        // are plain syscalls on strings prepared before the fork.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 libc::setsid();
-                Ok(())
+                match &jail {
+                    Some(m) => m.enter(),
+                    None => Ok(()),
+                }
             });
         }
         let mut child = cmd.spawn().map_err(|e| {
@@ -183,6 +190,7 @@ impl KvmDriver {
     fn watch_exit(dir: PathBuf, pid: u32, on_exit: ExitNotifier) -> Box<dyn FnOnce() + Send> {
         Box::new(move || {
             wait_gone(pid, Duration::from_secs(10));
+            crate::jail::release(&dir);
             on_exit(exit_kind(&dir));
         })
     }
@@ -246,7 +254,7 @@ pub fn exit_kind(dir: &Path) -> ExitKind {
             ExitReason::Poweroff => ExitKind::Poweroff,
             ExitReason::Reset => ExitKind::Reboot,
             ExitReason::Stopped | ExitReason::Migrated => ExitKind::Destroyed,
-            ExitReason::Crash { cause, detail } => {
+            ExitReason::Crash { cause, detail, .. } => {
                 eprintln!(
                     "ferrovirtd: VM in {} crashed ({}): {detail}",
                     dir.display(),
@@ -297,12 +305,29 @@ impl Driver for KvmDriver {
     }
 
     fn start(&self, ctx: VmCtx) -> Result<Started, ApiError> {
-        let argv = launch_config(ctx.def, &ctx.vm_dir)?
-            .to_args()
-            .map_err(|e| ApiError::invalid(e.to_string()))?;
+        let dir = ctx.vm_dir.clone();
+        let mut launch = launch_config(ctx.def, &dir)?;
+        for f in ["pid", "api.sock", "serial.sock", EXIT_FILE] {
+            let _ = fs::remove_file(dir.join(f));
+        }
         // A booted VM needs nothing of an earlier restore.
-        let _ = fs::remove_dir_all(ctx.vm_dir.join(save::RESTORE_DIR));
-        self.spawn(ctx, argv)
+        let _ = fs::remove_dir_all(dir.join(save::RESTORE_DIR));
+        // A booted VM runs jailed when the daemon can (see crate::jail); a restored one not yet.
+        let started = (|| {
+            let jail = if crate::jail::enabled() {
+                Some(crate::jail::prepare(&mut launch, &dir)?)
+            } else {
+                None
+            };
+            let argv = launch
+                .to_args()
+                .map_err(|e| ApiError::invalid(e.to_string()))?;
+            self.spawn(ctx, argv, jail)
+        })();
+        if started.is_err() {
+            crate::jail::release(&dir);
+        }
+        started
     }
 
     fn save(&self, vm: &VmRef, out: &mut fs::File, progress: Progress) -> Result<(), ApiError> {
@@ -346,13 +371,18 @@ impl Driver for KvmDriver {
         };
         // A polite stop first, briefly: a ferrovmm that does not answer is killed.
         let polite = vm.deadline.within(Duration::from_secs(3));
-        if pid_stopped(pid)
+        let gone = if pid_stopped(pid)
             || self.api(vm.vm_dir, "PUT", "/vm/stop", &polite).is_err()
             || !wait_gone(pid, vm.deadline.remaining().min(Duration::from_secs(5)))
         {
-            return kill_and_wait(pid, "ferrovmm");
+            kill_and_wait(pid, "ferrovmm")
+        } else {
+            Ok(())
+        };
+        if gone.is_ok() {
+            crate::jail::release(vm.vm_dir);
         }
-        Ok(())
+        gone
     }
 
     fn shutdown(&self, vm: &VmRef) -> Result<Option<ExitKind>, ApiError> {

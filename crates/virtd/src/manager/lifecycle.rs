@@ -266,18 +266,7 @@ impl Manager {
             }
             DomainOp::Destroy => {
                 snap.driver.destroy(&vm)?;
-                self.networks.unplug(&snap.def);
-                let mut writer = self.writer();
-                // The VM is gone whoever still waits: record it.
-                Self::settle(&mut self.lock(), name, job);
-                writer.commit_and(
-                    name,
-                    Transient::Forget,
-                    commit::stopped(DomainState::Shutoff, StateReason::Destroyed),
-                    |inner| Self::stopped_in_memory(inner, name),
-                )?;
-                drop(writer);
-                self.events.emit(name, EventKind::Stopped, "destroyed");
+                self.record_gone(name, job, &snap.def, StateReason::Destroyed)?;
             }
             DomainOp::Reset => {
                 snap.driver.reset(&vm)?;
@@ -308,6 +297,29 @@ impl Manager {
                 self.events.emit(name, EventKind::Resumed, "unpaused");
             }
         }
+        Ok(())
+    }
+
+    /// The job `job` took the VM down (destroy, save): record it shut off for `reason`, whoever
+    /// still waits for the answer.
+    pub(super) fn record_gone(
+        &self,
+        name: &str,
+        job: &JobHandle,
+        def: &DomainDef,
+        reason: StateReason,
+    ) -> Result<(), ApiError> {
+        self.networks.unplug(def);
+        let mut writer = self.writer();
+        Self::settle(&mut self.lock(), name, job);
+        writer.commit_and(
+            name,
+            Transient::Forget,
+            commit::stopped(DomainState::Shutoff, reason),
+            |inner| Self::stopped_in_memory(inner, name),
+        )?;
+        drop(writer);
+        self.events.emit(name, EventKind::Stopped, reason.as_str());
         Ok(())
     }
 

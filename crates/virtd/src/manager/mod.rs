@@ -500,6 +500,13 @@ impl Manager {
                 warnings,
             });
         }
+        // A new domain has no snapshots: metadata an ended transient domain of this name left
+        // is not its. (Forgotten without the table's lock; the writer lock keeps others out.)
+        if self.snapshots.has_metadata(&name)? {
+            drop(inner);
+            self.snapshots.forget_domain(&name)?;
+            inner = self.lock();
+        }
         if transient {
             // Nothing is stored unless the VM actually starts; a failed start forgets it. The
             // start commits from its job's thread: it needs the writer lock.

@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use ferrovirt_api::engine::Engine;
 use ferrovirt_api::save::StartState;
-use ferrovirt_api::state::EventKind;
 use ferrovirt_api::{
     xml, ApiError, DomainDef, DomainInfo, DomainState, ErrorCode, JobKind, JobProgress, StateReason,
 };
@@ -33,6 +32,9 @@ use crate::store::StoredDomain;
 /// Saving and restoring move all of guest RAM: more time than a lifecycle call, yet answered
 /// before the client's own 120 s limit.
 const SAVE_LIMIT: Duration = Duration::from_secs(100);
+
+/// How long the stopped VM's console may take to deliver its last output.
+const CONSOLE_DRAIN: Duration = Duration::from_secs(5);
 
 const SAVE: JobSpec = JobSpec {
     name: "save",
@@ -197,6 +199,9 @@ impl Manager {
         driver.check(&def)?;
         self.check_policy(&def)?;
         self.networks.check_interfaces(&def, false)?;
+        // The writer lock (then the table's) from the checks to the new domain's insertion, so
+        // no define of the same name comes in between (as define does it).
+        let writer = self.writer();
         let mut inner = self.lock();
         let existing = Self::get(&inner, &name)
             .ok()
@@ -242,7 +247,9 @@ impl Manager {
                 );
             }
         }
-        let (inner, name, job) = self.take_job(inner, &name, RESTORE, Duration::ZERO)?;
+        let taken = self.take_job(inner, &name, RESTORE, Duration::ZERO);
+        drop(writer);
+        let (inner, name, job) = taken?;
         let state = Self::get(&inner, &name)?.stored.state;
         drop(inner);
         if state.is_active() {
@@ -373,24 +380,22 @@ impl Manager {
             runtime: &r.runtime,
             deadline: &cleanup,
         };
+        let console = self.lock().doms.get(name).and_then(|d| d.console.clone());
         if let Err(e) = r.driver.destroy(&vm) {
             // Saved, but the VM still exists: keep both rather than a file that is not the end.
             let _ = std::fs::remove_file(finally.as_ref().unwrap_or(&path));
             self.resume_after_failed_save(name, &r);
             return Err(e);
         }
-        self.networks.unplug(&r.def);
-        let mut writer = self.writer();
-        Self::settle(&mut self.lock(), name, job);
-        writer.commit_and(
-            name,
-            Transient::Forget,
-            commit::stopped(DomainState::Shutoff, StateReason::Saved),
-            |inner| Self::stopped_in_memory(inner, name),
-        )?;
-        drop(writer);
-        self.events.emit(name, EventKind::Stopped, "saved");
-        Ok(())
+        // What the guest printed before the pause is logged before a restore can append to
+        // the same console log: the old console's pump ends at the VM's end of output.
+        if let Some(hub) = console {
+            let drained = Deadline::after(CONSOLE_DRAIN, format!("domain '{name}': console"));
+            while hub.is_connected() && !drained.expired() {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        self.record_gone(name, job, &r.def, StateReason::Saved)
     }
 
     /// Header, paused state, payload, completion: everything of a save that can still fail

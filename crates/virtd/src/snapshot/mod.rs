@@ -96,6 +96,11 @@ impl Snapshots {
         Ok(())
     }
 
+    /// Whether the store has anything about snapshots of `domain` (a read: no fsync).
+    pub fn has_metadata(&self, domain: &str) -> Result<bool, ApiError> {
+        self.store.has_any(domain)
+    }
+
     pub fn forget_domain(&self, domain: &str) -> Result<(), ApiError> {
         self.store.forget(domain)
     }

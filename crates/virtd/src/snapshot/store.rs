@@ -170,6 +170,17 @@ impl SnapStore {
             .map_err(db_err)
     }
 
+    pub fn has_any(&self, domain: &str) -> Result<bool, ApiError> {
+        self.conn()
+            .query_row(
+                "SELECT EXISTS(SELECT 1 FROM snapshots WHERE domain = ?1)
+                     OR EXISTS(SELECT 1 FROM snapshot_domains WHERE domain = ?1)",
+                params![domain],
+                |r| r.get(0),
+            )
+            .map_err(db_err)
+    }
+
     pub fn forget(&self, domain: &str) -> Result<(), ApiError> {
         self.save(domain, &Tree::default())
     }

@@ -20,6 +20,8 @@ pub struct Daemon {
     pub extra_args: Vec<String>,
     /// RLIMIT_NOFILE (soft and hard) for the daemon process, if set.
     pub fd_limit: Option<u64>,
+    /// Run the daemon in a network namespace of its own (for tests that make bridges/TAPs).
+    pub own_netns: bool,
 }
 
 pub fn daemon_binary() -> PathBuf {
@@ -38,6 +40,10 @@ impl Daemon {
 
     /// Start with extra arguments and, if given, this file descriptor limit.
     pub fn start_limited(extra: &[&str], fd_limit: Option<u64>) -> Daemon {
+        Self::start_full(extra, fd_limit, false)
+    }
+
+    fn start_full(extra: &[&str], fd_limit: Option<u64>, own_netns: bool) -> Daemon {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         // Short paths: Unix socket paths are limited to 108 bytes.
         let dir = PathBuf::from(format!("/tmp/fvd-{}-{n}", std::process::id()));
@@ -52,9 +58,15 @@ impl Daemon {
             child: None,
             extra_args,
             fd_limit,
+            own_netns,
         };
         d.spawn();
         d
+    }
+
+    /// A daemon in a fresh network namespace of its own (gone with it).
+    pub fn start_in_own_netns() -> Daemon {
+        Self::start_full(&[], None, true)
     }
 
     pub fn state_dir(&self) -> PathBuf {
@@ -78,16 +90,40 @@ impl Daemon {
             .open(self.dir.join("daemon.log"))
             .expect("log");
         let mut cmd = Command::new(daemon_binary());
-        if let Some(n) = self.fd_limit {
+        let (fd_limit, own_netns) = (self.fd_limit, self.own_netns);
+        if fd_limit.is_some() || own_netns {
             use std::os::unix::process::CommandExt;
-            // SAFETY: only setrlimit (async-signal-safe) runs between fork and exec.
+            // SAFETY: only setrlimit, unshare and mount (async-signal-safe) run between fork and exec.
             unsafe {
                 cmd.pre_exec(move || {
-                    let rl = libc::rlimit {
-                        rlim_cur: n,
-                        rlim_max: n,
-                    };
-                    if libc::setrlimit(libc::RLIMIT_NOFILE, &rl) != 0 {
+                    if let Some(n) = fd_limit {
+                        let rl = libc::rlimit {
+                            rlim_cur: n,
+                            rlim_max: n,
+                        };
+                        if libc::setrlimit(libc::RLIMIT_NOFILE, &rl) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    // As `ip netns exec` does: a /sys that shows this namespace's devices.
+                    if own_netns
+                        && (libc::unshare(libc::CLONE_NEWNET | libc::CLONE_NEWNS) != 0
+                            || libc::mount(
+                                std::ptr::null(),
+                                c"/".as_ptr(),
+                                std::ptr::null(),
+                                libc::MS_REC | libc::MS_PRIVATE,
+                                std::ptr::null(),
+                            ) != 0
+                            || libc::umount2(c"/sys".as_ptr(), libc::MNT_DETACH) != 0
+                            || libc::mount(
+                                c"sysfs".as_ptr(),
+                                c"/sys".as_ptr(),
+                                c"sysfs".as_ptr(),
+                                0,
+                                std::ptr::null(),
+                            ) != 0)
+                    {
                         return Err(std::io::Error::last_os_error());
                     }
                     Ok(())
@@ -397,5 +433,30 @@ pub fn qmp_status(d: &Daemon, name: &str) -> String {
         if let Some(status) = v.pointer("/return/status") {
             return status.as_str().unwrap().to_string();
         }
+    }
+}
+
+/// A tmpfs of `size` mounted for the test (the save target that runs out of space).
+pub struct Tmpfs(pub PathBuf);
+
+impl Tmpfs {
+    pub fn mount(dir: PathBuf, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(&dir).unwrap();
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&dir)
+            .status_within(TOOL_TIMEOUT)
+            .expect("run mount");
+        assert!(st.success(), "mounting a small tmpfs needs root");
+        Tmpfs(dir)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(&self.0)
+            .status_within(TOOL_TIMEOUT);
+        let _ = std::fs::remove_dir(&self.0);
     }
 }

@@ -553,7 +553,10 @@ impl VirtioDevice for Block {
             if let Err(e) = std::thread::Builder::new()
                 .name(format!("blk-io{i}"))
                 .stack_size(256 << 10)
-                .spawn(move || run_worker(p, worker))
+                .spawn(move || {
+                    crate::seccomp::apply(crate::seccomp::ThreadKind::BlockIo);
+                    run_worker(p, worker)
+                })
             {
                 // Threads already started see `stop`; those never started are not counted.
                 pool.lock().alive -= WORKERS - i;

@@ -68,7 +68,10 @@ impl EventLoop {
         std::thread::Builder::new()
             .name("devices".into())
             .stack_size(512 << 10)
-            .spawn(move || this.run())?;
+            .spawn(move || {
+                crate::seccomp::apply(crate::seccomp::ThreadKind::Device);
+                this.run()
+            })?;
         Ok(())
     }
 

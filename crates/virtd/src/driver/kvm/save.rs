@@ -31,6 +31,8 @@ const HEAD: u64 = 24;
 const ALIGN: u64 = 4096;
 /// ferrovmm's own limit on its state file is 64 MiB of payload; a little more for its header.
 const MAX_STATE: u64 = (64 << 20) + 4096;
+/// How long ferrovmm may take to accept the daemon's console connection.
+const CONSOLE_ATTACH: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn driver_err(what: &str, e: impl std::fmt::Display) -> ApiError {
     ApiError::driver(format!("{what}: {e}"))
@@ -41,7 +43,11 @@ fn storage_err(what: &str, e: std::io::Error) -> ApiError {
 }
 
 /// The folder of the file behind `out` (where the snapshot is staged); else the VM's folder.
+/// A jailed VM sees only its run folder: its snapshot is staged there.
 fn staging_dir(out: &File, vm_dir: &Path) -> PathBuf {
+    if crate::jail::uid_of(vm_dir).is_some() {
+        return vm_dir.join(format!(".ferrovirt-save-{}", std::process::id()));
+    }
     let parent = fs::read_link(format!("/proc/self/fd/{}", out.as_raw_fd()))
         .ok()
         .and_then(|p| p.parent().map(Path::to_path_buf))
@@ -89,6 +95,10 @@ impl KvmDriver {
     ) -> Result<(), ApiError> {
         let _ = fs::remove_dir_all(staging);
         files::private_dir(staging).map_err(ApiError::driver)?;
+        if let Some(uid) = crate::jail::uid_of(vm.vm_dir) {
+            std::os::unix::fs::chown(staging, Some(uid), Some(uid))
+                .map_err(|e| driver_err("cannot give the staging folder to the VM", e))?;
+        }
         let request = serde_json::to_vec(&SnapshotRequest {
             path: staging.to_path_buf(),
         })
@@ -157,7 +167,32 @@ impl KvmDriver {
         let argv = config
             .to_args()
             .map_err(|e| ApiError::invalid(e.to_string()))?;
-        self.spawn(ctx, argv)
+        let (vm_dir, deadline) = (ctx.vm_dir.clone(), ctx.deadline.clone());
+        let started = self.spawn(ctx, argv, None)?;
+        self.wait_console_attached(&vm_dir, &deadline);
+        Ok(started)
+    }
+
+    /// ferrovmm accepts console clients on its own thread and drops output nobody is attached
+    /// to: the restored guest resumes only once the daemon's console is counted, so nothing it
+    /// prints after the point it was saved at is lost.
+    fn wait_console_attached(&self, vm_dir: &Path, deadline: &crate::deadline::Deadline) {
+        let attach = deadline.within(CONSOLE_ATTACH);
+        while !attach.expired() {
+            let attached = self
+                .api(vm_dir, "GET", "/vm", &attach)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<VmInfo>(&b).ok())
+                .is_some_and(|i| i.console_clients > 0);
+            if attached {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        eprintln!(
+            "ferrovirtd: the console of the VM in {} was not attached in time; early output may be missing from its log",
+            vm_dir.display()
+        );
     }
 
     /// The restored VM gets the definition's disks and TAPs and this run folder's sockets.
