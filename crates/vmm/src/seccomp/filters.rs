@@ -150,9 +150,9 @@ const FILES: &[c_long] = &[
     libc::SYS_renameat2,
 ];
 
-/// Opening a file: a vCPU opens one as a powered-off guest's VM winds down (seen in the Linux
-/// tests after the poweroff, not yet pinned to its caller); inside the jail only the VM's own
-/// files are there to open.
+/// Opening a file: the thread that ends a disk's life (a vCPU after a guest's poweroff, an I/O
+/// worker after an API stop) opens one, seen in the Linux tests and not yet pinned to its
+/// caller; inside the jail only the VM's own files are there to open.
 const OPEN: &[c_long] = &[libc::SYS_openat];
 
 /// Kicking vCPUs out of KVM_RUN (pause, snapshot, migration).
@@ -188,8 +188,8 @@ fn syscalls(kind: ThreadKind) -> Vec<&'static [c_long]> {
         // (stacked filters allow only what both allow): so both may start threads and need what
         // a worker does with the image.
         ThreadKind::Vcpu => &[EVENTS, SOCKETS, THREADS, DISK_IO, OPEN][..],
-        ThreadKind::Device => &[EVENTS, DISK_IO, SOCKETS, THREADS][..],
-        ThreadKind::BlockIo => &[EVENTS, DISK_IO][..],
+        ThreadKind::Device => &[EVENTS, DISK_IO, SOCKETS, THREADS, OPEN][..],
+        ThreadKind::BlockIo => &[EVENTS, DISK_IO, OPEN][..],
         ThreadKind::Api => &[EVENTS, DISK_IO, SOCKETS, THREADS, FILES, CONNECT, KICKS][..],
         ThreadKind::Migration => &[EVENTS, DISK_IO, SOCKETS, FILES, CONNECT, KICKS][..],
         ThreadKind::Main => &[EVENTS, DISK_IO, SOCKETS, FILES, TEARDOWN][..],
