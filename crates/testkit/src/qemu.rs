@@ -117,9 +117,8 @@ impl TcgVm {
 
     /// A limit counted from a console marker instead of from the start: once `marker` appears,
     /// QEMU is killed `limit` of run time later (as for `timeout`) if it has not exited. For a
-    /// run that is expected to time
-    /// out, this keeps the test quick on an idle host without failing on a loaded one (where
-    /// the boot up to the marker may take many times longer).
+    /// run that is expected to time out, this keeps the test quick on an idle host without
+    /// failing on a loaded one (where the boot up to the marker may take many times longer).
     pub fn timeout_after(mut self, marker: &str, limit: Duration) -> Self {
         self.timeout_after = Some((marker.to_owned(), limit));
         self
